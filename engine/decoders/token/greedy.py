@@ -1,0 +1,25 @@
+"""Greedy decoding: the most probable token at every step (equals ``generate(do_sample=False)``)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.decoding import autoregressive, greedy_choice
+from engine.events import Event
+
+
+def greedy(ctx: DecodeContext) -> Iterator[Event]:
+    return autoregressive(ctx, stages=(), choose=greedy_choice)
+
+
+SPEC = register(
+    DecoderSpec(
+        name="greedy",
+        family="token",
+        summary="Take the most probable token at every step.",
+        params=(),
+        run=greedy,
+        lossless=True,
+    )
+)

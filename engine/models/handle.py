@@ -1,0 +1,125 @@
+"""One wrapper API over any loaded causal LM: encode, decode, and forward passes with a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be resolved, fetched or loaded; the message says what to do."""
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor  # float32, [batch, tokens, vocab]
+    attentions: tuple[torch.Tensor, ...] | None  # per layer [batch, heads, tokens, keys] when asked for
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    source: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """EOS ids from the generation config and the tokenizer, as ``generate`` uses them."""
+        ids: set[int] = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of the prompt; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+        if chat:
+            if not self.has_chat_template:
+                raise ModelError(f"{self.name} has no chat template; run without chat formatting")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ModelError("the prompt is empty after tokenisation; type at least one character")
+        return [int(i) for i in ids]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """Display text of one token (byte fragments of a multi-byte character decode to U+FFFD)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    def use_eager_attention(self) -> None:
+        """Attention weights are only returned by the eager implementation; switch on demand."""
+        if getattr(self.model.config, "_attn_implementation", None) != "eager":
+            self.model.set_attn_implementation("eager")
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
+        *,
+        attention: bool = False,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ForwardResult:
+        """Run new tokens through the model, extending ``cache`` in place."""
+        if attention:
+            self.use_eager_attention()
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            output_attentions=attention,
+            return_dict=True,
+        )
+        return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None)
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "source": self.source,
+            "architecture": type(self.model).__name__,
+            "model_type": getattr(cfg, "model_type", ""),
+            "layers": self.num_layers,
+            "vocab_size": self.vocab_size,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            **self.details,
+        }

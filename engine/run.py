@@ -1,0 +1,204 @@
+"""Run a decoder on a model: lifecycle events, stop rules, cancellation, and recording into a trace."""
+
+from __future__ import annotations
+
+import platform
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import transformers
+
+from engine.attention import AttentionCapture
+from engine.decoders import DecodeContext, get_decoder
+from engine.events import Event, RunFinished, RunStarted
+from engine.models.handle import LoadedModel
+from engine.params import ParamError
+from engine.recorder import Recorder, TraceSink
+from engine.trace import RunInfo, Trace, new_run_id
+
+
+@dataclass
+class RunSettings:
+    """Run-level settings shared by all decoders (decoder-specific ones live in its params)."""
+
+    max_new_tokens: int = 64
+    seed: int | None = 0
+    chat: bool = False
+    stop: Sequence[str] = ()
+    record_top_k: int = 20
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    attention: AttentionCapture | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if not 1 <= self.max_new_tokens <= 100_000:
+            raise ParamError(f"max_new_tokens must be between 1 and 100000, got {self.max_new_tokens}")
+        if not 1 <= self.record_top_k <= 1000:
+            raise ParamError(f"record_top_k must be between 1 and 1000, got {self.record_top_k}")
+
+
+class Run:
+    """One decoding run. Iterate it for events (the trace grows as you go), or call :meth:`to_end`.
+
+    A decoder error or a cancel ends the run cleanly: the trace keeps everything recorded so far and
+    its status says what happened (``failed`` with the reason, or ``cancelled``).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        decoder: str,
+        prompt: str,
+        params: Mapping[str, Any] | None = None,
+        settings: RunSettings | None = None,
+        sinks: Sequence[TraceSink] = (),
+        run_id: str | None = None,
+    ) -> None:
+        self.spec = get_decoder(decoder)
+        self.params = self.spec.validate(params or {})
+        self.settings = settings or RunSettings()
+        self.settings.check()
+        self.model = model
+        self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
+        self.cancel_event = threading.Event()
+        self._checked = 0  # output tokens already scanned for EOS
+        info = RunInfo(
+            model=model.name,
+            decoder=decoder,
+            params=self.params,
+            prompt=prompt,
+            seed=self.settings.seed,
+            chat=self.settings.chat,
+            max_new_tokens=self.settings.max_new_tokens,
+            model_info=model.info(),
+            versions=_versions(),
+            settings=_settings_dict(self.settings),
+        )
+        self.trace = Trace(run_id=run_id or new_run_id(), info=info)
+        self.recorder = Recorder(self.trace, model.token_text, sinks)
+
+    def cancel(self) -> None:
+        """Ask the run to stop after the current model call (thread-safe)."""
+        self.cancel_event.set()
+
+    def __iter__(self) -> Iterator[Event]:
+        status, reason = "finished", ""
+        events = self._events()
+        try:
+            for event in events:
+                yield event
+                if self.cancel_event.is_set():
+                    status, reason = "cancelled", "stopped by the user"
+                    break
+                stop = self._stop_reason()
+                if stop:
+                    reason = stop
+                    break
+            else:
+                reason = reason or "decoder finished"
+        except (KeyboardInterrupt, GeneratorExit):
+            status, reason = "cancelled", "interrupted"
+            self._finish(status, reason)
+            raise
+        except Exception as exc:  # the trace so far is kept and marked failed
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            events.close()
+        self._finish(status, reason)
+        yield self.trace.events[-1]
+
+    def to_end(self) -> Trace:
+        for _ in self:
+            pass
+        return self.trace
+
+    def _events(self) -> Iterator[Event]:
+        started = RunStarted(prompt_token_ids=list(self.prompt_ids))
+        self.recorder.record(started)
+        yield started
+        generator = torch.Generator().manual_seed(self.settings.seed if self.settings.seed is not None else torch.seed())
+        ctx = DecodeContext(
+            model=self.model,
+            prompt_ids=list(self.prompt_ids),
+            params=self.params,
+            max_new_tokens=self.settings.max_new_tokens,
+            eos_token_ids=set() if self.settings.ignore_eos else self.model.eos_token_ids,
+            generator=generator,
+            record_top_k=self.settings.record_top_k,
+            attention=self.settings.attention,
+            cancel=self.cancel_event,
+        )
+        events = self.spec.run(ctx)
+        try:
+            for event in events:
+                self.recorder.record(event)
+                yield event
+        finally:
+            events.close()
+
+    def _stop_reason(self) -> str:
+        """EOS, stop strings and the token budget apply to every decoder's committed output."""
+        output = self.trace.output_token_ids
+        eos = set() if self.settings.ignore_eos else self.model.eos_token_ids
+        for i in range(min(self._checked, len(output)), len(output)):
+            if output[i] in eos:
+                self.recorder.truncate_output(i + 1)
+                return "end of sequence"
+        self._checked = len(output)
+        if self.settings.stop:
+            text = self.model.decode(output)
+            for stop in self.settings.stop:
+                if stop and stop in text:
+                    self._truncate_at_text(text.index(stop) + len(stop))
+                    return f"stop string {stop!r}"
+        if len(output) >= self.settings.max_new_tokens:
+            self.recorder.truncate_output(self.settings.max_new_tokens)
+            return "max_new_tokens reached"
+        return ""
+
+    def _truncate_at_text(self, length: int) -> None:
+        output = self.trace.output_token_ids
+        for n in range(1, len(output) + 1):
+            if len(self.model.decode(output[:n])) >= length:
+                self.recorder.truncate_output(n)
+                return
+
+    def _finish(self, status: str, reason: str) -> None:
+        self.trace.output_text = self.model.decode(self.trace.output_token_ids)
+        self.recorder.record(RunFinished(status=status, reason=reason))
+        self.recorder.close()
+
+
+def record(
+    model: LoadedModel,
+    decoder: str,
+    prompt: str,
+    params: Mapping[str, Any] | None = None,
+    settings: RunSettings | None = None,
+    sinks: Sequence[TraceSink] = (),
+) -> Trace:
+    """Run a decoder to the end and return its trace."""
+    return Run(model, decoder, prompt, params, settings, sinks).to_end()
+
+
+def _versions() -> dict[str, str]:
+    from engine import __version__
+
+    return {
+        "decoding_explorer": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _settings_dict(settings: RunSettings) -> dict[str, Any]:
+    capture = settings.attention
+    return {
+        "stop": list(settings.stop),
+        "record_top_k": settings.record_top_k,
+        "attention": None if capture is None else {"layers": capture.layers, "heads": capture.heads, "max_bytes": capture.max_bytes},
+        **settings.extra,
+    }

@@ -1,0 +1,50 @@
+"""Engine creation: any SQLAlchemy URL; SQLite is tuned for several concurrent writers on one file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.pool import StaticPool
+
+BUSY_TIMEOUT_S = 60.0
+WRITE_OPTION = "decoding_explorer_write"  # execution option marking a connection that will write
+
+
+def create(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
+    if parsed.database in (None, "", ":memory:"):
+        kwargs["poolclass"] = StaticPool  # one shared connection, or every checkout sees a new empty DB
+    else:
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, **kwargs)
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Autocommit at the driver level, so that _sqlite_begin alone opens transactions (and DDL is
+    # transactional: a failed upgrade rolls back whole).
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    for pragma in (
+        "page_size=8192",  # takes effect only on a new file: token-step rows (~1 KB) waste less of each page
+        f"busy_timeout={int(BUSY_TIMEOUT_S * 1000)}",
+        "journal_mode=WAL",  # readers never block the writer, and a crash cannot corrupt the file
+        "synchronous=NORMAL",  # safe with WAL; a power cut may lose only the last commits
+        "foreign_keys=ON",
+    ):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # A writer takes the write lock up front: a deferred transaction that reads and then writes can fail
+    # with SQLITE_BUSY at once in WAL mode, without waiting out the busy timeout.
+    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,60 @@
+"""The current database schema, as the queries see it.
+
+The tables are created and changed only by :mod:`storage.migrations`; these definitions mirror the
+latest migration (a test checks that they agree). JSON columns are plain text written by
+:func:`storage.codec.dumps`, so every backend stores them alike, NaN and infinities included.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData, Table, Text
+
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("created_at", Text, nullable=False),  # ISO-8601 text as recorded, so it round-trips exactly
+    Column("model", Text, nullable=False),
+    Column("decoder", Text, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("seed", BigInteger),
+    Column("status", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("prompt_token_ids", Text, nullable=False),
+    Column("output_token_ids", Text, nullable=False),
+    Column("output_text", Text, nullable=False),
+    Column("metrics", Text, nullable=False),
+    Column("info", Text, nullable=False),
+    Index("ix_runs_created_at", "created_at"),
+    Index("ix_runs_model", "model"),
+    Index("ix_runs_decoder", "decoder"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("run_id", Text, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("kind", Text, nullable=False),
+    Column("step", BigInteger),
+    Column("position", BigInteger),
+    Column("token_id", BigInteger),
+    Column("logprob", Double),
+    Column("entropy", Double),
+    Column("model_calls", BigInteger),
+    Column("seconds", Double),
+    Column("payload", Text, nullable=False),
+    Column("blob", LargeBinary),
+)
+
+vocab = Table(
+    "vocab",
+    metadata,
+    Column("run_id", Text, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("token_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("text", Text, nullable=False),
+    sqlite_with_rowid=False,  # tiny rows keyed by their primary key: no separate rowid b-tree
+)
