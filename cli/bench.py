@@ -76,3 +76,20 @@ def _recorded(model: LoadedModel, prompt: str, tokens: int, store) -> float:
     elapsed = time.perf_counter() - start
     assert len(trace.output_token_ids) == tokens, trace.reason
     return elapsed
+
+
+def storage_size(model: LoadedModel, tokens: int = 1000, prompt: str = "Write a long story about a lighthouse.") -> dict[str, float]:
+    """Bytes a ``tokens``-token top-p sampling run (top-20 candidates, no attention) takes in SQLite."""
+    from storage import TraceStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "size.db"
+        store = TraceStore(f"sqlite:///{path}")
+        settings = RunSettings(max_new_tokens=tokens, seed=0, chat=model.has_chat_template, ignore_eos=True, record_top_k=20)
+        trace = Run(model, "top_p", prompt, {"top_p": 0.9}, settings, sinks=[store.sink()]).to_end()
+        store.close()
+        size = sum(f.stat().st_size for f in Path(tmp).glob("size.db*"))
+    per_token = size / len(trace.output_token_ids)
+    print(f"model {model.name}, top_p sampling, {len(trace.output_token_ids)} tokens, top-20 candidates, no attention")
+    print(f"  SQLite file size {size / 2**20:.3f} MiB ({per_token:.0f} bytes per token; goal <= 2 MB per 1,000 tokens)")
+    return {"bytes": size, "bytes_per_token": per_token}

@@ -97,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt", default="Explain entropy in one sentence.")
-    p.set_defaults(handler=_bench_overhead, model="smollm2-135m-instruct")
+    p.set_defaults(handler=_bench_overhead)
+    p = bench.add_parser("size", help="SQLite bytes of a 1,000-token sampling run")
+    _model_args(p)
+    p.add_argument("--tokens", type=int, default=1000)
+    p.set_defaults(handler=_bench_size)
     return parser
 
 
@@ -269,6 +273,12 @@ def _bench_overhead(args: argparse.Namespace) -> None:
     from cli.bench import overhead
 
     overhead(_load(args), tokens=args.tokens, repeats=args.repeats, prompt=args.prompt)
+
+
+def _bench_size(args: argparse.Namespace) -> None:
+    from cli.bench import storage_size
+
+    storage_size(_load(args), tokens=args.tokens)
 
 
 if __name__ == "__main__":

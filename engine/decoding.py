@@ -66,13 +66,13 @@ def autoregressive(ctx: DecodeContext, stages: Sequence[Stage], choose: Chooser)
         token = choose(processed)
         seconds = time.perf_counter() - start
         token_id = int(token[0])
-        yield token_event(
-            processed, token_id, step=position, position=position, top_k=ctx.record_top_k, seconds=r7(seconds)
-        )
-        if capture is not None:
+        if capture is not None:  # before the token: the runner may stop right after it
             queries = list(range(context.shape[1] - new_ids.shape[1], context.shape[1]))
             attention_map = capture.summarize(out.attentions, step=position, query_positions=queries)
             if attention_map is not None:
                 yield attention_map
+        yield token_event(
+            processed, token_id, step=position, position=position, top_k=ctx.record_top_k, seconds=r7(seconds)
+        )
         new_ids = token.view(1, 1)
         context = torch.cat([context, new_ids], dim=1)

@@ -80,7 +80,7 @@ def _unpack(value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(value, list):
         types = _field_types(tp)
         if len(value) <= len(types):  # shorter: written before trailing fields were added
-            return {name: _unpack(v, hint) for (name, hint), v in zip(types.items(), value)}
+            return {name: _unpack(v, hint) for (name, hint), v in zip(types.items(), value, strict=False)}
     return value
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ def create(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(parsed, pool_pre_ping=True)
+    # timeout = SQLite's busy timeout: a writer waits this long for another to commit
     kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}}
     if parsed.database in (None, "", ":memory:"):
         kwargs["poolclass"] = StaticPool  # one shared connection, or every checkout sees a new empty DB
@@ -32,15 +35,28 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     # transactional: a failed upgrade rolls back whole).
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
-    for pragma in (
-        "page_size=8192",  # takes effect only on a new file: token-step rows (~1 KB) waste less of each page
-        f"busy_timeout={int(BUSY_TIMEOUT_S * 1000)}",
-        "journal_mode=WAL",  # readers never block the writer, and a crash cannot corrupt the file
-        "synchronous=NORMAL",  # safe with WAL; a power cut may lose only the last commits
-        "foreign_keys=ON",
-    ):
-        cursor.execute(f"PRAGMA {pragma}")
+    cursor.execute("PRAGMA page_size=8192")  # only a new file takes it: ~1 KB token-step rows waste less of a page
+    _use_wal(cursor)
+    cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a power cut may lose only the last commits
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _use_wal(cursor: sqlite3.Cursor) -> None:
+    """WAL: readers and the writer never block each other.
+
+    Switching a new file to WAL takes an exclusive lock without waiting for it (SQLite skips the busy
+    handler there), so two processes that open a new database at once retry; the mode then persists.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _sqlite_begin(conn: Any) -> None:

@@ -3,6 +3,13 @@
 The tables are created and changed only by :mod:`storage.migrations`; these definitions mirror the
 latest migration (a test checks that they agree). JSON columns are plain text written by
 :func:`storage.codec.dumps`, so every backend stores them alike, NaN and infinities included.
+
+For SQL users: one ``runs`` row per run; one ``events`` row per event in order (``seq``), with the
+common fields in typed columns (NULL where the event has no such field, or holds NaN) and the rest in
+``payload``, where nested records are arrays in field order (a candidate is ``[token_id, raw_prob,
+prob]``); ``vocab`` holds each run's token texts; the view ``token_steps`` joins token events with them::
+
+    SELECT r.decoder, avg(t.entropy) FROM token_steps t JOIN runs r USING (run_id) GROUP BY r.decoder;
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,7 +72,11 @@ class TraceStore:
     def __init__(self, url: str | None = None) -> None:
         self._engine = connect.create(url or default_db_url())
         self._writer = self._engine.execution_options(**{connect.WRITE_OPTION: True})
-        self._upgrade_schema()
+        try:
+            self._upgrade_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
 
     @property
     def url(self) -> str:
@@ -98,10 +102,9 @@ class TraceStore:
             with self._write() as conn:
                 migrations.upgrade(conn)
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._writer.begin() as conn:
-            yield conn
+    def _write(self) -> AbstractContextManager[Connection]:
+        """A write transaction (on SQLite it holds the write lock from its start)."""
+        return self._writer.begin()
 
     # ------------------------------------------------------------ writing
 
@@ -171,9 +174,9 @@ class TraceStore:
         with self._engine.connect() as conn:  # one read transaction: a consistent snapshot of a growing run
             full_id = _resolve(conn, run_id)
             run = conn.execute(select(runs).where(runs.c.run_id == full_id)).mappings().one()
-            event_rows = conn.execute(select(events).where(events.c.run_id == full_id).order_by(events.c.seq)).mappings()
-            vocab_rows = conn.execute(select(vocab).where(vocab.c.run_id == full_id)).mappings()
-            return codec.trace_from_rows(run, event_rows, vocab_rows)
+            event_rows = conn.execute(select(events).where(events.c.run_id == full_id).order_by(events.c.seq)).mappings().all()
+            vocab_rows = conn.execute(select(vocab).where(vocab.c.run_id == full_id)).mappings().all()
+        return codec.trace_from_rows(run, event_rows, vocab_rows)
 
     def export_file(self, run_id: str, path: str | Path) -> Path:
         """Write a run as a JSON trace file; a ``.gz`` suffix compresses it."""

@@ -149,9 +149,8 @@ PIPELINES = [
 ]
 
 
-def _hf_pipeline(params: dict[str, float]) -> list:
-    keys = {"typical": "typical_p"}
-    return [HF[name](params[keys.get(name, name)]) for name in PIPELINE_ORDER if keys.get(name, name) in params]
+def _key(name: str) -> str:
+    return "typical_p" if name == "typical" else name
 
 
 @pytest.mark.parametrize("params", PIPELINES)
@@ -159,10 +158,11 @@ def _hf_pipeline(params: dict[str, float]) -> list:
 def test_pipeline_matches_transformers(params: dict[str, float], key: str) -> None:
     logits = LOGITS[key]
     context = _context(logits.shape[0])
+    names = [name for name in PIPELINE_ORDER if _key(name) in params]
     stages = build_pipeline(params)
-    assert [s.name for s in stages] == [n for n in PIPELINE_ORDER if n in params or (n == "typical" and "typical_p" in params)]
+    assert [s.name for s in stages] == names
     processed = process(logits, stages, context_ids=context)
-    _assert_same(processed.logprobs, _hf(_hf_pipeline(params), logits, context))
+    _assert_same(processed.logprobs, _hf([HF[name](params[_key(name)]) for name in names], logits, context))
     assert len(processed.stages) == len(stages)
     for before, after in zip(processed.stages, processed.stages[1:]):
         assert not (after.keep & ~before.keep).any(), "keep must be cumulative"

@@ -19,9 +19,9 @@ PIPELINE_PARAMS = (
     Param("top_k", "int", 0, "Keep the k most probable tokens (0 = off).", 0, 1_000_000),
     Param("top_p", "float", 1.0, "Nucleus: keep the smallest set with mass >= top_p (1 = off).", 0.0, 1.0),
     Param("min_p", "float", 0.0, "Keep tokens with p >= min_p * p_max (0 = off).", 0.0, 1.0),
-    Param("typical_p", "float", 1.0, "Locally typical sampling: keep tokens whose surprisal is closest to the entropy until this mass (1 = off).", 0.0, 1.0),
-    Param("epsilon", "float", 0.0, "Epsilon sampling: drop tokens with p < epsilon (0 = off; paper: 3e-4 to 9e-4).", 0.0, 1.0),
-    Param("eta", "float", 0.0, "Eta sampling: drop tokens with p < min(eta, sqrt(eta) * exp(-H)) (0 = off).", 0.0, 1.0),
+    Param("typical_p", "float", 1.0, "Locally typical sampling: keep tokens whose surprisal is closest to the entropy until this mass (1 = off).", 0.001, 1.0),
+    Param("epsilon", "float", 0.0, "Epsilon sampling: drop tokens with p < epsilon (0 = off; paper: 3e-4 to 9e-4).", 0.0, 0.999),
+    Param("eta", "float", 0.0, "Eta sampling: drop tokens with p < min(eta, sqrt(eta) * exp(-H)) (0 = off).", 0.0, 0.999),
     Param("top_h", "float", 0.0, "Top-H: keep the largest top set whose cumulative entropy <= top_h * H (0 = off; typical 0.3-0.5).", 0.0, 1.0),
     Param("repetition_penalty", "float", 1.0, "Divide positive / multiply negative logits of tokens already in the context (1 = off).", 0.01, 10.0),
 )

@@ -1,0 +1,23 @@
+"""Models: built-in offline models, local folders and Hugging Face Hub ids, behind one ``LoadedModel`` API.
+
+    from engine.models import load_model, list_models, fetch_model
+    model = load_model("smollm2-135m-instruct")   # converts the GGUF once, then loads from the cache
+    tiny = load_model("tiny-random-llama:seed=3")  # random weights, no files, for tests
+"""
+
+from engine.models.cache import data_dir
+from engine.models.handle import ForwardResult, LoadedModel, ModelError
+from engine.models.loading import fetch_model, load_model
+from engine.models.registry import BUILTIN_NAMES, ModelEntry, list_models
+
+__all__ = [
+    "BUILTIN_NAMES",
+    "ForwardResult",
+    "LoadedModel",
+    "ModelEntry",
+    "ModelError",
+    "data_dir",
+    "fetch_model",
+    "list_models",
+    "load_model",
+]

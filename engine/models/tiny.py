@@ -1,0 +1,128 @@
+"""Tiny random-weight models built entirely in code: no file, no network, loaded in milliseconds.
+
+They exercise every code path (KV cache, attention weights, chat template, EOS) at test speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+SPECIALS = (PAD, BOS, EOS)  # ids 0, 1, 2; byte tokens follow, then merges
+
+# A few English merges, so that common words take fewer tokens than bytes (a space is written as " ").
+MERGES = [
+    (" ", "t"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), (" ", "a"), ("r", "e"),
+    ("e", "n"), ("a", "t"), ("o", "u"), ("e", "d"), ("i", "s"), ("o", "r"), ("e", "s"), (" ", "s"),
+    (" ", "w"), ("i", "t"), (" ", "o"), ("n", "d"), (" t", "he"), ("in", "g"), (" ", "b"), (" ", "c"),
+    (" ", "f"), (" ", "m"), (" ", "p"), (" ", "d"), (" ", "h"), (" ", "i"), ("l", "l"), ("a", "r"),
+    ("a", "l"), ("l", "e"), ("s", "t"), (" a", "nd"), (" o", "f"), (" t", "o"), (" i", "n"), (" i", "s"),
+    (" i", "t"), ("o", "w"), ("e", "l"), ("c", "h"), ("l", "y"), (" t", "h"), (" th", "at"), ("H", "e"),
+    ("He", "ll"), ("Hell", "o"), (" w", "or"), (" wor", "l"), (" worl", "d"), ("u", "s"), ("a", "s"),
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+# Larger than the usual 0.02 so that next-token distributions are peaked enough for decoders to differ.
+INIT_STD = 0.25
+SHAPE = {"hidden": 64, "ffn": 128, "layers": 2, "heads": 4, "kv_heads": 2, "positions": 1024}
+
+
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": SHAPE["hidden"],
+    "intermediate_size": SHAPE["ffn"],
+    "num_hidden_layers": SHAPE["layers"],
+    "num_attention_heads": SHAPE["heads"],
+    "num_key_value_heads": SHAPE["kv_heads"],
+    "max_position_embeddings": SHAPE["positions"],
+    "tie_word_embeddings": False,
+}
+# One sliding and one global layer, like Gemma 3's mix; the window is small enough to matter in tests.
+GEMMA3 = {
+    **LLAMA,
+    "model_type": "gemma3_text",
+    "head_dim": SHAPE["hidden"] // SHAPE["heads"],
+    "query_pre_attn_scalar": SHAPE["hidden"] // SHAPE["heads"],
+    "sliding_window": 32,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "tie_word_embeddings": True,
+}
+GPT2 = {
+    "model_type": "gpt2",
+    "n_embd": SHAPE["hidden"],
+    "n_inner": SHAPE["ffn"],
+    "n_layer": SHAPE["layers"],
+    "n_head": SHAPE["heads"],
+    "n_positions": SHAPE["positions"],
+}
+
+ARCHITECTURES = {"tiny-random-llama": LLAMA, "tiny-random-gemma3": GEMMA3, "tiny-random-gpt2": GPT2}
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE: any text round-trips exactly, and common English pieces merge."""
+    to_unicode = _bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(SPECIALS)}
+    for byte in range(256):
+        vocab[to_unicode[byte]] = len(vocab)
+    merges = []
+    for left, right in MERGES:
+        left, right = left.replace(" ", to_unicode[32]), right.replace(" ", to_unicode[32])
+        merges.append((left, right))
+        vocab.setdefault(left + right, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny(
+    name: str, seed: int = 0, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> tuple[Any, PreTrainedTokenizerFast]:
+    """Model and tokenizer for one of ``ARCHITECTURES``; the same seed always gives the same weights."""
+    tokenizer = build_tokenizer()
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    settings = dict(ARCHITECTURES[name])
+    config = AutoConfig.for_model(
+        settings.pop("model_type"), vocab_size=len(tokenizer), initializer_range=INIT_STD, **ids, **settings
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the weights without disturbing the caller's random state
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model.generation_config = GenerationConfig(**ids)
+    return model.to(dtype).eval(), tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which the ByteLevel pre-tokenizer uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping

@@ -1,0 +1,19 @@
+"""Fixtures shared across test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct. The first use on a machine converts its GGUF into the user data dir
+    (or DECODING_EXPLORER_HOME) once, about 30 s; later sessions load the cache in about a second."""
+    from engine.models import ModelError, load_model
+
+    try:
+        return load_model("smollm2-135m-instruct", progress=print)
+    except ModelError as error:
+        if "pip install" in str(error):
+            pytest.skip(str(error))
+        raise
