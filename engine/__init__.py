@@ -9,7 +9,17 @@
 
 __version__ = "0.1.0"
 
-from engine.models import load_model  # noqa: E402
-from engine.run import Run, RunSettings, record  # noqa: E402
-
 __all__ = ["Run", "RunSettings", "load_model", "record", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: storage and replay import engine.events/engine.trace without paying for torch/transformers.
+    if name == "load_model":
+        from engine.models import load_model
+
+        return load_model
+    if name in ("Run", "RunSettings", "record"):
+        from engine import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -271,11 +272,16 @@ def event_from_dict(data: Any, where: str = "event") -> Event:
     return _build(cls, body, f"{where} ({kind})")
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """Resolved type hints and fields of an event class (resolving is slow; traces hold many events)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise TraceFormatError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _schema(cls)
     unknown = set(data) - set(fields)
     if unknown:
         raise TraceFormatError(f"{where}: unknown field(s) {sorted(unknown)}")

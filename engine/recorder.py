@@ -23,7 +23,7 @@ class Recorder:
     """Applies each event to the trace (output, metrics, vocabulary) and forwards batches to sinks.
 
     Sinks are flushed at least every ``flush_seconds`` so a crash loses at most that much, and always at
-    the end of the run.
+    the end of the run; the output text is decoded at each flush, so partial runs show their text too.
     """
 
     def __init__(
@@ -32,9 +32,11 @@ class Recorder:
         token_text: Callable[[int], str],
         sinks: Sequence[TraceSink] = (),
         flush_seconds: float = 0.5,
+        decode: Callable[[list[int]], str] | None = None,
     ) -> None:
         self.trace = trace
         self._token_text = token_text
+        self._decode = decode or trace.text_of
         self._sinks = list(sinks)
         self._flush_seconds = flush_seconds
         self._pending: list[Event] = []
@@ -97,6 +99,7 @@ class Recorder:
         self.trace.metrics = metrics
 
     def flush(self) -> None:
+        self.trace.output_text = self._decode(self.trace.output_token_ids)
         if self._pending or self._pending_vocab:
             for sink in self._sinks:
                 sink.append(self.trace, self._pending, self._pending_vocab)

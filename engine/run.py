@@ -77,7 +77,7 @@ class Run:
             settings=_settings_dict(self.settings),
         )
         self.trace = Trace(run_id=run_id or new_run_id(), info=info)
-        self.recorder = Recorder(self.trace, model.token_text, sinks)
+        self.recorder = Recorder(self.trace, model.token_text, sinks, decode=model.decode)
 
     def cancel(self) -> None:
         """Ask the run to stop after the current model call (thread-safe)."""
@@ -166,7 +166,6 @@ class Run:
                 return
 
     def _finish(self, status: str, reason: str) -> None:
-        self.trace.output_text = self.model.decode(self.trace.output_token_ids)
         self.recorder.record(RunFinished(status=status, reason=reason))
         self.recorder.close()
 

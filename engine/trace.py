@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,7 +176,7 @@ def _vocab(value: Any) -> dict[int, str]:
     vocab = _obj(value, "vocab")
     out: dict[int, str] = {}
     for key, text in vocab.items():
-        if not (isinstance(key, str) and key.isdigit()) or not isinstance(text, str):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()) or not isinstance(text, str):
             raise TraceFormatError(f"vocab entries map token ids to text; bad entry {key!r:.40}")
         out[int(key)] = text
     return out
@@ -189,16 +190,30 @@ def _metrics(value: Any) -> dict[str, float]:
     return metrics
 
 
+_INFO_TYPES = {
+    "model": str,
+    "decoder": str,
+    "prompt": str,
+    "created_at": str,
+    "chat": bool,
+    "max_new_tokens": int,
+    "params": dict,
+    "model_info": dict,
+    "versions": dict,
+    "settings": dict,
+}
+
+
 def _run_info(raw: dict[str, Any]) -> RunInfo:
-    known = set(RunInfo.__dataclass_fields__)
-    unknown = set(raw) - known
+    unknown = set(raw) - set(RunInfo.__dataclass_fields__)
     if unknown:
         raise TraceFormatError(f"run.info has unknown field(s) {sorted(unknown)}")
-    for name in ("model", "decoder", "prompt"):
-        _str(raw.get(name), f"run.info.{name}")
-    for name in ("params", "model_info", "versions", "settings"):
-        if name in raw:
-            _obj(raw[name], f"run.info.{name}")
+    for name, kind in _INFO_TYPES.items():
+        value = raw.get(name)
+        if (name in raw or name in ("model", "decoder", "prompt")) and (
+            not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        ):
+            raise TraceFormatError(f"run.info.{name} must be {kind.__name__}")
     seed = raw.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TraceFormatError("run.info.seed must be an integer or null")
@@ -212,7 +227,9 @@ def dumps(trace: Trace) -> str:
 def loads(text: str | bytes) -> Trace:
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise TraceFormatError("not a trace: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers past Python's digit limit
         raise TraceFormatError(f"not valid JSON: {exc}") from None
     return trace_from_dict(doc)
 
@@ -244,7 +261,7 @@ def read_file(path: str | Path) -> Trace:
     try:
         with opener(path, "rb") as fh:
             data = fh.read(MAX_IMPORT_BYTES + 1)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise TraceFormatError(f"cannot read {path}: {exc}") from None
     if len(data) > MAX_IMPORT_BYTES:
         raise TraceFormatError(f"{path} is larger than {MAX_IMPORT_BYTES // 2**20} MiB uncompressed")

@@ -83,7 +83,7 @@ def test_first_sampled_token_follows_processed_distribution(tiny):
     warpers = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(30), TopPLogitsWarper(0.9), MinPLogitsWarper(0.02)])
     expected = torch.softmax(warpers(torch.tensor([prompt_ids]), logits.clone()), dim=-1)[0].double().numpy()
 
-    draws = 1200
+    draws = 2000
     counts = Counter(
         record(tiny, "sample", "Entropy is", params, RunSettings(max_new_tokens=1, seed=seed)).output_token_ids[0]
         for seed in range(draws)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.models import BUILTIN_NAMES, ModelError, fetch_model, list_models, load_model
-from engine.models import gguf, loading, registry
+from engine.models import BUILTIN_NAMES, ModelError, fetch_model, gguf, list_models, load_model, loading, registry
 from engine.models.cache import MARKER
 from engine.models.gguf import convert_to_cache
 from engine.models.tiny import build_tiny
@@ -80,7 +79,7 @@ def test_tiny_tokenizer_round_trips(name: str, text: str) -> None:
 
 def test_tiny_tokenizer_merges_common_words() -> None:
     tiny = load_model("tiny-random-llama")
-    assert len(tiny.encode(" the and of")) < len(" the and of".encode())
+    assert len(tiny.encode(" the and of")) < len(b" the and of")
 
 
 def test_tiny_chat_template() -> None:
@@ -193,8 +192,8 @@ def test_damaged_local_folder(tmp_path: Path) -> None:
 
 def test_corrupt_gguf_leaves_no_cache(tmp_path: Path) -> None:
     target = tmp_path / "models" / "broken"
+    garbage = tmp_path / "garbage.gguf"
     for content in (b"this is not a model" * 50, b"GGUF" + os.urandom(4096)):
-        garbage = tmp_path / "garbage.gguf"
         garbage.write_bytes(content)
         with pytest.raises(ModelError, match="reinstall it"):
             convert_to_cache(lambda scratch: garbage, target, repair_hint="reinstall it", progress=print)

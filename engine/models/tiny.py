@@ -14,16 +14,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = (PAD, BOS, EOS)  # ids 0, 1, 2; byte tokens follow, then merges
 
-# A few English merges, so that common words take fewer tokens than bytes (a space is written as " ").
-MERGES = [
-    (" ", "t"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), (" ", "a"), ("r", "e"),
-    ("e", "n"), ("a", "t"), ("o", "u"), ("e", "d"), ("i", "s"), ("o", "r"), ("e", "s"), (" ", "s"),
-    (" ", "w"), ("i", "t"), (" ", "o"), ("n", "d"), (" t", "he"), ("in", "g"), (" ", "b"), (" ", "c"),
-    (" ", "f"), (" ", "m"), (" ", "p"), (" ", "d"), (" ", "h"), (" ", "i"), ("l", "l"), ("a", "r"),
-    ("a", "l"), ("l", "e"), ("s", "t"), (" a", "nd"), (" o", "f"), (" t", "o"), (" i", "n"), (" i", "s"),
-    (" i", "t"), ("o", "w"), ("e", "l"), ("c", "h"), ("l", "y"), (" t", "h"), (" th", "at"), ("H", "e"),
-    ("He", "ll"), ("Hell", "o"), (" w", "or"), (" wor", "l"), (" worl", "d"), ("u", "s"), ("a", "s"),
-]
+# A few English merges ("_" stands for a space), so that common words take fewer tokens than bytes.
+MERGES = """
+    _+t h+e i+n e+r a+n o+n _+a r+e e+n a+t o+u e+d i+s o+r e+s _+s _+w i+t _+o n+d _t+he in+g _+b _+c _+f
+    _+m _+p _+d _+h _+i l+l a+r a+l l+e s+t _a+nd _o+f _t+o _i+n _i+s _i+t o+w e+l c+h l+y _t+h _th+at
+    H+e He+ll Hell+o _w+or _wor+l _worl+d u+s a+s
+""".split()
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
@@ -33,7 +29,6 @@ CHAT_TEMPLATE = (
 # Larger than the usual 0.02 so that next-token distributions are peaked enough for decoders to differ.
 INIT_STD = 0.25
 SHAPE = {"hidden": 64, "ffn": 128, "layers": 2, "heads": 4, "kv_heads": 2, "positions": 1024}
-
 
 LLAMA = {
     "model_type": "llama",
@@ -74,8 +69,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     for byte in range(256):
         vocab[to_unicode[byte]] = len(vocab)
     merges = []
-    for left, right in MERGES:
-        left, right = left.replace(" ", to_unicode[32]), right.replace(" ", to_unicode[32])
+    for pair in MERGES:
+        left, right = pair.replace("_", to_unicode[ord(" ")]).split("+")
         merges.append((left, right))
         vocab.setdefault(left + right, len(vocab))
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
