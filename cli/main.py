@@ -11,6 +11,10 @@ from typing import Any, Sequence
 from engine.events import TraceFormatError
 from engine.models.handle import ModelError
 from engine.params import ParamError
+from storage import RunExists, RunNotFound, SchemaTooNewError
+
+# Errors whose message already tells the user what to do: printed as one line, no traceback.
+USER_ERRORS = (ParamError, ModelError, TraceFormatError, RunNotFound, RunExists, SchemaTooNewError, FileExistsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ParamError, ModelError, TraceFormatError, KeyError, FileExistsError) as exc:
+    except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from engine.decoders.base import DecodeContext
+if TYPE_CHECKING:  # engine.decoders imports this module to build its decoders
+    from engine.decoders.base import DecodeContext
 from engine.events import Candidate, Event, TokenStep, r7
 from engine.processing import Processed, Stage, entropy, process, stage_reports
 
@@ -30,6 +31,7 @@ def token_event(
     top_raw, top_ids = torch.topk(raw, k=min(top_k, raw.shape[-1]))
     ids = top_ids.tolist()
     probs_raw, probs = top_raw.exp().tolist(), final[top_ids].exp().tolist()
+    h_raw = entropy(raw)
     return TokenStep(
         step=step,
         position=position,
@@ -37,8 +39,8 @@ def token_event(
         logprob=r7(final[token_id]),
         raw_logprob=r7(raw[token_id]),
         rank=int((raw > raw[token_id]).sum()) + 1,
-        entropy_raw=r7(entropy(raw)),
-        entropy=r7(entropy(final)),
+        entropy_raw=r7(h_raw),
+        entropy=r7(h_raw if processed.logprobs is processed.raw_logprobs else entropy(final)),
         candidates=[Candidate(i, r7(pr), r7(p)) for i, pr, p in zip(ids, probs_raw, probs)],
         stages=stage_reports(processed, ids, row=row),
         **extra,
@@ -49,7 +51,7 @@ def greedy_choice(processed: Processed) -> torch.Tensor:
     return processed.logprobs.argmax(dim=-1)
 
 
-def autoregressive(ctx: DecodeContext, stages: Sequence[Stage], choose: Chooser) -> Iterator[Event]:
+def autoregressive(ctx: "DecodeContext", stages: Sequence[Stage], choose: Chooser) -> Iterator[Event]:
     """Prefill, then one forward per token with a KV cache: the loop greedy and sampling share.
 
     The runner stops the generator on EOS, stop strings or cancel; this loop only bounds the length.

@@ -230,7 +230,8 @@ def process(logits: Tensor, stages: Sequence[Stage], context_ids: Tensor | None 
         keep = x > _NEG_INF
         mass = (incoming * keep).sum(-1)
         results.append(StageResult(stage.name, pick(keep), pick(mass), None if threshold is None else pick(threshold)))
-    return Processed(pick(raw), pick(x.log_softmax(-1)), results)
+    final = raw if not stages else x.log_softmax(-1)  # no stages: the same tensor, computed once
+    return Processed(pick(raw), pick(final), results)
 
 
 def stage_reports(processed: Processed, candidate_ids: Sequence[int], row: int = 0) -> list[StageReport]:
