@@ -129,15 +129,15 @@ def test_beam_equals_transformers(tiny, num_beams, length_penalty, early_stoppin
 
 
 @pytest.mark.parametrize("num_beams,length_penalty,early_stopping", [(3, 1.0, "false"), (4, 0.5, "true"), (3, 1.5, "never")])
-def test_beam_equals_transformers_when_beams_finish_often(tiny, monkeypatch, num_beams, length_penalty, early_stopping):
+def test_beam_equals_transformers_when_beams_finish_often(num_beams, length_penalty, early_stopping):
     """Two frequent tokens declared end-of-sequence: hypotheses finish at many steps and lengths."""
-    greedy = record(tiny, "greedy", "The quick brown fox", settings=RunSettings(max_new_tokens=6, ignore_eos=True))
+    model = load_model("tiny-random-llama")  # a private copy: its generation config is changed below
+    greedy = record(model, "greedy", "The quick brown fox", settings=RunSettings(max_new_tokens=6, ignore_eos=True))
     frequent = list(dict.fromkeys(greedy.output_token_ids))[1:3]
-    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", frequent)
-    assert tiny.eos_token_ids == set(frequent) | {tiny.tokenizer.eos_token_id}
-    monkeypatch.setattr(tiny.tokenizer, "eos_token_id", frequent[0])
-    test_beam_equals_transformers(tiny, num_beams, length_penalty, early_stopping)
-    trace = record(tiny, "beam", "The quick brown fox", {"num_beams": num_beams}, RunSettings(max_new_tokens=12))
+    model.model.generation_config.eos_token_id = frequent + [model.tokenizer.eos_token_id]
+    assert model.eos_token_ids == set(model.model.generation_config.eos_token_id)
+    test_beam_equals_transformers(model, num_beams, length_penalty, early_stopping)
+    trace = record(model, "beam", "The quick brown fox", {"num_beams": num_beams}, RunSettings(max_new_tokens=12))
     assert any(n.status == "finished" and n.token_id in frequent for e in trace.events if isinstance(e, BeamStep) for n in e.nodes)
 
 
