@@ -47,18 +47,13 @@ def _component(param: Param) -> gr.components.Component:
 
 def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None) -> gr.Blocks:
     store = TraceStore(db_url)
-    models: dict[str, Any] = {}
-
-    def model() -> Any:
-        if model_name not in models:
-            models[model_name] = load_model(model_name)
-        return models[model_name]
+    model = load_model(model_name)  # at start-up, so the first Run streams at once
 
     def generate(prompt: str, decoder: str, chat: bool, seed: float, max_tokens: float, *values: Any) -> Iterator[tuple[str, str]]:
         spec = get_decoder(decoder)
         params = dict(zip((p.name for p in spec.params), values))
         try:
-            run = Run(model(), decoder, prompt, params, RunSettings(max_new_tokens=int(max_tokens), seed=int(seed), chat=chat), [store.sink()])
+            run = Run(model, decoder, prompt, params, RunSettings(max_new_tokens=int(max_tokens), seed=int(seed), chat=chat), [store.sink()])
         except (ParamError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
         steps: list[TokenStep] = []
@@ -81,15 +76,15 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None) -> gr.Bloc
                     seed = gr.Number(value=0, label="Seed", precision=0)
                     max_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                 decoder = gr.Dropdown([s.name for s in all_decoders()], value="top_p", label="Decoder")
+
+                @gr.render(inputs=decoder)
+                def form(name: str) -> None:  # the decoder's parameter form, built from its schema
+                    components = [_component(p) for p in get_decoder(name).params]
+                    run_button.click(generate, [prompt, decoder, chat, seed, max_tokens, *components], [output, status])
+
                 run_button = gr.Button("Run", variant="primary")
             with gr.Column(scale=3):
                 output = gr.HTML(label="Tokens (colour = probability; hover for rank and entropy)")
                 status = gr.Markdown()
-
-        @gr.render(inputs=decoder)
-        def form(name: str) -> None:
-            spec = get_decoder(name)
-            components = [_component(p) for p in spec.params]
-            run_button.click(generate, [prompt, decoder, chat, seed, max_tokens, *components], [output, status])
 
     return demo
