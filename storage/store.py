@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import platformdirs
 from sqlalchemy import Connection, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from engine.events import Event, TraceFormatError
+from engine.events import Event
 from engine.recorder import TraceSink
 from engine.trace import Trace, new_run_id, read_file, write_file
 from storage import codec, connect, migrations
@@ -158,7 +157,7 @@ class TraceStore:
         """Import a JSON trace file (validated; nothing is stored unless it is valid); returns the run id."""
         if replace and new_id:
             raise ValueError("choose replace=True or new_id=True, not both")
-        trace = _read_trace(path)
+        trace = read_file(path)
         if new_id:
             trace.run_id = new_run_id()
         return self.save(trace, replace=replace)
@@ -306,11 +305,3 @@ def _iso(moment: datetime | str) -> str:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
 
-
-def _read_trace(path: str | Path) -> Trace:
-    try:
-        return read_file(path)
-    except TraceFormatError:
-        raise
-    except (ValueError, RecursionError, zlib.error) as exc:  # a 5,000-digit integer, deep nesting, bad gzip
-        raise TraceFormatError(f"{path}: not a valid trace ({type(exc).__name__}: {exc})") from None
