@@ -93,3 +93,39 @@ def storage_size(model: LoadedModel, tokens: int = 1000, prompt: str = "Write a 
     print(f"model {model.name}, top_p sampling, {len(trace.output_token_ids)} tokens, top-20 candidates, no attention")
     print(f"  SQLite file size {size / 2**20:.3f} MiB ({per_token:.0f} bytes per token; goal <= 2 MB per 1,000 tokens)")
     return {"bytes": size, "bytes_per_token": per_token}
+
+
+def replay(model: LoadedModel, steps: int = 2000, moves: int = 20) -> dict[str, float]:
+    """Open a ``steps``-token trace from SQLite and move the step slider: what the Library tab does."""
+    import random
+
+    from storage import TraceStore
+    from ui.views import view_values
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TraceStore(f"sqlite:///{Path(tmp) / 'replay.db'}")
+        settings = RunSettings(max_new_tokens=steps, seed=0, ignore_eos=True)
+        run_id = Run(model, "top_p", "Once upon a time", {"top_p": 0.9}, settings, sinks=[store.sink()]).to_end().run_id
+        start = time.perf_counter()
+        trace = store.load(run_id)
+        loaded = time.perf_counter() - start
+        view_values(trace, 0, "probability")
+        opened = time.perf_counter() - start
+        positions = random.Random(0).sample(range(steps), moves)
+        move_times = []
+        for position in positions:
+            t = time.perf_counter()
+            view_values(trace, position, "probability")
+            move_times.append(time.perf_counter() - t)
+        store.close()
+    result = {
+        "load_seconds": loaded,
+        "open_seconds": opened,
+        "move_median_seconds": statistics.median(move_times),
+        "move_max_seconds": max(move_times),
+    }
+    print(f"model {model.name}, top_p trace of {steps} tokens (top-20 candidates), stored in SQLite")
+    print(f"  load from SQLite            {loaded:6.3f} s")
+    print(f"  open (load + all views)     {opened:6.3f} s  (goal < 2 s)")
+    print(f"  slider move (all views)     median {result['move_median_seconds'] * 1000:.0f} ms, max {result['move_max_seconds'] * 1000:.0f} ms over {moves} random steps")
+    return result

@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--tokens", type=int, default=1000)
     p.set_defaults(handler=_bench_size)
+    p = bench.add_parser("replay", help="open a 2,000-step trace and move the replay slider (Library tab views)")
+    _model_args(p)
+    p.add_argument("--steps", type=int, default=2000)
+    p.set_defaults(handler=_bench_replay, model="tiny-random-llama")
     return parser
 
 
@@ -283,6 +287,12 @@ def _bench_size(args: argparse.Namespace) -> None:
     from cli.bench import storage_size
 
     storage_size(_load(args), tokens=args.tokens)
+
+
+def _bench_replay(args: argparse.Namespace) -> None:
+    from cli.bench import replay
+
+    replay(_load(args), steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""The app as a user and an outside program meet it: a real browser (Debian's Chromium driven by
+Playwright) and gradio_client, against ``app.py`` started on a free local port with a tiny model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+SAMPLE = next(iter(sorted((ROOT / "assets" / "samples").glob("*.json.gz"))), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    home = tmp_path_factory.mktemp("app-home")
+    port = _free_port()
+    env = {**os.environ, "DECODING_EXPLORER_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(home / "app.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--model", "tiny-random-llama", "--db", f"sqlite:///{home / 'e2e.db'}", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app exited early: {(home / 'app.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("app did not start within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_gradio_client_records_and_lists(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    summary = client.predict("tiny-random-llama", "greedy", "Hello there", {}, 0, 6, False, api_name="/record")
+    assert summary["status"] == "finished" and summary["metrics"]["new_tokens"] == len(summary["output_token_ids"]) > 0
+    runs = client.predict(50, api_name="/list_runs")
+    assert summary["run_id"] in [r["run_id"] for r in runs]
+    with pytest.raises(Exception, match="unknown decoder"):
+        client.predict("tiny-random-llama", "nucleus", "x", {}, 0, 4, False, api_name="/record")
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    chromium = shutil.which("chromium")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (./run test installs it)")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        outside: list[str] = []
+        page.on("request", lambda r: None if r.url.startswith((app_url, "data:", "blob:")) else outside.append(r.url))
+        page.goto(app_url)
+        page.wait_for_selector("#run-button")
+        page.outside_requests = outside
+        yield page
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _choose(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(value)
+    page.keyboard.press("Enter")
+
+
+def test_browser_run_step_library_import_compare(page):
+    _choose(page, "decoder", "greedy")
+    page.wait_for_timeout(1000)  # the parameter form re-renders for the chosen decoder
+    page.click("#step-button")
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('1 model calls')")
+    page.click("#step-button")
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('2 model calls')")
+    assert page.locator("#live-tokens [data-step]").count() == 2
+    _shot(page, "01-two-steps")
+    page.click("#run-button")
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('finished')", timeout=60000)
+    _shot(page, "02-finished")
+
+    page.get_by_role("tab", name="Library").click()
+    page.click("#refresh-runs")
+    page.wait_for_timeout(1000)
+    page.locator("table tbody tr").first.locator("td").first.click()
+    page.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
+    page.click("#open-run")
+    page.wait_for_selector("#replay-tokens [data-step]")
+    _shot(page, "03-replay")
+
+    if SAMPLE is not None:
+        page.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
+        page.wait_for_function("document.querySelector('#library-status').innerText.includes('Imported as run')", timeout=30000)
+        _shot(page, "04-imported")
+
+    page.get_by_role("tab", name="Compare").click()
+    for _ in range(2):  # the dropdown's choices come from the library table
+        box = page.locator("#compare-ids input")
+        box.click()
+        page.locator("[role=option]").first.click()
+    page.click("#compare-button")
+    page.wait_for_selector("#compare-aligned [data-step]", timeout=30000)
+    _shot(page, "05-compare")
+    assert page.outside_requests == [], "the app must work offline: nothing fetched from elsewhere"

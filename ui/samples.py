@@ -1,0 +1,55 @@
+"""Sample traces shipped in ``assets/samples``: imported at start-up so a replay-only app has runs to show.
+
+``python -m ui.samples`` records them anew with the offline model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.trace import read_file
+from storage import TraceStore
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
+
+# (file stem, decoder, params, prompt, settings)
+SAMPLES = [
+    ("top-p-sampling", "top_p", {"top_p": 0.9, "temperature": 0.8}, "Explain entropy in one sentence.", {}),
+    ("top-h-sampling", "top_h", {"top_h": 0.4, "temperature": 1.5}, "Write a haiku about the sea.", {}),
+    ("beam-search", "beam", {"num_beams": 4}, "What is the capital of France?", {}),
+    ("greedy-with-attention", "greedy", {}, "Name three primary colours.", {"attention": "last"}),
+    ("forced-surprise", "forced", {"continuation": "The capital of France is Berlin."}, "Answer briefly.", {}),
+]
+
+
+def import_samples(store: TraceStore) -> int:
+    """Store every shipped sample the database does not have yet; returns how many were added."""
+    added = 0
+    for path in sorted(SAMPLES_DIR.glob("*.json.gz")):
+        trace = read_file(path)
+        try:
+            store.resolve(trace.run_id)
+        except KeyError:
+            store.save(trace)
+            added += 1
+    return added
+
+
+def record_samples(model_name: str = "smollm2-135m-instruct") -> None:
+    from engine.attention import AttentionCapture
+    from engine.models import load_model
+    from engine.run import RunSettings, record
+    from engine.trace import write_file
+
+    model = load_model(model_name)
+    SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
+    for stem, decoder, params, prompt, extra in SAMPLES:
+        capture = AttentionCapture(layers=extra["attention"]) if "attention" in extra else None
+        settings = RunSettings(max_new_tokens=48, seed=7, chat=True, attention=capture)
+        trace = record(model, decoder, prompt, params, settings)
+        write_file(trace, SAMPLES_DIR / f"{stem}.json.gz")
+        print(f"{stem}: {trace.status}, {len(trace.output_token_ids)} tokens: {trace.output_text[:60]!r}")
+
+
+if __name__ == "__main__":
+    record_samples()

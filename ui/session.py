@@ -1,0 +1,62 @@
+"""One browser session's live run: step it one model call at a time, run it, pause it, stop it.
+
+No Gradio here: the UI holds a :class:`LiveRun` in per-session state and calls these methods.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from engine.events import Event, RunFinished
+from engine.run import Run
+from engine.trace import Trace
+
+
+class LiveRun:
+    """Pull-driven wrapper over :class:`engine.run.Run`: events are produced only when asked for."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._events: Iterator[Event] = iter(run)
+        self._pause = threading.Event()
+        self._lock = threading.Lock()  # Stop arrives on another thread while Run is stepping
+        self.done = False
+
+    @property
+    def trace(self) -> Trace:
+        return self.run.trace
+
+    def step(self) -> list[Event]:
+        """Advance by one model call: the events up to and including the next one that cost a call."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> list[Event]:
+        produced: list[Event] = []
+        for event in self._events:
+            produced.append(event)
+            if isinstance(event, RunFinished):
+                self.done = True
+                break
+            if getattr(event, "model_calls", 0) > 0:
+                break
+        else:
+            self.done = True
+        return produced
+
+    def play(self) -> Iterator[list[Event]]:
+        """Step until the run ends or :meth:`pause` is called; yields each step's events."""
+        self._pause.clear()
+        while not self.done and not self._pause.is_set():
+            yield self.step()
+
+    def pause(self) -> None:
+        self._pause.set()
+
+    def stop(self) -> None:
+        """Cancel: the run records its end (status cancelled) at the next event boundary."""
+        self.run.cancel()
+        self._pause.set()
+        while not self.done:
+            self.step()
