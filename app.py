@@ -17,9 +17,16 @@ from ui.app import DEFAULT_MODEL, THEME, build
 CONCURRENT_RUNS = int(os.environ.get("DECODING_EXPLORER_CONCURRENCY", "2"))
 
 
+def default_model() -> str:
+    # On a Hugging Face Space the Hub is reachable and the offline GGUF package is not installed.
+    if os.environ.get("SPACE_ID"):
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return DEFAULT_MODEL
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get("DECODING_EXPLORER_MODEL", DEFAULT_MODEL))
+    parser.add_argument("--model", default=os.environ.get("DECODING_EXPLORER_MODEL") or default_model())
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite file in the user data dir)")
     parser.add_argument("--replay-only", action="store_true", default=bool(os.environ.get("DECODING_EXPLORER_REPLAY_ONLY")))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

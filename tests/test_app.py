@@ -1,22 +1,64 @@
-"""The first UI: builds offline, and never renders token text as markup."""
+"""The app builds offline, fills every view from a trace, and never renders token text as markup."""
 
 from __future__ import annotations
 
+import json
+
 import gradio as gr
+import pytest
 
-from engine.events import Candidate, TokenStep
-from ui.app import build, token_html
+from engine import RunSettings, load_model, record
+from storage import TraceStore
+from ui.app import build
+from ui.samples import SAMPLES_DIR, import_samples
+from ui.views import view_values
 
-
-def test_token_text_is_escaped():
-    hostile = '<script>alert(1)</script><img src=x onerror=alert(2)>"'
-    step = TokenStep(step=0, position=0, token_id=7, logprob=-0.1, raw_logprob=-0.1, rank=1, entropy_raw=0.5, entropy=0.5,
-                     candidates=[Candidate(7, 0.9, 0.9)])
-    rendered = token_html([step], {7: hostile})
-    assert "<script>" not in rendered and "<img" not in rendered
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered
+HOSTILE = ['<script>alert(1)</script>', '<img src=x onerror=alert(2)>', "**bold** [link](javascript:x)", "\x00\x1b[31m"]
 
 
-def test_app_builds_without_loading_a_model(tmp_path):
-    demo = build("tiny-random-llama", f"sqlite:///{tmp_path / 'ui.db'}")
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random-llama")
+
+
+def _strings(value):
+    """Every string inside a view value (HTML, plotly figure JSON, table rows)."""
+    if value is None:
+        return []
+    if hasattr(value, "to_json"):
+        return _strings(json.loads(value.to_json()))
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize("decoder,params", [("top_p", {"top_p": 0.9}), ("beam", {"num_beams": 3}), ("forced", {"continuation": "a b"})])
+def test_every_view_escapes_token_text(tiny, decoder, params):
+    trace = record(tiny, decoder, "Hi", params, RunSettings(max_new_tokens=6))
+    for token_id in list(trace.vocab)[: len(HOSTILE)]:
+        trace.vocab[token_id] = HOSTILE[token_id % len(HOSTILE)]
+    values = view_values(trace, 1, "probability")
+    text = " ".join(_strings(values))
+    for raw in ("<script>", "<img", "\x1b", "\x00"):
+        assert raw not in text
+
+
+def test_samples_ship_and_import(tmp_path):
+    assert len(list(SAMPLES_DIR.glob("*.json.gz"))) >= 4
+    store = TraceStore(f"sqlite:///{tmp_path / 's.db'}")
+    assert import_samples(store) >= 4
+    assert import_samples(store) == 0  # already there
+    decoders = {r.decoder for r in store.list_runs()}
+    assert {"top_p", "beam", "greedy"} <= decoders
+
+
+def test_app_builds_on_a_tiny_model(tmp_path):
+    assert isinstance(build("tiny-random-llama", f"sqlite:///{tmp_path / 'ui.db'}"), gr.Blocks)
+
+
+def test_app_falls_back_to_replay_only_when_the_model_cannot_load(tmp_path):
+    demo = build("no-such-model-anywhere", f"sqlite:///{tmp_path / 'ui.db'}")
     assert isinstance(demo, gr.Blocks)
+    assert any("Replay-only mode" in str(getattr(block, "value", "")) for block in demo.blocks.values())

@@ -114,7 +114,7 @@ def test_browser_run_step_library_import_compare(page):
     page.get_by_role("tab", name="Library").click()
     page.click("#refresh-runs")
     page.wait_for_timeout(1000)
-    page.locator("table tbody tr").first.locator("td").first.click()
+    page.locator("#runs-table").get_by_text("tiny-random-llama", exact=True).first.click()  # a row of our runs
     page.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
     page.click("#open-run")
     page.wait_for_selector("#replay-tokens [data-step]")
@@ -126,10 +126,10 @@ def test_browser_run_step_library_import_compare(page):
         _shot(page, "04-imported")
 
     page.get_by_role("tab", name="Compare").click()
-    for _ in range(2):  # the dropdown's choices come from the library table
-        box = page.locator("#compare-ids input")
-        box.click()
-        page.locator("[role=option]").first.click()
+    page.locator("#compare-ids input").click()  # its choices come from the library table
+    page.locator("[role=option]").nth(0).click()
+    page.locator("[role=option]").nth(1).click()
+    page.keyboard.press("Escape")  # close the option list so it does not cover the button
     page.click("#compare-button")
     page.wait_for_selector("#compare-aligned [data-step]", timeout=30000)
     _shot(page, "05-compare")

@@ -1,9 +1,10 @@
 """The Gradio app: run a decoder live (run, step, pause, stop), replay and manage saved traces, compare runs.
 
+No ``from __future__ import annotations`` here: Gradio finds ``gr.Request`` parameters by their real annotation.
+
 The UI only wires engine, storage and the pure figure functions in ``ui.figures`` together.
 """
 
-from __future__ import annotations
 
 import html
 import tempfile
@@ -24,7 +25,7 @@ from storage import RunExists, RunNotFound, TraceStore
 from ui import figures
 from ui.samples import import_samples
 from ui.session import LiveRun
-from ui.views import COLOR_CHOICES, build_views, view_values
+from ui.views import COLOR_CHOICES, build_views, step_count, view_values
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # System fonts only: the default theme's web font would be fetched from the internet.
@@ -98,6 +99,24 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
         return live
 
     with gr.Blocks(title="Decoding Explorer") as demo:
+        # API for outside programs (gradio_client); registered first so they keep these names
+        def api_record(model: str, decoder_name: str, prompt_text: str, params: dict, seed_value: int = 0,
+                       max_new_tokens: int = 64, chat_on: bool = False) -> dict:
+            """Record a run to the end and return the same summary as ``decoding-explorer record --json``."""
+            try:
+                settings = RunSettings(max_new_tokens=int(max_new_tokens), seed=int(seed_value), chat=bool(chat_on))
+                run = Run(pool.get(model), decoder_name, prompt_text, params or {}, settings, sinks=[store.sink()])
+            except USER_ERRORS as exc:
+                raise gr.Error(str(exc)) from None
+            return run.to_end().summary()
+
+        def api_list_runs(limit: int = 50) -> list[dict]:
+            """Stored runs, newest first."""
+            return [r.__dict__ for r in store.list_runs(limit=int(limit))]
+
+        gr.api(api_record, api_name="record")
+        gr.api(api_list_runs, api_name="list_runs")
+
         my_runs = gr.State([])  # this session's run ids
         gr.Markdown(f"# Decoding Explorer\nTraces are saved to `{store.url}`. {notice}")
         color_by = gr.Radio(COLOR_CHOICES, value="probability", label="Colour tokens by")
@@ -142,7 +161,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
                 live = start(request.session_hash, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, _params(decoder_name, values))
             return live
 
-        def play(runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values, request: gr.Request) -> Iterator[list[Any]]:
+        def play(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values) -> Iterator[list[Any]]:
             try:
                 live = LIVE.get(request.session_hash)
                 fresh = live is None or live.done
@@ -156,7 +175,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             except USER_ERRORS as exc:
                 raise gr.Error(str(exc)) from None
 
-        def step_once(runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values, request: gr.Request) -> list[Any]:
+        def step_once(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values) -> list[Any]:
             try:
                 live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values, False)
                 live.step()
@@ -195,6 +214,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             runs_table = gr.Dataframe(
                 headers=["run id", "created", "model", "decoder", "status", "tokens", "prompt"],
                 interactive=False,
+                elem_id="runs-table",
                 wrap=True,
             )
             with gr.Row():
@@ -235,7 +255,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
         def tick(trace, position: int, color: str) -> list[Any]:
             if trace is None:
                 return [*view_values(None, None, color), gr.Timer(active=False)]
-            last = max(len(figures.token_steps(trace)) - 1, 0)
+            last = max(step_count(trace) - 1, 0)
             nxt = min(int(position) + 1, last)
             return [*view_values(trace, nxt, color), gr.Timer(active=nxt < last)]
 
@@ -298,28 +318,12 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             except USER_ERRORS as exc:
                 raise gr.Error(str(exc)) from None
             rows = figures.cost_table(traces)
-            return [figures.aligned_tokens_html(traces), figures.divergence_figure(traces), [list(r.values()) for r in rows] if rows else None]
+            table = gr.Dataframe(value=[list(r.values()) for r in rows], headers=list(rows[0])) if rows else None
+            return [figures.aligned_tokens_html(traces), figures.divergence_figure(traces), table]
 
         runs_table.change(compare_choices, runs_table, compare_ids)
         compare_button.click(compare, compare_ids, [aligned, divergence, costs])
 
-        # ------------------------------------------------------------ API for outside programs (gradio_client)
-        def api_record(model: str, decoder_name: str, prompt_text: str, params: dict, seed_value: int = 0,
-                       max_new_tokens: int = 64, chat_on: bool = False) -> dict:
-            """Record a run to the end and return the same summary as ``decoding-explorer record --json``."""
-            try:
-                settings = RunSettings(max_new_tokens=int(max_new_tokens), seed=int(seed_value), chat=bool(chat_on))
-                run = Run(pool.get(model), decoder_name, prompt_text, params or {}, settings, sinks=[store.sink()])
-            except USER_ERRORS as exc:
-                raise gr.Error(str(exc)) from None
-            return run.to_end().summary()
-
-        def api_list_runs(limit: int = 50) -> list[dict]:
-            """Stored runs, newest first."""
-            return [r.__dict__ for r in store.list_runs(limit=int(limit))]
-
-        gr.api(api_record, api_name="record")
-        gr.api(api_list_runs, api_name="list_runs")
         demo.unload(_forget)
 
     return demo

@@ -32,43 +32,57 @@ class Views:
 
 def build_views(name: str) -> Views:
     tokens = gr.HTML(label="Tokens", elem_id=f"{name}-tokens")
-    position = gr.Slider(0, 0, value=0, step=1, label="Step (output position)")
+    position = gr.Slider(0, 1, value=0, step=1, label="Step (output position, or beam step / round / diffusion step)")
     with gr.Row():
         distribution = gr.Plot(label="Candidates at this step: raw vs processed, with each stage's cut")
         timeline = gr.Plot(label="Entropy and chosen-token probability")
     with gr.Row():
         structure = gr.Plot(label="Beam tree / draft tree / diffusion lattice")
         attention = gr.Plot(label="Attention at this step")
-    candidates = gr.Dataframe(label="Top candidates at this step", interactive=False, wrap=True)
+    candidates = gr.Dataframe(
+        headers=figures.STEP_TABLE_HEADERS,
+        datatype=["number", "html", "number", "number", "str", "str"],  # token text arrives escaped
+        label="Top candidates at this step",
+        interactive=False,
+        wrap=True,
+    )
     return Views(tokens, position, distribution, timeline, structure, attention, candidates)
+
+
+def step_count(trace: Trace) -> int:
+    """Steps the slider ranges over: output tokens, else beam steps, draft rounds or diffusion steps."""
+    tokens = len(figures.token_steps(trace))
+    if tokens:
+        return tokens
+    return sum(isinstance(e, (BeamStep, DraftRound, DiffusionStep)) for e in trace.events)
 
 
 def view_values(trace: Trace | None, position: int | None, color_by: str) -> list[Any]:
     """Values for :meth:`Views.outputs`; ``position`` None follows the newest step (live runs)."""
     if trace is None:
-        return ["<p><i>No run selected.</i></p>", gr.Slider(0, 0, value=0), None, None, None, None, None]
-    steps = figures.token_steps(trace)
-    last = max(len(steps) - 1, 0)
+        return ["<p><i>No run selected.</i></p>", gr.Slider(0, 1, value=0), None, None, None, None, None]
+    has_tokens = bool(figures.token_steps(trace))
+    last = max(step_count(trace) - 1, 0)
     position = last if position is None else min(int(position), last)
     return [
-        figures.token_stream_html(trace, color_by=color_by, selected_step=position),
-        gr.Slider(0, last, value=position, step=1),
-        figures.distribution_figure(trace, position) if steps else None,
+        figures.token_stream_html(trace, color_by=color_by, selected_step=position if has_tokens else None),
+        gr.Slider(0, max(last, 1), value=position, step=1),
+        figures.distribution_figure(trace, position) if has_tokens else None,
         figures.entropy_figure(trace, selected_step=position),
         _structure_figure(trace, position),
-        figures.attention_figure(trace, position) if figures.attention_steps(trace) else None,
-        figures.step_table(trace, position) if steps else None,
+        figures.attention_figure(trace, position) if position in figures.attention_steps(trace) else None,
+        figures.step_table(trace, position) if has_tokens else None,
     ]
 
 
 def _structure_figure(trace: Trace, position: int) -> Any:
-    """The decoder family's own structure: beam tree, last draft tree, or diffusion lattice."""
+    """The decoder family's own structure at this step: beam tree, draft tree, or diffusion lattice."""
     kinds = {type(e) for e in trace.events}
     if BeamStep in kinds:
-        return figures.beam_tree_figure(trace)
+        return figures.beam_tree_figure(trace, up_to_step=position)
     if DraftRound in kinds:
         rounds = figures.draft_rounds(trace)
-        return figures.draft_tree_figure(trace, len(rounds) - 1)
+        return figures.draft_tree_figure(trace, rounds[min(position, len(rounds) - 1)])
     if DiffusionStep in kinds:
-        return figures.lattice_figure(trace)
+        return figures.lattice_figure(trace, selected_step=position)
     return None

@@ -1,0 +1,408 @@
+"""Tree and lattice figures on built traces: structure, colours, truncation, acceptance accounting, escaping."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from engine.events import BeamNode, BeamStep, Candidate, DiffusionStep, DraftNode, DraftRound, Output, RunStarted
+from engine.trace import RunInfo, Trace
+from ui.figures.common import escape_token
+from ui.figures.lattice import canvas_html, commit_order, diffusion_steps, lattice_figure
+from ui.figures.trees import (
+    BEAM_COLOURS,
+    DRAFT_COLOURS,
+    acceptance_by_depth,
+    acceptance_figure,
+    beam_tree_figure,
+    draft_rounds,
+    draft_tree_figure,
+)
+
+HOSTILE = {10: "<script>alert(1)</script>", 11: "<b>x</b>", 12: "\x1b[31m", 13: "<img src=x onerror=alert(1)>"}
+PROMPT_IDS = [1, 2]
+
+
+def make_trace(events: list, vocab: dict[int, str] | None = None) -> Trace:
+    words = {i: f"w{i}" for i in range(200)}
+    words.update(HOSTILE)
+    words.update(vocab or {})
+    return Trace(
+        run_id="t",
+        info=RunInfo(model="m", decoder="d", params={}, prompt="<i>prompt</i>"),
+        events=[RunStarted(prompt_token_ids=PROMPT_IDS), *events],
+        vocab=words,
+        prompt_token_ids=PROMPT_IDS,
+    )
+
+
+def by_name(fig, name: str):
+    matches = [t for t in fig.data if t.name == name]
+    assert len(matches) == 1, f"{name!r}: {[t.name for t in fig.data]}"
+    return matches[0]
+
+
+def strings_of(value) -> list[str]:
+    """Every string in a JSON value (the figure as the browser receives it)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [s for v in value for s in strings_of(v)]
+    return []
+
+
+def assert_escaped(texts: list[str], ids: list[int]) -> None:
+    joined = "\n".join(texts)
+    for raw in HOSTILE.values():
+        assert raw not in joined
+    assert "<script" not in joined and "<img" not in joined and "<i>" not in joined and "\x1b" not in joined
+    for i in ids:
+        assert escape_token(HOSTILE[i]) in joined
+
+
+def fig_strings(fig) -> list[str]:
+    return strings_of(json.loads(fig.to_json()))
+
+
+# ---------------------------------------------------------------- beam search
+
+
+def build_beam_trace(beams: int, steps: int) -> Trace:
+    """Beam search as the decoder records it: 2*beams candidates a step from the live beams, the best
+    ``beams`` live (finished at the last step), the rest pruned; scores fall with every step."""
+    rng = random.Random(0)
+    events, live, next_id = [], [(-1, 0.0, [])], 0
+    for step in range(steps):
+        cands = []
+        for j in range(2 * beams):
+            parent, score, tokens = live[j % len(live)]
+            logprob = -rng.uniform(0.1, 3.0)
+            token = 10 + (j + step) % 40  # hostile tokens (10-13) appear throughout
+            cands.append((score + logprob, logprob, parent, tokens + [token]))
+        cands.sort(key=lambda c: -c[0])
+        nodes, new_live = [], []
+        for rank, (score, logprob, parent, tokens) in enumerate(cands):
+            status = "pruned" if rank >= beams else ("finished" if step == steps - 1 else "live")
+            norm = score / len(tokens) if status == "finished" else None
+            nodes.append(BeamNode(next_id, parent, tokens[-1], logprob, score, status, norm))
+            if status != "pruned":
+                new_live.append((next_id, score, tokens))
+            next_id += 1
+        events.append(BeamStep(step=step, nodes=nodes))
+        live = new_live
+    events.append(Output(token_ids=live[0][2], score=live[0][1] / steps))
+    return make_trace(events)
+
+
+def beam_nodes(trace: Trace) -> list[BeamNode]:
+    return [n for e in trace.events if isinstance(e, BeamStep) for n in e.nodes]
+
+
+def node_count(fig, names) -> int:
+    return sum(len(by_name(fig, n).x) for n in names)
+
+
+def edge_count(trace_) -> int:
+    return trace_.x.count(None)  # one None separator per edge segment
+
+
+@pytest.fixture(scope="module")
+def recorded_beam() -> Trace:
+    from engine.models import load_model
+    from engine.run import RunSettings, record
+
+    return record(load_model("tiny-random-llama"), "beam", "Hello", {"num_beams": 3}, RunSettings(max_new_tokens=8))
+
+
+@pytest.mark.parametrize("source", ["built", "recorded"])
+def test_beam_tree_nodes_edges_and_best_path(source, recorded_beam):
+    trace = recorded_beam if source == "recorded" else build_beam_trace(3, 6)
+    nodes = beam_nodes(trace)
+    fig = beam_tree_figure(trace)
+    assert node_count(fig, ["prompt", "live", "pruned", "finished"]) == len(nodes) + 1
+    assert edge_count(by_name(fig, "edges")) == len(nodes)
+    for status in ("live", "pruned", "finished"):
+        assert len(by_name(fig, status).x) == sum(n.status == status for n in nodes)
+        assert by_name(fig, status).marker.color == BEAM_COLOURS[status]
+    assert by_name(fig, "pruned").marker.size < by_name(fig, "live").marker.size
+    assert by_name(fig, "pruned").opacity < 1
+    output = next(e for e in trace.events if isinstance(e, Output))
+    best = by_name(fig, "best sequence")
+    assert edge_count(best) == len(output.token_ids)
+    assert max(x for x in best.x if x is not None) == len(output.token_ids)
+    # the path ends on a finished node
+    finished = by_name(fig, "finished")
+    end = (best.x[-2], best.y[-2])
+    assert end in set(zip(finished.x, finished.y))
+
+
+def test_beam_tree_layout_is_layered_without_overlaps():
+    fig = beam_tree_figure(build_beam_trace(3, 6))
+    groups = [by_name(fig, name) for name in ("prompt", "live", "pruned", "finished")]
+    points = [(x, y) for group in groups for x, y in zip(group.x, group.y)]
+    assert len(set(points)) == len(points)
+    assert sorted({x for x, _ in points}) == list(range(7))
+
+
+def test_beam_tree_up_to_step_and_live_trace():
+    trace = build_beam_trace(3, 6)
+    fig = beam_tree_figure(trace, up_to_step=2)
+    shown = [n for e in trace.events if isinstance(e, BeamStep) and e.step <= 2 for n in e.nodes]
+    assert node_count(fig, ["live", "pruned", "finished"]) == len(shown) == 18
+    assert len(by_name(fig, "finished").x) == 0
+    assert edge_count(by_name(fig, "best sequence")) == 3  # the output's prefix so far
+    assert "step 2" in fig.layout.title.text
+    live = make_trace([e for e in trace.events if not isinstance(e, Output)])
+    assert not [t for t in beam_tree_figure(live).data if t.name == "best sequence"]
+    empty = beam_tree_figure(make_trace([]))
+    assert node_count(empty, ["prompt"]) == 1 and "no beam steps" in empty.layout.title.text
+
+
+def test_beam_tree_max_nodes_hides_worst_pruned():
+    trace = build_beam_trace(3, 10)  # 60 nodes, 30 of them pruned
+    fig = beam_tree_figure(trace, max_nodes=40)
+    assert node_count(fig, ["live", "pruned", "finished"]) == 40
+    assert len(by_name(fig, "pruned").x) == 10
+    assert "20 lowest-scoring pruned nodes hidden" in fig.layout.title.text
+    assert "hidden" not in beam_tree_figure(trace).layout.title.text
+
+
+def test_large_beam_trace_builds():
+    trace = build_beam_trace(8, 100)
+    fig = beam_tree_figure(trace)
+    assert node_count(fig, ["live", "finished"]) == 800
+    assert len(by_name(fig, "pruned").x) == 0 and "800 lowest-scoring pruned" in fig.layout.title.text
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+def hand_rounds() -> list[DraftRound]:
+    """Round 1: a tree with a duplicate sibling token and a correction; round 2: a chain fully accepted + bonus."""
+    tree = [
+        DraftNode(0, -1, 11, 1, 0.6, target_prob=0.7, accepted=True, draw=0.2, ratio=1.1667),
+        DraftNode(1, -1, 21, 1, 0.3),
+        DraftNode(2, -1, 11, 1, 0.1),  # same token as node 0: a distinct node
+        DraftNode(3, 0, 22, 2, 0.5, target_prob=0.2, accepted=False, draw=0.9, ratio=0.4),
+        DraftNode(4, 0, 10, 2, 0.4, target_prob=0.5, accepted=True, draw=0.1, ratio=1.25),
+        DraftNode(5, 4, 23, 3, 0.7, target_prob=0.1, accepted=False, draw=0.5, ratio=0.1429),
+        DraftNode(6, 4, 24, 3, 0.2, target_prob=0.05, accepted=False, draw=0.6, ratio=0.25),
+        DraftNode(7, 3, 25, 3, 0.9),
+    ]
+    chain = [DraftNode(i, i - 1, 30 + i, i + 1, 0.8, target_prob=0.9, accepted=True, draw=0.3, ratio=1.125)
+             for i in range(4)]
+    return [
+        DraftRound(step=1, nodes=tree, accepted_path=[0, 4], committed=[11, 10, 13], bonus_token=13,
+                   bonus_is_correction=True, residual_top=[Candidate(13, 0.2, 0.6), Candidate(12, 0.1, 0.3)],
+                   draft_calls=3),
+        DraftRound(step=2, nodes=chain, accepted_path=[0, 1, 2, 3], committed=[30, 31, 32, 33, 34], bonus_token=34,
+                   draft_calls=4),
+    ]
+
+
+def random_round(rng: random.Random, step: int) -> DraftRound:
+    """An EAGLE-like tree (10-60 nodes, depth <= 6) verified SpecInfer-style: along the accepted path every
+    child is checked until one is accepted; after the path ends, the last node's children are all rejected."""
+    nodes = [DraftNode(0, -1, rng.randrange(14, 60), 1, rng.random())]
+    while len(nodes) < rng.randrange(10, 61):
+        parent = rng.choice(nodes)
+        if parent.depth < 6:
+            nodes.append(DraftNode(len(nodes), parent.id, rng.randrange(10, 60), parent.depth + 1, rng.random()))
+    kids = {n.id: [c for c in nodes if c.parent == n.id] for n in nodes}
+    kids[-1] = [n for n in nodes if n.parent == -1]
+    outcome: dict[int, bool] = {}
+    path, at = [], -1
+    while kids[at]:
+        accepted_kid = None
+        for kid in kids[at]:
+            if rng.random() < 0.6:
+                accepted_kid = kid.id
+                outcome[kid.id] = True
+                break
+            outcome[kid.id] = False
+        if accepted_kid is None:
+            break
+        path.append(accepted_kid)
+        at = accepted_kid
+    verified = [
+        DraftNode(n.id, n.parent, n.token_id, n.depth, n.draft_prob, accepted=outcome.get(n.id),
+                  **({"target_prob": rng.random(), "draw": rng.random()} if n.id in outcome else {}))
+        for n in nodes
+    ]
+    committed = [nodes[i].token_id for i in path] + [12]
+    return DraftRound(step=step, nodes=verified, accepted_path=path, committed=committed, bonus_token=12,
+                      bonus_is_correction=bool(kids[at]))
+
+
+def test_draft_tree_statuses_bonus_and_stats():
+    trace = make_trace(hand_rounds())
+    assert draft_rounds(trace) == [1, 2]
+    fig = draft_tree_figure(trace, 1)
+    assert [len(by_name(fig, s).x) for s in ("accepted", "rejected", "not verified")] == [2, 3, 3]
+    for status in ("accepted", "rejected", "not verified"):
+        assert by_name(fig, status).marker.color == DRAFT_COLOURS[status]
+    correction = by_name(fig, "correction")
+    assert correction.text[0] == escape_token(HOSTILE[13][:15]) + "… (correction)"  # labels are cut
+    assert escape_token(HOSTILE[13]) in correction.hovertext[0] and escape_token(HOSTILE[12]) in correction.hovertext[0]
+    assert correction.x == (3,)  # right after the 2-node accepted path
+    assert edge_count(by_name(fig, "accepted path")) == 3
+    assert edge_count(by_name(fig, "edges")) == 9  # 8 drafts + the correction
+    stats = fig.layout.annotations[0].text
+    assert "accepted 2 of 8 drafts (5 verified)" in stats and "committed 3" in stats and "draft calls 3" in stats
+    assert "round 1 of 2" in fig.layout.title.text
+
+    bonus = by_name(draft_tree_figure(trace, 2), "bonus")
+    assert bonus.x == (5,) and bonus.text[0].endswith("(bonus)")
+    context = by_name(draft_tree_figure(trace, 2), "context")  # root = the last committed token
+    assert context.text[0].startswith(escape_token(HOSTILE[13][:15]))
+    assert draft_tree_figure(trace, -1).layout.title.text == "Draft tree, round 2 of 2 (step 2)"
+    with pytest.raises(ValueError):
+        draft_tree_figure(trace, 0)
+
+
+def test_draft_tree_keeps_duplicate_siblings_distinct():
+    fig = draft_tree_figure(make_trace(hand_rounds()), 1)
+    label = escape_token(HOSTILE[11])
+    points = [(x, y) for name in ("accepted", "not verified") for x, y, t in
+              zip(by_name(fig, name).x, by_name(fig, name).y, by_name(fig, name).text) if t == label]
+    assert len(points) == 2 and len(set(points)) == 2 and {x for x, _ in points} == {1}
+
+
+def test_draft_tree_random_rounds_node_counts():
+    rng = random.Random(3)
+    rounds = [random_round(rng, step) for step in range(12)]
+    trace = make_trace(rounds)
+    for index, rnd in zip(draft_rounds(trace), rounds):
+        fig = draft_tree_figure(trace, index)
+        counts = [len(by_name(fig, s).x) for s in ("accepted", "rejected", "not verified")]
+        assert counts == [sum(n.accepted is v for n in rnd.nodes) for v in (True, False, None)]
+        assert max(x for x in by_name(fig, "edges").x if x is not None) <= 7
+        assert len([t for t in fig.data if t.name in ("bonus", "correction")]) == 1
+
+
+def test_acceptance_by_depth_and_figure():
+    trace = make_trace(hand_rounds())
+    assert acceptance_by_depth(trace) == {1: (2, 2), 2: (2, 3), 3: (1, 3), 4: (1, 1)}
+    fig = acceptance_figure(trace)
+    bars = by_name(fig, "acceptance rate")
+    assert list(bars.x) == [1, 2, 3, 4]
+    assert list(bars.y) == pytest.approx([1.0, 2 / 3, 1 / 3, 1.0])
+    assert list(bars.text) == ["2/2", "2/3", "1/3", "1/1"]
+    assert list(by_name(fig, "committed (bonus included)").y) == [3, 5]
+    assert list(by_name(fig, "accepted drafts").y) == [2, 4]
+    assert "4.00" in fig.layout.title.text
+    assert acceptance_figure(make_trace([])).layout.annotations[0].text == "No draft rounds yet"
+
+
+# ---------------------------------------------------------------- diffusion
+
+
+def build_diffusion_trace(length: int = 32, steps: int = 16, block: int = 8, mask_id: int = 0) -> Trace:
+    """LLaDA-style semi-autoregressive unmasking: per step, commit the 2 most confident masked positions of
+    the current block; positions right of the block get -inf confidence."""
+    rng = random.Random(1)
+    per_step = length // steps
+    steps_per_block = steps * block // length
+    canvas = [mask_id] * length
+    events = []
+    for step in range(steps):
+        start = step // steps_per_block * block
+        proposals, confidence = [], []
+        for p in range(length):
+            if canvas[p] != mask_id:
+                proposals.append([])
+                confidence.append(float("-inf"))
+                continue
+            probs = sorted((rng.random() for _ in range(3)), reverse=True)
+            total = sum(probs) * 1.2
+            proposals.append([Candidate(10 + (p + k) % 50, q / total, q / total) for k, q in enumerate(probs)])
+            confidence.append(probs[0] / total if start <= p < start + block else float("-inf"))
+        chosen = sorted(range(length), key=lambda p: -confidence[p])[:per_step]
+        for p in chosen:
+            canvas[p] = proposals[p][0].token_id
+        events.append(DiffusionStep(step=step, canvas=list(canvas), mask_id=mask_id, committed_positions=sorted(chosen),
+                                    confidence=confidence, proposals=proposals, block=[start, start + block]))
+    return make_trace(events, {0: "[mask]"})
+
+
+def test_commit_order_and_lattice_shape():
+    trace = build_diffusion_trace()
+    order = commit_order(trace)
+    assert sorted(order) == list(range(32)) and sorted(order.values()) == sorted(list(range(16)) * 2)
+    assert all(order[p] // 4 == p // 8 for p in order)  # blocks fill left to right
+    fig = lattice_figure(trace, selected_step=5)
+    heat = by_name(fig, "confidence")
+    assert len(heat.z) == 16 and all(len(row) == 32 for row in heat.z)
+    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    assert len(by_name(fig, "committed").z) == 16
+    markers = by_name(fig, "committed at")
+    assert len(markers.x) == 32 and dict(zip(markers.x, markers.y)) == order
+    vertical = [s for s in fig.layout.shapes if s.x0 == s.x1]
+    horizontal = [s for s in fig.layout.shapes if s.y0 == s.y1]
+    assert sorted(s.x0 for s in vertical) == [7.5, 15.5, 23.5]
+    assert [s.y0 for s in horizontal] == [5]
+
+
+def test_lattice_cells_masked_committed_and_outside_block():
+    trace = build_diffusion_trace()
+    steps = diffusion_steps(trace)
+    fig = lattice_figure(trace)
+    heat, done = by_name(fig, "confidence").z, by_name(fig, "committed").z
+    first = steps[0]
+    for p in first.committed_positions:
+        assert heat[0][p] == pytest.approx(first.confidence[p])
+    assert all(heat[0][p] is None for p in range(8, 32))  # -inf outside the first block
+    later = steps[5]
+    for p in range(32):
+        committed_before = commit_order(trace)[p] < later.step
+        assert (done[5][p] == 1) == committed_before
+        assert (heat[5][p] is None) or not committed_before
+    assert not fig.layout.shapes or all(s.y0 != s.y1 for s in fig.layout.shapes)  # no selected step line
+
+
+def test_canvas_html_masks_and_tokens():
+    trace = build_diffusion_trace()
+    html = canvas_html(trace, 3)
+    assert html.count('class="de-masked"') == 24 and html.count("▒") == 24
+    assert html.count('class="de-new"') == 2 and html.count('class="de-old"') == 6
+    final = canvas_html(trace, 15)
+    assert "▒" not in final and final.count('class="de-new"') == 2
+    with pytest.raises(ValueError):
+        canvas_html(trace, 99)
+    assert lattice_figure(make_trace([])).layout.annotations[0].text == "No diffusion steps yet"
+
+
+# ---------------------------------------------------------------- escaping
+
+
+def test_no_raw_token_text_in_any_figure():
+    beam = build_beam_trace(3, 6)
+    beam_strings = fig_strings(beam_tree_figure(beam))
+    assert_escaped(beam_strings, [10, 11, 12, 13])
+    assert any(escape_token("<i>prompt</i>") in text for text in beam_strings)
+    rounds = make_trace(hand_rounds())
+    assert_escaped(fig_strings(draft_tree_figure(rounds, 1)), [10, 11, 12, 13])
+    assert_escaped(fig_strings(draft_tree_figure(rounds, 2)), [13])
+    assert_escaped(fig_strings(acceptance_figure(rounds)), [])
+    diffusion = build_diffusion_trace()
+    assert_escaped(fig_strings(lattice_figure(diffusion)), [10, 11, 12, 13])
+    assert_escaped([canvas_html(diffusion, 15)], [10, 11, 12, 13])
+
+
+def test_inconsistent_traces_still_draw():
+    """Imported traces are type-checked, not checked for consistency: cycles and dangling ids must not hang."""
+    own_parent = [BeamNode(0, 0, 14, -1.0, -1.0, "live"), BeamNode(1, -1, 15, -1.0, -1.0, "live")]
+    beam = make_trace([BeamStep(step=0, nodes=own_parent)])
+    assert node_count(beam_tree_figure(beam), ["prompt", "live"]) == 2  # the self-parented node is unreachable
+    duplicated = [DraftNode(0, -1, 14, 1, 0.5), DraftNode(1, 0, 15, 2, 0.5), DraftNode(0, 1, 16, 3, 0.5)]  # a cycle
+    looped = DraftRound(step=0, nodes=duplicated, accepted_path=[7], committed=[16], bonus_token=16)
+    fig = draft_tree_figure(make_trace([looped]), 1)
+    assert node_count(fig, ["context", "not verified", "bonus"]) == 5
+    canvas = DiffusionStep(step=0, canvas=[14, 0], mask_id=0, committed_positions=[0, 5], confidence=[0.5])
+    diffusion = make_trace([canvas])
+    assert commit_order(diffusion) == {0: 0}
+    assert len(by_name(lattice_figure(diffusion), "committed at").x) == 1
