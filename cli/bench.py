@@ -129,3 +129,21 @@ def replay(model: LoadedModel, steps: int = 2000, moves: int = 20) -> dict[str, 
     print(f"  open (load + all views)     {opened:6.3f} s  (goal < 2 s)")
     print(f"  slider move (all views)     median {result['move_median_seconds'] * 1000:.0f} ms, max {result['move_max_seconds'] * 1000:.0f} ms over {moves} random steps")
     return result
+
+
+def first_step(model: LoadedModel, repeats: int = 5) -> float:
+    """Seconds from pressing Run (a new run on a loaded model) to the first step's views being ready."""
+    from ui.session import LiveRun
+    from ui.views import view_values
+
+    times = []
+    for seed in range(repeats):
+        start = time.perf_counter()
+        live = LiveRun(Run(model, "top_p", "Explain entropy in one sentence.", {"top_p": 0.9}, RunSettings(seed=seed, chat=model.has_chat_template)))
+        live.step()
+        view_values(live.trace, None, "probability")
+        times.append(time.perf_counter() - start)
+        live.stop()
+    median = statistics.median(times)
+    print(f"model {model.name}: Run pressed -> first step shown: median {median * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {repeats} runs (goal < 1 s)")
+    return median

@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--steps", type=int, default=2000)
     p.set_defaults(handler=_bench_replay, model="tiny-random-llama")
+    p = bench.add_parser("first-step", help="latency from Run to the first step's views, model loaded")
+    _model_args(p)
+    p.set_defaults(handler=_bench_first_step)
     return parser
 
 
@@ -293,6 +296,12 @@ def _bench_replay(args: argparse.Namespace) -> None:
     from cli.bench import replay
 
     replay(_load(args), steps=args.steps)
+
+
+def _bench_first_step(args: argparse.Namespace) -> None:
+    from cli.bench import first_step
+
+    first_step(_load(args))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,17 @@ def test_app_falls_back_to_replay_only_when_the_model_cannot_load(tmp_path):
     demo = build("no-such-model-anywhere", f"sqlite:///{tmp_path / 'ui.db'}")
     assert isinstance(demo, gr.Blocks)
     assert any("Replay-only mode" in str(getattr(block, "value", "")) for block in demo.blocks.values())
+
+
+def test_views_for_draft_and_diffusion_traces():
+    """Built traces of the later decoder families fill the structure view and the canvas."""
+    from tests.test_figures_trees import build_diffusion_trace, hand_rounds, make_trace
+
+    diffusion = build_diffusion_trace()
+    values = view_values(diffusion, 3, "probability")
+    assert "▒" in values[0]  # the canvas at step 3 still has masked positions
+    assert values[4] is not None and any(t.type == "heatmap" for t in values[4].data)
+
+    drafts = make_trace(hand_rounds())
+    values = view_values(drafts, 0, "probability")
+    assert values[4] is not None and values[4].data

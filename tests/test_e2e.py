@@ -65,6 +65,24 @@ def test_gradio_client_records_and_lists(app_url):
         client.predict("tiny-random-llama", "nucleus", "x", {}, 0, 4, False, api_name="/record")
 
 
+def test_simultaneous_recordings_lose_nothing(app_url):
+    """Two outside clients record at once into the app's one SQLite database."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    def record(seed: int) -> dict:
+        return Client(app_url, verbose=False).predict("tiny-random-llama", "sample", "Go", {}, seed, 30, False, api_name="/record")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        summaries = list(pool.map(record, [1, 2]))
+    stored = {r["run_id"]: r for r in Client(app_url, verbose=False).predict(200, api_name="/list_runs")}
+    for summary in summaries:
+        tokens = len(summary["output_token_ids"])
+        assert summary["status"] == "finished" and tokens > 0
+        assert stored[summary["run_id"]]["num_events"] == tokens + 2  # run started, each token, run finished
+
+
 @pytest.fixture(scope="module")
 def page(app_url):
     chromium = shutil.which("chromium")
@@ -133,4 +151,13 @@ def test_browser_run_step_library_import_compare(page):
     page.click("#compare-button")
     page.wait_for_selector("#compare-aligned [data-step]", timeout=30000)
     _shot(page, "05-compare")
+
+    page.goto(page.url.split("?")[0] + "?__theme=dark")  # the same replay in the dark theme
+    page.get_by_role("tab", name="Library").click()
+    page.click("#refresh-runs")
+    page.locator("#runs-table").get_by_text("beam", exact=True).first.click()
+    page.click("#open-run")
+    page.wait_for_function("document.querySelector('#library-status').innerText.includes('finished')")
+    page.wait_for_timeout(1500)
+    _shot(page, "06-dark-beam-replay")
     assert page.outside_requests == [], "the app must work offline: nothing fetched from elsewhere"

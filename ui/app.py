@@ -209,6 +209,8 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
                 filter_model = gr.Textbox(label="Model", scale=1)
                 filter_decoder = gr.Dropdown([""] + [s.name for s in all_decoders()], value="", label="Decoder", scale=1)
                 filter_text = gr.Textbox(label="Search prompt/output", scale=2)
+                filter_since = gr.Textbox(label="From date (YYYY-MM-DD)", scale=1)
+                filter_until = gr.Textbox(label="Before date (YYYY-MM-DD)", scale=1)
                 mine_only = gr.Checkbox(label="Only this session's runs", value=False)
                 refresh = gr.Button("Refresh", elem_id="refresh-runs")
             runs_table = gr.Dataframe(
@@ -232,8 +234,11 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             ticker = gr.Timer(0.4, active=False)
             replay_views = build_views("replay")
 
-        def list_runs(model: str, decoder_name: str, text: str, mine: bool, runs: list[str]) -> list[list[Any]]:
-            rows = store.list_runs(model=model or None, decoder=decoder_name or None, text=text or None, limit=200)
+        def list_runs(model: str, decoder_name: str, text: str, since: str, until: str, mine: bool, runs: list[str]) -> list[list[Any]]:
+            rows = store.list_runs(
+                model=model or None, decoder=decoder_name or None, text=text or None,
+                since=since.strip() or None, until=until.strip() or None, limit=200,
+            )
             if mine:
                 rows = [r for r in rows if r.run_id in runs]
             return [[r.run_id, r.created_at, r.model, r.decoder, r.status, r.metrics.get("new_tokens", 0), r.prompt[:80]] for r in rows]
@@ -282,8 +287,9 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
                 raise gr.Error(f"Import refused: {exc}") from None
             return run_id, f"Imported as run `{run_id[:12]}`."
 
-        filters = [filter_model, filter_decoder, filter_text, mine_only, my_runs]
-        for trigger in (refresh.click, filter_decoder.change, mine_only.change, filter_text.submit, filter_model.submit):
+        filters = [filter_model, filter_decoder, filter_text, filter_since, filter_until, mine_only, my_runs]
+        for trigger in (refresh.click, filter_decoder.change, mine_only.change, filter_text.submit, filter_model.submit,
+                        filter_since.submit, filter_until.submit):
             trigger(list_runs, filters, runs_table)
         demo.load(list_runs, filters, runs_table)
         runs_table.select(pick_row, runs_table, run_id_box)

@@ -65,7 +65,7 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
     last = max(step_count(trace) - 1, 0)
     position = last if position is None else min(int(position), last)
     return [
-        figures.token_stream_html(trace, color_by=color_by, selected_step=position if has_tokens else None),
+        _text_html(trace, position, color_by, has_tokens),
         gr.Slider(0, max(last, 1), value=position, step=1),
         figures.distribution_figure(trace, position) if has_tokens else None,
         figures.entropy_figure(trace, selected_step=position),
@@ -73,6 +73,14 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
         figures.attention_figure(trace, position) if position in figures.attention_steps(trace) else None,
         figures.step_table(trace, position) if has_tokens else None,
     ]
+
+
+def _text_html(trace: Trace, position: int, color_by: str, has_tokens: bool) -> str:
+    """Token stream; for a diffusion run, the canvas at the selected step."""
+    steps = figures.diffusion_steps(trace)
+    if steps and not has_tokens:
+        return figures.canvas_html(trace, steps[min(position, len(steps) - 1)].step)
+    return figures.token_stream_html(trace, color_by=color_by, selected_step=position if has_tokens else None)
 
 
 def _structure_figure(trace: Trace, position: int) -> Any:
