@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ui.app import DEFAULT_MODEL, THEME, build
+from ui.app import CLICK_TO_SELECT_JS, DEFAULT_MODEL, THEME, build
 
 # Several browser sessions may stream at once; two match this machine's two cores, more would only queue
 # inside torch. Library and replay events are light and unlimited.
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args()
     demo = build(args.model, args.db, replay_only=args.replay_only)
-    demo.queue(default_concurrency_limit=CONCURRENT_RUNS).launch(server_name=args.host, server_port=args.port, theme=THEME)
+    demo.queue(default_concurrency_limit=CONCURRENT_RUNS).launch(server_name=args.host, server_port=args.port, theme=THEME, js=CLICK_TO_SELECT_JS)
 
 
 if __name__ == "__main__":

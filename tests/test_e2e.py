@@ -136,6 +136,11 @@ def test_browser_run_step_library_import_compare(page):
     page.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
     page.click("#open-run")
     page.wait_for_selector("#replay-tokens [data-step]")
+    page.locator("#replay-tokens [data-step='3']").click()  # clicking a token selects its step
+    page.wait_for_selector("#replay-tokens [data-selected][data-step='3']")
+    # a click on the entropy chart (plotly's own click event, with the point's customdata) does too
+    page.evaluate("document.querySelector('#replay-timeline .js-plotly-plot').emit('plotly_click', {points: [{customdata: 1}]})")
+    page.wait_for_selector("#replay-tokens [data-selected][data-step='1']")
     _shot(page, "03-replay")
 
     if SAMPLE is not None:

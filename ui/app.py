@@ -28,6 +28,35 @@ from ui.session import LiveRun
 from ui.views import COLOR_CHOICES, build_views, step_count, view_values
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Clicking a token (its data-step) or a point of the entropy chart (its customdata) moves that panel's
+# step slider, which then redraws every view through the slider's own event.
+CLICK_TO_SELECT_JS = """
+() => {
+  const select = (panel, step) => {
+    const input = document.querySelector(`#${panel}-position input[type=number]`);
+    if (!input || step === undefined || step === null) return;
+    input.value = String(step);
+    for (const kind of ["input", "change"]) input.dispatchEvent(new Event(kind, {bubbles: true}));
+    const range = document.querySelector(`#${panel}-position input[type=range]`);
+    if (range) { range.value = String(step); range.dispatchEvent(new Event("input", {bubbles: true}));
+                 range.dispatchEvent(new Event("pointerup", {bubbles: true})); range.dispatchEvent(new Event("change", {bubbles: true})); }
+  };
+  document.addEventListener("click", (event) => {
+    const span = event.target.closest("[data-step]");
+    const panel = span && span.closest("[id$='-tokens']");
+    if (panel) select(panel.id.replace(/-tokens$/, ""), span.dataset.step);
+  });
+  setInterval(() => {
+    for (const name of ["live", "replay"]) {
+      const plot = document.querySelector(`#${name}-timeline .js-plotly-plot`);
+      if (plot && plot.on && !plot.dataset.deHooked) {
+        plot.dataset.deHooked = "1";
+        plot.on("plotly_click", (data) => select(name, data.points[0].customdata));
+      }
+    }
+  }, 500);
+}
+"""
 # System fonts only: the default theme's web font would be fetched from the internet.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 STREAM_INTERVAL = 0.1  # seconds between UI updates while a run streams (every step is still recorded)

@@ -32,10 +32,13 @@ class Views:
 
 def build_views(name: str) -> Views:
     tokens = gr.HTML(label="Tokens", elem_id=f"{name}-tokens")
-    position = gr.Slider(0, 1, value=0, step=1, label="Step (output position, or beam step / round / diffusion step)")
+    position = gr.Slider(
+        0, 1, value=0, step=1, elem_id=f"{name}-position",
+        label="Step (output position, or beam step / round / diffusion step) — or click a token or a chart point",
+    )
     with gr.Row():
         distribution = gr.Plot(label="Candidates at this step: raw vs processed, with each stage's cut")
-        timeline = gr.Plot(label="Entropy and chosen-token probability")
+        timeline = gr.Plot(label="Entropy and chosen-token probability", elem_id=f"{name}-timeline")
     with gr.Row():
         structure = gr.Plot(label="Beam tree / draft tree / diffusion lattice")
         attention = gr.Plot(label="Attention at this step")

@@ -109,12 +109,15 @@ def token_stream_html(
 def _token_span(trace: Trace, step: TokenStep, background: str, selected: bool) -> str:
     text = trace.vocab.get(step.token_id, f"<{step.token_id}>")
     style = f"{_SPAN};background:{background}"
+    marker = ""
     if selected:
         style += ";outline:2px solid currentColor;outline-offset:1px"
+        marker = ' data-selected="true"'
+
     if step.forced:
         style += ";text-decoration:underline dotted;text-underline-offset:3px"
     span = (
-        f'<span class="de-token" data-step="{step.position}" title="{token_tooltip(trace, step)}" style="{style}">'
+        f'<span class="de-token" data-step="{step.position}"{marker} title="{token_tooltip(trace, step)}" style="{style}">'
         f"{token_label(trace.vocab, step.token_id)}</span>"
     )
     return span + "<br>" * text.count("\n")  # the ↵ stays visible; the line break keeps the text's shape
