@@ -1,0 +1,61 @@
+"""Prompt lookup decoding (Saxena 2023, apoorvumang/prompt-lookup-decoding): drafts copied from the context.
+
+The last n tokens (n = max_ngram down to 1) are searched in the prompt and the text generated so far; the
+tokens that followed their leftmost earlier occurrence are the draft. No draft model: the draft is
+deterministic, verified by the same chain rule (greedy matching, or accept with probability p(token)).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.events import Event
+from engine.params import Param
+from engine.speculative.chain import SAMPLING_PARAMS, Draft, Sampling, chain_rounds
+
+
+def lookup_continuation(context: list[int], max_ngram: int, k: int) -> list[int]:
+    """Up to ``k`` tokens that followed the leftmost earlier occurrence of the longest matching suffix n-gram."""
+    ids = torch.tensor(context)
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        windows = ids[:-1].unfold(0, n, 1)  # drop the last token: the suffix itself is not a match
+        hits = (windows == ids[-n:]).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[0]) + n
+            return context[start : start + k]
+    return []
+
+
+class PromptLookupDrafter:
+    source = "prompt_lookup"
+
+    def __init__(self, max_ngram: int) -> None:
+        self.max_ngram = max_ngram
+
+    def propose(self, context: list[int], k: int) -> Draft:
+        tokens = lookup_continuation(context, self.max_ngram, k) if k else []
+        return Draft(tokens, [1.0] * len(tokens), None)
+
+
+def prompt_lookup(ctx: DecodeContext) -> Iterator[Event]:
+    drafter = PromptLookupDrafter(ctx.params["max_ngram"])
+    return chain_rounds(ctx, drafter, ctx.params["num_draft_tokens"], Sampling.of(ctx))
+
+
+SPEC = register(
+    DecoderSpec(
+        name="prompt_lookup",
+        family="speculative",
+        summary="Prompt lookup decoding: draft the tokens that followed the last n-gram's earlier occurrence.",
+        params=(
+            Param("max_ngram", "int", 3, "Longest suffix n-gram searched for (then shorter ones).", 1, 32),
+            Param("num_draft_tokens", "int", 10, "Most tokens copied per round.", 1, 128),
+            *SAMPLING_PARAMS,
+        ),
+        run=prompt_lookup,
+        lossless=True,
+    )
+)

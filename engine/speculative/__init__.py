@@ -1,0 +1,1 @@
+"""Machinery shared by the speculative decoders: verification, KV-cache rollback, the chain round loop."""

@@ -1,0 +1,51 @@
+"""KV-cache rollback for speculative decoding: one crop, and a cache that knows which tokens it holds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from engine.models.handle import ForwardResult, LoadedModel
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the KV of the first ``length`` positions.
+
+    transformers' ``crop`` takes the (negative) number of positions to remove. It is called even when nothing
+    is removed: sliding-window layers that record their past shrink back to their window only in ``crop``.
+    """
+    remove = cache.get_seq_length() - length
+    if remove < 0:
+        raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} positions to {length}")
+    if cache.get_seq_length() > 0:  # an empty sliding-window layer fails on crop
+        cache.crop(-remove)
+
+
+class PrefixCache:
+    """A model's KV cache together with the tokens it holds, rolled back to whatever prefix stays valid."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.cache = model.new_cache()
+        # Sliding-window layers (Gemma 3) otherwise drop states past the window that a rollback needs back.
+        self.cache.activate_past_recording()
+        self.tokens: list[int] = []
+
+    def sync(self, context: list[int]) -> list[int]:
+        """Crop to the longest cached prefix of ``context`` and return the tokens still to run.
+
+        At least the last token of ``context`` is left to run, so its forward yields the next distribution.
+        """
+        keep = 0
+        limit = min(len(self.tokens), len(context) - 1)
+        while keep < limit and self.tokens[keep] == context[keep]:
+            keep += 1
+        crop_cache(self.cache, keep)
+        del self.tokens[keep:]
+        return context[keep:]
+
+    def forward(self, tokens: list[int]) -> ForwardResult:
+        """Run ``tokens`` after the cached ones, extending the cache."""
+        out = self.model.forward(torch.tensor([tokens], dtype=torch.long), self.cache)
+        self.tokens.extend(tokens)
+        return out
