@@ -61,6 +61,8 @@ class Run:
         self.settings = settings or RunSettings()
         self.settings.check()
         self.model = model
+        # a run without a seed still records the one it drew, so it can be reproduced
+        self.seed = self.settings.seed if self.settings.seed is not None else int(torch.seed() % 2**63)
         self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
         self.cancel_event = threading.Event()
         self._checked = 0  # output tokens already scanned for EOS
@@ -69,7 +71,7 @@ class Run:
             decoder=decoder,
             params=self.params,
             prompt=prompt,
-            seed=self.settings.seed,
+            seed=self.seed,
             chat=self.settings.chat,
             max_new_tokens=self.settings.max_new_tokens,
             model_info=model.info(),
@@ -97,7 +99,7 @@ class Run:
                     reason = stop
                     break
             else:
-                reason = reason or "decoder finished"
+                reason = "decoder finished"
         except (KeyboardInterrupt, GeneratorExit):
             status, reason = "cancelled", "interrupted"
             self._finish(status, reason)
@@ -118,7 +120,7 @@ class Run:
         started = RunStarted(prompt_token_ids=list(self.prompt_ids))
         self.recorder.record(started)
         yield started
-        generator = torch.Generator().manual_seed(self.settings.seed if self.settings.seed is not None else torch.seed())
+        generator = torch.Generator().manual_seed(self.seed)
         ctx = DecodeContext(
             model=self.model,
             prompt_ids=list(self.prompt_ids),

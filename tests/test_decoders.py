@@ -253,3 +253,10 @@ def test_entropy_in_nats(tiny):
     expected = torch.distributions.Categorical(logits=logits).entropy().item()
     assert step.entropy_raw == pytest.approx(expected, rel=1e-5)
     assert step.entropy_raw <= math.log(tiny.vocab_size)
+
+
+def test_a_run_without_seed_records_the_seed_it_drew(tiny):
+    first = record(tiny, "sample", "Once", settings=RunSettings(max_new_tokens=8, seed=None))
+    assert isinstance(first.info.seed, int)
+    again = record(tiny, "sample", "Once", settings=RunSettings(max_new_tokens=8, seed=first.info.seed))
+    assert again.output_token_ids == first.output_token_ids
