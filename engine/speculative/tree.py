@@ -1,0 +1,116 @@
+"""Tree attention: verify a whole draft tree in ONE target forward, then keep only the accepted path's KV.
+
+The forward runs the committed tokens the cache has not seen followed by every tree node (in id order, parents
+first). Each node gets the logical position ``len(context) + depth - 1`` (children of the root sit right after
+the context) and a 4D additive float mask lets it see the committed context and its own ancestors only
+(speculative.md §14). A custom 4D mask bypasses transformers' own mask logic, sliding windows included, so the
+window is applied here: models with several layer types (Gemma 3) get one mask per type, as a dict.
+
+After verification, :func:`keep_path` moves the accepted nodes' cache slots (scattered over the flattened tree)
+right after the context and crops everything else, in every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from engine.speculative.cache import PrefixCache, crop_cache
+
+
+def node_depths(parents: list[int]) -> list[int]:
+    """Depth of every node (a child of the root has depth 1); parents must come before their children."""
+    depths: list[int] = []
+    for node, parent in enumerate(parents):
+        if not -1 <= parent < node:
+            raise ValueError(f"node {node} has parent {parent}: parents must come before their children")
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def tree_forward(target: PrefixCache, context: list[int], parents: list[int], tokens: list[int]) -> Tensor:
+    """Logits [n+1, V] of one forward over the unseen context and the ``n`` tree nodes.
+
+    Row 0 is the distribution after ``context``, row ``u + 1`` the one after node ``u`` (``verify_tree``'s layout).
+    Afterwards the cache holds ``context`` followed by the n nodes; call :func:`keep_path` before the next forward.
+    """
+    if len(parents) != len(tokens):
+        raise ValueError(f"{len(tokens)} tree tokens need {len(tokens)} parents")
+    unseen = target.sync(context)
+    past = len(context) - len(unseen)
+    depths = node_depths(parents)
+    positions = torch.tensor(list(range(past, len(context))) + [len(context) + d - 1 for d in depths])
+    mask = _tree_masks(target, len(context), parents, positions)
+    out = target.model.forward(
+        torch.tensor([unseen + tokens], dtype=torch.long),
+        target.cache,
+        position_ids=positions[None].to(target.model.device),
+        attention_mask=mask,
+    )
+    target.tokens = list(context)  # the n node slots after them are not a sequence: keep_path resolves them
+    return out.logits[0, len(unseen) - 1 :]
+
+
+def keep_path(target: PrefixCache, tokens: list[int], path: list[int]) -> list[int]:
+    """Keep the KV of the tree nodes on ``path`` (node ids, root to leaf) after the context; drop the other nodes.
+
+    ``tokens`` are the tree's tokens as passed to :func:`tree_forward`. Returns the cache slots the kept nodes
+    had in the flattened tree (their positions in the forward's storage order).
+    """
+    start = len(target.tokens)
+    if target.cache.get_seq_length() != start + len(tokens):
+        raise ValueError("keep_path needs the cache exactly as tree_forward left it")
+    slots = [start + node for node in path]
+    compact_cache(target.cache, start, slots)
+    target.tokens.extend(tokens[node] for node in path)
+    return slots
+
+
+@torch.inference_mode()  # the cache's tensors were made in inference mode: only there can they change in place
+def compact_cache(cache: DynamicCache, start: int, slots: list[int]) -> None:
+    """Move the KV at positions ``slots`` (all >= ``start``, ascending) to ``start, start + 1, ...`` and crop the rest.
+
+    Positions count every token the cache has seen; a sliding-window layer holds only the last ones, so each
+    layer's storage index is the position minus what it has already dropped.
+    """
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        dropped = layer.get_seq_length() - layer.keys.shape[-2]
+        index = torch.tensor(slots, dtype=torch.long, device=layer.keys.device) - dropped
+        target = slice(start - dropped, start - dropped + len(slots))
+        layer.keys[:, :, target] = layer.keys[:, :, index]
+        layer.values[:, :, target] = layer.values[:, :, index]
+    crop_cache(cache, start + len(slots))
+
+
+def _tree_masks(target: PrefixCache, context_length: int, parents: list[int], positions: Tensor) -> Tensor | dict[str, Tensor]:
+    """The additive masks [1, 1, queries, keys] for the forward: one tensor, or one per layer type."""
+    n = len(parents)
+    queries = len(positions)
+    total = context_length + n
+    ancestor_or_self = torch.eye(n, dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            ancestor_or_self[node] |= ancestor_or_self[parent]
+    # visible[q, k] over every position the cache will hold, keys in storage order: context first, then the nodes
+    key_positions = torch.cat([torch.arange(context_length), positions[queries - n :]])
+    visible = torch.zeros(queries, total, dtype=torch.bool)
+    visible[:, :context_length] = torch.arange(context_length)[None, :] <= positions[:, None]
+    visible[queries - n :, context_length:] = ancestor_or_self
+    dtype = target.model.model.dtype
+    config = target.model.model.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    masks: dict[str, Tensor] = {}
+    for layer_type in dict.fromkeys(layer_types):
+        layer = target.cache.layers[layer_types.index(layer_type)]
+        kv_length, kv_offset = layer.get_mask_sizes(queries)
+        if kv_offset + kv_length != total:
+            raise ValueError(f"the cache's {layer_type} layers hold an unexpected number of positions")
+        allowed = visible
+        if getattr(layer, "is_sliding", False):
+            allowed = visible & (positions[:, None] - key_positions[None, :] < layer.sliding_window)
+        mask = torch.zeros(queries, kv_length, dtype=dtype).masked_fill_(~allowed[:, kv_offset:], torch.finfo(dtype).min)
+        masks[layer_type] = mask[None, None].to(target.model.device)
+    return masks if getattr(config, "layer_types", None) else masks["full_attention"]
