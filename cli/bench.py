@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +16,7 @@ import torch
 from engine.decoders import DecodeContext, get_decoder
 from engine.models.handle import LoadedModel
 from engine.run import Run, RunSettings
+from engine.trace import Trace
 
 
 def overhead(model: LoadedModel, tokens: int = 128, repeats: int = 3, prompt: str = "Explain entropy.") -> dict[str, float]:
@@ -147,3 +152,114 @@ def first_step(model: LoadedModel, repeats: int = 5) -> float:
     median = statistics.median(times)
     print(f"model {model.name}: Run pressed -> first step shown: median {median * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {repeats} runs (goal < 1 s)")
     return median
+
+
+SPEC_BENCH_SUBSET = Path(__file__).resolve().parent.parent / "assets" / "benchmarks" / "spec_bench_subset.jsonl"
+
+
+@dataclass
+class _SpecTally:
+    """One decoder's totals over the prompts."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # by category
+    tokens: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    depths: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [accepted, verified]
+
+    def add(self, trace: Trace, category: str, elapsed: float) -> None:
+        from engine.events import DraftRound
+
+        self.seconds[category] += elapsed
+        self.tokens += len(trace.output_token_ids)
+        self.target_calls += trace.metrics.get("model_calls", 0)
+        self.draft_calls += trace.metrics.get("draft_calls", 0)
+        for node in (n for e in trace.events if isinstance(e, DraftRound) for n in e.nodes if n.accepted is not None):
+            self.depths[node.depth][0] += node.accepted
+            self.depths[node.depth][1] += 1
+
+    def summary(self, greedy: "_SpecTally") -> dict[str, float]:
+        total = sum(self.seconds.values())
+        return {
+            "speedup": sum(greedy.seconds.values()) / total,
+            "mat": self.tokens / self.target_calls,  # Spec-Bench: tokens per target forward, bonus included
+            "tokens_per_second": self.tokens / total,
+            "tokens": self.tokens,
+            "target_calls": self.target_calls,
+            "draft_calls": self.draft_calls,
+            **{f"speedup_{c}": greedy.seconds[c] / s for c, s in self.seconds.items()},
+        }
+
+
+def speculative(model: LoadedModel, decoders: list[str], tokens: int = 64, per_category: int = 1) -> dict[str, dict[str, float]]:
+    """Greedy speculation against plain greedy on Spec-Bench prompts, interleaved per prompt, in one run.
+
+    ``decoders`` are ``name`` or ``name:param=value:param=value``; each runs at temperature 0 and must
+    reproduce greedy's tokens exactly. Reports the wall-time ratio to greedy (speedup), mean accepted tokens
+    per target call (Spec-Bench MAT, bonus included), call counts and acceptance by draft depth.
+    """
+    from tqdm import tqdm
+
+    prompts = _spec_prompts(per_category)
+    variants = {"greedy": ("greedy", {}), **{label: _spec_variant(label) for label in decoders}}
+    tallies = {label: _SpecTally() for label in variants}
+    for name, params in variants.values():  # warm-up: first calls allocate and pick kernels
+        _spec_run(model, name, params, prompts[0]["turns"][0], 4)
+    mismatches = 0
+    for prompt in tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=None, leave=False):
+        reference: list[int] | None = None
+        for label, (name, params) in variants.items():
+            trace, elapsed = _spec_run(model, name, params, prompt["turns"][0], tokens)
+            reference = reference if reference is not None else trace.output_token_ids
+            if trace.output_token_ids != reference or trace.status != "finished":
+                mismatches += 1
+                print(f"MISMATCH: {label} differs from greedy on question {prompt['question_id']} ({trace.status}: {trace.reason})")
+            tallies[label].add(trace, prompt["category"], elapsed)
+    results = {label: tally.summary(tallies["greedy"]) for label, tally in tallies.items()}
+    print(
+        f"model {model.name}, temperature 0, up to {tokens} new tokens (EOS stops), {len(prompts)} Spec-Bench prompts "
+        f"({per_category} per category), variants interleaved per prompt, torch threads {torch.get_num_threads()}"
+    )
+    _spec_print(results, tallies, decoders)
+    print(f"  greedy-equality mismatches: {mismatches}" + ("  <-- LOSSLESSNESS BROKEN" if mismatches else ""))
+    return results
+
+
+def _spec_print(results: dict[str, dict[str, float]], tallies: dict[str, _SpecTally], decoders: list[str]) -> None:
+    width = max(map(len, results))
+    print(f"  {'decoder':{width}} {'speedup':>8} {'MAT':>6} {'tok/s':>7} {'tokens':>7} {'target':>7} {'draft':>7}  acceptance by depth")
+    for label, r in results.items():
+        depths = " ".join(f"{d}:{a / v:.2f}" for d, (a, v) in sorted(tallies[label].depths.items()))
+        print(
+            f"  {label:{width}} {r['speedup']:7.3f}x {r['mat']:6.2f} {r['tokens_per_second']:7.2f} {r['tokens']:7d} "
+            f"{r['target_calls']:7d} {r['draft_calls']:7d}  {depths or '-'}"
+        )
+    print("  speedup by category (wall-time ratio greedy / decoder):")
+    print(f"  {'category':14}" + "".join(f" {label:>{len(label) + 1}}" for label in decoders))
+    for c in tallies["greedy"].seconds:
+        print(f"  {c:14}" + "".join(f" {results[label][f'speedup_{c}']:{len(label)}.3f}x" for label in decoders))
+
+
+def _spec_prompts(per_category: int) -> list[dict]:
+    prompts, seen = [], defaultdict(int)
+    for line in SPEC_BENCH_SUBSET.read_text().splitlines():
+        prompt = json.loads(line)
+        if seen[prompt["category"]] < per_category:
+            seen[prompt["category"]] += 1
+            prompts.append(prompt)
+    return prompts
+
+
+def _spec_variant(label: str) -> tuple[str, dict[str, str | float]]:
+    """``speculative:draft_layers=6:num_draft_tokens=4`` -> the decoder name and its params at temperature 0."""
+    from engine.params import parse_assignments
+
+    name, *assignments = label.split(":")
+    return name, {"temperature": 0.0, **parse_assignments(assignments)}
+
+
+def _spec_run(model: LoadedModel, name: str, params: dict, prompt: str, tokens: int) -> tuple[Trace, float]:
+    settings = RunSettings(max_new_tokens=tokens, chat=model.has_chat_template, ignore_eos=False)
+    start = time.perf_counter()
+    trace = Run(model, name, prompt, params, settings).to_end()
+    return trace, time.perf_counter() - start

@@ -113,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
     p = bench.add_parser("first-step", help="latency from Run to the first step's views, model loaded")
     _model_args(p)
     p.set_defaults(handler=_bench_first_step)
+    p = bench.add_parser("speculative", help="speculative decoders against greedy on Spec-Bench prompts, in one run")
+    _model_args(p)
+    p.add_argument("--tokens", type=int, default=64, help="most new tokens per prompt (EOS stops earlier)")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per Spec-Bench category (13 categories, at most 2)")
+    p.add_argument(
+        "--decoders",
+        default="prompt_lookup,speculative:draft_layers=6,speculative:draft_layers=15",
+        help="comma-separated decoders, each NAME or NAME:PARAM=VALUE:PARAM=VALUE",
+    )
+    p.set_defaults(handler=_bench_speculative)
     return parser
 
 
@@ -302,6 +312,12 @@ def _bench_first_step(args: argparse.Namespace) -> None:
     from cli.bench import first_step
 
     first_step(_load(args))
+
+
+def _bench_speculative(args: argparse.Namespace) -> None:
+    from cli.bench import speculative
+
+    speculative(_load(args), decoders=args.decoders.split(","), tokens=args.tokens, per_category=args.prompts)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from engine.speculative.cache import PrefixCache
 from engine.speculative.chain import SAMPLING_PARAMS, Draft, Sampling, chain_rounds
 from engine.speculative.truncated import truncated_model
 
+# Draft models loaded by name, kept so repeated runs (benchmarks, the app) do not reload them.
+_DRAFT_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+
 
 class DraftModelDrafter:
     def __init__(self, model: LoadedModel, source: str, sampling: Sampling) -> None:
@@ -52,13 +55,20 @@ def _drafter(ctx: DecodeContext, sampling: Sampling) -> DraftModelDrafter:
         except ValueError as error:
             raise ParamError(str(error)) from None
         return DraftModelDrafter(draft, f"draft_layers:{layers}", sampling)
-    draft = load_model(name)
+    draft = _load_draft(name)
     if draft.vocab_size != ctx.model.vocab_size:
         raise ParamError(
             f"draft model {name!r} has a vocabulary of {draft.vocab_size}, the target {ctx.model.vocab_size}: "
             "a draft model needs the target's tokenizer"
         )
     return DraftModelDrafter(draft, "draft_model", sampling)
+
+
+def _load_draft(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    key = (name, dtype, device)
+    if key not in _DRAFT_MODELS:
+        _DRAFT_MODELS[key] = load_model(name, dtype=dtype, device=device)
+    return _DRAFT_MODELS[key]
 
 
 def speculative(ctx: DecodeContext) -> Iterator[Event]:
