@@ -180,8 +180,8 @@ def _from_pretrained(
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise ModelError(
-                f"{location} runs custom code from its repository; pass trust_remote_code=True "
-                "(--trust-remote-code) only if you trust that code"
+                f"{location} runs custom code from its repository; allow it with --trust-remote-code "
+                "(trust_remote_code in Python) only if you trust that code"
             ) from error
         raise
     return model.eval(), tokenizer

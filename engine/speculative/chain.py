@@ -20,7 +20,7 @@ from engine.events import DraftNode, DraftRound, r7
 from engine.params import Param
 from engine.processing import Processed, Stage, build_pipeline, process, sample
 from engine.speculative.cache import PrefixCache
-from engine.speculative.verify import verify_chain
+from engine.speculative.verify import Verdict, verify_chain
 
 SAMPLING_PARAMS = (
     Param("temperature", "float", 0.0, "0 = greedy verification; > 0 = speculative sampling at this temperature.", 0.0, 10.0),
@@ -89,31 +89,61 @@ def chain_rounds(ctx: "DecodeContext", drafter: Drafter, num_draft_tokens: int, 
         past = len(context)
         context += committed
         target.sync(context)
-        nodes = [
-            DraftNode(
-                id=i,
-                parent=i - 1,
-                token_id=token,
-                depth=i + 1,
-                draft_prob=draft.probs[i],
-                source=drafter.source,
-                **(asdict(verdict.checks[i]) if i in verdict.checks else {}),  # NodeCheck's fields are DraftNode's
-            )
-            for i, token in enumerate(draft.tokens)
-        ]
-        yield DraftRound(
-            step=step,
-            nodes=nodes,
-            accepted_path=verdict.accepted_path,
-            committed=committed,
-            bonus_token=verdict.next_token,
-            bonus_is_correction=verdict.is_correction,
-            residual_top=verdict.residual_top,
+        yield draft_round(
+            step,
+            parents=list(range(-1, k - 1)),
+            tokens=draft.tokens,
+            probs=draft.probs,
+            source=drafter.source,
+            verdict=verdict,
             cache_slots_kept=list(range(past, past + n)),
             draft_calls=draft.calls,
-            model_calls=1,
-            draft_seconds=r7(draft_seconds),
-            seconds=r7(time.perf_counter() - start),
+            draft_seconds=draft_seconds,
+            seconds=time.perf_counter() - start,
         )
         generated += len(committed)
         step += 1
+
+
+def draft_round(
+    step: int,
+    *,
+    parents: list[int],
+    tokens: list[int],
+    probs: list[float],
+    source: str,
+    verdict: Verdict,
+    cache_slots_kept: list[int],
+    draft_calls: int,
+    draft_seconds: float,
+    seconds: float,
+    depths: list[int] | None = None,
+) -> DraftRound:
+    """The DraftRound event of one verified round (chain or tree): one target forward, its draft and outcome."""
+    depths = depths or [i + 1 for i in range(len(tokens))]
+    nodes = [
+        DraftNode(
+            id=node,
+            parent=parents[node],
+            token_id=token,
+            depth=depths[node],
+            draft_prob=probs[node],
+            source=source,
+            **(asdict(verdict.checks[node]) if node in verdict.checks else {}),  # NodeCheck's fields are DraftNode's
+        )
+        for node, token in enumerate(tokens)
+    ]
+    return DraftRound(
+        step=step,
+        nodes=nodes,
+        accepted_path=verdict.accepted_path,
+        committed=[tokens[node] for node in verdict.accepted_path] + [verdict.next_token],
+        bonus_token=verdict.next_token,
+        bonus_is_correction=verdict.is_correction,
+        residual_top=verdict.residual_top,
+        cache_slots_kept=cache_slots_kept,
+        draft_calls=draft_calls,
+        model_calls=1,
+        draft_seconds=r7(draft_seconds),
+        seconds=r7(seconds),
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -22,10 +22,10 @@ from torch import Tensor
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.decoders.speculative.draft_model import SPEC as SPECULATIVE, DraftModelDrafter, _drafter
-from engine.events import DraftNode, DraftRound, Event, r7
+from engine.events import Event, r7
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
-from engine.speculative.chain import SAMPLING_PARAMS, Sampling
+from engine.speculative.chain import SAMPLING_PARAMS, Sampling, draft_round
 from engine.speculative.tree import keep_path, tree_forward
 from engine.speculative.verify import verify_tree
 
@@ -160,31 +160,18 @@ def dyspec(ctx: DecodeContext) -> Iterator[Event]:
         slots = keep_path(target, tree.tokens, verdict.accepted_path)
         committed = [tree.tokens[node] for node in verdict.accepted_path] + [verdict.next_token]
         context += committed
-        nodes = [
-            DraftNode(
-                id=node,
-                parent=tree.parents[node],
-                token_id=token,
-                depth=tree.depths[node],
-                draft_prob=tree.probs[node],
-                source=source,
-                **(asdict(verdict.checks[node]) if node in verdict.checks else {}),  # NodeCheck's fields are DraftNode's
-            )
-            for node, token in enumerate(tree.tokens)
-        ]
-        yield DraftRound(
-            step=step,
-            nodes=nodes,
-            accepted_path=verdict.accepted_path,
-            committed=committed,
-            bonus_token=verdict.next_token,
-            bonus_is_correction=verdict.is_correction,
-            residual_top=verdict.residual_top,
+        yield draft_round(
+            step,
+            parents=tree.parents,
+            tokens=tree.tokens,
+            probs=tree.probs,
+            depths=tree.depths,
+            source=source,
+            verdict=verdict,
             cache_slots_kept=slots,
             draft_calls=tree.draft_calls,
-            model_calls=1,
-            draft_seconds=r7(draft_seconds),
-            seconds=r7(time.perf_counter() - start),
+            draft_seconds=draft_seconds,
+            seconds=time.perf_counter() - start,
         )
         generated += len(committed)
         step += 1
