@@ -264,6 +264,8 @@ def test_tree_rules_emit_p_for_the_first_two_tokens():
     [
         ("speculative", {"draft_layers": 1, "num_draft_tokens": 3}, "Entropy is"),
         ("prompt_lookup", {"num_draft_tokens": 3}, PROMPTS[2]),
+        # several i.i.d. siblings per node: a one-layer draft differs from the target
+        ("dyspec", {"draft_layers": 1, "tree_size": 8, "max_depth": 3}, "Entropy is"),
     ],
 )
 def test_first_sampled_token_follows_processed_target(llama, decoder, params, prompt):
