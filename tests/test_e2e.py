@@ -138,7 +138,9 @@ def test_browser_run_step_library_import_compare(page):
     page.wait_for_selector("#replay-tokens [data-step]")
     page.locator("#replay-tokens [data-step='3']").click()  # clicking a token selects its step
     page.wait_for_selector("#replay-tokens [data-selected][data-step='3']")
-    # a click on the entropy chart (plotly's own click event, with the point's customdata) does too
+    # a click on the entropy chart (plotly's own click event, with the point's customdata) does too, once the
+    # app's listener is on the freshly drawn chart
+    page.wait_for_function("document.querySelector('#replay-timeline .js-plotly-plot')?.dataset.deHooked === '1'")
     page.evaluate("document.querySelector('#replay-timeline .js-plotly-plot').emit('plotly_click', {points: [{customdata: 1}]})")
     page.wait_for_selector("#replay-tokens [data-selected][data-step='1']")
     _shot(page, "03-replay")
