@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import RunSettings, load_model, record
-from engine.events import DraftRound, event_from_dict, event_to_dict
+from engine import load_model
+from engine.events import event_from_dict, event_to_dict
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, node_depths, tree_forward
-from tests.test_speculative import PROMPTS
+from tests.test_speculative import PROMPTS, _rounds, _run
 
 #        root ─┬─ 0 ─┬─ 2 ── 5 ─┬─ 7
 #              │     └─ 3       └─ 6 (duplicate token of 5)
@@ -21,14 +21,6 @@ PARENTS = [-1, -1, 0, 0, 1, 2, 5, 5, -1, 8]
 @pytest.fixture(scope="module")
 def llama():
     return load_model("tiny-random-llama")
-
-
-def _run(model, decoder, prompt, params=None, max_new_tokens=45, **settings):
-    return record(model, decoder, prompt, params or {}, RunSettings(max_new_tokens=max_new_tokens, ignore_eos=True, **settings))
-
-
-def _rounds(trace) -> list[DraftRound]:
-    return [e for e in trace.events if isinstance(e, DraftRound)]
 
 
 def _path(parents: list[int], node: int) -> list[int]:

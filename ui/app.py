@@ -184,17 +184,15 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             return dict(zip((p.name for p in get_decoder(decoder_name).params), values))
 
         def _live(request: gr.Request, runs: list[str], model: str, decoder_name: str, prompt_text: str, chat_on: bool,
-                  seed_value: float, tokens: float, attn: str, values: tuple[Any, ...], fresh: bool) -> LiveRun:
+                  seed_value: float, tokens: float, attn: str, values: tuple[Any, ...]) -> LiveRun:
             live = LIVE.get(request.session_hash)
-            if live is None or live.done or fresh:
+            if live is None or live.done:  # otherwise resume the paused run
                 live = start(request.session_hash, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, _params(decoder_name, values))
             return live
 
         def play(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values) -> Iterator[list[Any]]:
             try:
-                live = LIVE.get(request.session_hash)
-                fresh = live is None or live.done
-                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values, fresh)
+                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values)
                 last = 0.0
                 for _ in live.play():
                     if time.monotonic() - last >= STREAM_INTERVAL:
@@ -206,7 +204,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
 
         def step_once(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values) -> list[Any]:
             try:
-                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values, False)
+                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values)
                 live.step()
                 return [*view_values(live.trace, None, color), _status(live.trace), runs]
             except USER_ERRORS as exc:
