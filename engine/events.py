@@ -89,6 +89,7 @@ class TokenStep:
     committed: bool = True
     model_calls: int = 1
     seconds: float = 0.0
+    source: str = ""  # which model produced the distribution, for decoders that switch between models
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class DraftNode:
     accepted: bool | None = None
     draw: float | None = None
     ratio: float | None = None
+    score: float | None = None  # the drafter's own ranking score (MCTS visits, Gumbel key, ...), when it has one
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ class DraftRound:
     model_calls: int = 1
     draft_seconds: float = 0.0
     seconds: float = 0.0
+    mode: str = ""  # a decoder's phase for this round (PEARL's pre/post-verify, a Jacobi warm-up, ...)
+    simulated_seconds: float | None = None  # the round's time had drafting and verifying run in parallel
 
 
 @dataclass(frozen=True)
@@ -201,16 +205,26 @@ class Output:
 
 
 @dataclass(frozen=True)
+class DecoderMetric:
+    """A number only this decoder knows (a divergence, a searched setting): the recorder files it under metrics."""
+
+    kind: ClassVar[str] = "metric"
+    name: str
+    value: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class RunFinished:
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
     reason: str = ""
 
 
-Event = Union[RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, RunFinished]
+Event = Union[RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, RunFinished]
 EVENT_TYPES: dict[str, type] = {
     cls.kind: cls
-    for cls in (RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, RunFinished)
+    for cls in (RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, RunFinished)
 }
 
 

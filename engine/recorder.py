@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Mapping, Protocol, Sequence
 
-from engine.events import DraftRound, Event, Output, RunFinished, RunStarted, TokenStep, token_ids_of
+from engine.events import DecoderMetric, DraftRound, Event, Output, RunFinished, RunStarted, TokenStep, token_ids_of
 from engine.trace import Trace
 
 
@@ -44,6 +44,11 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._calls = {"model_calls": 0, "draft_calls": 0, "decode_seconds": 0.0}
         self._rounds: list[int] = []
+        # per draft depth: rounds whose accepted path reached the depth's parent level and had a node there, and
+        # how many of those accepted one
+        self._depth_tried: list[int] = []
+        self._depth_accepted: list[int] = []
+        self._decoder_metrics: dict[str, float] = {}
         for sink in self._sinks:
             sink.open(trace)
 
@@ -67,6 +72,9 @@ class Recorder:
             trace.output_token_ids.extend(event.committed)
             self._rounds.append(len(event.committed))
             self._calls["draft_calls"] += event.draft_calls
+            self._count_depths(event)
+        elif isinstance(event, DecoderMetric):
+            self._decoder_metrics[event.name] = event.value
         elif isinstance(event, Output):
             trace.output_token_ids = list(event.token_ids)
         elif isinstance(event, RunFinished):
@@ -76,6 +84,18 @@ class Recorder:
         self._calls["model_calls"] += getattr(event, "model_calls", 0)
         self._calls["decode_seconds"] += getattr(event, "seconds", 0.0)
         self._update_metrics()
+
+    def _count_depths(self, event: DraftRound) -> None:
+        """Acceptance by depth, counted only where the target looked: a level past a rejection was never tried."""
+        depth_of = {node.id: node.depth for node in event.nodes}
+        levels = {depth_of[n.id] for n in event.nodes if n.accepted is not None}
+        reached = len(event.accepted_path)
+        for depth in sorted(levels):
+            while len(self._depth_tried) < depth:
+                self._depth_tried.append(0)
+                self._depth_accepted.append(0)
+            self._depth_tried[depth - 1] += 1
+            self._depth_accepted[depth - 1] += depth <= reached
 
     def truncate_output(self, length: int) -> None:
         """Drop committed tokens past a stop point (EOS or the token budget inside a multi-token step)."""
@@ -96,6 +116,11 @@ class Recorder:
             metrics["draft_calls"] = self._calls["draft_calls"]
             metrics["rounds"] = len(self._rounds)
             metrics["mean_accepted_tokens"] = round(sum(self._rounds) / len(self._rounds), 4)
+            if self._depth_tried:
+                metrics["acceptance_rate"] = round(sum(self._depth_accepted) / sum(self._depth_tried), 4)
+            for depth, (tried, accepted) in enumerate(zip(self._depth_tried, self._depth_accepted), start=1):
+                metrics[f"acceptance_depth_{depth}"] = round(accepted / tried, 4)
+        metrics.update(self._decoder_metrics)
         self.trace.metrics = metrics
 
     def flush(self) -> None:

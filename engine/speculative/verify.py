@@ -8,6 +8,9 @@ requires for the output to follow the processed target (speculative.md §0.1-0.2
 * sampling, children drawn i.i.d. from ``q`` (SpecInfer, with replacement): try the children in order, accepting
   ``c`` with probability ``min(1, p'(c)/q(c))``; after a rejection ``p' = norm(max(p' - q, 0))``; descend into an
   accepted child; if every child is rejected, the correction is drawn from the last ``p'``;
+* sampling, children drawn WITHOUT replacement from ``q`` (RSD's recursive rejection sampling, Sequoia): the same,
+  but after rejecting ``c`` the draft distribution loses it too: ``q' = norm(q with q(c) = 0)``, and the ratio and
+  the residual use ``q'``;
 * deterministic drafts (prompt lookup, n-grams) have no ``q``: it is the one-hot on the drafted token, so the same
   rule accepts with probability ``p'(c)`` and on rejection zeroes ``c`` in ``p'`` and renormalises; a duplicate
   sibling then has ``p'(c) = 0`` and is rejected without changing ``p'``.
@@ -64,12 +67,14 @@ def verify_tree(
     draft_logprobs: Tensor | None,
     generator: torch.Generator | None,
     top_k: int = 20,
+    without_replacement: bool = False,
 ) -> Verdict:
     """Verify draft nodes ``0..n-1`` (``parents[i]`` is -1 for a child of the root; parents come before children).
 
     Row ``u + 1`` of ``target_logprobs`` ([n+1, V]) is the target's distribution after node ``u`` (row 0: after the
     root, i.e. the committed context); row ``u + 1`` of ``draft_logprobs`` is the distribution node ``u``'s children
-    were drawn from, or ``None`` for deterministic drafts. ``generator`` ``None`` means greedy verification.
+    were drawn from, or ``None`` for deterministic drafts. ``generator`` ``None`` means greedy verification;
+    ``without_replacement`` says siblings were drawn without replacement.
     """
     if len(parents) != len(tokens) or target_logprobs.shape[0] != len(tokens) + 1:
         raise ValueError(f"{len(tokens)} nodes need {len(tokens)} parents and {len(tokens) + 1} target rows")
@@ -93,7 +98,8 @@ def verify_tree(
             if chosen is None:
                 return Verdict(path, checks, best, bool(kids))
         else:
-            chosen, residual = _sample_children(kids, tokens, target_logprobs[row], draft_logprobs, row, generator, checks)
+            q_row = None if draft_logprobs is None or not kids else draft_logprobs[row].double().exp()
+            chosen, residual = _sample_children(kids, tokens, target_logprobs[row], q_row, without_replacement, generator, checks)
             if chosen is None:
                 if not kids:
                     return Verdict(path, checks, int(sample(target_logprobs[row], generator)), False)
@@ -120,8 +126,8 @@ def _sample_children(
     kids: list[int],
     tokens: list[int],
     target_row: Tensor,
-    draft_logprobs: Tensor | None,
-    row: int,
+    q_row: Tensor | None,
+    without_replacement: bool,
     generator: torch.Generator,
     checks: dict[int, NodeCheck],
 ) -> tuple[int | None, Tensor]:
@@ -130,7 +136,7 @@ def _sample_children(
     p = p_original
     for c in kids:
         token = tokens[c]
-        q = _draft_distribution(draft_logprobs, row, token, p)
+        q = _one_hot(token, p) if q_row is None else q_row
         ratio = float(p[token] / q[token]) if q[token] > 0 else float("inf")
         draw = float(torch.rand((), generator=generator, dtype=torch.float64))
         accepted = draw < ratio  # P(accept) = min(1, p'/q)
@@ -140,13 +146,15 @@ def _sample_children(
         residual = (p - q).clamp_(min=0)
         # p' == q up to rounding leaves no residual mass; p' itself is then the exact distribution
         p = residual / residual.sum() if residual.sum() > 0 else p
+        if without_replacement and q_row is not None:
+            q_row = q_row.clone()
+            q_row[token] = 0
+            q_row = q_row / q_row.sum() if q_row.sum() > 0 else q_row
     return None, p
 
 
-def _draft_distribution(draft_logprobs: Tensor | None, row: int, token: int, like: Tensor) -> Tensor:
-    if draft_logprobs is None:
-        return torch.zeros_like(like).index_fill_(0, torch.tensor([token]), 1.0)
-    return draft_logprobs[row].double().exp()
+def _one_hot(token: int, like: Tensor) -> Tensor:
+    return torch.zeros_like(like).index_fill_(0, torch.tensor([token]), 1.0)
 
 
 def _top(residual: Tensor, p: Tensor, k: int) -> list[Candidate]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -21,13 +20,11 @@ import torch
 from torch import Tensor
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import SPEC as SPECULATIVE, DraftModelDrafter, _drafter
+from engine.decoders.speculative.draft_model import DRAFTER_PARAMS, DraftModelDrafter, draft_model_drafter
 from engine.events import Event, r7
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
-from engine.speculative.chain import SAMPLING_PARAMS, Sampling, draft_round
-from engine.speculative.tree import keep_path, tree_forward
-from engine.speculative.verify import verify_tree
+from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 
 
 @dataclass
@@ -72,11 +69,18 @@ class _Candidate:
     sibling_mass_left: float = field(compare=False)  # sampling: 1 - q of the siblings drawn before this one
 
 
-class TreeGrower:
-    def __init__(self, drafter: DraftModelDrafter, sampling: Sampling) -> None:
+class TreeGrower(Drafter):
+    def __init__(self, drafter: DraftModelDrafter, sampling: Sampling, tree_size: int, max_depth: int, source: str) -> None:
         self.cache: PrefixCache = drafter.cache
         self.sampling = sampling
+        self.tree_size = tree_size
+        self.max_depth = max_depth
+        self.source = source
         self._order = itertools.count()
+
+    def propose(self, context: list[int], max_depth: int) -> Draft:
+        tree = self.grow(context, self.tree_size, min(self.max_depth, max_depth))
+        return Draft(tree.tokens, tree.probs, tree.draft_logprobs(), tree.parents, tree.draft_calls)
 
     def grow(self, context: list[int], tree_size: int, max_depth: int) -> DraftTree:
         tree = DraftTree()
@@ -139,45 +143,11 @@ class TreeGrower:
 
 def dyspec(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
-    drafter = _drafter(ctx, sampling)
+    drafter = draft_model_drafter(ctx, sampling)
     source = ctx.params["draft_model"] or f"dyspec:{drafter.source}"
-    grower = TreeGrower(drafter, sampling)
-    target = PrefixCache(ctx.model)
-    context = list(ctx.prompt_ids)
-    generated = 0
-    step = 0
-    while generated < ctx.max_new_tokens:
-        start = time.perf_counter()
-        # A round commits at most its accepted depth + 1 tokens: never draft deeper than the budget.
-        max_depth = min(ctx.params["max_depth"], ctx.max_new_tokens - generated - 1)
-        tree = grower.grow(context, ctx.params["tree_size"], max_depth)
-        draft_seconds = time.perf_counter() - start
-        logits = tree_forward(target, context, tree.parents, tree.tokens)
-        target_logprobs = sampling.process(logits).logprobs
-        verdict = verify_tree(
-            tree.parents, tree.tokens, target_logprobs, tree.draft_logprobs(), sampling.generator, ctx.record_top_k
-        )
-        slots = keep_path(target, tree.tokens, verdict.accepted_path)
-        committed = [tree.tokens[node] for node in verdict.accepted_path] + [verdict.next_token]
-        context += committed
-        yield draft_round(
-            step,
-            parents=tree.parents,
-            tokens=tree.tokens,
-            probs=tree.probs,
-            depths=tree.depths,
-            source=source,
-            verdict=verdict,
-            cache_slots_kept=slots,
-            draft_calls=tree.draft_calls,
-            draft_seconds=draft_seconds,
-            seconds=time.perf_counter() - start,
-        )
-        generated += len(committed)
-        step += 1
+    grower = TreeGrower(drafter, sampling, ctx.params["tree_size"], ctx.params["max_depth"], source)
+    return speculative_rounds(ctx, grower, sampling)
 
-
-_DRAFTER_PARAMS = tuple(p for p in SPECULATIVE.params if p.name in ("draft_model", "draft_layers"))
 
 SPEC = register(
     DecoderSpec(
@@ -185,7 +155,7 @@ SPEC = register(
         family="speculative",
         summary="DySpec: a draft tree grown where the draft is most confident, verified in one tree-attention forward.",
         params=(
-            *_DRAFTER_PARAMS,
+            *DRAFTER_PARAMS,
             Param("tree_size", "int", 16, "Draft tree nodes per round.", 1, 256),
             Param("max_depth", "int", 6, "Deepest draft node (tokens beyond the committed context).", 1, 64),
             *SAMPLING_PARAMS,

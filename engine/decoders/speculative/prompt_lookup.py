@@ -14,7 +14,7 @@ import torch
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.events import Event
 from engine.params import Param
-from engine.speculative.chain import SAMPLING_PARAMS, Draft, Sampling, chain_rounds
+from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 
 
 def lookup_continuation(context: list[int], max_ngram: int, k: int) -> list[int]:
@@ -29,20 +29,22 @@ def lookup_continuation(context: list[int], max_ngram: int, k: int) -> list[int]
     return []
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     source = "prompt_lookup"
 
-    def __init__(self, max_ngram: int) -> None:
+    def __init__(self, max_ngram: int, num_draft_tokens: int) -> None:
         self.max_ngram = max_ngram
+        self.num_draft_tokens = num_draft_tokens
 
-    def propose(self, context: list[int], k: int) -> Draft:
+    def propose(self, context: list[int], max_depth: int) -> Draft:
+        k = min(self.num_draft_tokens, max_depth)
         tokens = lookup_continuation(context, self.max_ngram, k) if k else []
-        return Draft(tokens, [1.0] * len(tokens), None)
+        return Draft(tokens, [1.0] * len(tokens))
 
 
 def prompt_lookup(ctx: DecodeContext) -> Iterator[Event]:
-    drafter = PromptLookupDrafter(ctx.params["max_ngram"])
-    return chain_rounds(ctx, drafter, ctx.params["num_draft_tokens"], Sampling.of(ctx))
+    drafter = PromptLookupDrafter(ctx.params["max_ngram"], ctx.params["num_draft_tokens"])
+    return speculative_rounds(ctx, drafter, Sampling.of(ctx))
 
 
 SPEC = register(

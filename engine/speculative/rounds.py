@@ -1,0 +1,219 @@
+"""The round loop every draft-then-verify decoder shares: chains (draft model, prompt lookup, Jacobi) and trees.
+
+Each round the drafter proposes a draft (a chain, or a tree in topological order) of at most the depth the token
+budget allows; the target runs ONE forward over the tokens it has not seen (the last committed token, plus the
+prompt in the first round) followed by the draft (a plain causal forward for a chain, tree attention for a tree);
+the verifier picks the accepted path and the bonus/correction token; the target's cache keeps only the accepted
+path; and the drafter is shown the outcome (adaptive draft lengths, matrices updated from the target's logits).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # engine.decoders imports the speculative decoders, which import this module
+    from engine.decoders.base import DecodeContext
+from engine.events import DraftNode, DraftRound, r7
+from engine.params import Param
+from engine.processing import Processed, Stage, build_pipeline, process, sample
+from engine.speculative.cache import PrefixCache
+from engine.speculative.tree import keep_path, node_depths, tree_forward
+from engine.speculative.verify import Verdict, verify_tree
+
+SAMPLING_PARAMS = (
+    Param("temperature", "float", 0.0, "0 = greedy verification; > 0 = speculative sampling at this temperature.", 0.0, 10.0),
+    Param("top_k", "int", 0, "Sampling only: keep the k most probable tokens, for target and draft alike (0 = off).", 0, 1_000_000),
+    Param("top_p", "float", 1.0, "Sampling only: nucleus mass for target and draft alike (1 = off).", 0.0, 1.0),
+)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a drafter proposes for one round.
+
+    ``parents[i]`` is node i's parent (-1: a child of the root, the committed context); None means a chain.
+    ``logprobs`` row ``parent + 1`` is the processed distribution a node was drawn from (a chain's row i belongs
+    to node i); None for deterministic drafts. ``without_replacement``: siblings were drawn without replacement
+    (Gumbel-top-k, stochastic beam search), which the verifier must know. ``scores`` are the drafter's own
+    per-node ranking scores, ``sources`` per-node drafter names (default: the drafter's ``source``).
+    """
+
+    tokens: list[int]
+    probs: list[float]
+    logprobs: Tensor | None = None
+    parents: list[int] | None = None
+    calls: int = 0
+    without_replacement: bool = False
+    scores: list[float] | None = None
+    sources: list[str] | None = None
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None
+
+    @property
+    def tree_parents(self) -> list[int]:
+        return list(range(-1, len(self.tokens) - 1)) if self.parents is None else self.parents
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A verified round as its drafter sees it afterwards.
+
+    ``target_logits`` [n+1, V] are the target's raw logits (row 0 after the committed context, row u+1 after node
+    u), ``target_logprobs`` the processed ones the verifier used; ``context`` is the committed context before the
+    round and ``committed`` what the round appended to it.
+    """
+
+    context: list[int]
+    draft: Draft
+    target_logits: Tensor
+    target_logprobs: Tensor
+    verdict: Verdict
+    committed: list[int]
+
+
+class Drafter:
+    """Base of every drafter: ``propose`` a draft, then ``observe`` how it fared (a no-op unless overridden)."""
+
+    source = "draft"
+
+    def propose(self, context: list[int], max_depth: int) -> Draft:
+        """A draft to follow ``context`` (the prompt and every committed token), no deeper than ``max_depth``."""
+        raise NotImplementedError
+
+    def observe(self, outcome: Outcome) -> None:
+        """Learn from a verified round (draft-length schedules, n-gram tables); the default learns nothing."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a run turns logits into a distribution and a token: greedy (no stages, argmax) or the pipeline."""
+
+    stages: Sequence[Stage]
+    generator: torch.Generator | None  # None = greedy
+
+    @classmethod
+    def of(cls, ctx: "DecodeContext") -> "Sampling":
+        if ctx.params["temperature"] == 0:
+            return cls((), None)
+        return cls(build_pipeline(ctx.params), ctx.generator)
+
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
+    def process(self, logits: Tensor) -> Processed:
+        return process(logits, self.stages)
+
+    def choose(self, logprobs: Tensor) -> int:
+        if self.generator is None:
+            return int(logprobs.argmax(-1))
+        return int(sample(logprobs, self.generator))
+
+
+def speculative_rounds(
+    ctx: "DecodeContext", drafter: Drafter, sampling: Sampling, target: PrefixCache | None = None
+) -> Iterator[DraftRound]:
+    """Draft-and-verify rounds until ``max_new_tokens`` are committed (the runner stops earlier on EOS)."""
+    target = target or PrefixCache(ctx.model)
+    context = list(ctx.prompt_ids)
+    generated = 0
+    step = 0
+    while generated < ctx.max_new_tokens:
+        start = time.perf_counter()
+        # A round commits at most its accepted depth + 1 tokens: never draft deeper than the budget.
+        draft = drafter.propose(context, ctx.max_new_tokens - generated - 1)
+        draft_seconds = time.perf_counter() - start
+        outcome, slots = verify_round(target, context, draft, sampling, ctx.record_top_k)
+        drafter.observe(outcome)
+        context += outcome.committed
+        yield draft_round(
+            step,
+            draft=draft,
+            source=drafter.source,
+            verdict=outcome.verdict,
+            cache_slots_kept=slots,
+            draft_seconds=draft_seconds,
+            seconds=time.perf_counter() - start,
+        )
+        generated += len(outcome.committed)
+        step += 1
+
+
+def verify_round(
+    target: PrefixCache, context: list[int], draft: Draft, sampling: Sampling, top_k: int = 20
+) -> tuple[Outcome, list[int]]:
+    """One target forward over ``draft`` after ``context``, its verdict, and the target cache cut to the accepted path.
+
+    Returns the outcome and the cache slots the accepted nodes occupied. The target cache then holds
+    ``context`` plus the accepted drafts (the bonus/correction token is run by the next forward).
+    """
+    parents = draft.tree_parents
+    if draft.is_chain:
+        logits = target.forward(target.sync(context) + draft.tokens).logits[0, -(len(draft.tokens) + 1) :]
+    else:
+        logits = tree_forward(target, context, parents, draft.tokens)
+    target_logprobs = sampling.process(logits).logprobs
+    verdict = verify_tree(
+        parents, draft.tokens, target_logprobs, draft.logprobs, sampling.generator, top_k, draft.without_replacement
+    )
+    committed = [draft.tokens[node] for node in verdict.accepted_path] + [verdict.next_token]
+    if draft.is_chain:
+        slots = list(range(len(context), len(context) + verdict.accepted))
+        target.sync(context + committed)
+    else:
+        slots = keep_path(target, draft.tokens, verdict.accepted_path)
+    return Outcome(list(context), draft, logits, target_logprobs, verdict, committed), slots
+
+
+def draft_round(
+    step: int,
+    *,
+    draft: Draft,
+    source: str,
+    verdict: Verdict,
+    cache_slots_kept: list[int],
+    draft_seconds: float,
+    seconds: float,
+    model_calls: int = 1,
+    mode: str = "",
+    simulated_seconds: float | None = None,
+) -> DraftRound:
+    """The DraftRound event of one verified round (chain or tree): its draft, the verdict and what it cost."""
+    parents = draft.tree_parents
+    depths = node_depths(parents)
+    nodes = [
+        DraftNode(
+            id=node,
+            parent=parents[node],
+            token_id=token,
+            depth=depths[node],
+            draft_prob=draft.probs[node],
+            source=draft.sources[node] if draft.sources else source,
+            score=r7(draft.scores[node]) if draft.scores else None,
+            **(asdict(verdict.checks[node]) if node in verdict.checks else {}),  # NodeCheck's fields are DraftNode's
+        )
+        for node, token in enumerate(draft.tokens)
+    ]
+    return DraftRound(
+        step=step,
+        nodes=nodes,
+        accepted_path=verdict.accepted_path,
+        committed=[draft.tokens[node] for node in verdict.accepted_path] + [verdict.next_token],
+        bonus_token=verdict.next_token,
+        bonus_is_correction=verdict.is_correction,
+        residual_top=verdict.residual_top,
+        cache_slots_kept=cache_slots_kept,
+        draft_calls=draft.calls,
+        model_calls=model_calls,
+        draft_seconds=r7(draft_seconds),
+        seconds=r7(seconds),
+        mode=mode,
+        simulated_seconds=None if simulated_seconds is None else r7(simulated_seconds),
+    )
