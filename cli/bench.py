@@ -165,18 +165,27 @@ class _SpecTally:
     tokens: int = 0
     target_calls: int = 0
     draft_calls: int = 0
-    depths: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [accepted, verified]
+    depths: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [accepted, tried]
 
     def add(self, trace: Trace, category: str, elapsed: float) -> None:
         from engine.events import DraftRound
+        from engine.recorder import depth_outcomes
 
         self.seconds[category] += elapsed
         self.tokens += len(trace.output_token_ids)
         self.target_calls += trace.metrics.get("model_calls", 0)
         self.draft_calls += trace.metrics.get("draft_calls", 0)
-        for node in (n for e in trace.events if isinstance(e, DraftRound) for n in e.nodes if n.accepted is not None):
-            self.depths[node.depth][0] += node.accepted
-            self.depths[node.depth][1] += 1
+        for rnd in (e for e in trace.events if isinstance(e, DraftRound)):
+            for depth, accepted in depth_outcomes(rnd):
+                self.depths[depth][0] += accepted
+                self.depths[depth][1] += 1
+
+    def add_counts(self, category: str, elapsed: float, tokens: int, target_calls: int, draft_calls: int) -> None:
+        """A run without a trace (transformers' own generate): only its totals."""
+        self.seconds[category] += elapsed
+        self.tokens += tokens
+        self.target_calls += target_calls
+        self.draft_calls += draft_calls
 
     def summary(self, greedy: "_SpecTally") -> dict[str, float]:
         total = sum(self.seconds.values())
@@ -191,20 +200,37 @@ class _SpecTally:
         }
 
 
-def speculative(model: LoadedModel, decoders: list[str], tokens: int = 64, per_category: int = 1) -> dict[str, dict[str, float]]:
+# transformers' own speculative generation, run on the same prompts for comparison (label -> generate kwargs)
+HF_VARIANTS = ("hf:greedy", "hf:prompt_lookup", "hf:assisted")
+
+
+def speculative(
+    model: LoadedModel,
+    decoders: list[str],
+    tokens: int = 64,
+    per_category: int = 1,
+    hf: tuple[str, ...] = HF_VARIANTS,
+    hf_draft_layers: int = 6,
+) -> dict[str, dict[str, float]]:
     """Greedy speculation against plain greedy on Spec-Bench prompts, interleaved per prompt, in one run.
 
     ``decoders`` are ``name`` or ``name:param=value:param=value``; each runs at temperature 0 and must
-    reproduce greedy's tokens exactly. Reports the wall-time ratio to greedy (speedup), mean accepted tokens
-    per target call (Spec-Bench MAT, bonus included), call counts and acceptance by draft depth.
+    reproduce greedy's tokens exactly. ``hf`` adds transformers' own ``generate``: plain greedy, prompt lookup
+    (``prompt_lookup_num_tokens=10``) and assisted generation with the target's first ``hf_draft_layers``
+    layers as ``assistant_model`` (the same draft as ``speculative:draft_layers=N``). Reports the wall-time
+    ratio to our greedy (speedup), mean accepted tokens per target call (Spec-Bench MAT, bonus included), call
+    counts and acceptance by draft depth.
     """
     from tqdm import tqdm
 
     prompts = _spec_prompts(per_category)
     variants = {"greedy": ("greedy", {}), **{label: _spec_variant(label) for label in decoders}}
-    tallies = {label: _SpecTally() for label in variants}
+    tallies = {label: _SpecTally() for label in (*variants, *hf)}
+    hf_runner = _HFRunner(model, hf_draft_layers)
     for name, params in variants.values():  # warm-up: first calls allocate and pick kernels
         _spec_run(model, name, params, prompts[0]["turns"][0], 4)
+    for label in hf:
+        hf_runner.run(label, prompts[0]["turns"][0], 4)
     mismatches = 0
     for prompt in tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=None, leave=False):
         reference: list[int] | None = None
@@ -215,14 +241,50 @@ def speculative(model: LoadedModel, decoders: list[str], tokens: int = 64, per_c
                 mismatches += 1
                 print(f"MISMATCH: {label} differs from greedy on question {prompt['question_id']} ({trace.status}: {trace.reason})")
             tallies[label].add(trace, prompt["category"], elapsed)
+        for label in hf:
+            output, elapsed, calls = hf_runner.run(label, prompt["turns"][0], tokens)
+            if output != reference:
+                print(f"note: transformers' {label} differs from our greedy on question {prompt['question_id']}")
+            tallies[label].add_counts(prompt["category"], elapsed, len(output), *calls)
     results = {label: tally.summary(tallies["greedy"]) for label, tally in tallies.items()}
     print(
         f"model {model.name}, temperature 0, up to {tokens} new tokens (EOS stops), {len(prompts)} Spec-Bench prompts "
         f"({per_category} per category), variants interleaved per prompt, torch threads {torch.get_num_threads()}"
     )
-    _spec_print(results, tallies, decoders)
+    _spec_print(results, tallies, [*decoders, *hf])
     print(f"  greedy-equality mismatches: {mismatches}" + ("  <-- LOSSLESSNESS BROKEN" if mismatches else ""))
     return results
+
+
+class _HFRunner:
+    """transformers' ``generate`` with its own prompt lookup / assisted decoding, forward calls counted by hooks."""
+
+    def __init__(self, model: LoadedModel, draft_layers: int) -> None:
+        from engine.speculative.truncated import truncated_model
+
+        self.model = model
+        self.draft = truncated_model(model, min(draft_layers, model.num_layers)).model
+        self.calls = {"target": 0, "draft": 0}
+        # the draft is a shallow copy of the target module: they share one hook table, so tell them apart here
+        model.model.register_forward_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: object, output: object) -> None:
+        self.calls["target" if module is self.model.model else "draft"] += 1
+
+    def run(self, label: str, prompt: str, tokens: int) -> tuple[list[int], float, tuple[int, int]]:
+        ids = torch.tensor([self.model.encode(prompt, chat=self.model.has_chat_template)])
+        kwargs: dict = {"prompt_lookup_num_tokens": 10} if label == "hf:prompt_lookup" else {}
+        if label == "hf:assisted":
+            kwargs["assistant_model"] = self.draft
+        self.calls.update(target=0, draft=0)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens, **kwargs
+            )
+        elapsed = time.perf_counter() - start
+        output = out[0, ids.shape[1] :].tolist()  # EOS included, as in our traces
+        return output, elapsed, (self.calls["target"], self.calls["draft"])
 
 
 def _spec_print(results: dict[str, dict[str, float]], tallies: dict[str, _SpecTally], decoders: list[str]) -> None:

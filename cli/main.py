@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p = bench.add_parser("first-step", help="latency from Run to the first step's views, model loaded")
     _model_args(p)
     p.set_defaults(handler=_bench_first_step)
-    p = bench.add_parser("speculative", help="speculative decoders against greedy on Spec-Bench prompts, in one run")
+    p = bench.add_parser(
+        "spec", aliases=["speculative"], help="speculative decoders against greedy on Spec-Bench prompts, in one run"
+    )
     _model_args(p)
     p.add_argument("--tokens", type=int, default=64, help="most new tokens per prompt (EOS stops earlier)")
     p.add_argument("--prompts", type=int, default=1, help="prompts per Spec-Bench category (13 categories, at most 2)")
@@ -122,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
         default="prompt_lookup,speculative:draft_layers=6,speculative:draft_layers=15",
         help="comma-separated decoders, each NAME or NAME:PARAM=VALUE:PARAM=VALUE",
     )
+    p.add_argument(
+        "--hf",
+        default="hf:greedy,hf:prompt_lookup,hf:assisted",
+        help="transformers' own generate to compare with (comma-separated; empty = none)",
+    )
+    p.add_argument("--hf-draft-layers", type=int, default=6, help="layers of the target hf:assisted drafts with")
     p.set_defaults(handler=_bench_speculative)
     return parser
 
@@ -317,7 +325,14 @@ def _bench_first_step(args: argparse.Namespace) -> None:
 def _bench_speculative(args: argparse.Namespace) -> None:
     from cli.bench import speculative
 
-    speculative(_load(args), decoders=args.decoders.split(","), tokens=args.tokens, per_category=args.prompts)
+    speculative(
+        _load(args),
+        decoders=args.decoders.split(","),
+        tokens=args.tokens,
+        per_category=args.prompts,
+        hf=tuple(label for label in args.hf.split(",") if label),
+        hf_draft_layers=args.hf_draft_layers,
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,17 @@ class TraceSink(Protocol):
     def close(self, trace: Trace) -> None: ...
 
 
+def depth_outcomes(rnd: DraftRound) -> list[tuple[int, bool]]:
+    """(depth, accepted) for each draft level the target tried in a round, shallowest first.
+
+    A level counts once however many siblings it had (a tree's acceptance rate is the chance of advancing a
+    level), and only where the verifier looked: levels below a rejection were never tried.
+    """
+    levels = sorted({n.depth for n in rnd.nodes if n.accepted is not None})
+    reached = len(rnd.accepted_path)
+    return [(depth, depth <= reached) for depth in levels]
+
+
 class Recorder:
     """Applies each event to the trace (output, metrics, vocabulary) and forwards batches to sinks.
 
@@ -86,16 +97,12 @@ class Recorder:
         self._update_metrics()
 
     def _count_depths(self, event: DraftRound) -> None:
-        """Acceptance by depth, counted only where the target looked: a level past a rejection was never tried."""
-        depth_of = {node.id: node.depth for node in event.nodes}
-        levels = {depth_of[n.id] for n in event.nodes if n.accepted is not None}
-        reached = len(event.accepted_path)
-        for depth in sorted(levels):
+        for depth, accepted in depth_outcomes(event):
             while len(self._depth_tried) < depth:
                 self._depth_tried.append(0)
                 self._depth_accepted.append(0)
             self._depth_tried[depth - 1] += 1
-            self._depth_accepted[depth - 1] += depth <= reached
+            self._depth_accepted[depth - 1] += accepted
 
     def truncate_output(self, length: int) -> None:
         """Drop committed tokens past a stop point (EOS or the token budget inside a multi-token step)."""

@@ -27,6 +27,8 @@ def _strings(value):
         return []
     if hasattr(value, "to_json"):
         return _strings(json.loads(value.to_json()))
+    if isinstance(value, gr.components.Component):
+        return _strings(value.value)
     if isinstance(value, dict):
         return [s for v in value.values() for s in _strings(v)]
     if isinstance(value, (list, tuple)):
@@ -34,9 +36,18 @@ def _strings(value):
     return [value] if isinstance(value, str) else []
 
 
-@pytest.mark.parametrize("decoder,params", [("top_p", {"top_p": 0.9}), ("beam", {"num_beams": 3}), ("forced", {"continuation": "a b"})])
+@pytest.mark.parametrize(
+    "decoder,params",
+    [
+        ("top_p", {"top_p": 0.9}),
+        ("beam", {"num_beams": 3}),
+        ("forced", {"continuation": "a b"}),
+        ("speculative", {"draft_layers": 1, "temperature": 0.9}),
+        ("dyspec", {"draft_layers": 1}),
+    ],
+)
 def test_every_view_escapes_token_text(tiny, decoder, params):
-    trace = record(tiny, decoder, "Hi", params, RunSettings(max_new_tokens=6))
+    trace = record(tiny, decoder, "Hi", params, RunSettings(max_new_tokens=6, seed=3))
     for token_id in list(trace.vocab)[: len(HOSTILE)]:
         trace.vocab[token_id] = HOSTILE[token_id % len(HOSTILE)]
     values = view_values(trace, 1, "probability")
@@ -76,3 +87,19 @@ def test_views_for_draft_and_diffusion_traces():
     drafts = make_trace(hand_rounds())
     values = view_values(drafts, 0, "probability")
     assert values[4] is not None and values[4].data
+
+
+def test_speculative_views_walk_rounds(tiny):
+    """A speculative run's slider walks rounds: stream grouped by round, the round's nodes, q vs p, acceptance."""
+    trace = record(tiny, "speculative", "a b a b a b", {"draft_layers": 1, "num_draft_tokens": 3}, RunSettings(max_new_tokens=12, ignore_eos=True))
+    rounds = [e for e in trace.events if e.kind == "draft_round"]
+    values = view_values(trace, 1, "probability")
+    stream = values[0]
+    assert stream.count('class="de-round"') == len(rounds)
+    assert stream.count('class="de-token"') == len(trace.output_token_ids)
+    assert 'data-step="1" data-selected="true"' in stream
+    table = values[6].value
+    assert table["headers"][:3] == ["node", "parent", "depth"] and len(table["data"]) == len(rounds[1].nodes)
+    assert [row[-1] for row in table["data"]].count("accepted") == len(rounds[1].accepted_path)
+    assert {t.name for t in values[2].data} >= {"draft q", "target p"}
+    assert values[3].data and values[4].data

@@ -285,13 +285,14 @@ def test_draft_tree_random_rounds_node_counts():
 
 
 def test_acceptance_by_depth_and_figure():
+    """A level counts once per round that reached it, however many siblings the verifier tried there."""
     trace = make_trace(hand_rounds())
-    assert acceptance_by_depth(trace) == {1: (2, 2), 2: (2, 3), 3: (1, 3), 4: (1, 1)}
+    assert acceptance_by_depth(trace) == {1: (2, 2), 2: (2, 2), 3: (1, 2), 4: (1, 1)}
     fig = acceptance_figure(trace)
     bars = by_name(fig, "acceptance rate")
     assert list(bars.x) == [1, 2, 3, 4]
-    assert list(bars.y) == pytest.approx([1.0, 2 / 3, 1 / 3, 1.0])
-    assert list(bars.text) == ["2/2", "2/3", "1/3", "1/1"]
+    assert list(bars.y) == pytest.approx([1.0, 1.0, 0.5, 1.0])
+    assert list(bars.text) == ["2/2", "2/2", "1/2", "1/1"]
     assert list(by_name(fig, "committed (bonus included)").y) == [3, 5]
     assert list(by_name(fig, "accepted drafts").y) == [2, 4]
     assert "4.00" in fig.layout.title.text

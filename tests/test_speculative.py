@@ -334,6 +334,17 @@ def test_draft_round_contents(llama, decoder, params):
     assert metrics["model_calls"] == metrics["rounds"] == len(rounds)
     assert metrics["mean_accepted_tokens"] == round(40 / len(rounds), 4)
     assert metrics["draft_calls"] == sum(r.draft_calls for r in rounds)
+    # a chain tries depths 1..n+1 (the first rejection included, never past the draft) and accepts 1..n
+    tried, accepted = Counter(), Counter()
+    for r in rounds:
+        n = len(r.accepted_path)
+        for depth in range(1, min(n + 1, len(r.nodes)) + 1):
+            tried[depth] += 1
+            accepted[depth] += depth <= n
+    for depth in tried:
+        assert metrics[f"acceptance_depth_{depth}"] == round(accepted[depth] / tried[depth], 4)
+    if tried:
+        assert metrics["acceptance_rate"] == round(sum(accepted.values()) / sum(tried.values()), 4)
 
 
 def test_rounds_accept_everything_when_the_draft_is_the_target(llama):

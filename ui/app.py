@@ -96,9 +96,15 @@ def _param_component(param: Param) -> gr.components.Component:
 def _status(trace) -> str:
     m = trace.metrics
     reason = html.escape(trace.reason)  # may quote user input (a parameter value, an exception message)
+    speculative = (
+        f" · {m['mean_accepted_tokens']} tokens per target call · acceptance {m.get('acceptance_rate', 0):.0%}"
+        if "mean_accepted_tokens" in m
+        else ""
+    )
     return (
         f"**{trace.status}** {('— ' + reason) if reason else ''} · {m.get('new_tokens', 0)} tokens · "
-        f"{m.get('model_calls', 0)} model calls · {m.get('tokens_per_second', 0)} tok/s · run `{trace.run_id[:12]}`"
+        f"{m.get('model_calls', 0)} model calls{speculative} · {m.get('tokens_per_second', 0)} tok/s · "
+        f"run `{trace.run_id[:12]}`"
     )
 
 

@@ -10,8 +10,10 @@ import gradio as gr
 from engine.events import BeamStep, DiffusionStep, DraftRound
 from engine.trace import Trace
 from ui import figures
+from ui.figures.rounds import ROUND_TABLE_HEADERS, ROUND_TABLE_TYPES, round_probs_figure, round_table, rounds_stream_html
 
 COLOR_CHOICES = ["probability", "entropy", "rank"]
+STEP_TABLE_TYPES = ["number", "html", "number", "number", "str", "str"]  # token text arrives escaped
 
 
 @dataclass
@@ -44,7 +46,7 @@ def build_views(name: str) -> Views:
         attention = gr.Plot(label="Attention at this step")
     candidates = gr.Dataframe(
         headers=figures.STEP_TABLE_HEADERS,
-        datatype=["number", "html", "number", "number", "str", "str"],  # token text arrives escaped
+        datatype=STEP_TABLE_TYPES,
         label="Top candidates at this step",
         interactive=False,
         wrap=True,
@@ -67,6 +69,8 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
     has_tokens = bool(figures.token_steps(trace))
     last = max(step_count(trace) - 1, 0)
     position = last if position is None else min(int(position), last)
+    if not has_tokens and figures.draft_rounds(trace):
+        return _round_values(trace, position, last)
     return [
         _text_html(trace, position, color_by, has_tokens),
         gr.Slider(0, max(last, 1), value=position, step=1),
@@ -74,7 +78,26 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
         figures.entropy_figure(trace, selected_step=position),
         _structure_figure(trace, position),
         figures.attention_figure(trace, position) if position in figures.attention_steps(trace) else None,
-        figures.step_table(trace, position) if has_tokens else None,
+        _table(figures.step_table(trace, position) if has_tokens else [], figures.STEP_TABLE_HEADERS, STEP_TABLE_TYPES),
+    ]
+
+
+def _table(rows: list[list], headers: list[str], types: list[str]) -> gr.Dataframe:
+    """The candidates panel holds either a step's candidates or a round's nodes: headers travel with the rows."""
+    return gr.Dataframe(value=rows, headers=headers, datatype=types)
+
+
+def _round_values(trace: Trace, position: int, last: int) -> list[Any]:
+    """A speculative run's views: the slider walks its rounds."""
+    rounds = figures.draft_rounds(trace)
+    return [
+        rounds_stream_html(trace, selected_round=position),
+        gr.Slider(0, max(last, 1), value=position, step=1),
+        round_probs_figure(trace, position),
+        figures.acceptance_figure(trace, selected_round=position),
+        figures.draft_tree_figure(trace, rounds[position]),
+        None,
+        _table(round_table(trace, position), ROUND_TABLE_HEADERS, ROUND_TABLE_TYPES),
     ]
 
 
@@ -91,9 +114,6 @@ def _structure_figure(trace: Trace, position: int) -> Any:
     kinds = {type(e) for e in trace.events}
     if BeamStep in kinds:
         return figures.beam_tree_figure(trace, up_to_step=position)
-    if DraftRound in kinds:
-        rounds = figures.draft_rounds(trace)
-        return figures.draft_tree_figure(trace, rounds[min(position, len(rounds) - 1)])
     if DiffusionStep in kinds:
         return figures.lattice_figure(trace, selected_step=position)
     return None

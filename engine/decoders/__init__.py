@@ -1,7 +1,13 @@
-"""Decoder registry. Adding a decoder = adding one module below and importing it here."""
+"""Decoder registry. Adding a decoder = adding one module to a family package below; it registers itself."""
 
+import importlib
+import pkgutil
+
+from engine.decoders import speculative, token
 from engine.decoders.base import DecodeContext, DecoderSpec, all_decoders, get_decoder, register
-from engine.decoders.token import beam, forced, greedy, sample  # noqa: F401  (registers them)
-from engine.decoders.speculative import draft_model, dyspec, prompt_lookup  # noqa: F401  (registers them)
+
+for _family in (token, speculative):
+    for _module in sorted(pkgutil.iter_modules(_family.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{_family.__name__}.{_module.name}")
 
 __all__ = ["DecodeContext", "DecoderSpec", "all_decoders", "get_decoder", "register"]

@@ -6,11 +6,16 @@ the context) and a 4D additive float mask lets it see the committed context and 
 (speculative.md §14). A custom 4D mask bypasses transformers' own mask logic, sliding windows included, so the
 window is applied here: models with several layer types (Gemma 3) get one mask per type, as a dict.
 
+The same forward can carry extra nodes that are not verified (lookahead decoding's 2-D Jacobi window): they get
+explicit positions and an explicit visibility pattern over the tree nodes and each other, after all tree nodes.
+
 After verification, :func:`keep_path` moves the accepted nodes' cache slots (scattered over the flattened tree)
 right after the context and crops everything else, in every layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,21 +34,48 @@ def node_depths(parents: list[int]) -> list[int]:
     return depths
 
 
-def tree_forward(target: PrefixCache, context: list[int], parents: list[int], tokens: list[int]) -> Tensor:
-    """Logits [n+1, V] of one forward over the unseen context and the ``n`` tree nodes.
+@dataclass(frozen=True)
+class ExtraNodes:
+    """Nodes run after a tree's nodes in the same forward, not verified (lookahead's 2-D window).
 
-    Row 0 is the distribution after ``context``, row ``u + 1`` the one after node ``u`` (``verify_tree``'s layout).
-    Afterwards the cache holds ``context`` followed by the n nodes; call :func:`keep_path` before the next forward.
+    ``positions`` are their logical positions; ``visible[i]`` ([m, n + m] bool) says which of the n tree nodes,
+    then which of the m extra nodes (itself included, if it should), extra node i attends to. Every extra node
+    sees the whole committed context.
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    visible: Tensor
+
+
+def tree_forward(
+    target: PrefixCache, context: list[int], parents: list[int], tokens: list[int], extra: ExtraNodes | None = None
+) -> Tensor:
+    """Logits [n+1(+m), V] of one forward over the unseen context, the ``n`` tree nodes and the ``m`` extra nodes.
+
+    Row 0 is the distribution after ``context``, row ``u + 1`` the one after node ``u`` (``verify_tree``'s layout);
+    rows ``n + 1 + i`` belong to extra node i. Afterwards the cache holds ``context`` followed by the n nodes and
+    the m extra nodes; call :func:`keep_path` (with ``tokens + extra.tokens``) before the next forward.
     """
     if len(parents) != len(tokens):
         raise ValueError(f"{len(tokens)} tree tokens need {len(tokens)} parents")
+    n = len(tokens)
+    m = len(extra.tokens) if extra else 0
+    if extra and (len(extra.positions) != m or tuple(extra.visible.shape) != (m, n + m)):
+        raise ValueError(f"{m} extra nodes need {m} positions and a [{m}, {n + m}] visibility matrix")
     unseen = target.sync(context)
     past = len(context) - len(unseen)
     depths = node_depths(parents)
-    positions = torch.tensor(list(range(past, len(context))) + [len(context) + d - 1 for d in depths])
-    mask = _tree_masks(target, len(context), parents, positions)
+    positions = torch.tensor(
+        list(range(past, len(context))) + [len(context) + d - 1 for d in depths] + (extra.positions if extra else [])
+    )
+    visible = torch.zeros(n + m, n + m, dtype=torch.bool)
+    visible[:n, :n] = _ancestor_or_self(parents)
+    if extra:
+        visible[n:] = extra.visible
+    mask = _tree_masks(target, len(context), visible, positions)
     out = target.model.forward(
-        torch.tensor([unseen + tokens], dtype=torch.long),
+        torch.tensor([unseen + tokens + (extra.tokens if extra else [])], dtype=torch.long),
         target.cache,
         position_ids=positions[None].to(target.model.device),
         attention_mask=mask,
@@ -85,20 +117,27 @@ def compact_cache(cache: DynamicCache, start: int, slots: list[int]) -> None:
     crop_cache(cache, start + len(slots))
 
 
-def _tree_masks(target: PrefixCache, context_length: int, parents: list[int], positions: Tensor) -> Tensor | dict[str, Tensor]:
-    """The additive masks [1, 1, queries, keys] for the forward: one tensor, or one per layer type."""
-    n = len(parents)
-    queries = len(positions)
-    total = context_length + n
-    ancestor_or_self = torch.eye(n, dtype=torch.bool)
+def _ancestor_or_self(parents: list[int]) -> Tensor:
+    ancestor_or_self = torch.eye(len(parents), dtype=torch.bool)
     for node, parent in enumerate(parents):
         if parent >= 0:
             ancestor_or_self[node] |= ancestor_or_self[parent]
+    return ancestor_or_self
+
+
+def _tree_masks(target: PrefixCache, context_length: int, node_visible: Tensor, positions: Tensor) -> Tensor | dict[str, Tensor]:
+    """The additive masks [1, 1, queries, keys] for the forward: one tensor, or one per layer type.
+
+    ``node_visible`` [n, n] says which nodes each node sees; ``positions`` are the queries' logical positions.
+    """
+    n = len(node_visible)
+    queries = len(positions)
+    total = context_length + n
     # visible[q, k] over every position the cache will hold, keys in storage order: context first, then the nodes
     key_positions = torch.cat([torch.arange(context_length), positions[queries - n :]])
     visible = torch.zeros(queries, total, dtype=torch.bool)
     visible[:, :context_length] = torch.arange(context_length)[None, :] <= positions[:, None]
-    visible[queries - n :, context_length:] = ancestor_or_self
+    visible[queries - n :, context_length:] = node_visible
     dtype = target.model.model.dtype
     config = target.model.model.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from engine.events import BeamNode, BeamStep, DraftNode, DraftRound, Output, TokenStep
+from engine.recorder import depth_outcomes
 from engine.trace import Trace
 from ui.figures.common import empty_figure, escape_token, scatter_class, style_figure, token_label
 from ui.figures.tokens import fmt_p
@@ -342,20 +343,16 @@ def _round_stats(trace: Trace, rnd: DraftRound) -> str:
 
 
 def acceptance_by_depth(trace: Trace) -> dict[int, tuple[int, int]]:
-    """Per draft depth over the run: (accepted, verified) nodes. Depths with no verified node are left out."""
+    """Per draft depth over the run: (rounds that advanced past it, rounds that tried it); see depth_outcomes."""
     counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for index in draft_rounds(trace):
-        rnd = trace.events[index]
-        path = set(rnd.accepted_path)
-        for node in rnd.nodes:
-            outcome = draft_outcome(node, path)
-            if outcome != "not verified":
-                counts[node.depth][0] += outcome == "accepted"
-                counts[node.depth][1] += 1
+        for depth, accepted in depth_outcomes(trace.events[index]):
+            counts[depth][0] += accepted
+            counts[depth][1] += 1
     return {depth: (a, v) for depth, (a, v) in sorted(counts.items())}
 
 
-def acceptance_figure(trace: Trace) -> go.Figure:
+def acceptance_figure(trace: Trace, selected_round: int | None = None) -> go.Figure:
     """Acceptance rate by depth (bars) and tokens per round (lines). The title gives the mean accepted
     tokens per target call, bonus included, as Spec-Bench counts it (plain decoding scores 1.00)."""
     rounds = [trace.events[i] for i in draft_rounds(trace)]
@@ -365,14 +362,18 @@ def acceptance_figure(trace: Trace) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Acceptance rate by depth", "Tokens per round"))
     fig.add_trace(go.Bar(
         x=list(by_depth), y=[a / v for a, v in by_depth.values()], text=[f"{a}/{v}" for a, v in by_depth.values()],
-        name="acceptance rate", hovertemplate="depth %{x}: %{text} verified drafts accepted<extra></extra>",
+        name="acceptance rate", hovertemplate="depth %{x}: accepted in %{text} rounds that reached it<extra></extra>",
     ), row=1, col=1)
     x = list(range(1, len(rounds) + 1))
     committed = [len(r.committed) for r in rounds]
     scatter = scatter_class(len(rounds))
-    fig.add_trace(scatter(x=x, y=committed, mode="lines+markers", name="committed (bonus included)"), row=1, col=2)
-    fig.add_trace(scatter(x=x, y=[len(r.accepted_path) for r in rounds], mode="lines",
+    # customdata = the round's index: a click selects that round, like a token click does
+    fig.add_trace(scatter(x=x, y=committed, customdata=[i - 1 for i in x], mode="lines+markers",
+                          name="committed (bonus included)"), row=1, col=2)
+    fig.add_trace(scatter(x=x, y=[len(r.accepted_path) for r in rounds], customdata=[i - 1 for i in x], mode="lines",
                           line={"dash": "dash"}, name="accepted drafts"), row=1, col=2)
+    if selected_round is not None:
+        fig.add_vline(x=selected_round + 1, line_color="rgba(128, 128, 128, 0.9)", line_width=2, row=1, col=2)
     mean = sum(committed) / len(committed)
     fig.add_hline(y=mean, line_dash="dot", row=1, col=2, annotation_text=f"mean {mean:.2f}")
     fig.update_xaxes(title="depth", dtick=1, row=1, col=1)

@@ -3,11 +3,17 @@
 The drafter is a second model with the target's tokenizer, or, offline, the target's own first N layers plus
 its head (weights shared). It drafts k tokens autoregressively with its own KV cache; the target verifies them
 in one forward. Lossless: greedy output equals greedy decoding, sampled output follows the processed target.
+
+Draft-length schedules (transformers' assisted generation, speculative.md §1): ``constant`` drafts k tokens every
+round; ``heuristic`` (``num_assistant_tokens_schedule="heuristic"``) sets k += 2 after a round whose drafts were all
+accepted and k = max(1, k - 1) otherwise; ``confidence`` (``assistant_confidence_threshold``) keeps the token the
+draft just produced but stops drafting once the draft's probability for it is below the threshold, k being the
+most it drafts. Schedules only change what is proposed, so every one of them stays lossless.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -17,21 +23,50 @@ from engine.models import load_model
 from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
-from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
+from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
 from engine.speculative.truncated import truncated_model
 
 # Draft models loaded by name, kept so repeated runs (benchmarks, the app) do not reload them.
 _DRAFT_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
 
 
-class DraftModelDrafter(Drafter):
-    """Drafts ``num_draft_tokens`` tokens autoregressively with its own rolled-back cache."""
+SCHEDULES = ("constant", "heuristic", "confidence")
+SCHEDULE_HELP = (
+    "Draft length: constant k; heuristic (transformers: all accepted -> k + 2, else max(1, k - 1)); "
+    "confidence (stop once the draft's p(token) < confidence_threshold)."
+)
 
-    def __init__(self, model: LoadedModel, source: str, sampling: Sampling, num_draft_tokens: int = 4) -> None:
+# A stop rule sees the draft probabilities of the tokens drafted so far and says whether to stop drafting now.
+StopRule = Callable[[list[float]], bool]
+
+
+class DraftModelDrafter(Drafter):
+    """Drafts up to ``num_draft_tokens`` tokens autoregressively with its own rolled-back cache.
+
+    ``num_draft_tokens`` is k, the next round's draft length, which the ``heuristic`` schedule moves after each
+    round. ``stop_rule`` (SpecDec++) and the ``confidence`` schedule end a draft early; a round's chain length is
+    the k it used.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        source: str,
+        sampling: Sampling,
+        num_draft_tokens: int = 4,
+        schedule: str = "constant",
+        confidence_threshold: float = 0.4,
+        stop_rule: StopRule | None = None,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ParamError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
         self.cache = PrefixCache(model)
         self.source = source
         self.sampling = sampling
         self.num_draft_tokens = num_draft_tokens
+        self.schedule = schedule
+        self.confidence_threshold = confidence_threshold
+        self.stop_rule = stop_rule
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
         k = min(self.num_draft_tokens, max_depth)
@@ -39,7 +74,7 @@ class DraftModelDrafter(Drafter):
         probs: list[float] = []
         rows: list[torch.Tensor] = []
         feed = self.cache.sync(context) if k else []
-        for _ in range(k):
+        while len(tokens) < k and not (tokens and self._stops(probs)):
             out = self.cache.forward(feed)
             logprobs = self.sampling.process(out.logits[0, -1]).logprobs
             token = self.sampling.choose(logprobs)
@@ -47,11 +82,28 @@ class DraftModelDrafter(Drafter):
             probs.append(r7(logprobs[token].exp()))
             rows.append(logprobs)
             feed = [token]
-        return Draft(tokens, probs, torch.stack(rows) if rows else None, calls=k)
+        return Draft(tokens, probs, torch.stack(rows) if rows else None, calls=len(tokens))
+
+    def observe(self, outcome: Outcome) -> None:
+        drafted = len(outcome.draft.tokens)
+        if self.schedule == "heuristic" and drafted:
+            all_accepted = outcome.verdict.accepted == drafted
+            self.num_draft_tokens = self.num_draft_tokens + 2 if all_accepted else max(1, self.num_draft_tokens - 1)
+
+    def _stops(self, probs: list[float]) -> bool:
+        """Whether to stop after the tokens drafted so far (their rounded draft probs, as the round records them)."""
+        if self.schedule == "confidence" and probs[-1] < self.confidence_threshold:
+            return True
+        return self.stop_rule is not None and self.stop_rule(probs)
 
 
-def draft_model_drafter(ctx: DecodeContext, sampling: Sampling, num_draft_tokens: int = 4) -> DraftModelDrafter:
-    """The drafter the ``draft_model``/``draft_layers`` parameters describe (DRAFTER_PARAMS)."""
+def draft_model_drafter(
+    ctx: DecodeContext, sampling: Sampling, num_draft_tokens: int = 4, **options: Any
+) -> DraftModelDrafter:
+    """The drafter the ``draft_model``/``draft_layers`` parameters describe (DRAFTER_PARAMS).
+
+    ``options`` go to :class:`DraftModelDrafter` (``schedule``, ``confidence_threshold``, ``stop_rule``).
+    """
     name = ctx.params["draft_model"]
     if not name:
         layers = ctx.params["draft_layers"]
@@ -59,14 +111,14 @@ def draft_model_drafter(ctx: DecodeContext, sampling: Sampling, num_draft_tokens
             draft = truncated_model(ctx.model, layers)
         except ValueError as error:
             raise ParamError(str(error)) from None
-        return DraftModelDrafter(draft, f"draft_layers:{layers}", sampling, num_draft_tokens)
+        return DraftModelDrafter(draft, f"draft_layers:{layers}", sampling, num_draft_tokens, **options)
     draft = _load_draft(name)
     if draft.vocab_size != ctx.model.vocab_size:
         raise ParamError(
             f"draft model {name!r} has a vocabulary of {draft.vocab_size}, the target {ctx.model.vocab_size}: "
             "a draft model needs the target's tokenizer"
         )
-    return DraftModelDrafter(draft, "draft_model", sampling, num_draft_tokens)
+    return DraftModelDrafter(draft, "draft_model", sampling, num_draft_tokens, **options)
 
 
 def _load_draft(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -78,7 +130,11 @@ def _load_draft(name: str, dtype: str = "float32", device: str = "cpu") -> Loade
 
 def speculative(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
-    return speculative_rounds(ctx, draft_model_drafter(ctx, sampling, ctx.params["num_draft_tokens"]), sampling)
+    params = ctx.params
+    drafter = draft_model_drafter(
+        ctx, sampling, params["num_draft_tokens"], schedule=params["schedule"], confidence_threshold=params["confidence_threshold"]
+    )
+    return speculative_rounds(ctx, drafter, sampling)
 
 
 # The parameters that pick a draft model, shared by every decoder that drafts with one.
@@ -95,7 +151,9 @@ SPEC = register(
         summary="Speculative decoding: a draft model proposes k tokens, the target verifies them in one forward.",
         params=(
             *DRAFTER_PARAMS,
-            Param("num_draft_tokens", "int", 4, "Tokens drafted per round (k).", 1, 64),
+            Param("num_draft_tokens", "int", 4, "Tokens per draft (k): always, first (heuristic) or at most (confidence).", 1, 64),
+            Param("schedule", "choice", "constant", SCHEDULE_HELP, choices=SCHEDULES),
+            Param("confidence_threshold", "float", 0.4, "confidence schedule: stop once the draft's p(token) is below this.", 0.0, 1.0),
             *SAMPLING_PARAMS,
         ),
         run=speculative,

@@ -1,0 +1,220 @@
+"""Adaptive draft lengths: the speculative schedules, SpecDec++ and PEARL are lossless and follow their rules."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from engine import RunSettings, load_model, record
+from engine.events import r7
+from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside_a_draft, _rounds, _run
+
+# Adversarial settings: a one-layer draft (mostly rejected), the whole target as its draft (all accepted) with
+# drafts growing past the budget, long drafts, and PEARL with one-token rounds.
+SETTINGS = [
+    ("speculative", {"schedule": "heuristic", "draft_layers": 1}),
+    ("speculative", {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 1}),
+    ("speculative", {"schedule": "confidence", "draft_layers": 1, "num_draft_tokens": 8, "confidence_threshold": 0.1}),
+    ("speculative", {"schedule": "confidence", "draft_layers": 2, "num_draft_tokens": 8, "confidence_threshold": 0.1}),
+    ("specdec_pp", {"draft_layers": 1}),
+    ("specdec_pp", {"draft_layers": 2, "stop_threshold": 0.999, "min_draft": 1, "max_draft": 12}),
+    ("pearl", {"draft_layers": 1}),
+    ("pearl", {"draft_layers": 2, "gamma": 6}),
+    ("pearl", {"draft_layers": 1, "gamma": 1}),
+]
+SAMPLED = {"temperature": 0.9, "top_k": 6}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-random-llama")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("tiny-random-gemma3")
+
+
+_GREEDY: dict[tuple[str, str, int], list[int]] = {}
+
+
+def _greedy(model, prompt: str, max_new_tokens: int) -> list[int]:
+    key = (model.name, prompt, max_new_tokens)
+    if key not in _GREEDY:
+        _GREEDY[key] = _run(model, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    return _GREEDY[key]
+
+
+def _assert_greedy_equal(model, decoder, params, prompt, max_new_tokens):
+    trace = _run(model, decoder, prompt, params, max_new_tokens=max_new_tokens)
+    assert trace.status == "finished", trace.reason
+    assert trace.output_token_ids == _greedy(model, prompt, max_new_tokens)
+    return trace
+
+
+# ---------------------------------------------------------------- losslessness (greedy, float32)
+
+
+@pytest.mark.parametrize("decoder,params", SETTINGS)
+@pytest.mark.parametrize("prompt,max_new_tokens", [(PROMPTS[0], 45), (PROMPTS[1], 23)])  # 23: ends inside drafts
+def test_greedy_equals_greedy_llama(llama, decoder, params, prompt, max_new_tokens):
+    _assert_greedy_equal(llama, decoder, params, prompt, max_new_tokens)
+
+
+@pytest.mark.parametrize("decoder,params", SETTINGS)
+def test_greedy_equals_greedy_gemma3(gemma, decoder, params):
+    """70 tokens cross Gemma's sliding window (32) while both caches roll back."""
+    _assert_greedy_equal(gemma, decoder, params, PROMPTS[1], 70)
+
+
+@pytest.mark.parametrize(
+    "decoder,params",
+    [
+        ("speculative", {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 2}),
+        ("specdec_pp", {"draft_layers": 2}),
+        ("pearl", {"draft_layers": 2}),
+    ],
+)
+def test_eos_inside_a_draft_stops_like_greedy(decoder, params):
+    model = load_model("tiny-random-llama")  # a private copy: its generation config is changed below
+    eos = _first_token_inside_a_draft(_run(model, decoder, PROMPTS[0], params, max_new_tokens=40))
+    model.model.generation_config.eos_token_id = [eos]
+    expected = record(model, "greedy", PROMPTS[0], settings=RunSettings(max_new_tokens=40))
+    trace = record(model, decoder, PROMPTS[0], params, RunSettings(max_new_tokens=40))
+    assert trace.reason == expected.reason == "end of sequence"
+    assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
+    assert sum(len(r.committed) for r in _rounds(trace)) > len(trace.output_token_ids)
+
+
+# ---------------------------------------------------------------- the draft-length rules
+
+
+def _assert_heuristic_schedule(rounds, k: int, max_new_tokens: int) -> list[int]:
+    """Each round drafts k (or what the budget allows); all accepted -> k + 2, else max(1, k - 1). Returns the ks."""
+    generated = 0
+    lengths = []
+    for r in rounds:
+        assert len(r.nodes) == min(k, max_new_tokens - generated - 1)
+        lengths.append(len(r.nodes))
+        if r.nodes:
+            k = k + 2 if len(r.accepted_path) == len(r.nodes) else max(1, k - 1)
+        generated += len(r.committed)
+    return lengths
+
+
+def test_heuristic_schedule_grows_while_everything_is_accepted(llama):
+    params = {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 1}
+    rounds = _rounds(_run(llama, "speculative", PROMPTS[0], params, max_new_tokens=45))
+    assert all(len(r.accepted_path) == len(r.nodes) for r in rounds)
+    lengths = _assert_heuristic_schedule(rounds, 1, 45)
+    assert lengths[:5] == [1, 3, 5, 7, 9]
+
+
+def test_heuristic_schedule_shrinks_to_one_while_everything_is_rejected(llama):
+    params = {"schedule": "heuristic", "draft_model": "tiny-random-llama:seed=1", "num_draft_tokens": 5}
+    rounds = _rounds(_run(llama, "speculative", PROMPTS[1], params, max_new_tokens=12))
+    assert all(not r.accepted_path for r in rounds)
+    assert _assert_heuristic_schedule(rounds, 5, 12) == [5, 4, 3, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_confidence_schedule_stops_after_the_first_unconfident_draft(llama):
+    threshold, k, budget = 0.1, 8, 45
+    rounds = _rounds(_run(llama, "speculative", PROMPTS[0], {**SETTINGS[3][1], "confidence_threshold": threshold}, max_new_tokens=budget))
+    generated = 0
+    for r in rounds:
+        probs = [n.draft_prob for n in r.nodes]
+        assert all(p >= threshold for p in probs[:-1])
+        assert probs[-1] < threshold or len(probs) == min(k, budget - generated - 1)
+        generated += len(r.committed)
+    assert {len(r.nodes) for r in rounds} - {1, k} and min(len(r.nodes) for r in rounds) < k  # rounds of many lengths
+
+
+@pytest.mark.parametrize(
+    "params,min_draft,max_draft,threshold",
+    [({"draft_layers": 1}, 2, 20, 0.3), ({"draft_layers": 2, "stop_threshold": 0.999, "min_draft": 1, "max_draft": 12}, 1, 12, 0.999)],
+)
+def test_specdec_pp_lengths_follow_the_stop_rule(llama, params, min_draft, max_draft, threshold):
+    budget = 45
+    rounds = _rounds(_run(llama, "specdec_pp", PROMPTS[0], params, max_new_tokens=budget))
+    generated = 0
+    for r in rounds:
+        probs = [n.draft_prob for n in r.nodes]
+        rejection_risk = [1 - math.prod(probs[1 : i + 1]) for i in range(len(probs))]
+        assert [n.score for n in r.nodes] == [r7(1 - risk) for risk in rejection_risk]
+        limit = min(max_draft, budget - generated - 1)
+        assert min(min_draft, limit) <= len(probs) <= limit
+        assert all(i + 1 < min_draft or risk <= threshold for i, risk in enumerate(rejection_risk[:-1]))
+        assert rejection_risk[-1] > threshold or len(probs) == limit
+        generated += len(r.committed)
+    assert len({len(r.nodes) for r in rounds[:-1]}) > (1 if threshold > 0.9 else 0)
+
+
+def test_specdec_pp_refuses_min_above_max(llama):
+    trace = _run(llama, "specdec_pp", "Hi", {"min_draft": 5, "max_draft": 3})
+    assert trace.status == "failed" and "min_draft=5 must not exceed max_draft=3" in trace.reason
+
+
+@pytest.mark.parametrize("params,prompt", [({"draft_layers": 1}, PROMPTS[0]), ({"draft_layers": 2, "gamma": 3}, PROMPTS[1])])
+def test_pearl_rounds_alternate_as_the_algorithm_says(llama, params, prompt):
+    gamma, budget = params.get("gamma", 4), 40
+    trace = _assert_greedy_equal(llama, "pearl", params, prompt, budget)
+    rounds = _rounds(trace)
+    generated, mode = 0, "pre-verify"
+    for r in rounds:
+        all_accepted = len(r.accepted_path) == len(r.nodes)
+        assert r.mode == mode
+        assert len(r.nodes) == min(1 if mode == "pre-verify" else gamma, budget - generated)
+        assert r.draft_calls == min(gamma, budget - generated - (0 if mode == "pre-verify" else gamma - 1))
+        if all_accepted:  # PEARL has no bonus token: the new drafts after the checked one come next
+            assert r.committed == [n.token_id for n in r.nodes] and r.bonus_token is None
+        else:
+            assert r.committed == [r.nodes[i].token_id for i in r.accepted_path] + [r.bonus_token] and r.bonus_is_correction
+        assert r.simulated_seconds == pytest.approx(max(r.draft_seconds, r.seconds - r.draft_seconds), abs=1e-6)
+        mode = "post-verify" if all_accepted else "pre-verify"
+        generated += len(r.committed)
+    assert {r.mode for r in rounds} == {"pre-verify", "post-verify"}
+    simulated = sum(r.simulated_seconds for r in rounds)
+    assert trace.metrics["simulated_seconds"] == pytest.approx(simulated, abs=1e-5)
+    ratio = simulated / sum(r.seconds for r in rounds)
+    assert trace.metrics["simulated_to_measured"] == pytest.approx(ratio, rel=1e-4) and ratio <= 1
+
+
+# ---------------------------------------------------------------- the sampling law
+
+
+def _processed_target(model, ids: list[int]) -> torch.Tensor:
+    """The target's next-token distribution after temperature 0.9 and top-k 6, as SAMPLED asks."""
+    with torch.inference_mode():
+        logits = model.model(torch.tensor([ids])).logits[0, -1].double() / SAMPLED["temperature"]
+    top = logits.topk(SAMPLED["top_k"])
+    return torch.zeros(model.vocab_size, dtype=torch.float64).index_put_((top.indices,), torch.softmax(top.values, -1))
+
+
+def _counts(tokens: list[int], vocab: int) -> np.ndarray:
+    observed = np.zeros(vocab)
+    for token, n in Counter(tokens).items():
+        observed[token] = n
+    return observed
+
+
+@pytest.mark.parametrize(
+    "decoder,params",
+    [("specdec_pp", {"draft_layers": 1, "min_draft": 3}), ("pearl", {"draft_layers": 1, "gamma": 3})],
+)
+def test_first_two_sampled_tokens_follow_the_processed_target(llama, decoder, params):
+    """The first token follows p; the second, given the most frequent first, follows p after it. For PEARL the
+    second token comes from a post-verify round (checking a draft pending since the first round) or a pre-verify one."""
+    prompt = "Entropy is"
+    ids = llama.encode(prompt)
+    outputs = [
+        record(llama, decoder, prompt, {**params, **SAMPLED}, RunSettings(max_new_tokens=2, seed=seed, ignore_eos=True)).output_token_ids
+        for seed in range(600)
+    ]
+    _assert_follows(_counts([out[0] for out in outputs], llama.vocab_size), _processed_target(llama, ids))
+    first = Counter(out[0] for out in outputs).most_common(1)[0][0]
+    seconds = [out[1] for out in outputs if out[0] == first]
+    _assert_follows(_counts(seconds, llama.vocab_size), _processed_target(llama, ids + [first]))
