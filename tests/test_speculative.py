@@ -401,3 +401,5 @@ def test_lookup_continuation():
     assert lookup_continuation([1, 2, 3, 4], 3, 5) == []  # the suffix itself is not a match
     assert lookup_continuation([4, 4], 2, 3) == [4]
     assert lookup_continuation([7], 3, 3) == []
+    assert lookup_continuation([5, 1, 2, 8, 2], 3, 4, min_ngram=2) == []  # a one-token coincidence is no match
+    assert lookup_continuation([1, 2, 8, 1, 2], 3, 4, min_ngram=2) == [8, 1, 2]

@@ -1,6 +1,6 @@
 """Sample traces shipped in ``assets/samples``: imported at start-up so a replay-only app has runs to show.
 
-``python -m ui.samples`` records them anew with the offline model.
+``python -m ui.samples [stem ...]`` records them (or the named ones) anew with the offline model.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from storage import TraceStore
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
 
+_SUMMARY_PROMPT = (
+    "Summarize in one sentence: The lighthouse on the northern cape was built in 1871. The lighthouse keeper, "
+    "Ada Lind, kept the lighthouse lamp burning through the storm of 1890, and the lighthouse still stands today."
+)
+
 # (file stem, decoder, params, prompt, settings)
 SAMPLES = [
     ("top-p-sampling", "top_p", {"top_p": 0.9, "temperature": 0.8}, "Explain entropy in one sentence.", {}),
@@ -19,6 +24,12 @@ SAMPLES = [
     ("beam-search", "beam", {"num_beams": 4}, "What is the capital of France?", {}),
     ("greedy-with-attention", "greedy", {}, "Name three primary colours.", {"attention": "last"}),
     ("forced-surprise", "forced", {"continuation": "The capital of France is Berlin."}, "Answer briefly.", {}),
+    ("speculative-sampling", "speculative", {"draft_layers": 15, "num_draft_tokens": 5, "temperature": 0.7},
+     "Explain entropy in one sentence.", {}),
+    ("prompt-lookup-summary", "prompt_lookup", {}, _SUMMARY_PROMPT, {}),
+    ("dyspec-tree", "dyspec", {"draft_layers": 15, "tree_size": 12, "max_depth": 5}, "Name three primary colours.", {}),
+    ("token-recycling", "token_recycling", {}, _SUMMARY_PROMPT, {}),
+    ("lookahead", "lookahead", {}, "Count from one to twenty in words.", {}),
 ]
 
 
@@ -35,7 +46,8 @@ def import_samples(store: TraceStore) -> int:
     return added
 
 
-def record_samples(model_name: str = "smollm2-135m-instruct") -> None:
+def record_samples(model_name: str = "smollm2-135m-instruct", stems: list[str] | None = None) -> None:
+    """Record the samples named in ``stems`` (default: all) with the offline model."""
     from engine.attention import AttentionCapture
     from engine.models import load_model
     from engine.run import RunSettings, record
@@ -44,6 +56,8 @@ def record_samples(model_name: str = "smollm2-135m-instruct") -> None:
     model = load_model(model_name)
     SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
     for stem, decoder, params, prompt, extra in SAMPLES:
+        if stems and stem not in stems:
+            continue
         capture = AttentionCapture(layers=extra["attention"]) if "attention" in extra else None
         settings = RunSettings(max_new_tokens=48, seed=7, chat=True, attention=capture)
         trace = record(model, decoder, prompt, params, settings)
@@ -52,4 +66,6 @@ def record_samples(model_name: str = "smollm2-135m-instruct") -> None:
 
 
 if __name__ == "__main__":
-    record_samples()
+    import sys
+
+    record_samples(stems=sys.argv[1:] or None)

@@ -147,12 +147,14 @@ def speculative_rounds(
 
 
 def verify_round(
-    target: PrefixCache, context: list[int], draft: Draft, sampling: Sampling, top_k: int = 20
+    target: PrefixCache, context: list[int], draft: Draft, sampling: Sampling, top_k: int = 20, bonus: bool = True
 ) -> tuple[Outcome, list[int]]:
     """One target forward over ``draft`` after ``context``, its verdict, and the target cache cut to the accepted path.
 
     Returns the outcome and the cache slots the accepted nodes occupied. The target cache then holds
-    ``context`` plus the accepted drafts (the bonus/correction token is run by the next forward).
+    ``context`` plus the accepted drafts (the bonus/correction token is run by the next forward). Without
+    ``bonus`` a fully accepted chain commits no extra token (PEARL: the next drafts are already pending), and
+    its last draft is left for the next forward to run.
     """
     parents = draft.tree_parents
     if draft.is_chain:
@@ -163,7 +165,9 @@ def verify_round(
     verdict = verify_tree(
         parents, draft.tokens, target_logprobs, draft.logprobs, sampling.generator, top_k, draft.without_replacement
     )
-    committed = [draft.tokens[node] for node in verdict.accepted_path] + [verdict.next_token]
+    committed = [draft.tokens[node] for node in verdict.accepted_path]
+    if bonus or verdict.is_correction or not draft.tokens:
+        committed.append(verdict.next_token)
     if draft.is_chain:
         slots = list(range(len(context), len(context) + verdict.accepted))
         target.sync(context + committed)

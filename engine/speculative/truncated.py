@@ -18,7 +18,7 @@ def truncated_model(model: LoadedModel, num_layers: int) -> LoadedModel:
     """The first ``num_layers`` layers of ``model`` (plus final norm and LM head) as a model of their own."""
     total = model.num_layers
     if not 1 <= num_layers <= total:
-        raise ValueError(f"draft_layers must be between 1 and {total} (the target's layer count), got {num_layers}")
+        raise ValueError(f"num_layers must be between 1 and {total} (the target's layer count), got {num_layers}")
     causal_lm = model.model
     base = getattr(causal_lm, "model", None)
     if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):

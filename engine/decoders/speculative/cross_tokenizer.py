@@ -22,9 +22,9 @@ from typing import Iterator
 import torch
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import _load_draft
+from engine.decoders.speculative.draft_model import load_draft_model
 from engine.events import Event, r7
-from engine.models.handle import LoadedModel, ModelError
+from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
@@ -94,19 +94,9 @@ class CrossTokenizerDrafter(Drafter):
         return Draft(tokens, probs, torch.stack(rows), calls=k)
 
 
-def load_cross_draft(name: str) -> LoadedModel:
-    """The draft model ``name`` (cached across runs), or a ParamError saying why it cannot be used."""
-    if not name:
-        raise ParamError("draft_model must name a model (a built-in, a local folder or a Hub id)")
-    try:
-        return _load_draft(name)
-    except ModelError as error:
-        raise ParamError(f"cannot load draft model {name!r}: {error}") from None
-
-
 def assisted_cross_tokenizer(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
-    draft = load_cross_draft(ctx.params["draft_model"])
+    draft = load_draft_model(ctx.params["draft_model"])
     try:
         drafter = CrossTokenizerDrafter(
             ctx.model, draft, sampling, ctx.params["num_draft_tokens"], ctx.params["lookbehind"]

@@ -20,7 +20,7 @@ import torch
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.events import Event, r7
 from engine.models import load_model
-from engine.models.handle import LoadedModel
+from engine.models.handle import LoadedModel, ModelError
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
@@ -104,27 +104,37 @@ def draft_model_drafter(
 
     ``options`` go to :class:`DraftModelDrafter` (``schedule``, ``confidence_threshold``, ``stop_rule``).
     """
-    name = ctx.params["draft_model"]
+    name, layers = ctx.params["draft_model"], ctx.params["draft_layers"]
+    model = same_tokenizer_model(ctx, name, layers, "draft_model", "draft_layers")
+    return DraftModelDrafter(model, "draft_model" if name else f"draft_layers:{layers}", sampling, num_draft_tokens, **options)
+
+
+def same_tokenizer_model(ctx: DecodeContext, name: str, layers: int, name_param: str, layers_param: str) -> LoadedModel:
+    """The model ``name`` (which must share the target's vocabulary), or without a name the target's first ``layers``."""
     if not name:
-        layers = ctx.params["draft_layers"]
         try:
-            draft = truncated_model(ctx.model, layers)
+            return truncated_model(ctx.model, layers)
         except ValueError as error:
-            raise ParamError(str(error)) from None
-        return DraftModelDrafter(draft, f"draft_layers:{layers}", sampling, num_draft_tokens, **options)
-    draft = _load_draft(name)
-    if draft.vocab_size != ctx.model.vocab_size:
+            raise ParamError(str(error).replace("num_layers", layers_param)) from None
+    model = load_draft_model(name)
+    if model.vocab_size != ctx.model.vocab_size:
         raise ParamError(
-            f"draft model {name!r} has a vocabulary of {draft.vocab_size}, the target {ctx.model.vocab_size}: "
-            "a draft model needs the target's tokenizer"
+            f"{name_param} {name!r} has a vocabulary of {model.vocab_size}, the target {ctx.model.vocab_size}: "
+            "it needs the target's tokenizer"
         )
-    return DraftModelDrafter(draft, "draft_model", sampling, num_draft_tokens, **options)
+    return model
 
 
-def _load_draft(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_draft_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """A second model, loaded once per process (benchmarks and the app run many rounds with it)."""
+    if not name:
+        raise ParamError("draft_model must name a model: a built-in, a local folder or a Hub id")
     key = (name, dtype, device)
     if key not in _DRAFT_MODELS:
-        _DRAFT_MODELS[key] = load_model(name, dtype=dtype, device=device)
+        try:
+            _DRAFT_MODELS[key] = load_model(name, dtype=dtype, device=device)
+        except ModelError as error:
+            raise ParamError(f"cannot load draft model {name!r}: {error}") from None
     return _DRAFT_MODELS[key]
 
 

@@ -15,7 +15,8 @@ records its measured time and ``simulated_seconds = max(draft time, target time)
 in parallel (synchronisation taken as free). The checks are standard speculative sampling (min(1, p/q), residual
 on rejection), so PEARL is lossless. One difference of no consequence: the sequential target forward also runs
 the round's last checked token, so when all are accepted the verifier draws a bonus token that PEARL has no
-place for; it is dropped.
+place for; it is dropped (``verify_round(bonus=False)``: a discarded independent draw leaves the output's law
+unchanged), and the last checked token is left out of the target cache for the next round to run.
 """
 
 from __future__ import annotations
@@ -50,10 +51,14 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
         budget = ctx.max_new_tokens - (len(context) - len(ctx.prompt_ids))
         start = time.perf_counter()
         kept = _part(pending, 0, budget)  # a round commits at most as many tokens as it checks
+        # Back to the verified context first, re-running the pending drafts: a sliding-window layer (Gemma 3) can
+        # roll back only what it took in since its last crop, and the next round may reject any pending draft.
+        drafter.cache.sync(context)
         new = drafter.propose(context + kept.tokens, min(gamma, budget - len(kept.tokens)))
         draft_seconds = time.perf_counter() - start
         checked = _joined(kept, _part(new, 0, 1), calls=new.calls)
-        outcome, slots = verify_round(target, context, checked, sampling, ctx.record_top_k)
+        outcome, slots = verify_round(target, context, checked, sampling, ctx.record_top_k, bonus=False)
+        verdict, committed = outcome.verdict, outcome.committed
         seconds = time.perf_counter() - start
         round_simulated = max(draft_seconds, seconds - draft_seconds)
         measured += seconds
@@ -62,20 +67,18 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
             step,
             draft=checked,
             source=drafter.source,
-            verdict=outcome.verdict,
+            verdict=verdict,
             cache_slots_kept=slots,
             draft_seconds=draft_seconds,
             seconds=seconds,
             mode="post-verify" if post_verify else "pre-verify",
             simulated_seconds=round_simulated,
         )
-        post_verify = outcome.verdict.accepted == len(checked.tokens)
+        post_verify = verdict.accepted == len(checked.tokens)
         if post_verify:  # no bonus token in PEARL: the remaining new drafts come next
-            event = replace(event, committed=list(checked.tokens), bonus_token=None)
-            pending = _part(new, 1)
-        else:
-            pending = NO_DRAFT
-        context += event.committed
+            event = replace(event, committed=committed, bonus_token=None)
+        pending = _part(new, 1) if post_verify else NO_DRAFT
+        context += committed
         # before the round: the runner may stop right after the round that fills the budget
         yield DecoderMetric("simulated_seconds", r7(simulated), "total round time had draft and target run in parallel")
         yield DecoderMetric("simulated_to_measured", r7(simulated / measured), "simulated / measured sequential time")

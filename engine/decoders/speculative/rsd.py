@@ -35,6 +35,7 @@ from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling,
 from engine.speculative.tree import tree_forward
 
 TREES = ("gumbel", "beam")
+TREE_HELP = "gumbel: per-depth branching, Gumbel-top-k children (RSD-C); beam: stochastic beam search (RSD-S)."
 
 
 @dataclass
@@ -106,9 +107,9 @@ class RecursiveDrafter(Drafter):
                 frontier = self._gumbel_children(tree, frontier, rows, self.branching[depth])
             else:
                 frontier, values, phis = self._beam_step(tree, frontier, rows, values, phis)
-        return Draft(
-            tree.tokens, tree.probs, tree.draft_logprobs(), tree.parents, depth_limit, without_replacement=True, scores=tree.scores
-        )
+        logprobs = tree.draft_logprobs()
+        # one draft forward per depth; the verifier must know siblings were drawn without replacement
+        return Draft(tree.tokens, tree.probs, logprobs, tree.parents, depth_limit, without_replacement=True, scores=tree.scores)
 
     def _expand(self, tree: _Tree, context: list[int], frontier: list[int]) -> Tensor:
         """One draft forward over the tree so far: the processed distributions after each frontier node [F, V]."""
@@ -176,7 +177,7 @@ SPEC = register(
         summary="Recursive speculative decoding: draft trees sampled without replacement (Gumbel-top-k or stochastic beams).",
         params=(
             *DRAFTER_PARAMS,
-            Param("tree", "choice", "gumbel", "gumbel: per-depth branching, Gumbel-top-k (RSD-C); beam: stochastic beam search (RSD-S).", choices=TREES),
+            Param("tree", "choice", "gumbel", TREE_HELP, choices=TREES),
             Param("branching", "str", "3,2,1", "gumbel tree: children per node at each depth, e.g. '3,2,1' (also sets the depth)."),
             Param("beam_width", "int", 4, "beam tree: beams kept per depth (W).", 1, 64),
             Param("beam_depth", "int", 4, "beam tree: depth (D); the tree has at most W x D nodes.", 1, 32),

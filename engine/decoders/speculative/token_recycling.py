@@ -8,6 +8,10 @@ token's row, accepted or not, and the root's (the last committed token) is overw
 target's logits at that node (speculative.md §3). The matrix outlives a run: runs on the same model start from
 what earlier runs learnt (hot start) unless ``reset_matrix`` is set.
 
+Two departures from the reference, neither changing what is verified: rows start as "unknown" rather than token
+0, and nodes under an unknown row are left out instead of drafting token 0 (the reference's cold-start chain of
+zeros); and no duplicate-sibling pruning is needed, since siblings come from one row, i.e. one top-k: distinct.
+
 Drafts are deterministic, so verification uses the deterministic-draft rule (§0.2): greedy output equals greedy
 decoding and sampled output follows the processed target. Lossless.
 """
@@ -21,7 +25,7 @@ from torch import Tensor
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.events import DecoderMetric, Event
-from engine.params import Param, ParamError
+from engine.params import Param
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
 
 UNKNOWN = -1  # a row no verified tree has filled yet: its nodes are left out of the draft
@@ -106,8 +110,6 @@ class RecyclingDrafter(Drafter):
 
 def token_recycling(ctx: DecodeContext) -> Iterator[Event]:
     k = ctx.params["k"]
-    if k > ctx.model.vocab_size:
-        raise ParamError(f"k={k} exceeds the vocabulary size {ctx.model.vocab_size}")
     matrix = adjacency_matrix(ctx.model.name, ctx.model.vocab_size, k, ctx.params["reset_matrix"])
     # The template's ranks index the matrix's k columns: keep only the nodes whose ranks exist.
     paths = [path for path in template(ctx.params["tree_size"]) if max(path) < k]

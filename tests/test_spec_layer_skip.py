@@ -1,0 +1,152 @@
+"""Self-speculation by layer skipping (`layer_skip`): the skip view, the skip-set search, greedy equality with plain
+greedy decoding, the sampling law, and what a run records."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from engine import RunSettings, load_model, record
+from engine.decoders.speculative.layer_skip import search_skip_layers, skip_agreement
+from engine.events import DecoderMetric
+from engine.speculative.cache import PrefixCache
+from engine.speculative.skip import layer_skipped_model
+from engine.speculative.truncated import truncated_model
+from tests.test_speculative import PROMPTS, _assert_follows, _rounds, _run
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-random-llama")
+
+
+# ---------------------------------------------------------------- the skip view
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_skip_view_shares_weights_and_keeps_the_target_whole(name):
+    model = load_model(name)
+    ids = torch.tensor([model.encode("Hello world, hello again")])
+    before = model.forward(ids).logits
+    view = layer_skipped_model(model, [0])
+    assert view.num_layers == 1 and len(view.new_cache().layers) == 1
+    kept = view.model.model.layers[0]
+    assert kept is not model.model.model.layers[1] and kept.self_attn.layer_idx == 0  # renumbered copy ...
+    assert kept.mlp is model.model.model.layers[1].mlp  # ... of the same weights
+    assert kept.self_attn.q_proj.weight.data_ptr() == model.model.model.layers[1].self_attn.q_proj.weight.data_ptr()
+    assert view.model.lm_head.weight.data_ptr() == model.model.lm_head.weight.data_ptr()
+    types = getattr(model.model.config, "layer_types", None)
+    assert getattr(view.model.config, "layer_types", None) == (types[1:] if types else None)
+    cache = PrefixCache(view)  # the view runs with its own cache, chunk by chunk as a drafter does
+    cache.forward(ids[0, :3].tolist())
+    torch.testing.assert_close(cache.forward(ids[0, 3:].tolist()).logits[0], view.forward(ids).logits[0, 3:], atol=1e-4, rtol=0)
+    assert not torch.allclose(view.forward(ids).logits, before)
+    # the target is untouched: its layers, their cache indices, its config and its output
+    assert [layer.self_attn.layer_idx for layer in model.model.model.layers] == [0, 1] and model.num_layers == 2
+    torch.testing.assert_close(model.forward(ids).logits, before)
+    torch.testing.assert_close(layer_skipped_model(model, [1]).forward(ids).logits, truncated_model(model, 1).forward(ids).logits)
+    torch.testing.assert_close(layer_skipped_model(model, []).forward(ids).logits, before)
+    with pytest.raises(ValueError, match="cannot skip all 2 layers"):
+        layer_skipped_model(model, [0, 1])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        layer_skipped_model(model, [2])
+
+
+# ---------------------------------------------------------------- the search
+
+
+def test_search_returns_a_set_of_the_right_size_with_a_recomputable_score(llama):
+    ids = llama.encode(PROMPTS[1])
+    choice = search_skip_layers(llama, ids, 1, iterations=6, context_window=16)
+    assert len(choice.skip) == 1 and choice.candidates == 2  # a 2-layer model has two one-layer sets
+    scores = {skip: skip_agreement(llama, ids, (skip,), 16) for skip in (0, 1)}
+    assert choice.score == scores[choice.skip[0]] == max(scores.values())
+
+
+@pytest.mark.real_model
+def test_search_on_a_real_model():
+    model = load_model("smollm2-135m-instruct")
+    ids = model.encode("Describe a vivid and unique character, using strong imagery and creative language.", chat=True)
+    choice = search_skip_layers(model, ids, 13, iterations=6, context_window=20)
+    assert len(choice.skip) == len(set(choice.skip)) == 13 and all(0 <= layer < 30 for layer in choice.skip)
+    assert choice.candidates <= 6 and choice.score == skip_agreement(model, ids, choice.skip, 20)
+    assert 0 <= choice.score <= 1
+
+
+@pytest.mark.parametrize("params", [{}, {"skip_layers": "1"}])
+def test_the_run_records_the_skip_set_and_its_score(llama, params):
+    trace = _run(llama, "layer_skip", PROMPTS[0], params, max_new_tokens=8)
+    metrics = {e.name: e for e in trace.events if isinstance(e, DecoderMetric)}
+    skip = metrics["skip_agreement"].detail
+    assert metrics["skipped_layers"].value == 1 and skip in ("0", "1") and (not params or skip == params["skip_layers"])
+    assert trace.metrics["skip_agreement"] == skip_agreement(llama, trace.prompt_token_ids, (int(skip),), 50)
+    assert {n.source for r in _rounds(trace) for n in r.nodes} == {f"layer_skip:{skip}"}
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"skip_layers": "0,1"}, "fewer than 2 distinct layers"),
+        ({"skip_layers": "2"}, "between 0 and 1"),
+        ({"skip_layers": "a"}, "comma-separated layer indices"),
+        ({"skip_ratio": 0.1}, "skips 0 of 2 layers"),
+    ],
+)
+def test_bad_skip_parameters_fail_the_run_clearly(llama, params, message):
+    trace = _run(llama, "layer_skip", "Hi", params)
+    assert trace.status == "failed" and message in trace.reason
+
+
+# ---------------------------------------------------------------- losslessness (greedy, float32)
+
+SETTINGS = [
+    {"skip_layers": "0", "stop_threshold": 0.0, "num_draft_tokens": 8},  # long drafts, never stopped early
+    {"skip_layers": "1", "stop_threshold": 0.0, "num_draft_tokens": 3},
+    {"skip_layers": "1"},  # the confidence stop: a random model's drafts end after one token
+    {"stop_threshold": 0.0, "num_draft_tokens": 5},  # searched
+]
+
+
+@pytest.mark.parametrize("params", SETTINGS)
+@pytest.mark.parametrize("prompt,max_new_tokens", [(PROMPTS[0], 23), (PROMPTS[2], 40)])
+def test_greedy_layer_skip_equals_greedy_llama(llama, params, prompt, max_new_tokens):
+    expected = _run(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    trace = _run(llama, "layer_skip", prompt, params, max_new_tokens=max_new_tokens)
+    assert trace.status == "finished", trace.reason
+    assert trace.output_token_ids == expected
+
+
+@pytest.mark.parametrize("params", [SETTINGS[0], SETTINGS[1], SETTINGS[3]])
+def test_greedy_layer_skip_equals_greedy_gemma3(params):
+    """70 tokens cross the sliding window (32): the view's own cache, sliding layer kept or skipped, rolls back."""
+    gemma = load_model("tiny-random-gemma3")
+    expected = _run(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
+    trace = _run(gemma, "layer_skip", PROMPTS[1], params, max_new_tokens=70)
+    assert trace.status == "finished", trace.reason
+    assert trace.output_token_ids == expected
+
+
+def test_stop_threshold_ends_drafts_early(llama):
+    params = {"skip_layers": "1", "num_draft_tokens": 8}
+    long = _rounds(_run(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 0.0}, max_new_tokens=30))
+    short = _rounds(_run(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 1.0}, max_new_tokens=30))
+    assert max(len(r.nodes) for r in long) == 8 and max(len(r.nodes) for r in short) == 1
+
+
+def test_first_sampled_token_follows_processed_target(llama):
+    params = {"skip_layers": "0", "num_draft_tokens": 3, "stop_threshold": 0.0, "temperature": 0.9, "top_k": 6}
+    prompt = "Entropy is"
+    with torch.inference_mode():
+        logits = llama.model(torch.tensor([llama.encode(prompt)])).logits[0, -1].double() / 0.9
+    top = logits.topk(6)
+    expected = np.zeros(llama.vocab_size)
+    expected[top.indices.numpy()] = torch.softmax(top.values, -1).numpy()
+    settings = [RunSettings(max_new_tokens=2, seed=seed, ignore_eos=True) for seed in range(300)]
+    counts = Counter(record(llama, "layer_skip", prompt, params, s).output_token_ids[0] for s in settings)
+    observed = np.zeros(llama.vocab_size)
+    for token, n in counts.items():
+        observed[token] = n
+    _assert_follows(observed, torch.from_numpy(expected))
