@@ -58,12 +58,13 @@ class JacobiDrafter(Drafter):
         probs = [1.0 if row is None else r7(row[token].exp()) for token, row in zip(tokens, rows)]
         logprobs = None
         if any(row is not None for row in rows):
-            logprobs = torch.stack([_one_hot_logprobs(t, self.vocab_size) if row is None else row for t, row in zip(tokens, rows)])
+            one_hot = [_one_hot_logprobs(token, self.vocab_size) for token in tokens]
+            logprobs = torch.stack([hot if row is None else row for hot, row in zip(one_hot, rows)])
         return Draft(tokens, probs, logprobs, sources=sources)
 
     def observe(self, outcome: Outcome) -> None:
-        # Row u + 1 is the target's distribution after guess u: the one the verifier drew the last committed token
-        # from and the rows after it refine the positions that follow the committed tokens.
+        # Row u + 1 is the target's distribution after guess u. With m guesses accepted the verifier drew the last
+        # committed token from row m; rows m + 1, ... (after the first unaccepted guess) refine the positions after it.
         rows = outcome.target_logprobs[outcome.verdict.accepted + 1 :]
         if self.refine == "sample":
             self.guesses = [self.sampling.choose(row) for row in rows]

@@ -81,6 +81,10 @@ class LookaheadWindow:
                 row[torch.arange(1, l + 1) * width + j] = True  # column j of levels 1..l
         return ExtraNodes(self.tokens(), positions, visible)
 
+    def describe(self) -> str:
+        warming_up = len(self.levels) < self.ngram - 1
+        return f"window {len(self.levels)}x{self.width}{' (warm-up)' if warming_up else ''}"
+
     def advance(self, new: list[int], pool: NgramPool) -> None:
         """File each column's n-gram once the window is full, then shift (or, warming up, grow) the window."""
         if len(self.levels) == self.ngram - 1:
@@ -133,32 +137,47 @@ def lookahead(ctx: DecodeContext) -> Iterator[Event]:
     window = LookaheadWindow([ctx.prompt_ids[i] for i in picks.tolist()], params["ngram"])
     context = list(ctx.prompt_ids)
     step = 0
-    while len(context) - len(ctx.prompt_ids) < ctx.max_new_tokens:
-        start = time.perf_counter()
-        max_depth = ctx.max_new_tokens - (len(context) - len(ctx.prompt_ids)) - 1
-        parents, tokens = ngram_trie(pool.candidates(context[-1]), max_depth)
-        branch = window.branch(len(context), len(tokens))
-        logits = tree_forward(target, context, parents, tokens, branch)
-        verify_rows = logits[: len(tokens) + 1]
-        verdict = verify_tree(parents, tokens, sampling.process(verify_rows).logprobs, None, sampling.generator, ctx.record_top_k)
-        slots = keep_path(target, tokens + branch.tokens, verdict.accepted_path)
-        mode = f"window {len(window.levels)}x{window.width}{' (warm-up)' if len(window.levels) < params['ngram'] - 1 else ''}, pool {len(pool)} n-grams, {len(tokens)} candidate nodes"
-        window_nodes = window.nodes(len(tokens))
-        window.advance(logits[len(tokens) + 1 :].argmax(-1)[-window.width :].tolist(), pool)
-        event = draft_round(
-            step,
-            draft=Draft(tokens, [1.0] * len(tokens), parents=parents),
-            source="ngram_pool",
-            verdict=verdict,
-            cache_slots_kept=slots,
-            draft_seconds=0.0,
-            seconds=time.perf_counter() - start,
-            mode=mode,
-        )
+    while (generated := len(context) - len(ctx.prompt_ids)) < ctx.max_new_tokens:
+        event = _step(step, target, context, window, pool, sampling, ctx.max_new_tokens - generated - 1, ctx.record_top_k)
         context += event.committed
-        yield replace(event, nodes=event.nodes + window_nodes)
+        # before the round: the run stops right after the round that fills the budget
+        yield DecoderMetric("ngram_pool_size", len(pool), "n-grams in the pool after the last step")
+        yield event
         step += 1
-    yield DecoderMetric("ngram_pool_size", len(pool), "n-grams in the pool at the end of the run")
+
+
+def _step(
+    step: int,
+    target: PrefixCache,
+    context: list[int],
+    window: LookaheadWindow,
+    pool: NgramPool,
+    sampling: Sampling,
+    max_depth: int,
+    top_k: int,
+) -> DraftRound:
+    """One forward: verify the pool's candidates for the last token, advance the window; the round with both."""
+    start = time.perf_counter()
+    parents, tokens = ngram_trie(pool.candidates(context[-1]), max_depth)
+    branch = window.branch(len(context), len(tokens))
+    logits = tree_forward(target, context, parents, tokens, branch)
+    target_logprobs = sampling.process(logits[: len(tokens) + 1]).logprobs
+    verdict = verify_tree(parents, tokens, target_logprobs, None, sampling.generator, top_k)
+    slots = keep_path(target, tokens + branch.tokens, verdict.accepted_path)
+    mode = f"{window.describe()}, pool {len(pool)} n-grams, {len(tokens)} candidate nodes"
+    window_nodes = window.nodes(len(tokens))
+    window.advance(logits[-window.width :].argmax(-1).tolist(), pool)  # the top level's outputs
+    event = draft_round(
+        step,
+        draft=Draft(tokens, [1.0] * len(tokens), parents=parents),
+        source="ngram_pool",
+        verdict=verdict,
+        cache_slots_kept=slots,
+        draft_seconds=0.0,
+        seconds=time.perf_counter() - start,
+        mode=mode,
+    )
+    return replace(event, nodes=event.nodes + window_nodes)
 
 
 def _fill_from(pool: NgramPool, ids: list[int], ngram: int) -> None:
@@ -170,7 +189,7 @@ SPEC = register(
     DecoderSpec(
         name="lookahead",
         family="speculative",
-        summary="Lookahead decoding: a 2-D Jacobi window fills an n-gram pool whose n-grams are verified in the same forward.",
+        summary="Lookahead decoding: a 2-D Jacobi window fills an n-gram pool, verified in the same forward.",
         params=(
             Param("window", "int", 7, "W: columns of the Jacobi window (n-grams produced per step).", 1, 64),
             Param("ngram", "int", 5, "N: n-gram size; the window has N-1 levels and candidates N-1 tokens.", 2, 16),
