@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, inspect, text
 from engine.events import (
     EVENT_TYPES,
     AttentionMap,
+    DecoderMetric,
     BeamNode,
     BeamStep,
     Candidate,
@@ -131,7 +132,10 @@ def every_kind_trace() -> Trace:
             model_calls=1,
             draft_seconds=0.004,
             seconds=0.02,
+            mode="post-verify",
+            simulated_seconds=0.015,
         ),
+        DecoderMetric("simulated_to_measured", 0.75, "détail <b>"),
         DiffusionStep(
             step=4,
             canvas=[99, 5, 99],

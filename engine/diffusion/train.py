@@ -1,0 +1,403 @@
+"""Train the built-in waiting-line models: ``waitline-mdlm`` (masked diffusion) and its AR twin ``waitline-ar``.
+
+    python -m engine.diffusion.train --model mdlm --steps 3000 --minutes 30 --out assets/models/waitline-mdlm
+
+Both are stock ``LlamaForCausalLM`` checkpoints of the same shape and tokenizer, so ``from_pretrained`` (and
+``load_model``) read them from a folder. The diffusion model's config sets ``is_causal: false``: transformers then
+builds a bidirectional attention mask for every layer (``masking_utils.create_causal_mask``), which turns the
+decoder stack into the bidirectional encoder LLaDA uses ("a LLaMA with the causal mask removed"); position i
+predicts token i (no logits shift). ``mask_token_id`` and ``diffusion_gen_length`` are stored in its config.
+
+Objectives. AR: next-token cross-entropy on the answer and its end-of-text. MDLM (Sahoo et al. 2024; LLaDA SFT
+recipe): the canvas is ``<s> prompt | answer </s> </s> ...`` (end-of-text padding up to a random length, trained on
+too, as LLaDA does); per sequence t ~ U(0, 1) (stratified across the batch), every answer-side token is masked
+with probability p = (1 - eps) t + eps, and the loss is the cross-entropy on masked tokens weighted by 1/p, summed
+and divided by the number of answer-side tokens. The prompt is never masked.
+
+Seeded and reproducible for a given ``--steps`` (``--minutes`` only stops early, and the card says so). The
+held-out score uses one token per step: greedy for AR; for MDLM the single most confident masked position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from engine.diffusion.tokenizer import MASK, SPECIALS, build_tokenizer
+from engine.diffusion.waitline_data import OPERATIONS, Example, WaitlineGenerator, score
+
+KINDS = ("mdlm", "ar")
+GEN_LENGTH = 72  # answer-side canvas: 16 people x 4 tokens + end of text, with room to spare
+MASK_EPS = 1e-3
+INVENTED_NAME_RATE = 0.05  # per first/last name in training lists, so unseen (multi-token) names are handled too
+# The scored tasks get more of the data; the others are learnt too (the bench shows how parallel decoding breaks them).
+TASK_WEIGHTS = {op: 1.0 for op in OPERATIONS} | {"copy": 1.5, "reverse": 2.0, "sort": 3.0}
+TARGETS = {"copy": 0.95, "reverse": 0.95, "sort": 0.85}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn: int = 512
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    kind: str
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    seed: int = 0
+    minutes: float = 0.0  # 0 = no time cap
+    shape: Shape = Shape()
+    log_every: int = 50
+    init_from: str = ""  # a saved folder of the same kind to continue from (fresh optimizer and schedule)
+
+
+def build_model(kind: str, tokenizer: PreTrainedTokenizerFast, shape: Shape, seed: int) -> LlamaForCausalLM:
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    extra = {"is_causal": False, "mask_token_id": tokenizer.mask_token_id, "diffusion_gen_length": GEN_LENGTH}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+        max_position_embeddings=512, tie_word_embeddings=True, **ids, **(extra if kind == "mdlm" else {}),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(**ids)
+    return model
+
+
+class Batches:
+    """Seeded training batches; all lists of one batch have the same length so that little padding is needed."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int) -> None:
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.generator = WaitlineGenerator(seed, invented_rate=INVENTED_NAME_RATE)
+        self.rng = random.Random(seed + 1)
+        self.operations, self.weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
+
+    def examples(self) -> list[Example]:
+        count = self.generator.rng.randint(self.generator.min_people, self.generator.max_people)
+        ops = self.rng.choices(self.operations, self.weights, k=self.batch_size)
+        return [self.generator.example(op, count) for op in ops]
+
+    def encoded(self) -> list[tuple[list[int], list[int]]]:
+        """(``<s>`` + prompt ids, answer ids + ``</s>``) per example."""
+        eos = self.tokenizer.eos_token_id
+        return [(encode_prompt(self.tokenizer, e.prompt), encode_answer(self.tokenizer, e.answer_text) + [eos])
+                for e in self.examples()]
+
+    def ar(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids right-padded with ``<pad>``, and labels that score only the answer and its end of text."""
+        pairs = self.encoded()
+        width = max(len(p) + len(a) for p, a in pairs)
+        ids = torch.full((len(pairs), width), self.tokenizer.pad_token_id)
+        labels = torch.full((len(pairs), width), -100)
+        for row, (prompt, answer) in enumerate(pairs):
+            ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            labels[row, len(prompt): len(prompt) + len(answer)] = torch.tensor(answer)
+        return ids, labels
+
+    def mdlm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean canvases (answer side padded with end of text to a random common width) and the answer-side mask."""
+        pairs = self.encoded()
+        longest = max(len(p) + len(a) for p, a in pairs)
+        shortest_prompt = min(len(p) for p, _ in pairs)
+        width = longest + self.rng.randint(0, max(0, shortest_prompt + GEN_LENGTH - longest))
+        ids = torch.full((len(pairs), width), self.tokenizer.eos_token_id)
+        answer_side = torch.zeros((len(pairs), width), dtype=torch.bool)
+        for row, (prompt, answer) in enumerate(pairs):
+            ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            answer_side[row, len(prompt):] = True
+        return ids, answer_side
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int]:
+    return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def ar_loss(model: LlamaForCausalLM, batches: Batches) -> torch.Tensor:
+    ids, labels = batches.ar()
+    return model(input_ids=ids, labels=labels).loss
+
+
+def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Generator) -> torch.Tensor:
+    ids, answer_side = batches.mdlm()
+    rows = ids.shape[0]
+    # Stratified t: one uniform offset, evenly spaced across the batch (lower-variance ELBO estimate, as in MDLM).
+    t = (torch.rand(1, generator=generator) + torch.arange(rows) / rows) % 1.0
+    p_mask = ((1 - MASK_EPS) * t + MASK_EPS)[:, None]
+    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & answer_side
+    noisy = ids.masked_fill(masked, model.config.mask_token_id)
+    logits = model(input_ids=noisy).logits
+    token_loss = F.cross_entropy(logits[masked], ids[masked], reduction="none")
+    weights = (1.0 / p_mask).expand_as(ids)[masked]
+    return (token_loss * weights).sum() / answer_side.sum()
+
+
+def learning_rate(step: int, settings: TrainSettings, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak, over the steps or the time cap if that comes first.
+
+    With a time cap the schedule depends on the machine's speed; ``--minutes 0`` makes a run exactly reproducible.
+    """
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    if settings.minutes:
+        progress = max(progress, elapsed / (settings.minutes * 60))
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(
+    settings: TrainSettings, log: Callable[[str], None] = print
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
+    """Train one model; returns it, the tokenizer and the run record (loss curve, steps done, time)."""
+    if settings.kind not in KINDS:
+        raise ValueError(f"--model must be one of {', '.join(KINDS)}, not {settings.kind!r}")
+    torch.manual_seed(settings.seed)
+    tokenizer = build_tokenizer()  # one tokenizer for the whole family, whatever the training seed
+    model = _initial_model(settings, tokenizer).train()
+    batches = Batches(tokenizer, settings.seed, settings.batch_size)
+    noise = torch.Generator().manual_seed(settings.seed + 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    curve: list[tuple[int, float]] = []
+    start, window = time.monotonic(), []
+    step = 0
+    for step in range(settings.steps):
+        elapsed = time.monotonic() - start
+        if settings.minutes and elapsed > settings.minutes * 60:
+            log(f"time cap of {settings.minutes} min reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings, elapsed)
+        loss = ar_loss(model, batches) if settings.kind == "ar" else mdlm_loss(model, batches, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            curve.append((step + 1, sum(window) / len(window)))
+            window = []
+            log(f"step {step + 1}/{settings.steps} loss {curve[-1][1]:.4f} ({time.monotonic() - start:.0f} s)")
+    else:
+        step = settings.steps
+    record = {"steps_done": step, "seconds": round(time.monotonic() - start), "loss_curve": curve,
+              "settings": asdict(settings)}
+    if settings.init_from:
+        record["continued_from"] = _previous_record(Path(settings.init_from))
+    return model.eval(), tokenizer, record
+
+
+def _initial_model(settings: TrainSettings, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    if not settings.init_from:
+        return build_model(settings.kind, tokenizer, settings.shape, settings.seed)
+    model = LlamaForCausalLM.from_pretrained(settings.init_from, dtype=torch.float32)
+    if getattr(model.config, "is_causal", True) != (settings.kind == "ar"):
+        raise ValueError(f"{settings.init_from} is not a waitline-{settings.kind} model folder")
+    return model
+
+
+def _previous_record(folder: Path) -> dict[str, Any]:
+    """The earlier run's log (read before ``save`` overwrites the folder), so the card can show the whole history."""
+    log_file = folder / "training_log.json"
+    return json.loads(log_file.read_text()) if log_file.is_file() else {}
+
+
+# --- held-out measurement (one token per step) -------------------------------------------------------------------
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, attention
+
+
+@torch.inference_mode()
+def answer_ar(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]]
+) -> list[list[int]]:
+    """Greedy continuations (left-padded batch), up to end of text."""
+    ids, attention = _left_padded(prompts, tokenizer.pad_token_id)
+    out = model.generate(ids, attention_mask=attention, max_new_tokens=GEN_LENGTH, do_sample=False)
+    return [_until_eos(row[ids.shape[1]:].tolist(), tokenizer.eos_token_id) for row in out]
+
+
+@torch.inference_mode()
+def answer_mdlm(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]]
+) -> list[list[int]]:
+    """Unmask ``[prompt | <mask> x GEN_LENGTH]`` one position per step: the most confident argmax, never revised."""
+    mask_id = model.config.mask_token_id
+    ids, attention = _left_padded(prompts, tokenizer.pad_token_id)
+    canvas = torch.cat([ids, torch.full((len(prompts), GEN_LENGTH), mask_id)], dim=1)
+    attention = torch.cat([attention, torch.ones(len(prompts), GEN_LENGTH, dtype=torch.long)], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    rows = torch.arange(len(prompts))
+    for _ in range(GEN_LENGTH):
+        logits = model(input_ids=canvas, attention_mask=attention, position_ids=positions).logits.float()
+        logits[..., mask_id] = -math.inf
+        confidence, proposal = logits.softmax(-1).max(-1)
+        confidence = confidence.masked_fill(canvas != mask_id, -1.0)
+        position = confidence.argmax(-1)
+        canvas[rows, position] = proposal[rows, position]
+    return [_until_eos(row[ids.shape[1]:].tolist(), tokenizer.eos_token_id) for row in canvas]
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def held_out_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: str,
+                      operations: tuple[str, ...] = tuple(TARGETS), per_operation: int = 50, seed: int = 10_000,
+                      batch_size: int = 25) -> dict[str, float]:
+    """Score on fresh lists (another seed than training): exact match, or validity for open-ended tasks."""
+    answer = answer_ar if kind == "ar" else answer_mdlm
+    generator = WaitlineGenerator(seed)
+    results = {}
+    for operation in operations:
+        examples = [generator.example(operation) for _ in range(per_operation)]
+        correct = 0.0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start: start + batch_size]
+            outputs = answer(model, tokenizer, [encode_prompt(tokenizer, example.prompt) for example in chunk])
+            for example, ids in zip(chunk, outputs, strict=True):
+                correct += score(operation, tokenizer.decode(ids, skip_special_tokens=True), example.row()["answer"])
+        results[operation] = correct / len(examples)
+    return results
+
+
+# --- saving ------------------------------------------------------------------------------------------------------
+
+
+def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path, card: str) -> None:
+    """float16 safetensors (half the bytes; loaded back as float32 by ``load_model``), tokenizer and model card."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(card)
+
+
+def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str) -> str:
+    settings = record["settings"]
+    objective = (
+        "masked diffusion (MDLM / LLaDA SFT): t ~ U(0,1) per sequence (stratified), answer-side tokens masked with "
+        "p = (1-1e-3) t + 1e-3, cross-entropy on masked tokens weighted 1/p; the prompt is never masked; answers "
+        "padded with end-of-text (trained on too). Bidirectional attention (`is_causal: false`), no logits shift, "
+        f"mask token `<mask>` (id {SPECIALS.index(MASK)}), default canvas {GEN_LENGTH} tokens."
+        if kind == "mdlm" else "next-token cross-entropy on the answer and its end-of-text (causal attention)."
+    )
+    history = _history(record)
+    curve = "\n".join(f"| {step} | {loss:.4f} |" for step, loss in _whole_curve(history))
+    stopped = "" if record["steps_done"] == settings["steps"] else (
+        f" (stopped by the time cap at step {record['steps_done']} of {settings['steps']}; the learning-rate "
+        "schedule followed the time budget, so a rerun matches only with the same speed)")
+    decoding = "greedy" if kind == "ar" else "the single most confident masked position committed per step (argmax)"
+    scores = "\n".join(f"| {op} | {acc:.1%} | {TARGETS.get(op, 0):.0%} |" for op, acc in accuracy.items())
+    return f"""# waitline-{kind}
+
+A {parameters / 1e6:.2f}M-parameter `LlamaForCausalLM` ({settings['shape']['layers']} layers, hidden
+{settings['shape']['hidden']}, {settings['shape']['heads']} heads, MLP {settings['shape']['ffn']}, tied embeddings),
+built into Decoding Explorer. Weights stored in float16.
+
+- **Data**: ParallelBench's "waiting line" family generated by `engine/diffusion/waitline_data.py` from the
+  project's own name lists (290 first x 232 last names; {INVENTED_NAME_RATE:.0%} of names invented from
+  syllables, several tokens each), lists of 3-15 people; operations copy, reverse, sort,
+  shuffle, insert/remove/replace at an index and at random (task weights {json.dumps(TASK_WEIGHTS)}).
+  Prompt = ParallelBench's instruction (no in-context example); answer = the JSON list, then `</s>`.
+- **Tokenizer**: byte-level BPE (`engine/diffusion/tokenizer.py`): any text round-trips; names are one token.
+- **Objective**: {objective}
+- **Earlier runs continued from**: {_earlier_runs(history[:-1])}
+- **Training**: `{command}`, {record['steps_done']} steps{stopped} of batch {settings['batch_size']}, AdamW
+  lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']},
+  {record['seconds']} s on CPU.
+
+## Held-out accuracy (fresh lists, one token per step: {decoding})
+
+| task | accuracy | target |
+|---|---|---|
+{scores}
+
+## Loss curve (mean over each logging window)
+
+| step | loss |
+|---|---|
+{curve}
+"""
+
+
+def _history(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chain of runs that produced these weights, oldest first."""
+    earlier = record.get("continued_from") or {}
+    return (_history(earlier) if earlier else []) + [record]
+
+
+def _whole_curve(history: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    curve, offset = [], 0
+    for run in history:
+        curve += [(offset + step, loss) for step, loss in run["loss_curve"]]
+        offset += run["steps_done"]
+    return curve
+
+
+def _earlier_runs(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "none (trained from scratch)"
+    return "; ".join(f"`{run.get('command', '?')}` ({run['steps_done']} steps, {run['seconds']} s)" for run in runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=KINDS, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--minutes", type=float, default=30.0, help="stop early after this long (0 = no cap)")
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--eval-per-task", type=int, default=40)
+    parser.add_argument("--init-from", default="", help="continue from this saved model folder of the same kind")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(kind=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, minutes=args.minutes, init_from=args.init_from)
+    model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True))
+    save(model, tokenizer, args.out, "")
+    reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
+    accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task)
+    print(json.dumps(accuracy), flush=True)
+    command = (f"python -m engine.diffusion.train --model {args.model} --steps {args.steps} --minutes {args.minutes:g} "
+               f"--batch-size {args.batch_size} --lr {args.lr:g} --seed {args.seed} --out {args.out}"
+               + (f" --init-from {args.init_from}" if args.init_from else ""))
+    parameters = sum(p.numel() for p in reloaded.parameters())
+    (args.out / "README.md").write_text(model_card(args.model, record, accuracy, parameters, command))
+    log = {**record, "command": command, "held_out": accuracy}
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
+
+
+if __name__ == "__main__":
+    main()

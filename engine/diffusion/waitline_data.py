@@ -1,0 +1,212 @@
+"""The "waiting line" task family of ParallelBench (Kim et al., ICLR'26), generated from this project's own names.
+
+A row has ParallelBench's test-file layout (``dataset/parallel_bench/data/output/test/waiting_line*/<task>.jsonl``):
+
+    {"input": {"context": '["Ann Lee", ...]', "word"?: "...", "index"?: 3, "icl_examples": [row, ...]},
+     "answer": '["..."]'  or, for shuffle and the random operations, {"input": [...], "word"?: ..., "example": '[...]'},
+     "output_format": '["[MASK]", ...]', "metadata": {"length": n, "index"?: ..., "word"?: ...}}
+
+The instruction wording is ParallelBench's (so their files render to the prompts the built-in models were trained
+on); ``prompt_text`` renders a row without its in-context examples. Indices are 0-based; insert takes 0..n. Sort is
+by the full name string (ParallelBench's answers sort by first name despite the wording "by last name").
+
+Scoring follows ParallelBench's ``metrics.py``: exact list match for the deterministic tasks; shuffle = same
+multiset and a different order; random insert/remove/replace = the input with exactly that one edit anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from engine.diffusion.names import FIRST_NAMES, LAST_NAMES
+
+PREAMBLE = "You are managing a waiting line at a customer service desk.\n"
+TEMPLATES = {
+    "copy": "You need to record the following people in the order they arrived:\n{context}\n"
+    "Please copy the list exactly and provide only the final list.\n",
+    "reverse": "The previous staff member put the waiting line in the wrong order.\n"
+    "Please reverse the order of the following people in the waiting line to correct it:\n{context}\n"
+    "Please reverse the order of the list and provide only the final list.\n",
+    "sort": "The following people should be organized alphabetically by last name for efficient processing:\n"
+    "{context}\nPlease sort the list in alphabetical order and provide only the final list.\n",
+    "shuffle": "The waiting line should be randomly shuffled to ensure fair service distribution:\n{context}\n"
+    "Please randomly shuffle the list and provide only the final list.\n"
+    "Ensure the sequence is different from the original.\n",
+    "insert_index": 'A new person "{word}" is inserted into the line at position {index}:\n{context}\n'
+    "Please put the new person at the specified position and provide only the final list.\n",
+    "remove_index": "The person at position {index} has left the waiting line:\n{context}\n"
+    "Please remove the person at the specified position and provide only the final list.\n",
+    "replace_index": 'The person at position {index} must be replaced with "{word}":\n{context}\n'
+    'Please replace the person at the specified position with "{word}" and provide only the final list.\n',
+    "insert_random": 'A new person "{word}" is inserted into the line at a random position:\n{context}\n'
+    "Please put the new person in the random position and provide only the final list.\n",
+    "remove_random": "One person has left the waiting line:\n{context}\n"
+    "Please remove a random person and provide only the final list.\n",
+    "replace_random": 'One person in the waiting line must be replaced with "{word}":\n{context}\n'
+    'Please replace one random person with "{word}" and provide only the final list.',
+}
+OPERATIONS = tuple(TEMPLATES)
+# Tasks with many valid answers: scored by validity, and their rows carry the input instead of one answer.
+OPEN_ENDED = ("shuffle", "insert_random", "remove_random", "replace_random")
+MIN_PEOPLE, MAX_PEOPLE = 3, 15  # ParallelBench's files use 3-6 and 15
+ONSETS = ("b", "br", "c", "ch", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "t", "v", "w", "z")
+VOWELS = ("a", "e", "i", "o", "u", "ay", "ee", "on", "er", "an")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task instance: the prompt the model sees and one correct answer (a sample, for open-ended tasks)."""
+
+    operation: str
+    people: tuple[str, ...]
+    answer: tuple[str, ...]
+    word: str | None = None
+    index: int | None = None
+
+    @property
+    def prompt(self) -> str:
+        return render_prompt(self.operation, list(self.people), self.word, self.index)
+
+    @property
+    def answer_text(self) -> str:
+        return format_list(self.answer)
+
+    def row(self, icl_examples: list[Example] = ()) -> dict[str, Any]:
+        """This example as a ParallelBench test-file row."""
+        inputs: dict[str, Any] = {"context": format_list(self.people)}
+        if self.word is not None:
+            inputs["word"] = self.word
+        if self.operation.endswith("_index"):
+            inputs["index"] = self.index
+        if icl_examples:
+            inputs["icl_examples"] = [example.row() for example in icl_examples]
+        answer: Any = self.answer_text
+        if self.operation in OPEN_ENDED:
+            answer = {"input": list(self.people), **({"word": self.word} if self.word else {}), "example": answer}
+        metadata: dict[str, Any] = {"length": len(self.people)}
+        if self.operation not in ("copy", "reverse", "sort", "shuffle"):
+            metadata.update(index=self.index, word=self.word)
+        output_format = format_list(["[MASK]"] * len(self.answer))
+        return {"input": inputs, "answer": answer, "output_format": output_format, "metadata": metadata}
+
+
+def format_list(people: list[str] | tuple[str, ...]) -> str:
+    return json.dumps(list(people))
+
+
+def render_prompt(operation: str, people: list[str], word: str | None = None, index: int | None = None) -> str:
+    return PREAMBLE + TEMPLATES[operation].format(context=format_list(people), word=word, index=index)
+
+
+def prompt_text(row: dict[str, Any], operation: str) -> str:
+    """The prompt of a ParallelBench row (its in-context examples left out: the built-in models need none)."""
+    inputs = row["input"]
+    return PREAMBLE + TEMPLATES[operation].format(**{k: v for k, v in inputs.items() if k != "icl_examples"})
+
+
+def operation_of(path: str) -> str:
+    """The operation named by a test file such as ``.../waiting_line_n15/sort.jsonl``."""
+    stem = re.sub(r"\.jsonl$", "", path.rsplit("/", 1)[-1])
+    if stem not in TEMPLATES:
+        raise ValueError(f"{path!r} is not a waiting-line task file; its name should be one of {', '.join(OPERATIONS)}")
+    return stem
+
+
+class WaitlineGenerator:
+    """Seeded source of examples: the same seed always yields the same sequence.
+
+    ``invented_rate`` is the chance that a first or last name is made up from syllables instead of drawn from the
+    lists: such names take several tokens, so a model trained with them also copes with names it never saw.
+    """
+
+    def __init__(
+        self, seed: int, min_people: int = MIN_PEOPLE, max_people: int = MAX_PEOPLE, invented_rate: float = 0.0
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.min_people, self.max_people = min_people, max_people
+        self.invented_rate = invented_rate
+
+    def person(self) -> str:
+        return f"{self.name(FIRST_NAMES)} {self.name(LAST_NAMES)}"
+
+    def name(self, names: list[str]) -> str:
+        if self.invented_rate and self.rng.random() < self.invented_rate:
+            syllables = self.rng.randint(2, 3)
+            return "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)).capitalize()
+        return self.rng.choice(names)
+
+    def people(self, count: int) -> list[str]:
+        chosen: list[str] = []
+        while len(chosen) < count:  # distinct people, as in ParallelBench's lists
+            name = self.person()
+            if name not in chosen:
+                chosen.append(name)
+        return chosen
+
+    def example(self, operation: str, count: int | None = None) -> Example:
+        count = count if count is not None else self.rng.randint(self.min_people, self.max_people)
+        people = self.people(count + 1)
+        newcomer, people = people[-1], people[:-1]
+        return apply_operation(operation, people, newcomer, self.rng)
+
+    def row(self, operation: str, count: int | None = None, icl_count: int = 1) -> dict[str, Any]:
+        icl = [self.example(operation) for _ in range(icl_count)]
+        return self.example(operation, count).row(icl)
+
+
+def apply_operation(operation: str, people: list[str], newcomer: str, rng: random.Random) -> Example:
+    """An example of ``operation`` on ``people``; ``newcomer`` is the inserted or replacing person."""
+    count = len(people)
+    if operation in ("copy", "reverse", "sort", "shuffle"):
+        answer = {"copy": people, "reverse": people[::-1], "sort": sorted(people)}.get(operation)
+        if answer is None:
+            answer = people[:]
+            while answer == people:  # a shuffle must differ from the input
+                rng.shuffle(answer)
+        return Example(operation, tuple(people), tuple(answer))
+    kind, _, where = operation.partition("_")
+    index = rng.randint(0, count if kind == "insert" else count - 1)
+    answer = people[:]
+    if kind == "insert":
+        answer.insert(index, newcomer)
+    elif kind == "remove":
+        del answer[index]
+    else:
+        answer[index] = newcomer
+    word = None if kind == "remove" else newcomer
+    return Example(operation, tuple(people), tuple(answer), word, index if where == "index" else None)
+
+
+def parse_list(text: str) -> list[str]:
+    """ParallelBench's lenient list parser: the last ``[...]`` in the text, items stripped of quotes and spaces."""
+    if "[" in text:
+        text = text.rsplit("[", 1)[1]
+    if "]" in text:
+        text = text.split("]", 1)[0]
+    return [item.strip('" ') for item in text.strip("[]").split(",") if item.strip()]
+
+
+def score(operation: str, prediction: str, answer: str | dict[str, Any]) -> float:
+    """1.0 if ``prediction`` solves the task of a row whose answer field is ``answer``, else 0.0."""
+    predicted = parse_list(prediction)
+    if operation not in OPEN_ENDED:
+        return float(predicted == parse_list(answer))
+    given = list(answer["input"])
+    if operation == "shuffle":
+        return float(sorted(predicted) == sorted(given) and predicted != given)
+    if operation == "insert_random":
+        return float(answer["word"] in predicted and _without(predicted, answer["word"]) == given)
+    if operation == "remove_random":
+        return float(len(predicted) == len(given) - 1 and any(_without(given, p) == predicted for p in set(given)))
+    changed = [i for i, (p, g) in enumerate(zip(predicted, given, strict=False)) if p != g]
+    return float(len(predicted) == len(given) and len(changed) == 1 and predicted[changed[0]] == answer["word"])
+
+
+def _without(people: list[str], person: str) -> list[str]:
+    rest = people[:]
+    rest.remove(person)
+    return rest

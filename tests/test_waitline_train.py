@@ -1,0 +1,145 @@
+"""The waiting-line data, scoring, tokenizer, and the training script of the built-in waitline models."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from engine.diffusion import train as waitline_train
+from engine.diffusion.names import FIRST_NAMES, LAST_NAMES
+from engine.diffusion.tokenizer import build_tokenizer
+from engine.diffusion.waitline_data import (
+    OPEN_ENDED,
+    OPERATIONS,
+    WaitlineGenerator,
+    apply_operation,
+    format_list,
+    operation_of,
+    prompt_text,
+    score,
+)
+from engine.models import BUILTIN_NAMES, load_model
+from engine.models.registry import asset_model_dir
+
+TINY = waitline_train.Shape(hidden=32, layers=1, heads=2, ffn=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_generator_is_seeded_and_rows_score_their_own_answers():
+    first = [WaitlineGenerator(7).row(op) for op in OPERATIONS]
+    assert first == [WaitlineGenerator(7).row(op) for op in OPERATIONS]
+    generator = WaitlineGenerator(3)
+    for operation in OPERATIONS:
+        for _ in range(20):
+            row = generator.row(operation)
+            people = eval(row["input"]["context"])  # noqa: S307 - a JSON list literal written by the generator
+            assert 3 <= len(people) <= 15 and len(set(people)) == len(people)
+            answer = row["answer"]["example"] if operation in OPEN_ENDED else row["answer"]
+            assert score(operation, answer, row["answer"]) == 1.0
+            assert prompt_text(row, operation).startswith("You are managing a waiting line")
+            assert len(row["input"]["icl_examples"]) == 1
+
+
+def test_deterministic_answers_follow_parallelbench_rules():
+    people = ["Zoe Adams", "Adam Young", "Adam Baker"]
+    rng = random.Random(0)
+    assert apply_operation("sort", people, "X Y", rng).answer == ("Adam Baker", "Adam Young", "Zoe Adams")
+    assert apply_operation("reverse", people, "X Y", rng).answer == tuple(people[::-1])
+    inserted = apply_operation("insert_index", people, "New Person", rng)
+    assert inserted.answer[inserted.index] == "New Person" and len(inserted.answer) == 4
+    removed = apply_operation("remove_index", people, "X Y", rng)
+    assert f"position {removed.index} has left" in removed.prompt
+    assert removed.answer == tuple(p for i, p in enumerate(people) if i != removed.index)
+
+
+def test_validity_scores_reject_wrong_edits():
+    given = ["A a", "B b", "C c", "D d"]
+    shuffle_answer = {"input": given, "example": ""}
+    assert score("shuffle", format_list(given), shuffle_answer) == 0.0  # unchanged order is not a shuffle
+    assert score("shuffle", format_list(["B b", "A a", "C c", "D d"]), shuffle_answer) == 1.0
+    assert score("shuffle", format_list(["B b", "A a", "C c"]), shuffle_answer) == 0.0
+    replace = {"input": given, "word": "N n", "example": ""}
+    assert score("replace_random", format_list(["A a", "N n", "C c", "D d"]), replace) == 1.0
+    assert score("replace_random", format_list(["N n", "N n", "C c", "D d"]), replace) == 0.0
+    insert = {"input": given, "word": "N n", "example": ""}
+    assert score("insert_random", format_list(["A a", "B b", "C c", "D d", "N n"]), insert) == 1.0
+    assert score("insert_random", format_list(["A a", "C c", "B b", "N n", "D d"]), insert) == 0.0
+    remove = {"input": given, "example": ""}
+    assert score("remove_random", format_list(["A a", "C c", "D d"]), remove) == 1.0
+    assert score("remove_random", format_list(["A a", "D d", "C c"]), remove) == 0.0
+    assert score("copy", 'Here: ["A a", "B b"]', format_list(["A a", "B b"])) == 1.0
+    assert operation_of("data/waiting_line_n15/replace_random.jsonl") == "replace_random"
+    with pytest.raises(ValueError, match="not a waiting-line task file"):
+        operation_of("data/sudoku.jsonl")
+
+
+def test_tokenizer_handles_any_text_and_names_are_single_tokens(tokenizer):
+    text = "Héllo wörld ✓ 🙂\ttabs and \"quotes\" 12345"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    specials = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id]
+    assert specials == [0, 1, 2, 3]
+    people = [f"{first} {last}" for first, last in zip(FIRST_NAMES, LAST_NAMES, strict=False)]
+    assert len(tokenizer(format_list(people), add_special_tokens=False)["input_ids"]) == 4 * len(people)
+    assert build_tokenizer().get_vocab() == tokenizer.get_vocab()  # the trained merges are deterministic
+    invented = WaitlineGenerator(0, invented_rate=1.0).people(5)  # names from syllables: several tokens each
+    ids = tokenizer(format_list(invented), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 4 * len(invented) and tokenizer.decode(ids) == format_list(invented)
+
+
+@pytest.mark.parametrize("kind", waitline_train.KINDS)
+def test_training_lowers_the_loss_and_the_saved_model_round_trips(kind, tmp_path):
+    settings = waitline_train.TrainSettings(
+        kind=kind, steps=8, batch_size=8, lr=1e-2, warmup=1, shape=TINY, log_every=2
+    )
+    model, tokenizer, record = waitline_train.train(settings, log=lambda _: None)
+    losses = [loss for _, loss in record["loss_curve"]]
+    assert record["steps_done"] == 8 and losses[-1] < losses[0] - 0.5
+    waitline_train.save(model, tokenizer, tmp_path, "# card")
+    loaded = load_model(str(tmp_path))
+    ids = torch.tensor([loaded.encode("You are managing a waiting line")])
+    expected = model.to(torch.float16).float()(input_ids=ids).logits
+    assert torch.allclose(loaded.forward(ids).logits, expected, atol=1e-4)
+    assert loaded.decode(loaded.encode('["Ann Lee"]')) == '["Ann Lee"]'
+    # The diffusion model attends both ways (a later token changes an earlier position's logits); AR does not.
+    changed = ids.clone()
+    changed[0, -1] = loaded.tokenizer.mask_token_id
+    earlier_moves = not torch.allclose(loaded.forward(ids).logits[0, 0], loaded.forward(changed).logits[0, 0])
+    assert earlier_moves == (kind == "mdlm")
+    assert isinstance(loaded.model, LlamaForCausalLM)
+
+
+def test_held_out_measurement_runs_on_both_kinds(tokenizer):
+    for kind in waitline_train.KINDS:
+        model = waitline_train.build_model(kind, tokenizer, TINY, seed=0).eval()
+        accuracy = waitline_train.held_out_accuracy(model, tokenizer, kind, operations=("copy",), per_operation=2)
+        assert set(accuracy) == {"copy"} and 0.0 <= accuracy["copy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["waitline-mdlm", "waitline-ar"])
+def test_builtin_waitline_models_load_by_name(name):
+    assert name in BUILTIN_NAMES
+    if not (asset_model_dir(name) / "config.json").is_file():
+        pytest.skip(f"{name} has not been trained into {asset_model_dir(name)} yet")
+    loaded = load_model(name)
+    assert loaded.name == name and loaded.tokenizer.mask_token_id == 3
+    assert getattr(loaded.model.config, "is_causal", True) == (name == "waitline-ar")
+
+
+def test_training_continues_from_a_saved_folder_of_the_same_kind(tmp_path):
+    first = waitline_train.TrainSettings(kind="ar", steps=2, batch_size=4, warmup=1, shape=TINY, log_every=1)
+    model, tokenizer, record = waitline_train.train(first, log=lambda _: None)
+    waitline_train.save(model, tokenizer, tmp_path, "# card")
+    (tmp_path / "training_log.json").write_text('{"steps_done": 2, "seconds": 1, "loss_curve": [[2, 7.0]]}')
+    more = waitline_train.TrainSettings(**{**first.__dict__, "seed": 1, "init_from": str(tmp_path)})
+    continued, _, record = waitline_train.train(more, log=lambda _: None)
+    assert record["continued_from"]["steps_done"] == 2
+    assert [step for step, _ in waitline_train._whole_curve(waitline_train._history(record))] == [2, 3, 4]
+    with pytest.raises(ValueError, match="not a waitline-mdlm model folder"):
+        waitline_train.train(waitline_train.TrainSettings(**{**more.__dict__, "kind": "mdlm"}), log=lambda _: None)
