@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from collections import Counter, deque
+from collections import deque
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from engine.decoders.speculative.rapid import retrieve_spans
 from engine.events import DecoderMetric, TokenStep
 from engine.speculative.truncated import truncated_model
 from engine.speculative.vocab_map import VocabMap, encode_continuation, token_surfaces
-from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, _rounds, _run
+from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, _rounds, _run, first_token_law
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 LONG_PROMPT = " ".join(f"item {i % 7} is {'red green blue'.split()[i % 3]}." for i in range(40)) + " So item 3 is"
@@ -152,25 +152,8 @@ def test_cross_tokenizer_eos_inside_a_draft_stops_like_greedy():
     assert trace.output_token_ids == expected.output_token_ids
 
 
-def _first_token_law(model, decoder, params, prompt, draws=300):
-    """Observed first tokens over seeds, and the processed target law (temperature 0.9, top-k 6)."""
-    params = {**params, "temperature": 0.9, "top_k": 6}
-    with torch.inference_mode():
-        logits = model.model(torch.tensor([model.encode(prompt)])).logits[0, -1].double() / 0.9
-    top = logits.topk(6)
-    expected = np.zeros(model.vocab_size)
-    expected[top.indices.numpy()] = torch.softmax(top.values, -1).numpy()
-    counts = Counter(
-        _run(model, decoder, prompt, params, max_new_tokens=2, seed=seed).output_token_ids[0] for seed in range(draws)
-    )
-    observed = np.zeros(model.vocab_size)
-    for token, n in counts.items():
-        observed[token] = n
-    return observed, torch.from_numpy(expected)
-
-
 def test_cross_tokenizer_first_sampled_token_follows_processed_target(llama, metaspace_draft):
-    observed, expected = _first_token_law(llama, "assisted_cross_tokenizer", {"draft_model": metaspace_draft, "num_draft_tokens": 3}, PROMPT)
+    observed, expected = first_token_law(llama, "assisted_cross_tokenizer", {"draft_model": metaspace_draft, "num_draft_tokens": 3}, PROMPT)
     _assert_follows(observed, expected)
 
 
@@ -296,5 +279,5 @@ def test_rapid_eos_inside_a_draft_stops_like_greedy():
 
 def test_rapid_first_sampled_token_follows_processed_target(llama):
     params = {"draft_layers": 1, "chunk_tokens": 16, "retrieved_chunks": 2, "query_tokens": 8}
-    observed, expected = _first_token_law(llama, "rapid", params, LONG_PROMPT)
+    observed, expected = first_token_law(llama, "rapid", params, LONG_PROMPT)
     _assert_follows(observed, expected)

@@ -3,19 +3,17 @@ greedy decoding, the sampling law, and what a run records."""
 
 from __future__ import annotations
 
-from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
-from engine import RunSettings, load_model, record
+from engine import load_model
 from engine.decoders.speculative.layer_skip import search_skip_layers, skip_agreement
 from engine.events import DecoderMetric
 from engine.speculative.cache import PrefixCache
 from engine.speculative.skip import layer_skipped_model
 from engine.speculative.truncated import truncated_model
-from tests.test_speculative import PROMPTS, _assert_follows, _rounds, _run
+from tests.test_speculative import PROMPTS, _assert_follows, _rounds, _run, first_token_law
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +135,5 @@ def test_stop_threshold_ends_drafts_early(llama):
 
 
 def test_first_sampled_token_follows_processed_target(llama):
-    params = {"skip_layers": "0", "num_draft_tokens": 3, "stop_threshold": 0.0, "temperature": 0.9, "top_k": 6}
-    prompt = "Entropy is"
-    with torch.inference_mode():
-        logits = llama.model(torch.tensor([llama.encode(prompt)])).logits[0, -1].double() / 0.9
-    top = logits.topk(6)
-    expected = np.zeros(llama.vocab_size)
-    expected[top.indices.numpy()] = torch.softmax(top.values, -1).numpy()
-    settings = [RunSettings(max_new_tokens=2, seed=seed, ignore_eos=True) for seed in range(300)]
-    counts = Counter(record(llama, "layer_skip", prompt, params, s).output_token_ids[0] for s in settings)
-    observed = np.zeros(llama.vocab_size)
-    for token, n in counts.items():
-        observed[token] = n
-    _assert_follows(observed, torch.from_numpy(expected))
+    params = {"skip_layers": "0", "num_draft_tokens": 3, "stop_threshold": 0.0}
+    _assert_follows(*first_token_law(llama, "layer_skip", params, "Entropy is"))

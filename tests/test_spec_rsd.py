@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
 from engine import RunSettings, load_model, record
 from engine.decoders.speculative.rsd import gumbel_with_maximum
 from engine.speculative import verify
-from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside_a_draft, _rounds, _run
+from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside_a_draft, _rounds, _run, first_token_law
 
 REJECT = math.nextafter(1.0, 0.0)  # the largest uniform draw: rejects every child whose ratio is below 1
 
@@ -197,19 +195,7 @@ def test_eos_inside_a_draft_stops_like_greedy(params):
 def test_first_sampled_token_follows_processed_target(llama, params):
     """A one-layer draft differs from the target; the first token over many seeds follows the target after
     temperature and top-k (3 children at the root, drawn without replacement from the draft's top 6)."""
-    params = {**params, "draft_layers": 1, "temperature": 0.9, "top_k": 6}
-    prompt = "Entropy is"
-    with torch.inference_mode():
-        logits = llama.model(torch.tensor([llama.encode(prompt)])).logits[0, -1].double() / 0.9
-    top = logits.topk(6)
-    expected = np.zeros(llama.vocab_size)
-    expected[top.indices.numpy()] = torch.softmax(top.values, -1).numpy()
-    settings = [RunSettings(max_new_tokens=3, seed=seed, ignore_eos=True) for seed in range(300)]
-    counts = Counter(record(llama, "rsd", prompt, params, s).output_token_ids[0] for s in settings)
-    observed = np.zeros(llama.vocab_size)
-    for token, n in counts.items():
-        observed[token] = n
-    _assert_follows(observed, torch.from_numpy(expected))
+    _assert_follows(*first_token_law(llama, "rsd", {**params, "draft_layers": 1}, "Entropy is", max_new_tokens=3))
 
 
 def test_gumbel_with_maximum_peaks_at_the_given_maximum():

@@ -270,22 +270,24 @@ def test_tree_rules_emit_p_for_the_first_two_tokens():
 )
 def test_first_sampled_token_follows_processed_target(llama, decoder, params, prompt):
     """End to end: the first emitted token over many seeds follows the target after temperature and top-k."""
+    _assert_follows(*first_token_law(llama, decoder, params, prompt, draws=600))
+
+
+def first_token_law(model, decoder: str, params: dict, prompt: str, draws: int = 300, max_new_tokens: int = 2):
+    """Observed first tokens over seeds 0..draws-1 at temperature 0.9 and top-k 6, and the processed target's law
+    for that first token, computed directly from the target's logits (for :func:`_assert_follows`)."""
     params = {**params, "temperature": 0.9, "top_k": 6}
-    ids = llama.encode(prompt)
     with torch.inference_mode():
-        logits = llama.model(torch.tensor([ids])).logits[0, -1].double() / 0.9
+        logits = model.model(torch.tensor([model.encode(prompt)])).logits[0, -1].double() / 0.9
     top = logits.topk(6)
-    expected = np.zeros(llama.vocab_size)
-    expected[top.indices.numpy()] = torch.softmax(top.values, -1).numpy()
-    draws = 600
-    counts = Counter(
-        record(llama, decoder, prompt, params, RunSettings(max_new_tokens=2, seed=seed, ignore_eos=True)).output_token_ids[0]
-        for seed in range(draws)
-    )
-    observed = np.zeros(llama.vocab_size)
+    expected = torch.zeros(model.vocab_size, dtype=torch.float64)
+    expected[top.indices] = torch.softmax(top.values, -1)
+    settings = [RunSettings(max_new_tokens=max_new_tokens, seed=seed, ignore_eos=True) for seed in range(draws)]
+    counts = Counter(record(model, decoder, prompt, params, s).output_token_ids[0] for s in settings)
+    observed = np.zeros(model.vocab_size)
     for token, n in counts.items():
         observed[token] = n
-    _assert_follows(observed, torch.from_numpy(expected))
+    return observed, expected
 
 
 # ---------------------------------------------------------------- what a round records
