@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine import load_model
+
 # The tests' models are tiny: one thread avoids thread-pool overhead that dominates such small kernels
 # (measured 4.6 ms vs 67 ms per forward of tiny-random-llama on a loaded 2-core machine).
 torch.set_num_threads(1)
@@ -14,7 +16,7 @@ torch.set_num_threads(1)
 def smollm2():
     """The real SmolLM2-135M-Instruct. The first use on a machine converts its GGUF into the user data dir
     (or DECODING_EXPLORER_HOME) once, about 30 s; later sessions load the cache in about a second."""
-    from engine.models import ModelError, load_model
+    from engine.models import ModelError
 
     try:
         return load_model("smollm2-135m-instruct", progress=print)
@@ -22,3 +24,14 @@ def smollm2():
         if "pip install" in str(error):
             pytest.skip(str(error))
         raise
+
+
+# Tiny random models for the decoder mechanics, one per test module (some tests change a model's settings).
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-random-llama")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("tiny-random-gemma3")

@@ -11,7 +11,7 @@ import torch
 
 from engine import RunSettings, load_model, record
 from engine.events import r7
-from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside_a_draft, _rounds, _run
+from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, greedy_ids, PROMPTS, _rounds, _run
 
 # Adversarial settings: a one-layer draft (mostly rejected), the whole target as its draft (all accepted) with
 # drafts growing past the budget, long drafts, and PEARL with one-token rounds.
@@ -29,24 +29,7 @@ SETTINGS = [
 SAMPLED = {"temperature": 0.9, "top_k": 6}
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model("tiny-random-gemma3")
-
-
-_GREEDY: dict[tuple[str, str, int], list[int]] = {}
-
-
-def _greedy(model, prompt: str, max_new_tokens: int) -> list[int]:
-    key = (model.name, prompt, max_new_tokens)
-    if key not in _GREEDY:
-        _GREEDY[key] = _run(model, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    return _GREEDY[key]
+_greedy = greedy_ids
 
 
 def _assert_greedy_equal(model, decoder, params, prompt, max_new_tokens):

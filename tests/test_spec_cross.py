@@ -64,16 +64,6 @@ def metaspace_draft(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model("tiny-random-gemma3")
-
-
 # ---------------------------------------------------------------- vocabulary map and text bridge
 
 

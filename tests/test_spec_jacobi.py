@@ -13,7 +13,7 @@ from engine.params import ParamError
 from engine.decoders.speculative.lookahead import LookaheadWindow, NgramPool, ngram_trie
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, tree_forward
-from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside_a_draft, _rounds, _run
+from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, greedy_ids, PROMPTS, _rounds, _run
 
 # Window 1, windows longer than the 23/45-token budgets, every init; lookahead with the smallest window and n-gram,
 # the Spec-Bench setting, a small pool, and a pool seeded from the prompt (long accepted n-grams from round one).
@@ -31,24 +31,7 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model("tiny-random-gemma3")
-
-
-_GREEDY: dict[tuple[str, str, int], list[int]] = {}
-
-
-def _greedy(model, prompt: str, max_new_tokens: int) -> list[int]:
-    key = (model.name, prompt, max_new_tokens)
-    if key not in _GREEDY:
-        _GREEDY[key] = _run(model, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    return _GREEDY[key]
+_greedy = greedy_ids
 
 
 @pytest.mark.parametrize("decoder,params", SETTINGS)

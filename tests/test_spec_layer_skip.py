@@ -16,11 +16,6 @@ from engine.speculative.truncated import truncated_model
 from tests.test_speculative import PROMPTS, _assert_follows, _rounds, _run, first_token_law
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
 # ---------------------------------------------------------------- the skip view
 
 

@@ -42,16 +42,6 @@ ADED_SETTINGS = [
 SETTINGS = [("token_recycling", p) for p in TR_SETTINGS] + [("aded", p) for p in ADED_SETTINGS]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model("tiny-random-gemma3")
-
-
 # ---------------------------------------------------------------- Token Recycling: template and matrix
 
 

@@ -17,11 +17,6 @@ from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside
 REJECT = math.nextafter(1.0, 0.0)  # the largest uniform draw: rejects every child whose ratio is below 1
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
 # ---------------------------------------------------------------- the without-replacement rule, exactly
 
 

@@ -35,18 +35,19 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model("tiny-random-gemma3")
-
-
 def _run(model, decoder, prompt, params=None, max_new_tokens=45, **settings):
     return record(model, decoder, prompt, params or {}, RunSettings(max_new_tokens=max_new_tokens, ignore_eos=True, **settings))
+
+
+_GREEDY: dict[tuple[str, str, int], list[int]] = {}
+
+
+def greedy_ids(model, prompt: str, max_new_tokens: int) -> list[int]:
+    """Plain greedy output (EOS ignored), computed once per model, prompt and length across test files."""
+    key = (model.name, prompt, max_new_tokens)
+    if key not in _GREEDY:
+        _GREEDY[key] = _run(model, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    return _GREEDY[key]
 
 
 def _rounds(trace) -> list[DraftRound]:

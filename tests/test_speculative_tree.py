@@ -18,11 +18,6 @@ from tests.test_speculative import PROMPTS, _rounds, _run
 PARENTS = [-1, -1, 0, 0, 1, 2, 5, 5, -1, 8]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-random-llama")
-
-
 def _path(parents: list[int], node: int) -> list[int]:
     path: list[int] = []
     while node >= 0:
