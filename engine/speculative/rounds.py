@@ -51,6 +51,7 @@ class Draft:
     without_replacement: bool = False
     scores: list[float] | None = None
     sources: list[str] | None = None
+    mode: str = ""  # the drafter's phase this round, shown with the round (e.g. how many Jacobi guesses were refined)
 
     @property
     def is_chain(self) -> bool:
@@ -141,6 +142,7 @@ def speculative_rounds(
             cache_slots_kept=slots,
             draft_seconds=draft_seconds,
             seconds=time.perf_counter() - start,
+            mode=draft.mode,
         )
         generated += len(outcome.committed)
         step += 1

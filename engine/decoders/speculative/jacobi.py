@@ -15,14 +15,13 @@ forward's processed distributions, which they keep as their draft distributions.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.events import DraftRound, Event, r7
+from engine.events import Event, r7
 from engine.params import Param
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
 
@@ -47,20 +46,19 @@ class JacobiDrafter(Drafter):
         self.guesses: list[int] = []
         self.refined: list[bool] = []  # False: a fresh init token
         self.rows: list[Tensor | None] = []  # SJD: each guess's draft distribution (logprobs); None: one-hot
-        self.mode = ""
         self._fill()
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
         k = min(self.window, max_depth)
         tokens, refined, rows = self.guesses[:k], self.refined[:k], self.rows[:k]
-        self.mode = f"{sum(refined)} refined + {k - sum(refined)} fresh ({self.init}) guesses"
+        mode = f"{sum(refined)} refined + {k - sum(refined)} fresh ({self.init}) guesses"
         sources = [f"{self.source}:{'refined' if r else self.init}" for r in refined]
         probs = [1.0 if row is None else r7(row[token].exp()) for token, row in zip(tokens, rows)]
         logprobs = None
         if any(row is not None for row in rows):
             one_hot = [_one_hot_logprobs(token, self.vocab_size) for token in tokens]
             logprobs = torch.stack([hot if row is None else row for hot, row in zip(one_hot, rows)])
-        return Draft(tokens, probs, logprobs, sources=sources)
+        return Draft(tokens, probs, logprobs, sources=sources, mode=mode)
 
     def observe(self, outcome: Outcome) -> None:
         # Row u + 1 is the target's distribution after guess u. With m guesses accepted the verifier drew the last
@@ -102,8 +100,7 @@ def jacobi_rounds(ctx: DecodeContext, refine: str, source: str) -> Iterator[Even
     """The shared round loop of Jacobi and SJD; each DraftRound's ``mode`` says how many guesses were refined."""
     sampling = Sampling.of(ctx)
     drafter = JacobiDrafter(ctx, sampling, ctx.params["window"], ctx.params["init"], refine, source)
-    for event in speculative_rounds(ctx, drafter, sampling):
-        yield replace(event, mode=drafter.mode) if isinstance(event, DraftRound) else event
+    return speculative_rounds(ctx, drafter, sampling)
 
 
 def jacobi(ctx: DecodeContext) -> Iterator[Event]:
