@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:  # engine.decoders imports this module to build its decoders
     from engine.decoders.base import DecodeContext
+from engine.attention import attention_hooks
 from engine.events import Candidate, Event, TokenStep, r7
 from engine.processing import Processed, Stage, entropy, process, stage_reports
 
@@ -61,16 +62,19 @@ def autoregressive(ctx: "DecodeContext", stages: Sequence[Stage], choose: Choose
     context = torch.tensor([ctx.prompt_ids], dtype=torch.long)
     new_ids = context
     capture = ctx.attention
+    if capture is not None:
+        model.use_explorer_attention()
     for position in range(ctx.max_new_tokens):
         start = time.perf_counter()
-        out = model.forward(new_ids, cache, attention=capture is not None)
+        with attention_hooks(capture.hooks() if capture is not None else None):
+            out = model.forward(new_ids, cache, inputs=ctx.prompt_inputs if position == 0 else None)
         processed = process(out.logits[:, -1, :], stages, context_ids=context)
         token = choose(processed)
         seconds = time.perf_counter() - start
         token_id = int(token[0])
         if capture is not None:  # before the token: the runner may stop right after it
             queries = list(range(context.shape[1] - new_ids.shape[1], context.shape[1]))
-            attention_map = capture.summarize(out.attentions, step=position, query_positions=queries)
+            attention_map = capture.take(step=position, query_positions=queries)
             if attention_map is not None:
                 yield attention_map
         yield token_event(

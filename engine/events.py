@@ -217,17 +217,156 @@ class DecoderMetric:
 
 
 @dataclass(frozen=True)
+class ScoredCandidate:
+    """One option a decoder weighed: a token (with an optional continuation or whole sample) and its score.
+
+    ``parts`` are the score's components, named by the event's ``part_names``; ``token_scores`` holds one value
+    per token of ``tokens`` (a look-ahead's log-probs, a sample's per-token certainty).
+    """
+
+    token_id: int
+    score: float
+    parts: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    token_scores: list[float] = field(default_factory=list)
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """A decision among scored candidates (AdaDec's paused steps, momentum's resistance, best-of-N selection).
+
+    ``chosen`` and ``baseline`` index ``candidates``: what the decoder took, and what the plain rule (greedy, or
+    the first sample) would have taken. ``label`` names the decision (paused, overridden, ...).
+    """
+
+    kind: ClassVar[str] = "rerank"
+    step: int
+    position: int
+    method: str
+    part_names: list[str]
+    candidates: list[ScoredCandidate]
+    chosen: int
+    baseline: int
+    label: str = ""
+    threshold: float | None = None
+    value: float | None = None  # the signal compared with the threshold (AdaDec: entropy in nats)
+    model_calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SuperposedStep:
+    """One step of superposed decoding: the drafts entering it with their mixing weights, the draft x token
+    candidates (LM and n-gram parts), and which candidates became the next drafts (``kept``, indices)."""
+
+    kind: ClassVar[str] = "superposed"
+    step: int
+    drafts: list[ScoredCandidate]
+    candidates: list[ScoredCandidate]
+    kept: list[int]
+    finished: list[int] = field(default_factory=list)
+    model_calls: int = 1
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SpanScores:
+    """exact-extract: the negative log-likelihood of every answer span, start x length, float32 bytes (inf where
+    a span runs past the passage); ``starts`` are the prompt positions of the candidate first tokens."""
+
+    kind: ClassVar[str] = "spans"
+    step: int
+    starts: list[int]
+    max_length: int
+    nll: bytes
+    best_start: int
+    best_length: int
+    length_normalized: bool = False
+    greedy_token_ids: list[int] = field(default_factory=list)
+    model_calls: int = 1
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConstraintStep:
+    """One constrained token for one particle: the tokens tried (in Gumbel order for AWRS, or every token for
+    plain masking), the one accepted (-1 if none), constraint checks spent and the particle's weights."""
+
+    kind: ClassVar[str] = "constraint"
+    step: int
+    particle: int
+    method: str
+    proposals: list[int]
+    accepted: int
+    checks: int
+    log_weight_increment: float
+    log_weight: float
+    model_calls: int = 1
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Sequential Monte Carlo: the effective sample size before, and each new particle's ancestor."""
+
+    kind: ClassVar[str] = "resample"
+    step: int
+    ess: float
+    log_weights: list[float]
+    ancestors: list[int]
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """A compressed KV cache beside the full one at one decoding step.
+
+    ``evicted`` is float16 bytes over the cache positions: the share of (layer, head) slots in which the position
+    is hidden, or for element-wise policies the share of its elements pruned. ``kl`` = KL(p_full || p_compressed)
+    of the next-token distributions, in nats.
+    """
+
+    kind: ClassVar[str] = "cache"
+    step: int
+    policy: str
+    kl: float
+    top1_agree: bool
+    kept_fraction: float
+    evicted: bytes
+    error: float = 0.0  # relative reconstruction error of the cache (quantising / pruning policies)
+    model_calls: int = 2
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Attention steering applied at one decoding step (GIFT): per enhanced layer the heads boosted towards the
+    context and towards the query, the query factor r, and the last row's context mass before and after."""
+
+    kind: ClassVar[str] = "steering"
+    step: int
+    layers: list[int]
+    context_heads: list[list[int]]
+    query_heads: list[list[int]]
+    ratios: list[float]
+    context_mass_before: list[float]
+    context_mass_after: list[float]
+    plain_token_id: int = -1  # what plain greedy decoding would take after the same prefix
+    kl_from_plain: float = 0.0  # KL(p_plain || p_steered) of the next-token distributions, nats
+
+
+@dataclass(frozen=True)
 class RunFinished:
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
     reason: str = ""
 
 
-Event = Union[RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, RunFinished]
-EVENT_TYPES: dict[str, type] = {
-    cls.kind: cls
-    for cls in (RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, RunFinished)
-}
+Event = Union[
+    RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, Rerank,
+    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, RunFinished,
+]
+EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 
 
 def token_ids_of(event: Event) -> set[int]:
@@ -249,7 +388,10 @@ def token_ids_of(event: Event) -> set[int]:
     return ids
 
 
-_TOKEN_FIELDS = {"token_id", "token_ids", "prompt_token_ids", "committed", "bonus_token", "canvas"}
+_TOKEN_FIELDS = {
+    "token_id", "token_ids", "prompt_token_ids", "committed", "bonus_token", "canvas", "tokens", "proposals",
+    "accepted", "greedy_token_ids", "plain_token_id",
+}
 
 
 # ---------------------------------------------------------------- serialisation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -11,9 +12,10 @@ import torch
 import transformers
 
 from engine.attention import AttentionCapture
-from engine.decoders import DecodeContext, get_decoder
+from engine.decoders import DecodeContext, all_decoders, get_decoder
 from engine.events import Event, RunFinished, RunStarted
 from engine.models.handle import LoadedModel
+from engine.models.vision import encode_with_image
 from engine.params import ParamError
 from engine.recorder import Recorder, TraceSink
 from engine.trace import RunInfo, Trace, new_run_id
@@ -30,6 +32,7 @@ class RunSettings:
     record_top_k: int = 20
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     attention: AttentionCapture | None = None
+    image: str | None = None  # an image file for a vision-language model's prompt
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -63,7 +66,14 @@ class Run:
         self.model = model
         # a run without a seed still records the one it drew, so it can be reproduced
         self.seed = self.settings.seed if self.settings.seed is not None else int(torch.seed() % 2**63)
-        self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
+        self.prompt_inputs: dict[str, torch.Tensor] = {}
+        if self.settings.image:
+            if not self.spec.accepts_images:
+                accepting = ", ".join(s.name for s in all_decoders() if s.accepts_images)
+                raise ParamError(f"decoder {decoder!r} reads text prompts only; prompts with an image work with {accepting}")
+            self.prompt_ids, self.prompt_inputs = encode_with_image(model, prompt, self.settings.image, self.settings.chat)
+        else:
+            self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
         self.cancel_event = threading.Event()
         self._checked = 0  # output tokens already scanned for EOS
         info = RunInfo(
@@ -131,6 +141,7 @@ class Run:
             record_top_k=self.settings.record_top_k,
             attention=self.settings.attention,
             cancel=self.cancel_event,
+            prompt_inputs=self.prompt_inputs,
         )
         events = self.spec.run(ctx)
         try:
@@ -201,5 +212,6 @@ def _settings_dict(settings: RunSettings) -> dict[str, Any]:
         "stop": list(settings.stop),
         "record_top_k": settings.record_top_k,
         "attention": None if capture is None else {"layers": capture.layers, "heads": capture.heads, "max_bytes": capture.max_bytes},
+        "image": Path(settings.image).name if settings.image else None,
         **settings.extra,
     }

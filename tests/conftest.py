@@ -39,6 +39,18 @@ def gemma():
     return load_model("tiny-random-gemma3")
 
 
+def eager_attention(model: LoadedModel, ids: list[int], **inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Per-layer attention [heads, queries, keys] (float64) from an eager forward with ``output_attentions``: an
+    independent reference for everything computed inside the explorer's attention function."""
+    model.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model.model(input_ids=torch.tensor([ids]), output_attentions=True, **inputs)
+    finally:
+        model.use_explorer_attention()
+    return [a[0].double() for a in out.attentions]
+
+
 def tiny_waitline_model(causal: bool = False, seed: int = 0, name: str = "", vocab_size: int | None = None,
                         **config: object) -> LoadedModel:
     """A random 2-layer Llama on the waitline tokenizer: bidirectional with mask id 3 (a tiny waitline-mdlm), or

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.attention import ATTENTION_FUNCTION
 from engine.models import BUILTIN_NAMES, ModelError, fetch_model, gguf, list_models, load_model, loading, registry
 from engine.models.cache import MARKER
 from engine.models.gguf import convert_to_cache
@@ -90,12 +91,12 @@ def test_tiny_chat_template() -> None:
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_eager_switch_returns_attentions(name: str) -> None:
+def test_explorer_attention_returns_attentions(name: str) -> None:
     tiny = load_model(name)
     ids = torch.tensor([tiny.encode("Hello world")])
     assert tiny.forward(ids).attentions is None
     result = tiny.forward(ids, tiny.new_cache(), attention=True)
-    assert tiny.model.config._attn_implementation == "eager"
+    assert tiny.model.config._attn_implementation == ATTENTION_FUNCTION
     assert len(result.attentions) == tiny.num_layers
     for layer in result.attentions:
         assert layer.shape == (1, 4, ids.shape[1], ids.shape[1])

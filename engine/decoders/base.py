@@ -27,6 +27,7 @@ class DecodeContext:
     record_top_k: int = 20
     attention: AttentionCapture | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    prompt_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra inputs of the prefill (VLM pixels)
 
 
 DecoderFn = Callable[[DecodeContext], Iterator[Event]]
@@ -40,6 +41,7 @@ class DecoderSpec:
     params: tuple[Param, ...]
     run: DecoderFn
     lossless: bool = False
+    accepts_images: bool = False  # passes ``ctx.prompt_inputs`` to its prefill, so VLM image prompts work
 
     def validate(self, given: Mapping[str, Any]) -> dict[str, Any]:
         return validate(self.params, given, f"decoder {self.name!r}")
@@ -50,6 +52,7 @@ class DecoderSpec:
             "family": self.family,
             "summary": self.summary,
             "lossless": self.lossless,
+            "accepts_images": self.accepts_images,
             "params": [p.to_dict() for p in self.params],
         }
 

@@ -412,12 +412,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--eval-per-task", type=int, default=40)
     parser.add_argument("--init-from", default="", help="continue from this saved model folder of the same kind")
+    for name, default in asdict(Shape()).items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"model shape: {name} (ignored with --init-from)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = TrainSettings(kind=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
-                             init_from=args.init_from)
+                             init_from=args.init_from,
+                             shape=Shape(args.hidden, args.layers, args.heads, args.ffn))
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True))
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
@@ -425,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(accuracy), flush=True)
     command = (f"python -m engine.diffusion.train --model {args.model} --steps {args.steps} --minutes {args.minutes:g} "
                f"--batch-size {args.batch_size} --lr {args.lr:g} --grow-below {args.grow_below:g} --seed {args.seed} "
-               f"--out {args.out}"
+               f"--hidden {args.hidden} --layers {args.layers} --heads {args.heads} --ffn {args.ffn} --out {args.out}"
                + (f" --init-from {args.init_from}" if args.init_from else ""))
     parameters = sum(p.numel() for p in reloaded.parameters())
     (args.out / "README.md").write_text(model_card(args.model, record, accuracy, parameters, command))

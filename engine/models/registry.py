@@ -12,7 +12,6 @@ from pathlib import Path
 
 from engine.models.cache import is_cached
 from engine.models.handle import ModelError
-from engine.models.tiny import ARCHITECTURES
 
 
 @dataclass
@@ -100,6 +99,7 @@ RANDOM_DESCRIPTIONS = {
     "tiny-random-llama": "tiny Llama with random weights (tests, plumbing)",
     "tiny-random-gemma3": "tiny Gemma 3 with random weights, sliding-window layer included",
     "tiny-random-gpt2": "tiny GPT-2 with random weights",
+    "tiny-random-llava": "tiny LLaVA (CLIP vision tower + Llama) with random weights: prompts with an image",
 }
 # Small models trained by this project (engine/diffusion/train.py); their folders ship in the repository.
 ASSET_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"
@@ -107,7 +107,7 @@ ASSET_DESCRIPTIONS = {
     "waitline-mdlm": "masked-diffusion LM (bidirectional Llama) trained on ParallelBench-style waiting-line tasks",
     "waitline-ar": "autoregressive twin of waitline-mdlm: same size, tokenizer and data",
 }
-BUILTIN_NAMES = [*GGUF_BUILTINS, *ARCHITECTURES, *ASSET_DESCRIPTIONS]
+BUILTIN_NAMES = [*GGUF_BUILTINS, *RANDOM_DESCRIPTIONS, *ASSET_DESCRIPTIONS]
 
 
 def asset_model_dir(name: str) -> Path:
@@ -123,7 +123,7 @@ def list_models() -> list[ModelEntry]:
     """Every built-in model, and whether it can be loaded without a network right now."""
     return [_gguf_entry(entry) for entry in GGUF_BUILTINS.values()] + [
         ModelEntry(name, RANDOM_DESCRIPTIONS[name], "random", True, False, "≈0.1M parameters", "built in")
-        for name in ARCHITECTURES
+        for name in RANDOM_DESCRIPTIONS
     ] + [
         ModelEntry(name, description, "asset", (asset_model_dir(name) / "config.json").is_file(), False,
                    "≈1.3M parameters, 2.6 MB", train_command(name))

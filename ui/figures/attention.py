@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 from engine.attention import attention_array
 from engine.events import AttentionMap
 from engine.trace import Trace
-from ui.figures.common import WINDOW, empty_figure, escape_token, style_figure, token_label, window_note
+from ui.figures.common import WINDOW, empty_figure, escape_token, style_figure, tick_labels, token_label, window_note
 
 MAX_HOVER_CELLS = 40_000  # per-cell token hover text above this would dominate the figure's size
 NO_ATTENTION = (
@@ -63,8 +63,8 @@ def attention_figure(trace: Trace, step: int, layer_index: int = 0) -> go.Figure
     else:
         heatmap.hovertemplate = "query row %{y}, key %{x}<br>weight %{z:.4f}<extra></extra>"
     fig = go.Figure(heatmap)
-    fig.update_xaxes(title_text="key position", **_ticks(key_labels), tickangle=-60)
-    fig.update_yaxes(title_text="query position", autorange="reversed", **_ticks(query_labels))
+    fig.update_xaxes(title_text="key position", **tick_labels(key_labels), tickangle=-60)
+    fig.update_yaxes(title_text="query position", autorange="reversed", **tick_labels(query_labels))
     note = window_note(first, len(event.query_positions), len(event.query_positions), noun="query rows")
     title = (
         f"{escape_token(event.name)} at step {event.step} · {_layer_name(event.layers[layer_index])} · "
@@ -85,12 +85,6 @@ def _position_label(trace: Trace, sequence: list[int], position: int) -> str:
     if position < len(sequence):
         return f"{position}: {token_label(trace.vocab, sequence[position])}"
     return str(position)
-
-
-def _ticks(labels: list[str], most: int = 60) -> dict:
-    """Tick every token while they fit, every n-th one after that (hover still names each cell)."""
-    every = max(1, -(-len(labels) // most))
-    return {"tickvals": list(range(0, len(labels), every)), "ticktext": labels[::every]}
 
 
 def _ranges(steps: list[int]) -> str:

@@ -161,6 +161,12 @@ def style_figure(fig: go.Figure, title: str = "", height: int | None = None) -> 
     return fig
 
 
+def tick_labels(labels: list[str], most: int = 60) -> dict:
+    """Axis ticks for every label while they fit, every n-th one after that (hover still names each cell)."""
+    every = max(1, -(-len(labels) // most))
+    return {"tickvals": list(range(0, len(labels), every)), "ticktext": labels[::every]}
+
+
 def empty_figure(message: str, title: str = "") -> go.Figure:
     """A figure with no data and ``message`` (plotly HTML: escape untrusted parts) in its middle."""
     fig = go.Figure()

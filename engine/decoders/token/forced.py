@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from engine.attention import attention_hooks
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.decoding import token_event
 from engine.events import Event, r7
@@ -21,7 +22,11 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
         raise ParamError("forced decoding needs a non-empty continuation (--param continuation=TEXT)")
     start = time.perf_counter()
     ids = torch.tensor([ctx.prompt_ids + target])
-    out = ctx.model.forward(ids, ctx.model.new_cache(), attention=ctx.attention is not None)
+    capture = ctx.attention
+    if capture is not None:
+        ctx.model.use_explorer_attention()
+    with attention_hooks(capture.hooks() if capture is not None else None):
+        out = ctx.model.forward(ids, ctx.model.new_cache())
     first = len(ctx.prompt_ids) - 1
     processed = process(out.logits[0, first : first + len(target), :], stages=())
     seconds = time.perf_counter() - start
@@ -37,9 +42,8 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
             model_calls=1 if position == 0 else 0,
             seconds=r7(seconds) if position == 0 else 0.0,
         )
-    if ctx.attention is not None:
-        queries = list(range(ids.shape[1]))
-        attention_map = ctx.attention.summarize(out.attentions, step=0, query_positions=queries)
+    if capture is not None:
+        attention_map = capture.take(step=0, query_positions=list(range(ids.shape[1])))
         if attention_map is not None:
             yield attention_map
 

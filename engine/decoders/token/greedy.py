@@ -21,5 +21,6 @@ SPEC = register(
         params=(),
         run=greedy,
         lossless=True,
+        accepts_images=True,
     )
 )

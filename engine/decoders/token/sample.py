@@ -46,6 +46,7 @@ _PRESETS = {
 }
 
 SPECS = [
-    register(DecoderSpec(name=name, family="token", summary=summary, params=_with_defaults(**defaults), run=sample_decoder))
+    register(DecoderSpec(name=name, family="token", summary=summary, params=_with_defaults(**defaults), run=sample_decoder,
+                        accepts_images=True))
     for name, (defaults, summary) in _PRESETS.items()
 ]
