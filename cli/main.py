@@ -58,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--record-top-k", type=int, default=20, help="candidates recorded per step")
-    p.add_argument("--attention", choices=["none", "last", "mean", "all"], default="none", help="capture attention: which layers")
-    p.add_argument("--attention-heads", choices=["mean", "max"], default="mean")
+    p.add_argument("--attention", default="none",
+                   help="capture attention: which layers (none, last, mean, all, or indices such as 0,5,11)")
+    p.add_argument("--attention-heads", default="mean", help="reduce heads by mean or max, or keep one head's index")
+    p.add_argument("--image", help="an image file for a vision-language model's prompt (greedy, sampling, gift)")
     p.add_argument("--attention-max-mb", type=float, default=8.0, help="attention storage budget of the run")
     p.add_argument("--db", help="SQLAlchemy URL (default: $DECODING_EXPLORER_DB or a SQLite file in the user data dir)")
     p.add_argument("--no-save", action="store_true", help="do not store the trace")
@@ -141,6 +143,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_bench_dllm)
+    p = bench.add_parser("awrs", help="AWRS against plain token masking: constraint checks and wall time, one run")
+    _model_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per constraint and method")
+    p.set_defaults(handler=_bench_awrs)
+    p = bench.add_parser("kv", help="KV-cache compression policies: KL and agreement with the full cache, one run")
+    _model_args(p)
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
+    p.add_argument("--settings", default="", help="comma-separated POLICY:PARAM=VALUE:... (default: the set in "
+                   "cli/bench_kv.py)")
+    p.set_defaults(handler=_bench_kv)
 
     evaluate = sub.add_parser("eval", help="score a decoder on a benchmark file").add_subparsers(title="eval")
     p = evaluate.add_parser("parallelbench", help="a ParallelBench waiting-line test file (<task>.jsonl)")
@@ -251,6 +263,7 @@ def _record(args: argparse.Namespace) -> int:
         stop=args.stop,
         record_top_k=args.record_top_k,
         attention=capture,
+        image=args.image,
     )
     model = _load(args)
     store = None if args.no_save else _store(args)
@@ -349,6 +362,19 @@ def _bench_first_step(args: argparse.Namespace) -> None:
     from cli.bench import first_step
 
     first_step(_load(args))
+
+
+def _bench_awrs(args: argparse.Namespace) -> None:
+    from cli import bench_awrs
+
+    bench_awrs.main(_load(args), seeds=range(args.seeds))
+
+
+def _bench_kv(args: argparse.Namespace) -> None:
+    from cli import bench_kv
+
+    settings = [s for s in args.settings.split(",") if s] or bench_kv.DEFAULT_SETTINGS
+    bench_kv.main(_load(args), settings=settings, tokens=args.tokens)
 
 
 def _bench_speculative(args: argparse.Namespace) -> None:

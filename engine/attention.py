@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.events import AttentionMap
+from engine.params import ParamError
 
 ATTENTION_FUNCTION = "decoding_explorer"
 LAYER_CHOICES = ("last", "mean", "all")
@@ -180,7 +181,7 @@ def _indices(text: str, what: str) -> list[int]:
         values = []
     if not values or min(values) < 0:
         allowed = LAYER_CHOICES if what == "layers" else HEAD_CHOICES
-        raise ValueError(f"attention {what} must be one of {', '.join(allowed)} or non-negative indices, not {text!r}")
+        raise ParamError(f"attention {what} must be one of {', '.join(allowed)} or non-negative indices, not {text!r}")
     return values
 
 

@@ -103,3 +103,36 @@ def test_speculative_views_walk_rounds(tiny):
     assert [row[-1] for row in table["data"]].count("accepted") == len(rounds[1].accepted_path)
     assert {t.name for t in values[2].data} >= {"draft q", "target p"}
     assert values[3].data and values[4].data
+
+
+QA_PROMPT = "Context: The red fox lives in the old mill. Question: Where does the fox live?"
+
+
+@pytest.mark.parametrize(
+    "decoder,params,prompt",
+    [
+        ("gift", {"alpha": 5.0}, QA_PROMPT),
+        ("adadec", {"threshold": 0.001}, "Hi"),
+        ("momentum", {"alpha": 0.5}, "Hi"),
+        ("kv_compress", {"policy": "h2o", "budget": 4}, "Hi there, how are you today?"),
+        ("superposed", {"n_drafts": 2}, "Hi"),
+        ("self_certainty", {"n": 3}, "Hi"),
+        ("exact_extract", {"max_answer_tokens": 3}, QA_PROMPT),
+        ("awrs", {"constraint": "[ab]{2,5}", "particles": 2}, "Hi"),
+    ],
+)
+def test_method_views_fill_and_escape(tiny, decoder, params, prompt):
+    """The method's own views fill the structure panel (and a per-step view), with token text escaped."""
+    trace = record(tiny, decoder, prompt, params, RunSettings(max_new_tokens=6, seed=3, ignore_eos=True))
+    assert trace.status == "finished", trace.reason
+    for token_id in list(trace.vocab):
+        trace.vocab[token_id] = HOSTILE[token_id % len(HOSTILE)]
+    values = view_values(trace, 1, "probability")
+    assert values[4] is not None and values[4].data  # the method's main view
+    if any(e.kind == "token" for e in trace.events):  # its per-step view, where attention would go
+        assert values[5] is not None and values[5].data
+    elif decoder != "exact_extract":  # runs without token steps show it beside the main view
+        assert values[3] is not None and values[3].data
+    text = " ".join(_strings(values))
+    for raw in ("<script>", "<img", "\x1b", "\x00"):
+        assert raw not in text

@@ -141,5 +141,26 @@ def test_training_continues_from_a_saved_folder_of_the_same_kind(tmp_path):
     continued, _, record = waitline_train.train(more, log=lambda _: None)
     assert record["continued_from"]["steps_done"] == 2
     assert [point[0] for point in waitline_train._whole_curve(waitline_train._history(record))] == [2, 3, 4]
-    with pytest.raises(ValueError, match="not a waitline-mdlm model folder"):
-        waitline_train.train(waitline_train.TrainSettings(**{**more.__dict__, "kind": "mdlm"}), log=lambda _: None)
+    diffusion = waitline_train.TrainSettings(**{**more.__dict__, "kind": "mdlm", "steps": 0})
+    adapted, _, _ = waitline_train.train(diffusion, log=lambda _: None)  # AR-initialised, as Dream adapts AR models
+    assert waitline_train.shifts_logits(adapted) and adapted.config.is_causal is False
+    ar_weights = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    assert all(torch.equal(adapted.state_dict()[name], value) for name, value in ar_weights.items())
+    # The shifted loss scores each masked token from the state before it: check it on one batch by hand.
+    batches = waitline_train.Batches(tokenizer, seed=5, batch_size=2)
+    noise = torch.Generator().manual_seed(9)
+    loss = waitline_train.mdlm_loss(adapted, batches, noise)
+    batches, noise = waitline_train.Batches(tokenizer, seed=5, batch_size=2), torch.Generator().manual_seed(9)
+    ids, answer_side = batches.mdlm()
+    t = (torch.rand(1, generator=noise) + torch.arange(2) / 2) % 1.0
+    p_mask = ((1 - waitline_train.MASK_EPS) * t + waitline_train.MASK_EPS)[:, None]
+    masked = (torch.rand(ids.shape, generator=noise) < p_mask) & answer_side
+    logits = adapted(input_ids=ids.masked_fill(masked, 3)).logits
+    rows, cols = masked.nonzero(as_tuple=True)
+    manual = torch.nn.functional.cross_entropy(logits[rows, cols - 1], ids[rows, cols], reduction="none")
+    assert torch.allclose(loss, (manual / p_mask[rows, 0]).sum() / answer_side.sum(), atol=1e-5)
+    mdlm_folder = tmp_path / "mdlm"
+    waitline_train.save(adapted, tokenizer, mdlm_folder, "# card")
+    with pytest.raises(ValueError, match="not a waitline-ar model folder"):
+        waitline_train.train(waitline_train.TrainSettings(**{**more.__dict__, "init_from": str(mdlm_folder)}),
+                             log=lambda _: None)

@@ -122,11 +122,12 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             replay_only, notice = True, f"Replay-only mode: {exc}"
 
     def start(session: str, sessions_runs: list[str], model: str, decoder: str, prompt: str, chat: bool, seed: float,
-              max_tokens: float, attention: str, params: dict[str, Any]) -> LiveRun:
+              max_tokens: float, attention: str, image: str | None, params: dict[str, Any]) -> LiveRun:
         if not prompt.strip():
             raise ParamError("type a prompt first")
         capture = None if attention == "none" else AttentionCapture(layers=attention)
-        settings = RunSettings(max_new_tokens=int(max_tokens), seed=int(seed), chat=chat, attention=capture)
+        settings = RunSettings(max_new_tokens=int(max_tokens), seed=int(seed), chat=chat, attention=capture,
+                               image=image or None)
         live = LiveRun(Run(pool.get(model), decoder, prompt, params, settings, sinks=[store.sink()]))
         old = LIVE.pop(session, None)
         if old is not None and not old.done:
@@ -169,6 +170,8 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
                         seed = gr.Number(value=0, label="Seed", precision=0)
                         max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens")
                         attention = gr.Dropdown(["none", "last", "mean", "all"], value="none", label="Attention capture (layers)")
+                    image = gr.Image(type="filepath", label="Image (vision-language models; decoders greedy, sampling, gift)",
+                                     height=160)
                     decoder = gr.Dropdown([s.name for s in all_decoders()], value="top_p", label="Decoder", elem_id="decoder")
                     with gr.Row():
                         run_button = gr.Button("Run / Resume", variant="primary", elem_id="run-button")
@@ -181,7 +184,8 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
                     def form(name: str) -> None:  # the decoder's parameter form, built from its schema
                         spec = get_decoder(name)
                         components = [_param_component(p) for p in spec.params]
-                        inputs = [my_runs, model_box, decoder, prompt, chat, seed, max_tokens, attention, color_by, *components]
+                        inputs = [my_runs, model_box, decoder, prompt, chat, seed, max_tokens, attention, image, color_by,
+                                  *components]
                         run_button.click(play, inputs, [*live_views.outputs(), run_status, my_runs])
                         step_button.click(step_once, inputs, [*live_views.outputs(), run_status, my_runs])
 
@@ -192,15 +196,17 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             return dict(zip((p.name for p in get_decoder(decoder_name).params), values))
 
         def _live(request: gr.Request, runs: list[str], model: str, decoder_name: str, prompt_text: str, chat_on: bool,
-                  seed_value: float, tokens: float, attn: str, values: tuple[Any, ...]) -> LiveRun:
+                  seed_value: float, tokens: float, attn: str, image_path: str | None, values: tuple[Any, ...]) -> LiveRun:
             live = LIVE.get(request.session_hash)
             if live is None or live.done:  # otherwise resume the paused run
-                live = start(request.session_hash, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, _params(decoder_name, values))
+                live = start(request.session_hash, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn,
+                             image_path, _params(decoder_name, values))
             return live
 
-        def play(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values) -> Iterator[list[Any]]:
+        def play(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, image_path, color,
+                 *values) -> Iterator[list[Any]]:
             try:
-                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values)
+                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, image_path, values)
                 last = 0.0
                 for _ in live.play():
                     if time.monotonic() - last >= STREAM_INTERVAL:
@@ -210,9 +216,10 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             except USER_ERRORS as exc:
                 raise gr.Error(str(exc)) from None
 
-        def step_once(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, color, *values) -> list[Any]:
+        def step_once(request: gr.Request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, image_path,
+                      color, *values) -> list[Any]:
             try:
-                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, values)
+                live = _live(request, runs, model, decoder_name, prompt_text, chat_on, seed_value, tokens, attn, image_path, values)
                 live.step()
                 return [*view_values(live.trace, None, color), _status(live.trace), runs]
             except USER_ERRORS as exc:

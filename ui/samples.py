@@ -25,6 +25,12 @@ _WAITLINE_PROMPT = (  # one ParallelBench-style reverse task for every diffusion
     "Please reverse the order of the list and provide only the final list.\n"
 )
 
+_QA_PROMPT = (
+    "Context: The Lind lighthouse stands on the northern cape. It was built in 1871 from granite, its lamp burned "
+    "whale oil until 1903, and the keeper Ada Lind lived in the cottage beside it for forty years. "
+    "Question: What was the lighthouse built from?"
+)
+
 # (file stem, decoder, params, prompt, settings: attention, model (default the offline SmolLM2), max_new_tokens,
 # record_top_k)
 SAMPLES = [
@@ -53,6 +59,17 @@ SAMPLES = [
         )
     ),
     ("diffuspec", "diffuspec", {}, _WAITLINE_PROMPT, {"model": "waitline-ar", "max_new_tokens": 72}),
+    ("gift-saliency", "gift", {"alpha": 3.0}, _QA_PROMPT, {"max_new_tokens": 24}),
+    ("adadec-reranks", "adadec", {}, "Name three primary colours and say why they are primary.", {"max_new_tokens": 32}),
+    ("momentum", "momentum", {"alpha": 0.2}, "Write a short poem about the sea.", {"max_new_tokens": 48}),
+    ("superposed-drafts", "superposed", {"n_drafts": 3}, "The best way to learn a language is", {"max_new_tokens": 16}),
+    ("self-certainty-best-of-4", "self_certainty", {"n": 4, "temperature": 0.8}, "What is 17 + 25? Answer briefly.",
+     {"max_new_tokens": 24}),
+    ("exact-extract-spans", "exact_extract", {"max_answer_tokens": 6}, _QA_PROMPT, {"max_new_tokens": 8}),
+    ("awrs-json", "awrs", {"constraint_type": "json", "constraint": '{"name": "string", "age": "integer"}', "particles": 4},
+     "Describe a cat called Tom who is 3 years old as JSON.", {"max_new_tokens": 24}),
+    ("kv-compress-h2o", "kv_compress", {"policy": "h2o", "budget": 24}, "Explain why the sky is blue in two sentences.",
+     {"max_new_tokens": 40}),
 ]
 
 

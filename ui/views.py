@@ -14,6 +14,7 @@ from ui.figures.diffusion import (
     DIFFUSION_TABLE_HEADERS, DIFFUSION_TABLE_TYPES, committed_per_step_figure, diffusion_canvas_html,
     diffusion_step_table, step_lattice_figure, step_summary,
 )
+from ui.figures.methods import method_figures, method_step_count
 from ui.figures.rounds import ROUND_TABLE_HEADERS, ROUND_TABLE_TYPES, round_probs_figure, round_table, rounds_stream_html
 
 COLOR_CHOICES = ["probability", "entropy", "rank"]
@@ -47,8 +48,8 @@ def build_views(name: str) -> Views:
         distribution = gr.Plot(label="Candidates at this step: raw vs processed, with each stage's cut")
         timeline = gr.Plot(label="Entropy and chosen-token probability", elem_id=f"{name}-timeline")
     with gr.Row():
-        structure = gr.Plot(label="Beam tree / draft tree / diffusion lattice")
-        attention = gr.Plot(label="Attention at this step")
+        structure = gr.Plot(label="Beam tree / draft tree / diffusion lattice / the method's own view")
+        attention = gr.Plot(label="Attention at this step, or the method's per-step view")
     candidates = gr.Dataframe(
         headers=figures.STEP_TABLE_HEADERS,
         datatype=STEP_TABLE_TYPES,
@@ -64,7 +65,7 @@ def step_count(trace: Trace) -> int:
     tokens = len(figures.token_steps(trace))
     if tokens:
         return tokens
-    return sum(isinstance(e, (BeamStep, DraftRound, DiffusionStep)) for e in trace.events)
+    return sum(isinstance(e, (BeamStep, DraftRound, DiffusionStep)) for e in trace.events) + method_step_count(trace)
 
 
 def view_values(trace: Trace | None, position: int | None, color_by: str) -> list[Any]:
@@ -78,13 +79,15 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
         return _round_values(trace, position, last)
     if not has_tokens and figures.diffusion_steps(trace):
         return _diffusion_values(trace, position, last)
+    main, side = method_figures(trace, position)
+    attention = figures.attention_figure(trace, position) if position in figures.attention_steps(trace) else None
     return [
         _text_html(trace, position, color_by, has_tokens),
         gr.Slider(0, max(last, 1), value=position, step=1),
         figures.distribution_figure(trace, position) if has_tokens else None,
-        figures.entropy_figure(trace, selected_step=position),
-        _structure_figure(trace, position),
-        figures.attention_figure(trace, position) if position in figures.attention_steps(trace) else None,
+        figures.entropy_figure(trace, selected_step=position) if has_tokens or side is None else side,
+        main if main is not None else _structure_figure(trace, position),
+        attention if attention is not None else side if has_tokens else None,
         _table(figures.step_table(trace, position) if has_tokens else [], figures.STEP_TABLE_HEADERS, STEP_TABLE_TYPES),
     ]
 

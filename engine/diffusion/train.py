@@ -157,7 +157,10 @@ def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Genera
     masked = (torch.rand(ids.shape, generator=generator) < p_mask) & answer_side
     noisy = ids.masked_fill(masked, model.config.mask_token_id)
     hidden = model.model(input_ids=noisy).last_hidden_state
-    token_loss = F.cross_entropy(model.lm_head(hidden[masked]), ids[masked], reduction="none")
+    predicts = hidden
+    if shifts_logits(model):  # AR-initialised: the state before a masked position predicts it (the prompt never is)
+        predicts = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+    token_loss = F.cross_entropy(model.lm_head(predicts[masked]), ids[masked], reduction="none")
     weights = (1.0 / p_mask).expand_as(ids)[masked]
     return (token_loss * weights).sum() / answer_side.sum()
 
@@ -236,13 +239,36 @@ def grow(batches: Batches, settings: TrainSettings, window_loss: float) -> None:
         batches.longest = min(batches.generator.max_people, batches.longest + 1)
 
 
+def shifts_logits(model: LlamaForCausalLM) -> bool:
+    return bool(getattr(model.config, "diffusion_shift_logits", False))
+
+
 def _initial_model(settings: TrainSettings, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     if not settings.init_from:
         return build_model(settings.kind, tokenizer, settings.shape, settings.seed)
     model = LlamaForCausalLM.from_pretrained(settings.init_from, dtype=torch.float32)
-    if getattr(model.config, "is_causal", True) != (settings.kind == "ar"):
+    causal = getattr(model.config, "is_causal", True)
+    if settings.kind == "mdlm" and causal:
+        return _diffusion_from_ar(model, tokenizer, settings)
+    if causal != (settings.kind == "ar"):
         raise ValueError(f"{settings.init_from} is not a waitline-{settings.kind} model folder")
     return model
+
+
+def _diffusion_from_ar(ar: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, settings: TrainSettings) -> LlamaForCausalLM:
+    """A bidirectional copy of an AR model's weights that keeps its logits shift (as Dream and DiffuLLaMA adapt AR
+    models): the state at position i-1 predicts the masked token at i."""
+    model = build_model("mdlm", tokenizer, settings.shape, settings.seed)
+    model.load_state_dict(ar.state_dict())
+    model.config.diffusion_shift_logits = True
+    return model
+
+
+def _saved_shape(folder: Path) -> Shape:
+    """The shape of a saved model folder (a continued run keeps it, whatever the shape flags say)."""
+    config = json.loads((folder / "config.json").read_text())
+    return Shape(config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+                 config["intermediate_size"])
 
 
 def _previous_record(folder: Path) -> dict[str, Any]:
@@ -284,6 +310,8 @@ def answer_mdlm(
     rows = torch.arange(len(prompts))
     for _ in range(GEN_LENGTH):
         logits = model(input_ids=canvas, attention_mask=attention, position_ids=positions).logits.float()
+        if shifts_logits(model):
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., mask_id] = -math.inf
         confidence, proposal = logits.softmax(-1).max(-1)
         confidence = confidence.masked_fill(canvas != mask_id, -1.0)
@@ -327,13 +355,17 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
     (out / "README.md").write_text(card)
 
 
-def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str) -> str:
+def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str,
+               shifted: bool = False) -> str:
     settings = record["settings"]
     objective = (
         "masked diffusion (MDLM / LLaDA SFT): t ~ U(0,1) per sequence (stratified), answer-side tokens masked with "
         "p = (1-1e-3) t + 1e-3, cross-entropy on masked tokens weighted 1/p; the prompt is never masked; answers "
-        "padded with end-of-text (trained on too). Bidirectional attention (`is_causal: false`), no logits shift, "
-        f"mask token `<mask>` (id {SPECIALS.index(MASK)}), default canvas {GEN_LENGTH} tokens."
+        "padded with end-of-text (trained on too). Bidirectional attention (`is_causal: false`), "
+        + ("initialised from the AR twin's weights and keeping its logits shift (`diffusion_shift_logits`: position "
+           "i-1 predicts the masked token at i, as Dream adapts an AR model), " if shifted
+           else "no logits shift, ")
+        + f"mask token `<mask>` (id {SPECIALS.index(MASK)}), default canvas {GEN_LENGTH} tokens."
         if kind == "mdlm" else "next-token cross-entropy on the answer and its end-of-text (causal attention)."
     )
     history = _history(record)
@@ -417,10 +449,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    shape = _saved_shape(Path(args.init_from)) if args.init_from else Shape(args.hidden, args.layers, args.heads, args.ffn)
     settings = TrainSettings(kind=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
-                             init_from=args.init_from,
-                             shape=Shape(args.hidden, args.layers, args.heads, args.ffn))
+                             init_from=args.init_from, shape=shape)
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True))
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
@@ -428,10 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(accuracy), flush=True)
     command = (f"python -m engine.diffusion.train --model {args.model} --steps {args.steps} --minutes {args.minutes:g} "
                f"--batch-size {args.batch_size} --lr {args.lr:g} --grow-below {args.grow_below:g} --seed {args.seed} "
-               f"--hidden {args.hidden} --layers {args.layers} --heads {args.heads} --ffn {args.ffn} --out {args.out}"
+               f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
                + (f" --init-from {args.init_from}" if args.init_from else ""))
     parameters = sum(p.numel() for p in reloaded.parameters())
-    (args.out / "README.md").write_text(model_card(args.model, record, accuracy, parameters, command))
+    card = model_card(args.model, record, accuracy, parameters, command, shifts_logits(reloaded))
+    (args.out / "README.md").write_text(card)
     log = {**record, "command": command, "held_out": accuracy}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
 

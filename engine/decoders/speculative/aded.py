@@ -22,15 +22,14 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.events import DecoderMetric, Event
+from engine.ngram import CORPUS, corpus_documents
 from engine.params import Param
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 
-CORPUS = Path(__file__).resolve().parents[3] / "assets" / "corpus" / "assistant_answers.txt"
 TOP_CONTINUATIONS = 12  # continuations kept per key after normalising the corpus counts
 ADAPT_WINDOW, ADAPT_STEP, ADAPT_CAP = 16, 0.04, 3.0
 C1, C2 = 32.0, 8.0
@@ -59,8 +58,7 @@ def corpus_table(model_name: str, vocab_size: int, tokenizer) -> Table:
     """The bundled corpus's table in this model's tokens, built once per model (paragraphs are documents)."""
     key = (model_name, vocab_size)
     if key not in _TABLES:
-        paragraphs = [p for p in CORPUS.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        _TABLES[key] = trigram_table([tokenizer.encode(p, add_special_tokens=False) for p in paragraphs])
+        _TABLES[key] = trigram_table(corpus_documents(model_name, vocab_size, tokenizer))
     return _TABLES[key]
 
 
