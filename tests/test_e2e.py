@@ -161,6 +161,7 @@ def test_browser_run_step_library_import_compare(page):
 
     page.goto(page.url.split("?")[0] + "?__theme=dark")  # the same replay in the dark theme
     page.get_by_role("tab", name="Library").click()
+    page.fill("#filter-text textarea, #filter-text input", "capital of France")  # the beam sample's prompt
     page.click("#refresh-runs")
     page.locator("#runs-table").get_by_text("beam", exact=True).first.click()
     page.click("#open-run")

@@ -250,7 +250,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             with gr.Row():
                 filter_model = gr.Textbox(label="Model", scale=1)
                 filter_decoder = gr.Dropdown([""] + [s.name for s in all_decoders()], value="", label="Decoder", scale=1)
-                filter_text = gr.Textbox(label="Search prompt/output", scale=2)
+                filter_text = gr.Textbox(label="Search prompt/output", scale=2, elem_id="filter-text")
                 filter_since = gr.Textbox(label="From date (YYYY-MM-DD)", scale=1)
                 filter_until = gr.Textbox(label="Before date (YYYY-MM-DD)", scale=1)
                 mine_only = gr.Checkbox(label="Only this session's runs", value=False)

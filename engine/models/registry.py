@@ -126,7 +126,7 @@ def list_models() -> list[ModelEntry]:
         for name in RANDOM_DESCRIPTIONS
     ] + [
         ModelEntry(name, description, "asset", (asset_model_dir(name) / "config.json").is_file(), False,
-                   "≈1.3M parameters, 2.6 MB", train_command(name))
+                   "≈0.56M parameters, 1.1 MB", train_command(name))
         for name, description in ASSET_DESCRIPTIONS.items()
     ]
 
