@@ -21,7 +21,7 @@ _SUMMARY_PROMPT = (
 _WAITLINE_PROMPT = (  # one ParallelBench-style reverse task for every diffusion sample, so they can be compared
     "You are managing a waiting line at a customer service desk.\nThe previous staff member put the waiting line in "
     "the wrong order.\nPlease reverse the order of the following people in the waiting line to correct it:\n"
-    '["Ada Lind", "Grace Hopper", "Alan Turing", "Edsger Dijkstra", "Barbara Liskov", "Donald Knuth"]\n'
+    '["Alice Walker", "Henry Ford", "Grace Kelly", "Alan Turner", "Barbara Knight", "Donald Hunt"]\n'
     "Please reverse the order of the list and provide only the final list.\n"
 )
 
