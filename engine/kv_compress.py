@@ -57,12 +57,6 @@ class CacheShape:
         return cls(int(cfg.num_hidden_layers), heads, int(getattr(cfg, "num_key_value_heads", None) or heads))
 
 
-def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> float:
-    """KL(p || q) in nats between the softmax distributions of two logit vectors."""
-    logp, logq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
-    return max(0.0, float((logp.exp() * (logp - logq)).sum()))
-
-
 class CachePolicy:
     """A compression policy for one run. Per forward: :meth:`hooks` (for the forward over a sequence of ``length``
     positions), then :meth:`evicted` (what that forward saw), then :meth:`update` (compress for the next one)."""

@@ -264,3 +264,9 @@ def sample(logprobs: Tensor, generator: torch.Generator | None = None) -> Tensor
     probs = (x.double() - x.double().amax(-1, keepdim=True)).exp()  # multinomial normalises each row itself
     drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return drawn[0] if single else drawn
+
+
+def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> float:
+    """KL(p || q) in nats between the softmax distributions of two logit vectors (rounding below 0 clipped)."""
+    logp, logq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return max(0.0, float((logp.exp() * (logp - logq)).sum()))

@@ -18,10 +18,10 @@ from engine.kv_compress import (
     CacheShape,
     SnapKV,
     gear_compress,
-    kl_divergence,
     magnitude_prune,
 )
 from engine.models.handle import LoadedModel
+from engine.processing import kl_divergence
 from tests.conftest import eager_attention
 from ui.figures.cache import cache_kl_figure, eviction_map_figure
 

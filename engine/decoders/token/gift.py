@@ -31,7 +31,7 @@ from engine.events import AttentionMap, DecoderMetric, Event, Steering, r7
 from engine.models.handle import LoadedModel
 from engine.models.vision import image_token_id
 from engine.params import Param, ParamError
-from engine.processing import process
+from engine.processing import kl_divergence, process
 from engine.prompt_spans import PromptSpans, marked_spans
 
 # Query words that carry no content (GIFT keeps nouns, verbs, adjectives, adverbs and numbers via spaCy; a stopword
@@ -198,7 +198,7 @@ def gift(ctx: DecodeContext) -> Iterator[Event]:
         yield Steering(
             step=position, layers=edits.layers, context_heads=edits.context_heads, query_heads=edits.query_heads,
             ratios=edits.ratios, context_mass_before=edits.mass_before, context_mass_after=edits.mass_after,
-            plain_token_id=plain_top, kl_from_plain=r7(_kl(plain_logits[0], out.logits[0, -1])),
+            plain_token_id=plain_top, kl_from_plain=r7(kl_divergence(plain_logits[0], out.logits[0, -1])),
         )
         yield token_event(processed, token_id, step=position, position=position, top_k=ctx.record_top_k,
                           seconds=r7(time.perf_counter() - start), model_calls=2)
@@ -215,12 +215,6 @@ def _saliency_maps(saliency: Saliency, layers: list[int], prompt_length: int, se
         query_positions=[prompt_length - 1, *saliency.query_tokens], shape=[1, data.shape[0], prompt_length],
         data=data.tobytes(), name="saliency",
     )
-
-
-def _kl(p_logits: Tensor, q_logits: Tensor) -> float:
-    """KL(p || q) in nats from two logit vectors."""
-    log_p, log_q = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
-    return float((log_p.exp() * (log_p - log_q)).sum())
 
 
 SPEC = register(

@@ -19,9 +19,9 @@ from engine.attention import attention_hooks
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.decoding import greedy_choice, token_event
 from engine.events import CacheStep, DecoderMetric, Event, r7
-from engine.kv_compress import POLICIES, CacheShape, kl_divergence, make_policy
+from engine.kv_compress import POLICIES, CacheShape, make_policy
 from engine.params import Param
-from engine.processing import build_pipeline, process, sample
+from engine.processing import build_pipeline, kl_divergence, process, sample
 
 PARAMS = (
     Param("policy", "choice", "h2o", "How the compressed cache is compressed: h2o (heavy hitters + recent), snapkv "
