@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from engine.events import ConstraintStep, SuperposedStep
 from engine.trace import Trace
 from ui.figures.cache import cache_kl_figure, eviction_map_figure
-from ui.figures.constraint import checks_figure, tries_figure, weights_figure
+from ui.figures.constraint import checks_figure, particle_count, tries_figure, weights_figure
 from ui.figures.rerank import rerank_figure, rerank_timeline_figure
 from ui.figures.spans import spans_figure
 from ui.figures.steering import saliency_figure, steering_figure
@@ -38,13 +38,9 @@ def method_figures(trace: Trace, position: int) -> Figures:
         return drafts_figure(trace), candidates_figure(trace, position)
     if "constraint" in kinds:
         main = tries_figure(trace, particle=0, window=(max(0, position - 20), position + 20))
-        return main, weights_figure(trace) if "resample" in kinds or _particles(trace) > 1 else checks_figure(trace)
+        return main, weights_figure(trace) if "resample" in kinds or particle_count(trace) > 1 else checks_figure(trace)
     if "spans" in kinds:
         return spans_figure(trace), None
     if "rerank" in kinds:
         return rerank_figure(trace, position), rerank_timeline_figure(trace, position)
     return None, None
-
-
-def _particles(trace: Trace) -> int:
-    return len({e.particle for e in trace.events if isinstance(e, ConstraintStep)})
