@@ -164,3 +164,52 @@ def test_training_continues_from_a_saved_folder_of_the_same_kind(tmp_path):
     with pytest.raises(ValueError, match="not a waitline-ar model folder"):
         waitline_train.train(waitline_train.TrainSettings(**{**more.__dict__, "init_from": str(mdlm_folder)}),
                              log=lambda _: None)
+
+
+def test_clean_prefix_keeps_a_leading_run_of_the_answer_for_the_chosen_share():
+    answer_side = torch.zeros(400, 12, dtype=torch.bool)
+    answer_side[:, 4:] = True
+    noise = torch.Generator().manual_seed(0)
+    clean = waitline_train.clean_prefix(answer_side, 0.5, noise)
+    assert not clean[:, :4].any()  # the prompt is never part of it
+    lengths = clean.sum(-1)
+    for row, length in zip(clean, lengths, strict=True):  # a contiguous run from the answer's first position
+        assert row[4: 4 + length].all() and not row[4 + length:].any()
+    cut_rows = (lengths > 0).float().mean().item()
+    assert 0.35 < cut_rows < 0.55  # half the rows are chosen; a chosen row's cut may fall on the answer's start
+    assert set(lengths.tolist()) == set(range(8))  # every cut from 0 to 7 of the 8 answer positions: one stays
+    assert not waitline_train.clean_prefix(answer_side, 0.0, noise).any()
+    assert waitline_train.clean_prefix(answer_side, 1.0, noise).sum(-1).float().mean() > 3
+
+
+def test_task_weights_override_the_mix_and_reject_unknown_tasks(tokenizer):
+    weights = waitline_train.task_weights(["sort=6", "copy=0"])
+    assert weights == {"sort": 6.0, "copy": 0.0}
+    with pytest.raises(SystemExit, match="unknown task 'sorting'"):
+        waitline_train.task_weights(["sorting=2"])
+    batches = waitline_train.Batches(tokenizer, seed=1, batch_size=16, task_weights={"reverse": 1.0})
+    assert {example.operation for example in batches.examples()} == {"reverse"}
+
+
+class _RightmostFirst(torch.nn.Module):
+    """A stand-in diffusion model: the further right a masked position, the more confident its proposal (token 40)."""
+
+    config = type("Config", (), {"mask_token_id": 3})()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.canvases: list[torch.Tensor] = []
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        self.canvases.append(input_ids.clone())
+        logits = torch.zeros(*input_ids.shape, 50)
+        logits[..., 40] = 0.05 * torch.arange(input_ids.shape[1]).float()  # distinct, unsaturated probabilities
+        return type("Output", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize(("block", "first_filled"), [(waitline_train.GEN_LENGTH, -1), (8, 7), (1, 0)])
+def test_held_out_unmasking_stays_inside_the_current_block(tokenizer, block, first_filled):
+    model = _RightmostFirst()
+    waitline_train.answer_mdlm(model, tokenizer, [[1, 5, 6]], block=block)
+    answer_after_one_step = model.canvases[1][0, 3:]
+    assert (answer_after_one_step != 3).nonzero().flatten().tolist() == [first_filled % waitline_train.GEN_LENGTH]

@@ -12,7 +12,8 @@ Objectives. AR: next-token cross-entropy on the answer and its end-of-text. MDLM
 recipe): the canvas is ``<s> prompt | answer </s> </s> ...`` (end-of-text padding up to a random length, trained on
 too, as LLaDA does); per sequence t ~ U(0, 1) (stratified across the batch), every answer-side token is masked
 with probability p = (1 - eps) t + eps, and the loss is the cross-entropy on masked tokens weighted by 1/p, summed
-and divided by the number of answer-side tokens. The prompt is never masked.
+and divided by the number of answer-side tokens. The prompt is never masked. ``--prefix-share`` mixes in rows whose
+answer is clean up to a random cut (the case semi-autoregressive block decoding meets at every block).
 
 Seeded and reproducible for a given ``--steps`` (``--minutes`` only stops early, and the card says so). The
 held-out score uses one token per step: greedy for AR; for MDLM the single most confident masked position.
@@ -21,6 +22,7 @@ held-out score uses one token per step: greedy for AR; for MDLM the single most 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -68,6 +70,8 @@ class TrainSettings:
     log_every: int = 50
     grow_below: float = 1.0  # curriculum: one more person allowed whenever a logging window's loss is below this
     init_from: str = ""  # a saved folder of the same kind to continue from (fresh optimizer and schedule)
+    task_weights: tuple[tuple[str, float], ...] = tuple(TASK_WEIGHTS.items())
+    prefix_share: float = 0.0  # MDLM: share of rows whose answer is clean up to a random cut (semi-AR blocks' case)
 
 
 def build_model(kind: str, tokenizer: PreTrainedTokenizerFast, shape: Shape, seed: int) -> LlamaForCausalLM:
@@ -88,11 +92,12 @@ def build_model(kind: str, tokenizer: PreTrainedTokenizerFast, shape: Shape, see
 class Batches:
     """Seeded training batches; all lists of one batch have the same length so that little padding is needed."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int,
+                 task_weights: dict[str, float] = TASK_WEIGHTS) -> None:
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.generator = WaitlineGenerator(seed, invented_rate=INVENTED_NAME_RATE)
         self.rng = random.Random(seed + 1)
-        self.operations, self.weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
+        self.operations, self.weights = list(task_weights), list(task_weights.values())
         self.longest = self.generator.max_people
 
     def examples(self) -> list[Example]:
@@ -148,13 +153,15 @@ def ar_loss(model: LlamaForCausalLM, batches: Batches) -> torch.Tensor:
     return F.cross_entropy(model.lm_head(hidden[scored]), targets[scored])
 
 
-def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Generator) -> torch.Tensor:
+def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Generator,
+              prefix_share: float = 0.0) -> torch.Tensor:
     ids, answer_side = batches.mdlm()
     rows = ids.shape[0]
     # Stratified t: one uniform offset, evenly spaced across the batch (lower-variance ELBO estimate, as in MDLM).
     t = (torch.rand(1, generator=generator) + torch.arange(rows) / rows) % 1.0
     p_mask = ((1 - MASK_EPS) * t + MASK_EPS)[:, None]
-    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & answer_side
+    maskable = answer_side & ~clean_prefix(answer_side, prefix_share, generator) if prefix_share else answer_side
+    masked = (torch.rand(ids.shape, generator=generator) < p_mask) & maskable
     noisy = ids.masked_fill(masked, model.config.mask_token_id)
     hidden = model.model(input_ids=noisy).last_hidden_state
     predicts = hidden
@@ -163,6 +170,20 @@ def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Genera
     token_loss = F.cross_entropy(model.lm_head(predicts[masked]), ids[masked], reduction="none")
     weights = (1.0 / p_mask).expand_as(ids)[masked]
     return (token_loss * weights).sum() / answer_side.sum()
+
+
+def clean_prefix(answer_side: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """For a ``share`` of the rows, the answer-side positions before a uniform random cut, kept clean.
+
+    Semi-autoregressive decoding (LLaDA's blocks, Fast-dLLM) always sees a finished answer prefix with masks after
+    it; uniform masking almost never shows that case on long answers, as block diffusion (Arriola et al. 2025)
+    points out. The ELBO weights stay 1/p: it is the same objective, conditioned on the prefix."""
+    rows, width = answer_side.shape
+    chosen = torch.rand(rows, generator=generator) < share
+    start = answer_side.float().argmax(-1)
+    cut = start + (torch.rand(rows, generator=generator) * (width - start)).long()
+    columns = torch.arange(width)[None]
+    return chosen[:, None] & answer_side & (columns < cut[:, None])
 
 
 def learning_rate(step: int, settings: TrainSettings, elapsed: float = 0.0) -> float:
@@ -187,7 +208,7 @@ def train(
     torch.manual_seed(settings.seed)
     tokenizer = build_tokenizer()  # one tokenizer for the whole family, whatever the training seed
     model = _initial_model(settings, tokenizer).train()
-    batches = Batches(tokenizer, settings.seed, settings.batch_size)
+    batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights))
     batches.longest = starting_length(settings, batches.generator.max_people)
     noise = torch.Generator().manual_seed(settings.seed + 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -201,7 +222,7 @@ def train(
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings, elapsed)
-        loss = ar_loss(model, batches) if settings.kind == "ar" else mdlm_loss(model, batches, noise)
+        loss = ar_loss(model, batches) if settings.kind == "ar" else mdlm_loss(model, batches, noise, settings.prefix_share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -299,22 +320,26 @@ def answer_ar(
 
 @torch.inference_mode()
 def answer_mdlm(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]]
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]], block: int = GEN_LENGTH
 ) -> list[list[int]]:
-    """Unmask ``[prompt | <mask> x GEN_LENGTH]`` one position per step: the most confident argmax, never revised."""
+    """Unmask ``[prompt | <mask> x GEN_LENGTH]`` one position per step: the most confident argmax within the current
+    block of ``block`` positions (LLaDA's semi-autoregressive blocks; the whole canvas by default), never revised."""
     mask_id = model.config.mask_token_id
     ids, attention = _left_padded(prompts, tokenizer.pad_token_id)
     canvas = torch.cat([ids, torch.full((len(prompts), GEN_LENGTH), mask_id)], dim=1)
     attention = torch.cat([attention, torch.ones(len(prompts), GEN_LENGTH, dtype=torch.long)], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     rows = torch.arange(len(prompts))
-    for _ in range(GEN_LENGTH):
+    answer_column = torch.arange(GEN_LENGTH)
+    for step in range(GEN_LENGTH):
+        outside = answer_column // block != step // block
         logits = model(input_ids=canvas, attention_mask=attention, position_ids=positions).logits.float()
         if shifts_logits(model):
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., mask_id] = -math.inf
         confidence, proposal = logits.softmax(-1).max(-1)
         confidence = confidence.masked_fill(canvas != mask_id, -1.0)
+        confidence[:, ids.shape[1]:] = confidence[:, ids.shape[1]:].masked_fill(outside, -1.0)
         position = confidence.argmax(-1)
         canvas[rows, position] = proposal[rows, position]
     return [_until_eos(row[ids.shape[1]:].tolist(), tokenizer.eos_token_id) for row in canvas]
@@ -326,9 +351,9 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 
 def held_out_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: str,
                       operations: tuple[str, ...] = tuple(TARGETS), per_operation: int = 50, seed: int = 10_000,
-                      batch_size: int = 25) -> dict[str, float]:
+                      batch_size: int = 25, block: int = GEN_LENGTH) -> dict[str, float]:
     """Score on fresh lists (another seed than training): exact match, or validity for open-ended tasks."""
-    answer = answer_ar if kind == "ar" else answer_mdlm
+    answer = answer_ar if kind == "ar" else functools.partial(answer_mdlm, block=block)
     generator = WaitlineGenerator(seed)
     results = {}
     for operation in operations:
@@ -356,7 +381,7 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
 
 
 def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str,
-               shifted: bool = False) -> str:
+               shifted: bool = False, block: int = GEN_LENGTH) -> str:
     settings = record["settings"]
     objective = (
         "masked diffusion (MDLM / LLaDA SFT): t ~ U(0,1) per sequence (stratified), answer-side tokens masked with "
@@ -366,6 +391,8 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
            "i-1 predicts the masked token at i, as Dream adapts an AR model), " if shifted
            else "no logits shift, ")
         + f"mask token `<mask>` (id {SPECIALS.index(MASK)}), default canvas {GEN_LENGTH} tokens."
+        + (f" In the last run {settings['prefix_share']:.0%} of the rows kept their answer clean up to a random cut "
+           "(the clean-prefix case of semi-autoregressive blocks)." if settings.get("prefix_share") else "")
         if kind == "mdlm" else "next-token cross-entropy on the answer and its end-of-text (causal attention)."
     )
     history = _history(record)
@@ -373,7 +400,9 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     stopped = "" if record["steps_done"] == settings["steps"] else (
         f" (stopped by the time cap at step {record['steps_done']} of {settings['steps']}; the learning-rate "
         "schedule followed the time budget, so a rerun matches only with the same speed)")
-    decoding = "greedy" if kind == "ar" else "the single most confident masked position committed per step (argmax)"
+    within = "the whole canvas" if block >= GEN_LENGTH else f"the current block of {block} (semi-autoregressive)"
+    decoding = ("greedy" if kind == "ar" else
+                f"the single most confident masked position of {within} committed per step (argmax)")
     scores = "\n".join(f"| {op} | {acc:.1%} | {TARGETS.get(op, 0):.0%} |" for op, acc in accuracy.items())
     return f"""# waitline-{kind}
 
@@ -384,7 +413,7 @@ built into Decoding Explorer. Weights stored in float16.
 - **Data**: ParallelBench's "waiting line" family generated by `engine/diffusion/waitline_data.py` from the
   project's own name lists (290 first x 232 last names; {INVENTED_NAME_RATE:.0%} of names invented from
   syllables, several tokens each), lists of 3-15 people; operations copy, reverse, sort,
-  shuffle, insert/remove/replace at an index and at random (task weights {json.dumps(TASK_WEIGHTS)}).
+  shuffle, insert/remove/replace at an index and at random (task weights {json.dumps(dict(settings['task_weights']))}).
   Prompt = ParallelBench's instruction (no in-context example); answer = the JSON list, then `</s>`.
 - **Tokenizer**: byte-level BPE (`engine/diffusion/tokenizer.py`): any text round-trips; names are one token.
 - **Objective**: {objective}
@@ -429,6 +458,17 @@ def _earlier_runs(runs: list[dict[str, Any]]) -> str:
     return "; ".join(f"`{run.get('command', '?')}` ({run['steps_done']} steps, {run['seconds']} s)" for run in runs)
 
 
+def task_weights(items: list[str]) -> dict[str, float]:
+    """``TASK=W`` overrides, checked against the known operations."""
+    weights = {}
+    for item in items:
+        task, _, weight = item.partition("=")
+        if task not in TASK_WEIGHTS:
+            raise SystemExit(f"--task-weight: unknown task {task!r} (one of {', '.join(TASK_WEIGHTS)})")
+        weights[task] = float(weight)
+    return weights
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=KINDS, required=True)
@@ -443,6 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--eval-per-task", type=int, default=40)
+    parser.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
+                        help=f"override one task's share of the data (defaults: {TASK_WEIGHTS})")
+    parser.add_argument("--prefix-share", type=float, default=TrainSettings.prefix_share,
+                        help="MDLM: share of training rows with a clean answer prefix up to a random cut")
+    parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
+                        help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
     parser.add_argument("--init-from", default="", help="continue from this saved model folder of the same kind")
     for name, default in asdict(Shape()).items():
         parser.add_argument(f"--{name}", type=int, default=default, help=f"model shape: {name} (ignored with --init-from)")
@@ -452,18 +498,22 @@ def main(argv: list[str] | None = None) -> None:
     shape = _saved_shape(Path(args.init_from)) if args.init_from else Shape(args.hidden, args.layers, args.heads, args.ffn)
     settings = TrainSettings(kind=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
-                             init_from=args.init_from, shape=shape)
+                             init_from=args.init_from, shape=shape,
+                             prefix_share=args.prefix_share, task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()))
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True))
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
-    accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task)
+    accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
+                                 block=args.eval_block)
     print(json.dumps(accuracy), flush=True)
     command = (f"python -m engine.diffusion.train --model {args.model} --steps {args.steps} --minutes {args.minutes:g} "
                f"--batch-size {args.batch_size} --lr {args.lr:g} --grow-below {args.grow_below:g} --seed {args.seed} "
                f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
-               + (f" --init-from {args.init_from}" if args.init_from else ""))
+               + (f" --init-from {args.init_from}" if args.init_from else "")
+               + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
+               + "".join(f" --task-weight {item}" for item in args.task_weight))
     parameters = sum(p.numel() for p in reloaded.parameters())
-    card = model_card(args.model, record, accuracy, parameters, command, shifts_logits(reloaded))
+    card = model_card(args.model, record, accuracy, parameters, command, shifts_logits(reloaded), args.eval_block)
     (args.out / "README.md").write_text(card)
     log = {**record, "command": command, "held_out": accuracy}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
