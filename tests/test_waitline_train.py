@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -120,6 +121,18 @@ def test_held_out_measurement_runs_on_both_kinds(tokenizer):
         model = waitline_train.build_model(kind, tokenizer, TINY, seed=0).eval()
         accuracy = waitline_train.held_out_accuracy(model, tokenizer, kind, operations=("copy",), per_operation=2)
         assert set(accuracy) == {"copy"} and 0.0 <= accuracy["copy"] <= 1.0
+
+
+def test_score_flag_rescores_a_saved_folder_without_training(tokenizer, tmp_path, capsys):
+    model = waitline_train.build_model("ar", tokenizer, TINY, seed=0).eval()
+    waitline_train.save(model, tokenizer, tmp_path, "# card")
+    waitline_train.main(["--model", "ar", "--score", str(tmp_path), "--eval-per-task", "2", "--eval-seed", "7"])
+    printed = json.loads(capsys.readouterr().out)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()  # float16 on disk
+    assert printed == waitline_train.held_out_accuracy(reloaded, tokenizer, "ar", per_operation=2, seed=7)
+    assert set(printed) == set(waitline_train.TARGETS)
+    with pytest.raises(SystemExit):
+        waitline_train.main(["--model", "ar", "--steps", "1"])  # training needs --out
 
 
 @pytest.mark.parametrize("name", ["waitline-mdlm", "waitline-ar"])

@@ -46,6 +46,7 @@ INVENTED_NAME_RATE = 0.05  # per first/last name in training lists, so unseen (m
 # The scored tasks get more of the data; the others are learnt too (the bench shows how parallel decoding breaks them).
 TASK_WEIGHTS = {op: 1.0 for op in OPERATIONS} | {"copy": 1.5, "reverse": 2.0, "sort": 3.0}
 TARGETS = {"copy": 0.95, "reverse": 0.95, "sort": 0.85}
+HELD_OUT_SEED = 10_000  # training rows use seeds from 0, the Learn2PD filter 20_000, bench lists 30_000
 CURRICULUM_START = 4  # short lists first: the copy circuits form on them far sooner than on 15-person lists
 
 
@@ -350,7 +351,7 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 
 
 def held_out_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: str,
-                      operations: tuple[str, ...] = tuple(TARGETS), per_operation: int = 50, seed: int = 10_000,
+                      operations: tuple[str, ...] = tuple(TARGETS), per_operation: int = 50, seed: int = HELD_OUT_SEED,
                       batch_size: int = 25, block: int = GEN_LENGTH) -> dict[str, float]:
     """Score on fresh lists (another seed than training): exact match, or validity for open-ended tasks."""
     answer = answer_ar if kind == "ar" else functools.partial(answer_mdlm, block=block)
@@ -366,6 +367,14 @@ def held_out_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFas
                 correct += score(operation, tokenizer.decode(ids, skip_special_tokens=True), example.row()["answer"])
         results[operation] = correct / len(examples)
     return results
+
+
+def score_saved(folder: Path, kind: str, per_operation: int, seed: int = HELD_OUT_SEED,
+                block: int = GEN_LENGTH) -> dict[str, float]:
+    """``held_out_accuracy`` of a saved model folder, loaded as the app loads it (float32)."""
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    return held_out_accuracy(model, tokenizer, kind, per_operation=per_operation, seed=seed, block=block)
 
 
 # --- saving ------------------------------------------------------------------------------------------------------
@@ -472,7 +481,8 @@ def task_weights(items: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=KINDS, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="folder to save the trained model in (required unless --score)")
+    parser.add_argument("--score", metavar="FOLDER", help="no training: print a saved model's held-out accuracy")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--minutes", type=float, default=30.0, help="stop early after this long (0 = no cap)")
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
@@ -483,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--eval-per-task", type=int, default=40)
+    parser.add_argument("--eval-seed", type=int, default=HELD_OUT_SEED, help="seed of the held-out lists")
     parser.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
                         help=f"override one task's share of the data (defaults: {TASK_WEIGHTS})")
     parser.add_argument("--prefix-share", type=float, default=TrainSettings.prefix_share,
@@ -495,6 +506,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.score:
+        print(json.dumps(score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block)))
+        return
+    if args.out is None:
+        parser.error("--out is required when training")
     shape = _saved_shape(Path(args.init_from)) if args.init_from else Shape(args.hidden, args.layers, args.heads, args.ffn)
     settings = TrainSettings(kind=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
@@ -504,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
     accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
-                                 block=args.eval_block)
+                                 seed=args.eval_seed, block=args.eval_block)
     print(json.dumps(accuracy), flush=True)
     command = (f"python -m engine.diffusion.train --model {args.model} --steps {args.steps} --minutes {args.minutes:g} "
                f"--batch-size {args.batch_size} --lr {args.lr:g} --grow-below {args.grow_below:g} --seed {args.seed} "
