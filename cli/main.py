@@ -6,15 +6,16 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from engine.events import TraceFormatError
-from engine.models.handle import ModelError
 from engine.params import ParamError
-from storage import RunExists, RunNotFound, SchemaTooNewError
+from storage.user_errors import USER_ERRORS, user_message
 
-# Errors whose message already tells the user what to do: printed as one line, no traceback.
-USER_ERRORS = (ParamError, ModelError, TraceFormatError, RunNotFound, RunExists, SchemaTooNewError, FileExistsError)
+if TYPE_CHECKING:
+    from engine.run import BranchPoint
+    from storage import TraceStore
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,8 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
 
 
@@ -52,8 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--decoder", default="greedy")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="decoder parameter (repeatable)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--prompt", help="the prompt text (required unless --branch-from gives the parent's)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                   help="wrap the prompt in the model's chat template (a branch: default the parent's)")
+    p.add_argument("--branch-from", metavar="RUN", help="continue a stored run from one of its tokens (with --at, --token);"
+                   " model, prompt and chat default to the parent's")
+    p.add_argument("--at", type=int, metavar="POSITION", help="the parent's output position the branch replaces")
+    p.add_argument("--token", type=int, metavar="ID", help="the token id the branch takes at --at")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -66,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="SQLAlchemy URL (default: $DECODING_EXPLORER_DB or a SQLite file in the user data dir)")
     p.add_argument("--no-save", action="store_true", help="do not store the trace")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(handler=_record)
+    p.set_defaults(handler=_record, model=None)  # None: the parent's model for a branch, else DEFAULT_MODEL
 
     runs = sub.add_parser("runs", help="manage stored runs").add_subparsers(title="runs")
     p = runs.add_parser("list")
@@ -176,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, local folder or Hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, local folder or Hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code to run")
@@ -253,21 +258,26 @@ def _record(args: argparse.Namespace) -> int:
     from engine.params import parse_assignments
     from engine.run import Run, RunSettings
 
+    store = None if args.no_save and not args.branch_from else _store(args)
+    branch = _branch(args, store)
+    if args.prompt is None:
+        raise ParamError("record needs --prompt TEXT (or --branch-from RUN to continue a stored run)")
     capture = None
     if args.attention != "none":
         capture = AttentionCapture(layers=args.attention, heads=args.attention_heads, max_bytes=int(args.attention_max_mb * 2**20))
     settings = RunSettings(
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
-        chat=args.chat,
+        chat=bool(args.chat),
         stop=args.stop,
         record_top_k=args.record_top_k,
         attention=capture,
         image=args.image,
+        branch=branch,
     )
     model = _load(args)
-    store = None if args.no_save else _store(args)
-    run = Run(model, args.decoder, args.prompt, parse_assignments(args.param), settings, sinks=[store.sink()] if store else [])
+    sinks = [] if args.no_save else [store.sink()]
+    run = Run(model, args.decoder, args.prompt, parse_assignments(args.param), settings, sinks=sinks)
     with tqdm(total=args.max_new_tokens, unit="tok", file=sys.stderr, disable=None, leave=False) as bar:
         try:
             for _ in run:
@@ -287,10 +297,28 @@ def _record(args: argparse.Namespace) -> int:
             f"\n[{trace.status}: {trace.reason}] run {trace.run_id}  model={trace.info.model} decoder={trace.info.decoder}\n"
             f"{m.get('new_tokens', 0)} tokens, {m.get('model_calls', 0)} model calls, {m.get('decode_seconds', 0):.2f} s "
             f"({m.get('tokens_per_second', 0):.1f} tok/s), mean entropy {mean_entropy:.3f} nats"
-            + ("" if store is None else f"\nstored in {store.url}"),
+            + ("" if args.no_save else f"\nstored in {store.url}"),
             file=sys.stderr,
         )
     return 0 if trace.status in ("finished", "cancelled") else 1
+
+
+def _branch(args: argparse.Namespace, store: TraceStore | None) -> BranchPoint | None:
+    """The branch point of ``--branch-from``; fills the model, prompt and chat the user left to the parent."""
+    from engine.run import branch_point
+
+    if args.branch_from is None:
+        if args.at is not None or args.token is not None:
+            raise ParamError("--at and --token go with --branch-from RUN")
+        args.model = args.model or DEFAULT_MODEL
+        return None
+    if args.at is None or args.token is None:
+        raise ParamError("--branch-from needs --at POSITION and --token ID")
+    parent = store.load(args.branch_from)
+    args.model = args.model or parent.info.model
+    args.prompt = parent.info.prompt if args.prompt is None else args.prompt
+    args.chat = parent.info.chat if args.chat is None else args.chat
+    return branch_point(parent, args.at, args.token)
 
 
 # ---------------------------------------------------------------- runs

@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "RunSettings", "load_model", "record", "__version__"]
+__all__ = ["BranchPoint", "Run", "RunSettings", "branch_point", "load_model", "record", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,7 +18,7 @@ def __getattr__(name: str):
         from engine.models import load_model
 
         return load_model
-    if name in ("Run", "RunSettings", "record"):
+    if name in ("BranchPoint", "Run", "RunSettings", "branch_point", "record"):
         from engine import run
 
         return getattr(run, name)

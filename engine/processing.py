@@ -138,6 +138,7 @@ _STAGES = {
     "eta": _Spec("eta", 0.0, lambda v: 0 < v < 1, "in (0, 1)", _eta),
 }
 PIPELINE_ORDER = tuple(_STAGES)  # transformers' order (repetition penalty, then the warpers of _get_logits_processor)
+OFF_VALUES: dict[str, float] = {spec.key: spec.off for spec in _STAGES.values()}  # parameter -> the value meaning "off"
 
 
 def _batched(t: Tensor) -> tuple[Tensor, bool]:

@@ -21,6 +21,30 @@ from engine.recorder import Recorder, TraceSink
 from engine.trace import RunInfo, Trace, new_run_id
 
 
+@dataclass(frozen=True)
+class BranchPoint:
+    """Where a branch leaves its parent run: after the parent's first ``step`` output tokens, ``token_id`` comes next."""
+
+    parent_run_id: str
+    step: int
+    token_id: int
+    prompt_ids: tuple[int, ...]  # the parent's prompt, its first ``step`` output tokens, then ``token_id``
+
+
+def branch_point(parent: Trace, position: int, token_id: int) -> BranchPoint:
+    """Continue ``parent`` from output ``position`` with ``token_id`` (the model's vocabulary is checked by Run)."""
+    output = parent.output_token_ids
+    if not 0 <= position <= len(output):
+        raise ParamError(f"branch position must be between 0 and {len(output)} (run {parent.run_id[:12]} has "
+                         f"{len(output)} output tokens), got {position}")
+    if token_id < 0:
+        raise ParamError(f"branch token id must be >= 0, got {token_id}")
+    if parent.info.settings.get("image"):
+        raise ParamError(f"run {parent.run_id[:12]} read an image, which its trace does not keep; it cannot be branched")
+    prompt_ids = (*parent.prompt_token_ids, *output[:position], token_id)
+    return BranchPoint(parent.run_id, position, token_id, prompt_ids)
+
+
 @dataclass
 class RunSettings:
     """Run-level settings shared by all decoders (decoder-specific ones live in its params)."""
@@ -33,6 +57,7 @@ class RunSettings:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     attention: AttentionCapture | None = None
     image: str | None = None  # an image file for a vision-language model's prompt
+    branch: BranchPoint | None = None  # start from a token of a stored run instead of the prompt text
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -40,6 +65,8 @@ class RunSettings:
             raise ParamError(f"max_new_tokens must be between 1 and 100000, got {self.max_new_tokens}")
         if not 1 <= self.record_top_k <= 1000:
             raise ParamError(f"record_top_k must be between 1 and 1000, got {self.record_top_k}")
+        if self.branch is not None and self.image:
+            raise ParamError("a branch continues its parent's token ids and cannot take an image; drop the image")
 
 
 class Run:
@@ -67,7 +94,9 @@ class Run:
         # a run without a seed still records the one it drew, so it can be reproduced
         self.seed = self.settings.seed if self.settings.seed is not None else int(torch.seed() % 2**63)
         self.prompt_inputs: dict[str, torch.Tensor] = {}
-        if self.settings.image:
+        if self.settings.branch is not None:
+            self.prompt_ids = _branch_prompt(model, self.settings.branch)
+        elif self.settings.image:
             if not self.spec.accepts_images:
                 accepting = ", ".join(s.name for s in all_decoders() if s.accepts_images)
                 raise ParamError(f"decoder {decoder!r} reads text prompts only; prompts with an image work with {accepting}")
@@ -87,6 +116,7 @@ class Run:
             model_info=model.info(),
             versions=_versions(),
             settings=_settings_dict(self.settings),
+            parent=_parent_dict(self.settings.branch),
         )
         self.trace = Trace(run_id=run_id or new_run_id(), info=info)
         self.recorder = Recorder(self.trace, model.token_text, sinks, decode=model.decode)
@@ -193,6 +223,22 @@ def record(
 ) -> Trace:
     """Run a decoder to the end and return its trace."""
     return Run(model, decoder, prompt, params, settings, sinks).to_end()
+
+
+def _branch_prompt(model: LoadedModel, branch: BranchPoint) -> list[int]:
+    vocab = model.vocab_size
+    if branch.token_id >= vocab:
+        raise ParamError(f"branch token id {branch.token_id} is outside {model.name}'s vocabulary (ids 0 to {vocab - 1})")
+    if any(not 0 <= t < vocab for t in branch.prompt_ids):
+        raise ParamError(f"run {branch.parent_run_id[:12]}'s tokens do not fit {model.name}'s vocabulary; "
+                         "branch it with the model that recorded it")
+    return list(branch.prompt_ids)
+
+
+def _parent_dict(branch: BranchPoint | None) -> dict[str, Any] | None:
+    if branch is None:
+        return None
+    return {"run_id": branch.parent_run_id, "step": branch.step, "token_id": branch.token_id}
 
 
 def _versions() -> dict[str, str]:

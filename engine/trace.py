@@ -60,6 +60,7 @@ class RunInfo:
     model_info: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    parent: dict[str, Any] | None = None  # a branch's origin: {"run_id", "step" (output position), "token_id"}
 
 
 @dataclass
@@ -217,7 +218,20 @@ def _run_info(raw: dict[str, Any]) -> RunInfo:
     seed = raw.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TraceFormatError("run.info.seed must be an integer or null")
+    _check_parent(raw.get("parent"))
     return RunInfo(**raw)
+
+
+def _check_parent(parent: Any) -> None:
+    if parent is None:
+        return
+    if not (
+        isinstance(parent, dict)
+        and set(parent) == {"run_id", "step", "token_id"}
+        and isinstance(parent["run_id"], str)
+        and all(isinstance(parent[k], int) and not isinstance(parent[k], bool) for k in ("step", "token_id"))
+    ):
+        raise TraceFormatError("run.info.parent must be null or an object with a string run_id and integer step and token_id")
 
 
 def dumps(trace: Trace) -> str:

@@ -126,6 +126,10 @@ def run_row(trace: Trace) -> dict[str, Any]:
     row = {name: info.pop(name) for name in ("created_at", "model", "decoder", "prompt")}
     row["params"] = dumps(info.pop("params"))
     row["seed"] = info.pop("seed") if info["seed"] is None or fits_column(info["seed"], int) else None
+    # A branch's parent stays whole in ``info``; its run id and step are mirrored in columns for listing and lookups.
+    parent = info["parent"] or {}
+    row["parent_run_id"] = parent.get("run_id")
+    row["branch_step"] = parent["step"] if fits_column(parent.get("step"), int) else None
     row.update(
         run_id=trace.run_id,
         status=trace.status,

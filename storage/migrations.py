@@ -118,9 +118,17 @@ def _v2_listing_indexes_and_token_view(conn: Connection) -> None:
     conn.execute(text(f"CREATE VIEW token_steps AS {sql}"))
 
 
+def _v3_branch_columns(conn: Connection) -> None:
+    for name, kind in (("parent_run_id", Text()), ("branch_step", BigInteger())):
+        conn.execute(text(f"ALTER TABLE runs ADD COLUMN {name} {kind.compile(dialect=conn.dialect)}"))
+    runs = Table("runs", MetaData(), Column("parent_run_id", Text))
+    Index("ix_runs_parent_run_id", runs.c.parent_run_id).create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, events and vocab tables", _v1_create_tables),
     Migration(2, "listing indexes on runs; view token_steps (token events with their text)", _v2_listing_indexes_and_token_view),
+    Migration(3, "branches: runs.parent_run_id (indexed) and runs.branch_step", _v3_branch_columns),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

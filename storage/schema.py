@@ -35,9 +35,12 @@ runs = Table(
     Column("output_text", Text, nullable=False),
     Column("metrics", Text, nullable=False),
     Column("info", Text, nullable=False),
+    Column("parent_run_id", Text),  # a branch's parent run (also in info.parent, with the token)
+    Column("branch_step", BigInteger),  # the parent's output position the branch leaves from
     Index("ix_runs_created_at", "created_at"),
     Index("ix_runs_model", "model"),
     Index("ix_runs_decoder", "decoder"),
+    Index("ix_runs_parent_run_id", "parent_run_id"),
 )
 
 events = Table(

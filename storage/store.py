@@ -50,6 +50,8 @@ class RunSummary:
     output_text: str  # at most PREVIEW_CHARS characters
     metrics: dict[str, float]
     num_events: int
+    parent_run_id: str | None  # set for a branch: the run it continues
+    branch_step: int | None  # the parent's output position the branch leaves from
 
 
 def default_db_url() -> str:
@@ -205,6 +207,8 @@ class TraceStore:
             func.substr(runs.c.output_text, 1, PREVIEW_CHARS).label("output_text"),
             runs.c.metrics,
             num_events.label("num_events"),
+            runs.c.parent_run_id,
+            runs.c.branch_step,
         )
         for column, value in ((runs.c.model, model), (runs.c.decoder, decoder), (runs.c.status, status)):
             if value is not None:

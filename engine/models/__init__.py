@@ -8,7 +8,7 @@
 from engine.models.cache import data_dir
 from engine.models.handle import ForwardResult, LoadedModel, ModelError
 from engine.models.loading import fetch_model, load_model
-from engine.models.registry import BUILTIN_NAMES, ModelEntry, list_models
+from engine.models.registry import BUILTIN_NAMES, ModelEntry, PromptFormat, list_models, prompt_format
 
 __all__ = [
     "BUILTIN_NAMES",
@@ -16,8 +16,10 @@ __all__ = [
     "LoadedModel",
     "ModelEntry",
     "ModelError",
+    "PromptFormat",
     "data_dir",
     "fetch_model",
     "list_models",
     "load_model",
+    "prompt_format",
 ]

@@ -110,6 +110,29 @@ ASSET_DESCRIPTIONS = {
 BUILTIN_NAMES = [*GGUF_BUILTINS, *RANDOM_DESCRIPTIONS, *ASSET_DESCRIPTIONS]
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """The prompt a built-in model was trained on; other formats give it inputs it never saw."""
+
+    chat: bool  # whether the chat template applies
+    note: str
+    example: str
+
+
+def _waitline_format(name: str) -> PromptFormat:
+    from engine.diffusion.waitline_data import render_prompt  # the training data's own wording
+
+    example = render_prompt("reverse", ["James Smith", "Mary Jones", "Robert Brown", "Linda Davis"])
+    return PromptFormat(False, f"{name} was trained on plain ParallelBench waiting-line instructions (no chat "
+                               "template, no in-context example): chat formatting is off and an example prompt is "
+                               "filled in.", example)
+
+
+def prompt_format(name: str) -> PromptFormat | None:
+    """The prompt format a built-in model's card names, or None where any prompt (and the chat template) fits."""
+    return _waitline_format(name) if name.strip() in ASSET_DESCRIPTIONS else None
+
+
 def asset_model_dir(name: str) -> Path:
     return ASSET_MODELS_DIR / name
 

@@ -273,7 +273,7 @@ def awrs(ctx: DecodeContext) -> Iterator[Event]:
 SPEC = register(
     DecoderSpec(
         name="awrs",
-        family="token",
+        family="guided",
         summary="Constrained generation (regex or JSON shape) by adaptive weighted rejection sampling, optionally "
                 "with SMC particles; or plain token masking (Lipkin et al., COLM 2025).",
         params=PARAMS,

@@ -135,7 +135,7 @@ def exact_extract(ctx: DecodeContext) -> Iterator[Event]:
 SPEC = register(
     DecoderSpec(
         name="exact_extract",
-        family="token",
+        family="guided",
         summary="exact-extract: the answer is the passage span of least NLL (span + terminator), every span scored.",
         params=(
             Param("passage_marker", "str", "Context:", "Text before the passage in the prompt ('' = the text before the question)."),

@@ -220,7 +220,7 @@ def _saliency_maps(saliency: Saliency, layers: list[int], prompt_length: int, se
 SPEC = register(
     DecoderSpec(
         name="gift",
-        family="token",
+        family="guided",
         summary="GIFT: greedy decoding with attention amplified towards the salient context and the query.",
         params=(
             Param("alpha", "float", 5.0, "Saliency strength: context weights scale by exp(alpha * saliency) "
