@@ -8,6 +8,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
+from engine.models.registry import DEFAULT_MODEL
 from engine.params import ParamError
 from storage.user_errors import USER_ERRORS, user_message
 
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
     from engine.run import BranchPoint
     from storage import TraceStore
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--steps", type=int, default=2000)
     p.set_defaults(handler=_bench_replay, model="tiny-random-llama")
+    p = bench.add_parser("ui", help="the app in Chromium: first load, streaming lag, Pause latency, replay speed")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--tokens", type=int, default=40, help="greedy tokens streamed for the lag measurement")
+    p.add_argument("--replay-speed", type=float, default=10.0, help="steps per second asked of replay Play")
+    p.set_defaults(handler=_bench_ui)
     p = bench.add_parser("first-step", help="latency from Run to the first step's views, model loaded")
     _model_args(p)
     p.set_defaults(handler=_bench_first_step)
@@ -384,6 +389,12 @@ def _bench_replay(args: argparse.Namespace) -> None:
     from cli.bench import replay
 
     replay(_load(args), steps=args.steps)
+
+
+def _bench_ui(args: argparse.Namespace) -> None:
+    from cli.bench_ui import ui_bench
+
+    ui_bench(args.model, tokens=args.tokens, replay_speed=args.replay_speed)
 
 
 def _bench_first_step(args: argparse.Namespace) -> None:

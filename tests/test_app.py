@@ -69,10 +69,34 @@ def test_app_builds_on_a_tiny_model(tmp_path):
     assert isinstance(build("tiny-random-llama", f"sqlite:///{tmp_path / 'ui.db'}"), gr.Blocks)
 
 
-def test_app_falls_back_to_replay_only_when_the_model_cannot_load(tmp_path):
-    demo = build("no-such-model-anywhere", f"sqlite:///{tmp_path / 'ui.db'}")
-    assert isinstance(demo, gr.Blocks)
-    assert any("Replay-only mode" in str(getattr(block, "value", "")) for block in demo.blocks.values())
+def test_a_model_that_cannot_load_is_reported_not_fatal(tmp_path):
+    """The app builds (and would listen) at once; the failed load is reported by the pool with its reason."""
+    from ui.pool import ModelPool
+
+    assert isinstance(build("no-such-model-anywhere", f"sqlite:///{tmp_path / 'ui.db'}"), gr.Blocks)
+    pool = ModelPool()
+    with pytest.raises(Exception, match="not a built-in model"):
+        pool.get("no-such-model-anywhere", timeout=60)
+    assert "not a built-in model" in pool.status(" no-such-model-anywhere ").error
+
+
+def test_the_model_pool_loads_a_name_once_whatever_its_spaces():
+    from ui.pool import ModelPool
+
+    pool = ModelPool(max_models=2)
+    assert pool.get("tiny-random-llama") is pool.get(" tiny-random-llama\t")
+    for seed in range(3):  # distinct names: the least recently used is dropped, memory stays bounded
+        pool.get(f"tiny-random-llama:seed={seed}")
+    assert pool.status("tiny-random-llama") is None and pool.status("tiny-random-llama:seed=2") is not None
+
+
+def test_replay_only_opens_on_the_library_with_a_notice(tmp_path):
+    demo = build("tiny-random-llama", f"sqlite:///{tmp_path / 'ui.db'}", replay_only=True)
+    blocks = list(demo.blocks.values())
+    tabs = next(b for b in blocks if isinstance(b, gr.Tabs))
+    assert tabs.selected == "library"
+    assert next(b for b in blocks if isinstance(b, gr.Tab) and b.id == "run").visible is False
+    assert any("Replay-only mode" in str(getattr(b, "value", "")) for b in blocks)
 
 
 def test_views_for_draft_and_diffusion_traces():
@@ -82,11 +106,11 @@ def test_views_for_draft_and_diffusion_traces():
     diffusion = build_diffusion_trace()
     values = view_values(diffusion, 3, "probability")
     assert "▒" in values[0]  # the canvas at step 3 still has masked positions
-    assert values[4] is not None and any(t.type == "heatmap" for t in values[4].data)
+    assert any(t.type == "heatmap" for t in values[2]["value"].data)  # the lattice, large
 
     drafts = make_trace(hand_rounds())
     values = view_values(drafts, 0, "probability")
-    assert values[4] is not None and values[4].data
+    assert values[2]["value"].data  # the draft tree, large
 
 
 def test_speculative_views_walk_rounds(tiny):
@@ -101,8 +125,8 @@ def test_speculative_views_walk_rounds(tiny):
     table = values[6].value
     assert table["headers"][:3] == ["node", "parent", "depth"] and len(table["data"]) == len(rounds[1].nodes)
     assert [row[-1] for row in table["data"]].count("accepted") == len(rounds[1].accepted_path)
-    assert {t.name for t in values[2].data} >= {"draft q", "target p"}
-    assert values[3].data and values[4].data
+    assert {t.name for t in values[4]["value"].data} >= {"draft q", "target p"}
+    assert values[2]["value"].data and values[3]["value"].data  # draft tree, acceptance
 
 
 QA_PROMPT = "Context: The red fox lives in the old mill. Question: Where does the fox live?"
@@ -128,11 +152,11 @@ def test_method_views_fill_and_escape(tiny, decoder, params, prompt):
     for token_id in list(trace.vocab):
         trace.vocab[token_id] = HOSTILE[token_id % len(HOSTILE)]
     values = view_values(trace, 1, "probability")
-    assert values[4] is not None and values[4].data  # the method's main view
+    assert values[2]["value"] is not None and values[2]["value"].data  # the method's main view, large
     if any(e.kind == "token" for e in trace.events):  # its per-step view, where attention would go
-        assert values[5] is not None and values[5].data
+        assert values[5]["value"] is not None and values[5]["value"].data
     elif decoder != "exact_extract":  # runs without token steps show it beside the main view
-        assert values[3] is not None and values[3].data
+        assert values[3]["value"] is not None and values[3]["value"].data
     text = " ".join(_strings(values))
     for raw in ("<script>", "<img", "\x1b", "\x00"):
         assert raw not in text

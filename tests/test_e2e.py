@@ -3,54 +3,24 @@ Playwright) and gradio_client, against ``app.py`` started on a free local port w
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.browser import chromium, open_page, open_tab, pick, shot, start_app, wait_text
+
 ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "tests" / "artifacts"
 SAMPLE = next(iter(sorted((ROOT / "assets" / "samples").glob("*.json.gz"))), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    yield from start_app(tmp_path_factory.mktemp("app-home"))
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    home = tmp_path_factory.mktemp("app-home")
-    port = _free_port()
-    env = {**os.environ, "DECODING_EXPLORER_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(home / "app.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "app.py", "--model", "tiny-random-llama", "--db", f"sqlite:///{home / 'e2e.db'}", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"app exited early: {(home / 'app.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.terminate()
-        pytest.fail("app did not start within 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+def app_url(app):
+    return app.url
 
 
 def test_gradio_client_records_and_lists(app_url):
@@ -85,51 +55,24 @@ def test_simultaneous_recordings_lose_nothing(app_url):
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    chromium = shutil.which("chromium")
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (./run test installs it)")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        outside: list[str] = []
-        page.on("request", lambda r: None if r.url.startswith((app_url, "data:", "blob:")) else outside.append(r.url))
-        page.goto(app_url)
-        page.wait_for_selector("#run-button")
-        page.outside_requests = outside
-        yield page
-        browser.close()
-
-
-def _shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def _choose(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} input")
-    box.click()
-    box.fill(value)
-    page.keyboard.press("Enter")
+    for browser in chromium():
+        yield open_page(browser, app_url)
 
 
 def test_browser_run_step_library_import_compare(page):
-    _choose(page, "decoder", "greedy")
-    page.wait_for_timeout(1000)  # the parameter form re-renders for the chosen decoder
+    pick(page, "decoder", "greedy", option="· greedy —")
+    wait_text(page, "model-status", "is loaded")
     page.click("#step-button")
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('1 model calls')")
     page.click("#step-button")
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('2 model calls')")
     assert page.locator("#live-tokens [data-step]").count() == 2
-    _shot(page, "01-two-steps")
+    shot(page, "01-two-steps")
     page.click("#run-button")
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('finished')", timeout=60000)
-    _shot(page, "02-finished")
+    shot(page, "02-finished")
 
-    page.get_by_role("tab", name="Library").click()
+    open_tab(page, "Library")
     page.click("#refresh-runs")
     page.wait_for_timeout(1000)
     page.locator("#runs-table").get_by_text("tiny-random-llama", exact=True).first.click()  # a row of our runs
@@ -143,29 +86,29 @@ def test_browser_run_step_library_import_compare(page):
     page.wait_for_function("document.querySelector('#replay-timeline .js-plotly-plot')?.dataset.deHooked === '1'")
     page.evaluate("document.querySelector('#replay-timeline .js-plotly-plot').emit('plotly_click', {points: [{customdata: 1}]})")
     page.wait_for_selector("#replay-tokens [data-selected][data-step='1']")
-    _shot(page, "03-replay")
+    shot(page, "03-replay")
 
     if SAMPLE is not None:
         page.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
         page.wait_for_function("document.querySelector('#library-status').innerText.includes('Imported as run')", timeout=30000)
-        _shot(page, "04-imported")
+        shot(page, "04-imported")
 
-    page.get_by_role("tab", name="Compare").click()
+    open_tab(page, "Compare")
     page.locator("#compare-ids input").click()  # its choices come from the library table
     page.locator("[role=option]").nth(0).click()
     page.locator("[role=option]").nth(1).click()
     page.keyboard.press("Escape")  # close the option list so it does not cover the button
     page.click("#compare-button")
     page.wait_for_selector("#compare-aligned [data-step]", timeout=30000)
-    _shot(page, "05-compare")
+    shot(page, "05-compare")
 
     page.goto(page.url.split("?")[0] + "?__theme=dark")  # the same replay in the dark theme
-    page.get_by_role("tab", name="Library").click()
+    open_tab(page, "Library")
     page.fill("#filter-text textarea, #filter-text input", "capital of France")  # the beam sample's prompt
     page.click("#refresh-runs")
     page.locator("#runs-table").get_by_text("beam", exact=True).first.click()
     page.click("#open-run")
-    page.wait_for_function("document.querySelector('#library-status').innerText.includes('finished')")
+    wait_text(page, "library-status", "finished")
     page.wait_for_timeout(1500)
-    _shot(page, "06-dark-beam-replay")
+    shot(page, "06-dark-beam-replay")
     assert page.outside_requests == [], "the app must work offline: nothing fetched from elsewhere"

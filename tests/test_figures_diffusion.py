@@ -231,10 +231,10 @@ def test_views_walk_diffusion_steps(trace):
     assert diffusion_summary(trace) in values[0] and "step 1 (4 in all)" in values[0]
     assert values[0].count("▒") == 6  # positions 2 and 3 (remasked) and the second block are masked after step 1
     assert values[1].maximum == 3 and values[1].value == 1
-    assert outlined(values[2]) == {(0, 2)}  # the step's own lattice
-    assert by_name(values[3], "selected step").x == (1,)  # tokens committed per step
-    assert [s.y0 for s in values[4].layout.shapes if s.name == "selected step"] == [1]  # the overview lattice
-    assert values[5] is None  # no attention recorded
+    assert [s.y0 for s in values[2]["value"].layout.shapes if s.name == "selected step"] == [1]  # the overview lattice, large
+    assert outlined(values[3]["value"]) == {(0, 2)}  # the step's own lattice
+    assert by_name(values[4]["value"], "selected step").x == (1,)  # tokens committed per step
+    assert values[5]["value"] is None and not values[5]["visible"]  # no attention recorded: its panel stays hidden
     table = values[6]
     assert table.value["headers"] == DIFFUSION_TABLE_HEADERS
     assert table.value["data"] == diffusion_step_table(trace, 1)

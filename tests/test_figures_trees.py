@@ -173,9 +173,12 @@ def test_beam_tree_max_nodes_hides_worst_pruned():
 
 def test_large_beam_trace_builds():
     trace = build_beam_trace(8, 100)
-    fig = beam_tree_figure(trace)
+    fig = beam_tree_figure(trace, first_step=0)  # every step: the node budget hides the pruned ones
     assert node_count(fig, ["live", "finished"]) == 800
     assert len(by_name(fig, "pruned").x) == 0 and "800 lowest-scoring pruned" in fig.layout.title.text
+    windowed = beam_tree_figure(trace)  # by default: the newest steps that fit across the page
+    shown = sorted({x for name in ("live", "pruned", "finished") for x in by_name(windowed, name).x})
+    assert shown[-1] == 100 and 8 <= len(shown) < 100 and "showing steps" in windowed.layout.title.text
 
 
 # ---------------------------------------------------------------- speculative decoding

@@ -45,3 +45,17 @@ def test_stop_keeps_the_partial_trace(tiny):
     run.stop()
     assert run.done and run.trace.status == "cancelled"
     assert len([e for e in run.trace.events if isinstance(e, TokenStep)]) in (2, 3)
+
+
+def test_a_paused_run_is_stored_as_far_as_it_got(tiny, tmp_path):
+    from storage import TraceStore
+
+    store = TraceStore(f"sqlite:///{tmp_path / 'p.db'}")
+    run = LiveRun(Run(tiny, "greedy", "Hello", settings=RunSettings(max_new_tokens=50, ignore_eos=True),
+                      sinks=[store.sink()]))
+    for steps, _ in enumerate(run.play(), start=1):
+        if steps == 7:
+            run.pause()  # as the Pause button does, from another thread, while play() is stepping
+    stored = store.load(run.trace.run_id)
+    assert run.paused and stored.status == "running"
+    assert stored.output_token_ids == run.trace.output_token_ids and len(stored.output_token_ids) == 7

@@ -22,6 +22,7 @@ class LiveRun:
         self._pause = threading.Event()
         self._lock = threading.Lock()  # Stop arrives on another thread while Run is stepping
         self.done = False
+        self.paused = False  # set when a Pause ended play() before the run did
 
     @property
     def trace(self) -> Trace:
@@ -30,7 +31,10 @@ class LiveRun:
     def step(self) -> list[Event]:
         """Advance by one model call: the events up to and including the next one that cost a call."""
         with self._lock:
-            return self._step()
+            events = self._step()
+        self.paused = not self.done  # a single step leaves the run waiting for the next
+        self.run.recorder.flush()  # a waiting run is stored as far as it got, not a flush interval behind
+        return events
 
     def _step(self) -> list[Event]:
         produced: list[Event] = []
@@ -48,8 +52,13 @@ class LiveRun:
     def play(self) -> Iterator[list[Event]]:
         """Step until the run ends or :meth:`pause` is called; yields each step's events."""
         self._pause.clear()
+        self.paused = False
         while not self.done and not self._pause.is_set():
-            yield self.step()
+            with self._lock:
+                events = self._step()
+            yield events
+        self.paused = not self.done
+        self.run.recorder.flush()
 
     def pause(self) -> None:
         self._pause.set()

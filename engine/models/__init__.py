@@ -8,10 +8,11 @@
 from engine.models.cache import data_dir
 from engine.models.handle import ForwardResult, LoadedModel, ModelError
 from engine.models.loading import fetch_model, load_model
-from engine.models.registry import BUILTIN_NAMES, ModelEntry, PromptFormat, list_models, prompt_format
+from engine.models.registry import BUILTIN_NAMES, DEFAULT_MODEL, ModelEntry, PromptFormat, list_models, prompt_format
 
 __all__ = [
     "BUILTIN_NAMES",
+    "DEFAULT_MODEL",
     "ForwardResult",
     "LoadedModel",
     "ModelEntry",

@@ -108,6 +108,7 @@ ASSET_DESCRIPTIONS = {
     "waitline-ar": "autoregressive twin of waitline-mdlm: same size, tokenizer and data",
 }
 BUILTIN_NAMES = [*GGUF_BUILTINS, *RANDOM_DESCRIPTIONS, *ASSET_DESCRIPTIONS]
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the app's and the command line's model when none is named
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,12 @@ import plotly.graph_objects as go
 from engine.attention import attention_array
 from engine.events import AttentionMap
 from engine.trace import Trace
-from ui.figures.common import WINDOW, empty_figure, escape_token, style_figure, tick_labels, token_label, window_note
+from ui.figures.common import (
+    COLORBAR_PX, FIGURE_WIDTH, MARGIN, WINDOW, empty_figure, escape_token, style_figure, tick_labels, token_label,
+    window_note,
+)
+
+TICK_CHARS = 12  # a position's token in a tick label is cut to this many characters; the hover has it whole
 
 MAX_HOVER_CELLS = 40_000  # per-cell token hover text above this would dominate the figure's size
 NO_ATTENTION = (
@@ -53,6 +58,8 @@ def attention_figure(trace: Trace, step: int, layer_index: int = 0) -> go.Figure
     sequence = trace.prompt_token_ids + trace.output_token_ids
     key_labels = [_position_label(trace, sequence, k) for k in range(keys)]
     query_labels = [_position_label(trace, sequence, q) for q in queries]
+    key_ticks = [_position_label(trace, sequence, k, TICK_CHARS) for k in range(keys)]
+    query_ticks = [_position_label(trace, sequence, q, TICK_CHARS) for q in queries]
     heatmap = go.Heatmap(
         z=weights, x=list(range(keys)), y=list(range(len(queries))), colorscale="Viridis", zmin=0,
         colorbar={"title": {"text": "weight"}},
@@ -63,14 +70,18 @@ def attention_figure(trace: Trace, step: int, layer_index: int = 0) -> go.Figure
     else:
         heatmap.hovertemplate = "query row %{y}, key %{x}<br>weight %{z:.4f}<extra></extra>"
     fig = go.Figure(heatmap)
-    fig.update_xaxes(title_text="key position", **tick_labels(key_labels), tickangle=-60)
-    fig.update_yaxes(title_text="query position", autorange="reversed", **tick_labels(query_labels))
     note = window_note(first, len(event.query_positions), len(event.query_positions), noun="query rows")
     title = (
-        f"{escape_token(event.name)} at step {event.step} · {_layer_name(event.layers[layer_index])} · "
-        f"heads: {escape_token(event.head_reduction)}" + (f" · {note}" if note else "")
+        f"Attention ({escape_token(event.name)}) at step {event.step}: which earlier tokens each query attends to<br>"
+        f"{_layer_name(event.layers[layer_index])} · heads: {escape_token(event.head_reduction)}"
+        + (f" · {note}" if note else "")
     )
-    return style_figure(fig, title, height=max(260, min(720, 140 + 18 * len(queries))))
+    style_figure(fig, title, height=150 + 18 * len(queries))
+    span_x = FIGURE_WIDTH - MARGIN["l"] - MARGIN["r"] - COLORBAR_PX - 120  # the query tick labels take the left
+    span_y = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b - 60  # the rotated key labels, the bottom
+    fig.update_xaxes(title_text="key position", **tick_labels(key_ticks, span_px=span_x), tickangle=-60)
+    fig.update_yaxes(title_text="query position", autorange="reversed", **tick_labels(query_ticks, span_px=span_y))
+    return fig
 
 
 def _map_at(trace: Trace, step: int) -> AttentionMap | None:
@@ -81,9 +92,9 @@ def _layer_name(layer: int) -> str:
     return "mean of all layers" if layer == -1 else f"layer {layer}"
 
 
-def _position_label(trace: Trace, sequence: list[int], position: int) -> str:
+def _position_label(trace: Trace, sequence: list[int], position: int, limit: int | None = None) -> str:
     if position < len(sequence):
-        return f"{position}: {token_label(trace.vocab, sequence[position])}"
+        return f"{position}: {token_label(trace.vocab, sequence[position], limit)}"
     return str(position)
 
 

@@ -15,6 +15,8 @@ from engine.trace import Trace
 from ui.figures.common import PROCESSED_COLOR, RAW_COLOR, TEXT_COLOR, WINDOW, empty_figure, escape_token, style_figure
 from ui.figures.common import tick_labels, token_label, window_note
 
+TICK_CHARS = 12  # a cache position's token in a tick label is cut to this many characters; the hover has it whole
+
 MAX_HOVER_CELLS = 40_000  # per-cell hover text above this would dominate the figure's size
 NO_CACHE = "This run has no KV-cache steps: record it with the <b>kv_compress</b> decoder."
 
@@ -42,6 +44,8 @@ def eviction_map_figure(trace: Trace, step: int | None = None) -> go.Figure:
         z[: len(row), column] = row
     sequence = trace.prompt_token_ids + trace.output_token_ids
     labels = [f"{p}: {token_label(trace.vocab, sequence[p])}" if p < len(sequence) else str(p) for p in range(positions)]
+    ticks = [f"{p}: {token_label(trace.vocab, sequence[p], TICK_CHARS)}" if p < len(sequence) else str(p)
+             for p in range(positions)]
     x = [e.step for e in shown]
     policy = escape_token(shown[-1].policy)
     heatmap = go.Heatmap(
@@ -56,11 +60,14 @@ def eviction_map_figure(trace: Trace, step: int | None = None) -> go.Figure:
     fig = go.Figure(heatmap)
     if step is not None and x[0] <= step <= x[-1]:
         fig.add_vrect(x0=step - 0.5, x1=step + 0.5, line={"color": TEXT_COLOR, "width": 2}, fillcolor="rgba(0,0,0,0)")
-    fig.update_xaxes(title_text="decode step")
-    fig.update_yaxes(title_text="cache position", autorange="reversed", **tick_labels(labels))
     note = window_note(first, len(steps), len(steps), noun="steps")
-    title = f"Evicted cache positions · {policy}" + (f" · {note}" if note else "")
-    return style_figure(fig, title, height=max(300, min(800, 120 + 14 * positions)))
+    title = (f"Evicted cache positions per decode step · {policy}<br>colour: share of (layer, head) slots that lost"
+             " the position" + (f" · {note}" if note else ""))
+    style_figure(fig, title, height=140 + 14 * positions, role="primary")
+    span = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    fig.update_xaxes(title_text="decode step")
+    fig.update_yaxes(title_text="cache position", autorange="reversed", **tick_labels(ticks, span_px=span))
+    return fig
 
 
 def cache_kl_figure(trace: Trace, selected_step: int | None = None) -> go.Figure:
@@ -85,6 +92,7 @@ def cache_kl_figure(trace: Trace, selected_step: int | None = None) -> go.Figure
     fig.update_layout(yaxis2={"overlaying": "y", "side": "right", "range": [0, 1.05], "title": {"text": "kept"},
                               "showgrid": False})
     fig.update_xaxes(title_text="decode step")
-    fig.update_yaxes(title_text="KL (nats)", rangemode="tozero")
-    title = f"Compressed vs full cache · {escape_token(steps[-1].policy)} · top-1 agreement {agreement:.0%}"
-    return style_figure(fig, title, height=320)
+    fig.update_yaxes(title_text="KL (nats)", rangemode="tozero", selector={"overlaying": None})  # not the right axis
+    title = (f"Compressed vs full cache: KL per step · {escape_token(steps[-1].policy)} · "
+             f"top-1 agreement {agreement:.0%}")
+    return style_figure(fig, title, height=340)

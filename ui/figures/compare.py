@@ -20,6 +20,7 @@ from ui.figures.common import (
     empty_figure,
     escape_token,
     scatter_class,
+    shorten,
     style_figure,
     token_label,
     window_bounds,
@@ -68,7 +69,7 @@ def _defaults(decoder: str) -> dict[str, Any]:
 
 def _short(settings: dict[str, Any]) -> str:
     text = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
-    return text if len(text) <= _PARAMS_CHARS else text[: _PARAMS_CHARS - 1] + "…"
+    return shorten(text, _PARAMS_CHARS)
 
 
 def short_params(traces: Sequence[Trace]) -> list[str]:
@@ -223,10 +224,10 @@ def divergence_figure(traces: Sequence[Trace]) -> go.Figure:
     fig.update_yaxes(title_text="KL nats (top-k approx.)", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="output position", row=2, col=1)
     title = (
-        f"each run vs {labels[0]}: processed distributions up to the first divergence (dashed)"
+        f"Divergence of each run from {labels[0]}: processed distributions up to the first divergence (dashed)"
         f"<br>KL over the union of the recorded top-k lists, missing tokens floored at {KL_FLOOR:g}"
     )
-    return style_figure(fig, title, height=460)
+    return style_figure(fig, title, height=480, role="primary")
 
 
 # ---------------------------------------------------------------- cost

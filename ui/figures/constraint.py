@@ -15,17 +15,20 @@ from engine.decoders.token.awrs import effective_sample_size
 from engine.events import ConstraintStep, Resampling
 from engine.trace import Trace
 from ui.figures.common import (
-    CHOSEN_COLOR, TEXT_COLOR, empty_figure, escape_token, rgba, style_figure, token_label, window_bounds, window_note,
+    CHOSEN_COLOR, FIGURE_WIDTH, FONT_SIZE, TEXT_COLOR, cell_text_trace, chars_that_fit, empty_figure, escape_token,
+    plot_size, style_figure, token_label, window_bounds, window_note,
 )
 
 MAX_TRIES_SHOWN = 16  # tried tokens drawn per step; the rest of a long rejection run is summarised as one cell
 MAX_PARTICLE_LINES = 16  # weight lines drawn; more particles are summarised by the ESS alone
+CELL_CHARS = 10  # a tried token's cell label is cut to at most this many characters (fewer in narrow cells)
+ROW_PX = 22  # px per step row: one line of cell text
 REJECTED, ACCEPTED, WEIGHT_CHECK, OMITTED = 0, 1, 2, 3
+_FILLS = {REJECTED: (200, 55, 55), ACCEPTED: (35, 140, 75), WEIGHT_CHECK: (120, 120, 120), OMITTED: None}  # opaque
 _STATUS = {
-    REJECTED: ("rejected", rgba((220, 50, 50))),
-    ACCEPTED: ("accepted", rgba((40, 170, 90))),
-    WEIGHT_CHECK: ("checked for the weight", rgba((128, 128, 128), 0.25)),
-    OMITTED: ("more rejected", "rgba(0, 0, 0, 0)"),
+    status: (name, f"rgb{_FILLS[status]}" if _FILLS[status] else "rgba(0, 0, 0, 0)")
+    for status, name in ((REJECTED, "rejected"), (ACCEPTED, "accepted"), (WEIGHT_CHECK, "checked for the weight"),
+                         (OMITTED, "more rejected"))
 }
 NO_CONSTRAINT = "No constraint steps in this run: record one with the <b>awrs</b> decoder."
 
@@ -77,22 +80,32 @@ def tries_figure(trace: Trace, particle: int = 0, window: tuple[int, int] | None
     colors = [_STATUS[s][1] for s in sorted(_STATUS)]
     # discrete: status i owns the band [(i - 0.5) / 3, (i + 0.5) / 3] of the 0..3 scale
     scale = [[min(1.0, max(0.0, (i + half) / 3)), c] for i, c in enumerate(colors) for half in (-0.5, 0.5)]
+    names = [f"step {e.step}" for e in events[start:stop]]
     fig = go.Figure(go.Heatmap(
-        z=z, text=text, customdata=hover, texttemplate="%{text}", zmin=0, zmax=3, colorscale=scale, showscale=False,
-        xgap=2, ygap=2, hovertemplate="%{customdata}<extra></extra>", y=[f"step {e.step}" for e in events[start:stop]],
+        z=z, text=text, customdata=hover, zmin=0, zmax=3, colorscale=scale, showscale=False,
+        xgap=2, ygap=2, hovertemplate="%{customdata}<extra></extra>", y=names,
     ))
-    fig.update_xaxes(title_text="tried in order →", showticklabels=False)
-    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(title_text="tried in order →", showticklabels=False, showgrid=False)
+    fig.update_yaxes(autorange="reversed", type="category", showgrid=False)
     note = window_note(start, stop, len(events), "steps")
     method = events[0].method
-    title = (f"Tokens tried by particle {particle} ({escape_token(method)}): <span style='color:rgb(220,50,50)'>"
-             f"rejected</span>, <span style='color:{CHOSEN_COLOR}'>accepted</span>"
-             + (", grey = checked for the weight" if method == "awrs" else "") + (f" · {note}" if note else ""))
-    return style_figure(fig, title, height=max(220, min(900, 110 + 26 * len(rows))))
+    title = (f"Tokens tried per step by particle {particle} ({escape_token(method)})<br><span style='color:rgb(200,55,55)'>"
+             f"rejected</span> · <span style='color:{CHOSEN_COLOR}'>accepted</span>"
+             + (" · grey: checked for the weight" if method == "awrs" else "") + (f" · {note}" if note else ""))
+    style_figure(fig, title, height=150 + ROW_PX * len(rows), role="primary")
+    w, h = plot_size(fig, FIGURE_WIDTH)
+    chars = min(CELL_CHARS, chars_that_fit(w / width - 6, FONT_SIZE))
+    if chars >= 2 and h / len(rows) >= FONT_SIZE * 1.4:  # else the cells are too small to hold text: hover them
+        cells = [(x, y, tok, status) for y, (event, row) in enumerate(zip(events[start:stop], rows))
+                 for x, (tok, status) in enumerate(row)]
+        fig.add_trace(cell_text_trace([c[0] for c in cells], [names[c[1]] for c in cells],
+                                      [_cell_text(trace, events[start + c[1]], c[2], c[3], chars) for c in cells],
+                                      [_FILLS[c[3]] for c in cells]))
+    return fig
 
 
-def _cell_text(trace: Trace, event: ConstraintStep, token: int | None, status: int) -> str:
-    return f"+{_omitted(event)}" if token is None else token_label(trace.vocab, token)
+def _cell_text(trace: Trace, event: ConstraintStep, token: int | None, status: int, chars: int | None = None) -> str:
+    return f"+{_omitted(event)}" if token is None else token_label(trace.vocab, token, chars)
 
 
 def _omitted(event: ConstraintStep) -> int:
@@ -127,7 +140,7 @@ def checks_figure(trace: Trace) -> go.Figure:
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="constraint checks", type="log" if events[0].method == "mask" else "linear")
     title = f"Constraint checks per step ({escape_token(events[0].method)}): {total} in all, {total / len(events):.1f} per token"
-    return style_figure(fig, title, height=320)
+    return style_figure(fig, title, height=340)
 
 
 def weight_history(trace: Trace) -> tuple[list[int], list[list[float]], list[float]]:
@@ -197,6 +210,7 @@ def weights_figure(trace: Trace) -> go.Figure:
     fig.update_layout(yaxis2={"title": {"text": "ESS"}, "overlaying": "y", "side": "right", "rangemode": "tozero",
                               "showgrid": False})
     fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text="log-weight")
-    title = f"{len(weights)} particle(s): log-weights and effective sample size · {len(events)} resampling(s)"
-    return style_figure(fig, title, height=340)
+    fig.update_yaxes(title_text="log-weight", selector={"overlaying": None})  # not the ESS axis on the right
+    title = (f"Particle log-weights and effective sample size (dashed, right axis): {len(weights)} particle(s),"
+             f" {len(events)} resampling(s)")
+    return style_figure(fig, title, height=360)

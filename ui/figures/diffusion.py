@@ -14,17 +14,24 @@ from plotly.colors import qualitative
 
 from engine.events import Candidate, DiffusionStep
 from engine.trace import Trace
-from ui.figures.common import escape_token, empty_figure, style_figure, token_label
+from ui.figures.common import (
+    FIGURE_WIDTH, cell_text_trace, chars_that_fit, empty_figure, escape_token, plot_size, scale_colour, style_figure,
+    token_label,
+)
 from ui.figures.lattice import (
-    COMMITTED_FILL, MASK_TEXT, REMASK_COLOUR, block_boundaries, canvas_before, canvas_html, diffusion_steps,
-    finite_confidence,
+    MASK_TEXT, REMASK_COLOUR, block_boundaries, canvas_before, canvas_html, diffusion_steps, finite_confidence,
+    position_dtick,
 )
 from ui.figures.tokens import fmt_p
 
 TOP_RANKS = 5  # proposal ranks the step lattice shows per position
 TABLE_PROPOSALS = 3
-CELL_CHARS = 6  # cell labels are cut to this many characters; the hover has the whole token
+CELL_CHARS = 6  # cell labels are cut to at most this many characters (fewer in narrow cells); the hover has the whole token
+CELL_FONT = 12  # px
+MIN_CELL_CHARS = 2  # a cell too narrow for this many characters, or too short for a line, shows no text
 VISIBLE_POSITIONS = 24  # a wider canvas opens zoomed on the active block (pan to see the rest)
+PROB_SCALE = "Viridis"  # sequential, perceptually uniform, readable in colour-blind vision and on dark pages
+EARLIER_FILL = (110, 110, 110)  # opaque: the same grey under light and dark pages, white text on it
 OUTLINE_COLOUR = "crimson"
 BLOCK_FILL = "rgba(255,140,0,0.12)"
 BLOCK_COLOURS = qualitative.Plotly
@@ -48,10 +55,9 @@ def _quoted(trace: Trace, token_id: int) -> str:
     return f"“{token_label(trace.vocab, token_id)}”"
 
 
-def _cell_label(trace: Trace, token_id: int) -> str:
-    """A cell's text: the token cut before escaping, so no character reference is split."""
-    text = trace.vocab.get(token_id, f"<{token_id}>")
-    return escape_token(text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…")
+def _cell_label(trace: Trace, token_id: int, chars: int = CELL_CHARS) -> str:
+    """A cell's text: the token cut to ``chars`` characters (before escaping), see :func:`token_label`."""
+    return token_label(trace.vocab, token_id, chars)
 
 
 def _proposals(step: DiffusionStep, position: int) -> list[Candidate]:
@@ -97,9 +103,10 @@ def step_lattice_figure(trace: Trace, index: int) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(_earlier_layer(trace, step, before, masked, rows))
     fig.add_trace(go.Heatmap(
-        x=list(range(width)), y=list(range(1, rows + 1)), z=z, text=text, texttemplate="%{text}",
-        textfont={"size": 9}, hovertext=hover, hoverinfo="text", hoverongaps=False, name="proposals",
-        colorscale="Viridis", zmin=0.0, zmax=1.0, colorbar={"title": "probability"}, xgap=1, ygap=1,
+        x=list(range(width)), y=list(range(1, rows + 1)), z=z, text=text, hovertext=hover, hoverinfo="text",
+        hoverongaps=False, name="proposals", colorscale=PROB_SCALE, zmin=0.0, zmax=1.0, xgap=1, ygap=1,
+        colorbar={"title": {"text": "p(token)", "side": "right"}, "tickvals": [0, 0.25, 0.5, 0.75, 1],
+                  "ticktext": ["0", "0.25", "0.5", "0.75", "1"], "thickness": 14},
     ))
     if step.remasked_positions:
         fig.add_trace(_remask_marks(trace, before, step))
@@ -107,11 +114,46 @@ def step_lattice_figure(trace: Trace, index: int) -> go.Figure:
         fig.add_shape(type="rect", x0=p - 0.5, x1=p + 0.5, y0=rank - 0.5, y1=rank + 0.5, name="committed this step",
                       line={"color": OUTLINE_COLOUR, "width": 3})
     _draw_blocks(fig, steps, step, width)
-    style_figure(fig, _lattice_title(step, len(steps)), height=300)
-    fig.update_xaxes(title="position", range=_x_range(step, width), dtick=max(1, width // 36))
-    fig.update_yaxes(title="rank", autorange="reversed", tickvals=list(range(1, rows + 1)),
+    style_figure(fig, _lattice_title(step, len(steps)), height=120 + 44 * rows)
+    x_range = _x_range(step, width)
+    shown = round(x_range[1] - x_range[0])
+    fig.update_xaxes(title="position", range=x_range, tick0=0, dtick=position_dtick(fig, shown, width - 1),
+                     showgrid=False)
+    fig.update_yaxes(title="rank", autorange="reversed", tickvals=list(range(1, rows + 1)), showgrid=False,
                      ticktext=[str(r) for r in range(1, TOP_RANKS + 1)] + (["other"] if rows == other else []))
+    _add_cell_text(fig, trace, step, before, masked, z, shown, rows)
     return fig
+
+
+def cell_chars(fig: go.Figure, shown: int, rows: int, width: int = FIGURE_WIDTH) -> int:
+    """How many characters a cell's label may have: what fits across a cell of a ``shown``-column, ``rows``-row
+    heatmap drawn ``width`` pixels wide (at most :data:`CELL_CHARS`), or 0 when a cell is too small for text."""
+    w, h = plot_size(fig, width, colorbar=True)
+    chars = min(CELL_CHARS, chars_that_fit(w / max(shown, 1) - 6, CELL_FONT))
+    return chars if chars >= MIN_CELL_CHARS and h / max(rows, 1) >= CELL_FONT * 1.4 else 0
+
+
+def _add_cell_text(fig: go.Figure, trace: Trace, step: DiffusionStep, before: list[int], masked: list[int],
+                   z: list[list[float | None]], shown: int, rows: int) -> None:
+    """Every cell's token as text in black or white, whichever contrasts more with the cell's colour; none when
+    the cells are too small to hold a readable label (the hover has every token whole)."""
+    chars = cell_chars(fig, shown, rows)
+    if not chars:
+        return
+    open_positions = set(masked)
+    cells: list[tuple[int, int, int, tuple[int, int, int]]] = []  # (position, row, token, cell fill)
+    for p in range(len(step.canvas)):
+        if p not in open_positions:  # committed earlier: its token on the grey cell of the rank-1 row
+            cells.append((p, 1, before[p], EARLIER_FILL))
+            continue
+        ranked = {rank: c.token_id for rank, c in enumerate(_proposals(step, p)[:TOP_RANKS], start=1)}
+        token = committed_token(step, p)
+        if rows > TOP_RANKS and z[rows - 1][p] is not None and token is not None:
+            ranked[rows] = token
+        cells += [(p, rank, token_id, scale_colour(PROB_SCALE, z[rank - 1][p]))
+                  for rank, token_id in ranked.items() if z[rank - 1][p] is not None]
+    fig.add_trace(cell_text_trace([c[0] for c in cells], [c[1] for c in cells],
+                                  [_cell_label(trace, c[2], chars) for c in cells], [c[3] for c in cells], CELL_FONT))
 
 
 def _outlines(step: DiffusionStep, masked: list[int]) -> list[tuple[int, int]]:
@@ -130,17 +172,17 @@ def _prob_of(proposals: list[Candidate], token_id: int) -> float | None:
 
 
 def _earlier_layer(trace: Trace, step: DiffusionStep, before: list[int], masked: list[int], rows: int) -> go.Heatmap:
-    """Positions committed before this step: their token, grey, in the rank-1 row."""
+    """Positions committed before this step: their token, opaque grey, in the rank-1 row."""
     width, open_positions = len(step.canvas), set(masked)
     earlier = [p not in open_positions for p in range(width)]
     z = [[1 if earlier[p] else None for p in range(width)]] + [[None] * width for _ in range(rows - 1)]
     text = [[_cell_label(trace, before[p]) if earlier[p] else "" for p in range(width)]]
     hover = [[f"position {p}: {_quoted(trace, before[p])}, committed earlier" if earlier[p] else "" for p in range(width)]]
+    fill = f"rgb{EARLIER_FILL}"
     return go.Heatmap(
         x=list(range(width)), y=list(range(1, rows + 1)), z=z, text=text + [[""] * width] * (rows - 1),
-        texttemplate="%{text}", textfont={"size": 9}, hovertext=hover + [[""] * width] * (rows - 1),
-        hoverinfo="text", hoverongaps=False, name="committed earlier", showscale=False, zmin=0, zmax=1,
-        colorscale=[[0, COMMITTED_FILL], [1, COMMITTED_FILL]], xgap=1, ygap=1,
+        hovertext=hover + [[""] * width] * (rows - 1), hoverinfo="text", hoverongaps=False, name="committed earlier",
+        showscale=False, zmin=0, zmax=1, colorscale=[[0, fill], [1, fill]], xgap=1, ygap=1,
     )
 
 
@@ -185,7 +227,8 @@ def step_summary(step: DiffusionStep, count: int) -> str:
 
 
 def _lattice_title(step: DiffusionStep, count: int) -> str:
-    return f"Top-{TOP_RANKS} proposals per position<br>{step_summary(step, count)}"
+    return (f"This step's top-{TOP_RANKS} proposals per masked position (colour: probability; outlined: committed"
+            f" now; grey: committed earlier)<br>{step_summary(step, count)}")
 
 
 # ---------------------------------------------------------------- the step's table
@@ -253,7 +296,8 @@ def committed_per_step_figure(trace: Trace, selected: int | None = None) -> go.F
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="tokens committed", rangemode="tozero")
     counts = f"{commits} commits" + (f", {remasks} remasks" if remasks else "")
-    return style_figure(fig, f"Tokens committed per step: {counts} in {len(steps)} steps, {calls} model calls", height=300)
+    return style_figure(fig, f"Tokens committed per step (the parallelism): {counts} in {len(steps)} steps, "
+                             f"{calls} model calls", height=340)
 
 
 def _bars(steps: list[DiffusionStep], indices: list[int], name: str, colour: str, sign: int) -> go.Bar:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
-from engine.events import StageReport, TokenStep
+from engine.events import TokenStep
 from engine.trace import Trace
 from ui.figures.common import (
     CHOSEN_COLOR,
@@ -20,6 +22,7 @@ from ui.figures.common import (
 from ui.figures.tokens import fmt_p, step_at
 
 MAX_BARS = 50  # candidates drawn; the recorded top-k can hold up to 1000
+TICK_CHARS = 14  # a candidate's tick label is cut to this many characters; the hover has it whole
 CUT_COLOR = "rgba(128, 128, 128, 0.9)"
 _LABEL_PX = 17  # height of one stage label; labels stack above the plot, one row per stage
 
@@ -33,6 +36,7 @@ def distribution_figure(trace: Trace, position: int, max_bars: int = MAX_BARS) -
         return empty_figure(f"No token distribution recorded at position {position}.")
     candidates = step.candidates[:max_bars]
     labels = [token_label(trace.vocab, c.token_id) for c in candidates]
+    ticks = [token_label(trace.vocab, c.token_id, TICK_CHARS) for c in candidates]
     chosen = next((i for i, c in enumerate(candidates) if c.token_id == step.token_id), None)
     hover = [
         f"“{label}”<br>rank {i + 1}<br>raw p {fmt_p(c.raw_prob)}<br>processed p {fmt_p(c.prob)}"
@@ -46,7 +50,7 @@ def distribution_figure(trace: Trace, position: int, max_bars: int = MAX_BARS) -
     ):
         fig.add_bar(x=x, y=values, name=name, marker_color=color, hovertext=hover, hoverinfo="text")
     # Ticks by index, not by text: two candidates can share a surface form and would merge on a category axis.
-    ticks = [f"<b>{label}</b>" if i == chosen else label for i, label in enumerate(labels)]
+    ticks = [f"<b>{label}</b>" if i == chosen else label for i, label in enumerate(ticks)]
     fig.update_xaxes(tickvals=x, ticktext=ticks, tickangle=-45, range=[-0.6, len(x) - 0.4])
     fig.update_yaxes(title_text="probability", rangemode="tozero")
     fig.update_layout(barmode="group", bargap=0.25)
@@ -56,29 +60,52 @@ def distribution_figure(trace: Trace, position: int, max_bars: int = MAX_BARS) -
             type="rect", x0=chosen - 0.45, x1=chosen + 0.45, y0=0, y1=top,
             line={"color": CHOSEN_COLOR, "width": 2.5}, name="chosen",
         )
-    stages = step.stages
-    for i, stage in enumerate(stages):
-        _add_cut(fig, stage, rows_above=i + 1, bars=len(x))
-    title = _title(trace, step)
-    style_figure(fig, title, height=380 + _LABEL_PX * len(stages))
+    cuts = [Cut(stage.name, stage.kept, stage.mass, stage.threshold, survivor_flags(stage.survivors, len(step.candidates)))
+            for stage in step.stages]
+    return finish_with_cuts(fig, _title(trace, step), cuts, len(x))
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One processing stage's cut, as drawn: its name, tokens kept (over the whole vocabulary, or the candidates
+    it saw), their mass, its threshold, and which of the listed candidates survived it (cumulatively)."""
+
+    name: str
+    kept: int
+    mass: float
+    threshold: float | None
+    survivors: Sequence[bool]
+
+
+def survivor_flags(mask: int, count: int) -> list[bool]:
+    """A StageReport's survivor bitmask as one flag per candidate."""
+    return [bool(mask >> i & 1) for i in range(max(count, mask.bit_length()))]
+
+
+def finish_with_cuts(fig: go.Figure, title: str, cuts: Sequence[Cut], bars: int) -> go.Figure:
+    """Draw every stage's cut over candidate bars (see :func:`add_cut`), then style the figure with room above the
+    plot for the stacked stage labels. Shared by the recorded distribution and its re-processed version."""
+    for i, cut in enumerate(cuts):
+        add_cut(fig, cut, rows_above=i + 1, bars=bars)
+    style_figure(fig, title, height=400 + _LABEL_PX * len(cuts), role="primary")
     # the stage labels stack between the title and the plot
-    return fig.update_layout(margin_t=42 + 18 * title.count("<br>") + _LABEL_PX * len(stages))
+    return fig.update_layout(margin_t=fig.layout.margin.t + _LABEL_PX * len(cuts))
 
 
-def _add_cut(fig: go.Figure, stage: StageReport, rows_above: int, bars: int) -> None:
+def add_cut(fig: go.Figure, cut: Cut, rows_above: int, bars: int) -> None:
     """A dashed line after the last candidate the stage kept (clamped to the drawn bars), and its label in
     a row of its own above the plot, joined to the line's top. Stages only ever shrink the kept set, so later
     stages cut further left: stacking them higher keeps each joining line clear of the labels below it."""
-    kept_bits = stage.survivors.bit_length()
-    label = f"{escape_token(stage.name)}: kept {stage.kept:,} ({stage.mass:.1%} of mass)"
-    if stage.threshold is not None:
-        label += f", threshold {stage.threshold:.3g}"
-    if stage.survivors != (1 << kept_bits) - 1:
+    kept_bits = max((i + 1 for i, kept in enumerate(cut.survivors) if kept), default=0)
+    label = f"{escape_token(cut.name)}: kept {cut.kept:,} ({cut.mass:.1%} of mass)"
+    if cut.threshold is not None:
+        label += f", threshold {cut.threshold:.3g}"
+    if not all(cut.survivors[:kept_bits]):
         label += ", not a prefix"  # e.g. typical sampling or a repetition penalty reorder the candidates
     line_x = min(kept_bits - 1, bars - 1) + 0.5
     fig.add_shape(
         type="line", x0=line_x, x1=line_x, xref="x", y0=0, y1=1, yref="paper",
-        line={"dash": "dash", "width": 1.5, "color": CUT_COLOR}, name=f"cut:{stage.name}",
+        line={"dash": "dash", "width": 1.5, "color": CUT_COLOR}, name=f"cut:{cut.name}",
     )
     fig.add_annotation(
         x=line_x, xref="x", y=1, yref="paper", text=label, font={"size": 11},
@@ -90,8 +117,8 @@ def _add_cut(fig: go.Figure, stage: StageReport, rows_above: int, bars: int) -> 
 def _title(trace: Trace, step: TokenStep) -> str:
     token = token_label(trace.vocab, step.token_id)
     title = (
-        f"position {step.position} · chosen “{token}” (rank {step.rank}) · "
-        f"entropy {step.entropy_raw:.3f} → {step.entropy:.3f} nats (raw → processed)"
+        f"Next-token candidates at position {step.position}: raw (model) vs processed (sampled from)<br>"
+        f"chosen “{token}” (rank {step.rank}) · entropy {step.entropy_raw:.3f} → {step.entropy:.3f} nats (raw → processed)"
     )
     notes = []
     if step.forced:

@@ -13,7 +13,9 @@ import plotly.graph_objects as go
 
 from engine.events import Candidate, DiffusionStep
 from engine.trace import Trace
-from ui.figures.common import empty_figure, style_figure, token_label
+from ui.figures.common import (
+    FIGURE_WIDTH, FONT_SIZE, empty_figure, fit_dtick, plot_size, style_figure, text_px, token_label,
+)
 from ui.figures.tokens import fmt_p
 
 MASK_TEXT = "[MASK]"
@@ -119,10 +121,21 @@ def lattice_figure(trace: Trace, selected_step: int | None = None) -> go.Figure:
         fig.add_vline(x=boundary - 0.5, line={"dash": "dot", "color": "gray"}, name="block boundary")
     if selected_step is not None:
         fig.add_hline(y=selected_step, line={"color": "crimson", "width": 2}, name="selected step")
-    style_figure(fig, f"Unmasking lattice: {width} positions, {len(steps)} steps")
-    fig.update_xaxes(title="position", dtick=max(1, width // 32), range=[-0.5, width - 0.5])
+    title = (f"Unmasking lattice: confidence of each masked position per step ({width} positions, {len(steps)} steps)"
+             "<br>colour: confidence while masked · grey: committed earlier · ◆ the step that committed it"
+             + (" · ✕ remasked" if any(s.remasked_positions for s in steps) else "") + " · dotted: block boundaries")
+    style_figure(fig, title, role="primary")
+    fig.update_xaxes(title="position", range=[-0.5, width - 0.5], tick0=0,
+                     dtick=position_dtick(fig, width, width))
     fig.update_yaxes(title="step", autorange="reversed")
     return fig
+
+
+def position_dtick(fig: go.Figure, shown: int, largest: int, width: int = FIGURE_WIDTH) -> int:
+    """A tick interval for a position axis showing ``shown`` positions (numbered up to ``largest``), thinned so
+    that no two tick labels come closer than their own width plus a gap at ``width`` pixels."""
+    span, _ = plot_size(fig, width, colorbar=True)
+    return fit_dtick(shown, span, text_px(str(largest), FONT_SIZE) + 16)
 
 
 def _commit_markers(trace: Trace, steps: list[DiffusionStep]) -> go.Scatter:

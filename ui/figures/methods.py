@@ -37,7 +37,7 @@ def method_figures(trace: Trace, position: int) -> Figures:
     if "superposed" in kinds:
         return drafts_figure(trace), candidates_figure(trace, position)
     if "constraint" in kinds:
-        main = tries_figure(trace, particle=0, window=(max(0, position - 20), position + 20))
+        main = tries_figure(trace, particle=0, window=(max(0, position - 8), position + 9))  # rows that fit 560 px
         return main, weights_figure(trace) if "resample" in kinds or particle_count(trace) > 1 else checks_figure(trace)
     if "spans" in kinds:
         return spans_figure(trace), None

@@ -15,14 +15,15 @@ from plotly.subplots import make_subplots
 from engine.events import Rerank, ScoredCandidate
 from engine.trace import Trace
 from ui.figures.common import (
-    CHOSEN_COLOR, PROCESSED_COLOR, RAW_COLOR, TEXT_COLOR, empty_figure, escape_token, scatter_class, style_figure,
-    token_label,
+    CHOSEN_COLOR, PROCESSED_COLOR, RAW_COLOR, TEXT_COLOR, clip_text, empty_figure, escape_token, scatter_class,
+    style_figure, token_label,
 )
 from ui.figures.tokens import token_steps
 
 SAMPLE_METHODS = {"self_certainty"}  # candidates are whole samples, not next tokens
 MAX_HOVER_CELLS = 40_000  # per-cell token hover text above this would dominate the figure's size
 MAX_HOVER_CHARS = 400  # a sample's text in a hover box is cut here
+TICK_CHARS = 16  # a candidate's tick label is cut to this many characters; the hover has it whole
 PLAIN_LABELS = {"greedy", "kept", ""}  # decisions that took the plain rule's token: no timeline marker
 NO_RERANK = "No rerank decisions were recorded for this run (decoders such as adadec, momentum or self_certainty record them)."
 
@@ -90,14 +91,14 @@ def rerank_timeline_figure(trace: Trace, selected_position: int | None = None) -
     method = escape_token(events[0].method)
     counts = ", ".join(f"{sum(e.label == label for e in events)} {escape_token(label)}"
                        for label in sorted({e.label for e in events}))
-    return style_figure(fig, f"{method}: {len(events)} decisions ({counts})", height=340)
+    return style_figure(fig, f"{method} decisions over the output: {len(events)} ({counts})", height=360)
 
 
 # ---------------------------------------------------------------- token candidates
 
 
 def _tokens_figure(trace: Trace, event: Rerank) -> go.Figure:
-    labels = [f"{i}. “{token_label(trace.vocab, c.token_id)}”" for i, c in enumerate(event.candidates)]
+    labels = [f"{i}. “{token_label(trace.vocab, c.token_id, TICK_CHARS)}”" for i, c in enumerate(event.candidates)]
     scores = [_finite(c.score) for c in event.candidates]
     colors = [CHOSEN_COLOR if i == event.chosen else RAW_COLOR for i in range(len(event.candidates))]
     outline = [3 if i == event.baseline else 0 for i in range(len(event.candidates))]
@@ -110,14 +111,15 @@ def _tokens_figure(trace: Trace, event: Rerank) -> go.Figure:
     ))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(title_text="score")
-    title = f"{escape_token(event.method)} at position {event.position}"
+    title = f"{escape_token(event.method)}: candidates rescored at position {event.position}<br>green: chosen"
+    title += " · outlined: the plain rule's pick"
     if event.label:
         title += f" · {escape_token(event.label)}"
     if event.value is not None and event.threshold is not None:
         title += f" · signal {event.value:.3f} vs threshold {event.threshold:.3f}"
     if event.model_calls:
         title += f" · {event.model_calls} extra model calls"
-    return style_figure(fig, title, height=max(220, 120 + 32 * len(event.candidates)))
+    return style_figure(fig, title, height=150 + 32 * len(event.candidates), role="primary")
 
 
 def _marks(event: Rerank, i: int) -> str:
@@ -165,10 +167,10 @@ def _samples_figure(trace: Trace, event: Rerank) -> go.Figure:
     fig.add_trace(heatmap, row=2, col=1)
     fig.update_yaxes(autorange="reversed", type="category", row=2, col=1)
     fig.update_xaxes(title_text="token index", row=2, col=1)
-    title = f"{escape_token(event.method)}: {n} samples, sample {event.chosen} chosen"
+    title = f"{escape_token(event.method)}: best of {n} samples, sample {event.chosen} chosen"
     if event.label:
         title += f" · {escape_token(event.label)}"
-    return style_figure(fig, title, height=max(420, 260 + 22 * n))
+    return style_figure(fig, title, height=280 + 22 * n, role="primary")
 
 
 def _sample_curves_figure(trace: Trace, event: Rerank) -> go.Figure:
@@ -185,7 +187,7 @@ def _sample_curves_figure(trace: Trace, event: Rerank) -> go.Figure:
         ))
     fig.update_xaxes(title_text="token index")
     fig.update_yaxes(title_text="per-token score")
-    return style_figure(fig, f"{escape_token(event.method)}: per-token score of each sample", height=340)
+    return style_figure(fig, f"{escape_token(event.method)}: per-token score of each sample (chosen bold)", height=360)
 
 
 def _sample_hover(trace: Trace, event: Rerank, i: int) -> str:
@@ -227,8 +229,7 @@ def _parts(event: Rerank, c: ScoredCandidate) -> list[str]:
 
 def _text(trace: Trace, tokens: list[int], limit: int | None = None) -> str:
     text = trace.text_of(tokens)
-    cut = limit is not None and len(text) > limit
-    return escape_token(text[:limit] if cut else text) + ("…" if cut else "")
+    return clip_text(text, limit)
 
 
 def _finite(x: float) -> float | None:

@@ -116,7 +116,7 @@ def round_probs_figure(trace: Trace, round_number: int) -> go.Figure:
     path = set(rnd.accepted_path)
     verified = [n for n in rnd.nodes if n.target_prob is not None]
     fig = go.Figure()
-    labels = [f"{n.id}: “{token_label(trace.vocab, n.token_id)}” (d{n.depth})" for n in verified]
+    labels = [f"{n.id}: “{token_label(trace.vocab, n.token_id, 12)}” (d{n.depth})" for n in verified]
     fig.add_trace(go.Bar(x=labels, y=[n.draft_prob for n in verified], name="draft q", marker_color="#8c8c8c"))
     fig.add_trace(go.Bar(
         x=labels, y=[n.target_prob for n in verified], name="target p",
@@ -124,11 +124,12 @@ def round_probs_figure(trace: Trace, round_number: int) -> go.Figure:
     ))
     if rnd.residual_top:
         fig.add_trace(go.Bar(
-            x=[f"residual “{token_label(trace.vocab, c.token_id)}”" for c in rnd.residual_top[:8]],
+            x=[f"residual “{token_label(trace.vocab, c.token_id, 12)}”" for c in rnd.residual_top[:8]],
             y=[c.prob for c in rnd.residual_top[:8]], name="residual max(0, p − q)", marker_color=DRAFT_COLOURS["correction"],
         ))
     if not verified and not rnd.residual_top:
         return empty_figure(f"Round {round_number + 1} drafted nothing: the target chose the next token alone")
     fig.update_layout(barmode="group")
     fig.update_yaxes(title="probability", range=[0, 1.05])
-    return style_figure(fig, f"Round {round_number + 1}: draft q and target p of the verified nodes (bar colour = outcome)")
+    return style_figure(fig, f"Round {round_number + 1}: draft q and target p of the verified nodes (bar colour = outcome)",
+                        height=380)

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from engine.decoders.token.exact_extract import ranking_values, span_nll
 from engine.events import SpanScores
 from engine.trace import Trace
-from ui.figures.common import CHOSEN_COLOR, empty_figure, escape_token, style_figure, token_label
+from ui.figures.common import CHOSEN_COLOR, clip_text, empty_figure, style_figure, tick_labels, token_label
 
 NO_SPANS = "This run scored no spans: record it with the <b>exact_extract</b> decoder."
 MAX_QUOTE = 60  # characters of an answer quoted in the title
@@ -20,8 +20,7 @@ def span_scores(trace: Trace) -> SpanScores | None:
 
 
 def _quote(text: str) -> str:
-    text = text if len(text) <= MAX_QUOTE else text[: MAX_QUOTE - 1] + "…"
-    return f"“{escape_token(text)}”"
+    return f"“{clip_text(text, MAX_QUOTE)}”"
 
 
 def spans_figure(trace: Trace) -> go.Figure:
@@ -32,7 +31,7 @@ def spans_figure(trace: Trace) -> go.Figure:
         return empty_figure(NO_SPANS)
     values = ranking_values(span_nll(event), event.length_normalized)
     prompt = trace.prompt_token_ids
-    rows = [f"{p}: {token_label(trace.vocab, prompt[p])}" if p < len(prompt) else str(p) for p in event.starts]
+    rows = [f"{p}: {token_label(trace.vocab, prompt[p], 12)}" if p < len(prompt) else str(p) for p in event.starts]
     lengths = list(range(1, event.max_length + 1))
     z = [[float(v) if math.isfinite(v) else None for v in row] for row in values]
     hover = [
@@ -50,10 +49,11 @@ def spans_figure(trace: Trace) -> go.Figure:
             x=[event.best_length], y=[best_row], mode="markers", hoverinfo="skip", showlegend=False,
             marker={"symbol": "x", "size": 14, "color": CHOSEN_COLOR, "line": {"width": 2, "color": "white"}},
         ))
-    every = max(1, -(-len(rows) // 60))
-    fig.update_xaxes(title_text="span length (tokens)", tickvals=lengths)
-    fig.update_yaxes(title_text="start token", autorange="reversed", tickvals=list(range(0, len(rows), every)),
-                     ticktext=rows[::every])
     best = trace.text_of(prompt[event.best_start : event.best_start + event.best_length])
-    title = f"Most probable span {_quote(best)} · greedy answer {_quote(trace.text_of(event.greedy_token_ids))}"
-    return style_figure(fig, title, height=max(260, min(900, 120 + 18 * len(rows))))
+    title = (f"Answer spans scored exactly: {measure} by start token and length (✕ the most probable)<br>"
+             f"most probable span {_quote(best)} · greedy answer {_quote(trace.text_of(event.greedy_token_ids))}")
+    style_figure(fig, title, height=140 + 18 * len(rows), role="primary")
+    span = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    fig.update_xaxes(title_text="span length (tokens)", tickvals=lengths)
+    fig.update_yaxes(title_text="start token", autorange="reversed", **tick_labels(rows, span_px=span))
+    return fig

@@ -31,8 +31,8 @@ def saliency_figure(trace: Trace) -> go.Figure:
         return empty_figure("The saliency map is flat: no attention shift towards the context was measured.")
     first, last = context[0], context[-1] + 1
     ids = trace.prompt_token_ids
-    keys = [f"{k}: {token_label(trace.vocab, ids[k])}" for k in range(first, last)]
-    queries = [f"{q}: {token_label(trace.vocab, ids[q])}" for q in event.query_positions[1:]]
+    keys = [f"{k}: {token_label(trace.vocab, ids[k], 12)}" for k in range(first, last)]
+    queries = [f"{q}: {token_label(trace.vocab, ids[q], 12)}" for q in event.query_positions[1:]]
     alpha = trace.info.params.get("alpha", 0.0)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         row_heights=[0.25, 0.75], subplot_titles=("saliency ŝ", "gaze shift Δ per query word"))
@@ -49,7 +49,7 @@ def saliency_figure(trace: Trace) -> go.Figure:
     fig.update_yaxes(autorange="reversed", row=2, col=1)
     layers = ", ".join(map(str, event.layers))
     return style_figure(fig, f"GIFT saliency over the context (measured in layer {layers}), α = {alpha}",
-                        height=max(320, 160 + 22 * len(queries)))
+                        height=200 + 22 * len(queries), role="primary")
 
 
 def steering_figure(trace: Trace, selected_step: int | None = None) -> go.Figure:
@@ -88,4 +88,5 @@ def steering_figure(trace: Trace, selected_step: int | None = None) -> go.Figure
     fig.update_yaxes(title_text="context mass", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="KL (nats)", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    return style_figure(fig, f"GIFT amplification over {len(steps)} steps", height=440)
+    title = f"GIFT amplification over {len(steps)} steps: attention mass on the context, and KL from plain greedy"
+    return style_figure(fig, title, height=420)

@@ -17,6 +17,7 @@ from ui.figures.common import CHOSEN_COLOR, GRID_COLOR, WINDOW, empty_figure, es
 
 NO_STEPS = "This run has no superposed steps: record it with the <b>superposed</b> decoder."
 TAIL_TOKENS = 12  # draft text shown in a hover
+LABEL_CHARS = 10  # a node's token label is cut to this many characters; the hover has it whole
 
 
 def superposed_steps(trace: Trace) -> list[SuperposedStep]:
@@ -70,13 +71,13 @@ def drafts_figure(trace: Trace) -> go.Figure:
             width = max(width, slot + 1)
             xs.append(step.step)
             ys.append(slot)
-            texts.append(token_label(trace.vocab, c.token_id))
+            texts.append(token_label(trace.vocab, c.token_id, LABEL_CHARS))
             weight = weights[slot] if state == "live" else None
             colours.append(weight if weight is not None else 0.0)
             outlines.append(CHOSEN_COLOR if path == answer[: len(path)] else GRID_COLOR)
             tail = escape_token(trace.text_of(path[-TAIL_TOKENS:]))
             hovers.append(
-                f"step {step.step} · slot {slot} ({state}) · from draft {parent}<br>token “{texts[-1]}”"
+                f"step {step.step} · slot {slot} ({state}) · from draft {parent}<br>token “{token_label(trace.vocab, c.token_id)}”"
                 f"<br>score {_fmt(c.score)}" + (f" · weight {weight:.3g}" if weight is not None else "")
                 + f"<br>LM log p {_fmt(c.parts[0])} · n-gram log p {_fmt(c.parts[1])}<br>…{tail}"
             )
@@ -95,8 +96,9 @@ def drafts_figure(trace: Trace) -> go.Figure:
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="draft slot", autorange="reversed", tickvals=list(range(width)))
     note = window_note(first, stop, len(steps), noun="steps")
-    title = f"Superposed drafts · {len(steps[-1].kept)} live" + (f" · {note}" if note else "")
-    return style_figure(fig, title, height=max(260, 120 + 60 * width))
+    title = (f"Superposed drafts over steps · {len(steps[-1].kept)} live<br>colour: mixing weight · outlined:"
+             " the answer's path" + (f" · {note}" if note else ""))
+    return style_figure(fig, title, height=160 + 60 * width, role="primary")
 
 
 def candidates_figure(trace: Trace, step: int) -> go.Figure:
@@ -124,7 +126,8 @@ def candidates_figure(trace: Trace, step: int) -> go.Figure:
         hovertemplate="%{customdata}<extra></extra>", colorscale="Viridis", colorbar={"title": {"text": "score"}},
     ))
     fig.update_xaxes(title_text="kept token", tickvals=list(range(len(columns))),
-                     ticktext=[token_label(trace.vocab, t) for t in columns])
+                     ticktext=[token_label(trace.vocab, t, LABEL_CHARS) for t in columns])
     fig.update_yaxes(autorange="reversed")
-    title = f"Superposed step {event.step}: {len(event.drafts)} draft(s) × {len(columns)} tokens"
-    return style_figure(fig, title, height=max(240, 140 + 40 * len(rows)))
+    title = (f"Superposed step {event.step}: {len(event.drafts)} draft(s) × {len(columns)} tokens, coloured by score"
+             "<br>✓n: kept as draft n · ■: finished")
+    return style_figure(fig, title, height=160 + 40 * len(rows))

@@ -48,4 +48,6 @@ def entropy_figure(trace: Trace, selected_step: int | None = None) -> go.Figure:
             type="line", x0=selected_step, x1=selected_step, xref="x", y0=0, y1=1, yref="paper",
             line={"color": "rgba(128, 128, 128, 0.9)", "width": 2}, name="selected",
         )
-    return style_figure(fig, f"entropy and chosen-token probability over {len(steps)} tokens", height=440)
+    title = (f"Entropy and chosen-token probability over {len(steps)} tokens"
+             "<br>raw (model) solid, processed (sampled from) dotted · click a point to select its step")
+    return style_figure(fig, title, height=420)

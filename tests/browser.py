@@ -1,0 +1,124 @@
+"""The app as a person meets it: ``app.py`` started on a free local port, and Debian's Chromium driven by Playwright
+(never a downloaded browser). Helpers act as a person does: click, type, pick from the list, press Enter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cli.bench_ui import CHROMIUM_ARGS, VIEWPORT, free_port, port_answers
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+@dataclass
+class App:
+    url: str
+    db_url: str
+    home: Path
+    started_at: float  # when the process was spawned
+    listening_after: float  # seconds until it answered HTTP
+
+
+def start_app(home: Path, *args: str, model: str = "tiny-random-llama"):
+    """Start ``app.py`` with an empty data home; yields an :class:`App` once it answers, stops it afterwards."""
+    port = free_port()
+    db_url = f"sqlite:///{home / 'app.db'}"
+    env = {**os.environ, "DECODING_EXPLORER_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(home / "app.log", "w")
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--db", db_url, "--port", str(port), *args],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    alive = lambda: proc.poll() is None  # noqa: E731
+    try:
+        listening = port_answers(url, started, alive=alive)
+        port_answers(url, started, app=True, alive=alive)
+    except RuntimeError as exc:
+        proc.terminate()
+        pytest.fail(f"{exc}: {(home / 'app.log').read_text()[-3000:]}")
+    try:
+        yield App(url, db_url, home, started, listening)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def chromium():
+    """Debian's Chromium under Playwright (skips where either is missing); yields the browser."""
+    executable = shutil.which("chromium")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (./run test installs it)")
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; ./run test installs it)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str, dark: bool = False):
+    """A fresh 1400x900 page at ``url``, recording in ``outside_requests`` any request that leaves the app."""
+    page = browser.new_page(viewport=VIEWPORT, color_scheme="dark" if dark else "light")
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url))
+    page.goto(url + ("?__theme=dark" if dark else ""))
+    page.wait_for_selector("#header")
+    page.outside_requests = outside
+    return page
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def field(page, elem_id: str):
+    """The text field of a component (a textarea for multi-line boxes, an input otherwise)."""
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox]):not([type=range])").first
+
+
+def type_into(page, elem_id: str, text: str, enter: bool = False) -> None:
+    box = field(page, elem_id)
+    box.click()
+    box.press("Control+a")
+    box.press_sequentially(text)
+    if enter:
+        box.press("Enter")
+    else:
+        box.press("Tab")
+
+
+def pick(page, elem_id: str, search: str, option: str | None = None) -> None:
+    """Open a dropdown, type to filter it, and click the option whose text contains ``option`` (or ``search``)."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.press("Control+a")
+    box.press_sequentially(search)
+    page.locator("[role=option]", has_text=option or search).first.click()
+    page.keyboard.press("Escape")
+
+
+def wait_text(page, elem_id: str, text: str, timeout: float = 60_000) -> None:
+    page.wait_for_function(
+        "([id, text]) => (document.querySelector('#' + id)?.innerText || '').includes(text)", arg=[elem_id, text],
+        timeout=timeout)
+
+
+def open_tab(page, name: str) -> None:
+    """Click the tab a person sees (Gradio keeps hidden copies of tab buttons for its overflow menu)."""
+    page.locator("button[role=tab]:visible", has_text=name).first.click()
+
+
+def open_section(page, elem_id: str) -> None:
+    """Open a collapsed accordion by clicking its label, as a person does."""
+    label = page.locator(f"#{elem_id} .label-wrap").first
+    if "open" not in (label.get_attribute("class") or ""):
+        label.click()

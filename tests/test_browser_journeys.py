@@ -1,0 +1,370 @@
+"""User journeys in a real browser: every control used as a person uses it (typing, picking from lists, dragging,
+clicking), then what was stored and what is shown are checked. Screenshots of every run kind land in
+tests/artifacts/ in light and dark themes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.decoders import all_decoders
+from engine.params import Param
+from storage import TraceStore
+from ui.figures.tokens import step_at
+from tests.browser import chromium, field, open_page, open_section, open_tab, pick, shot, start_app, type_into, wait_text
+
+# The model each family runs on in these journeys: tiny random models for the mechanics, the shipped waiting-line
+# models where a decoder needs a masked-diffusion model (or a diffusion drafter with the same tokenizer).
+DIFFUSION_MODEL, DRAFTER_TARGET = "waitline-mdlm", "waitline-ar"
+# Values typed where "another valid value" is not derivable from the schema alone (a regex, a layer list...).
+TYPED = {
+    ("awrs", "constraint"): "(yes|no|maybe)",
+    ("forced", "continuation"): "a b c",
+    ("gift", "saliency_layers"): "0",
+    ("gift", "enhance_layers"): "1",
+    ("gift", "context_marker"): "Context:",
+    ("gift", "query_marker"): "Question:",
+    ("exact_extract", "passage_marker"): "Context:",
+    ("exact_extract", "question_marker"): "Question:",
+    ("layer_skip", "skip_layers"): "1",
+    ("rsd", "branching"): "2,2,1",
+    ("assisted_cross_tokenizer", "draft_model"): "tiny-random-gpt2",
+    ("speculative", "draft_model"): "",
+    ("kv_compress", "kernel"): 7,  # SnapKV's pooling kernel is odd
+    ("superposed", "n_token_sample"): 16,  # at least n_drafts
+}
+# The tiny model has two layers: a draft made of its first layers has at most two.
+LAYER_COUNTS = {"draft_layers": 1, "small_layers": 1}
+# Values kept at their default: a draft source switched off, files the test does not have, or a shape the other
+# parameters must match. The rest of each decoder's parameters are all changed.
+KEPT = {("awrs", "constraint_type"), ("learn2pd", "filter"), ("diffuspec", "drafter")}
+PROMPTS = {"gift": "Context: the fox lives in the mill. Question: where?",
+           "exact_extract": "Context: the fox lives in the mill. Question: where?"}
+
+
+def _model_for(decoder) -> str:
+    if decoder.family == "diffusion":
+        return DIFFUSION_MODEL
+    if decoder.name == "diffuspec":
+        return DRAFTER_TARGET
+    return "tiny-random-llama"
+
+
+def _new_value(decoder: str, param: Param):
+    """A valid value other than the default, as a person would pick it."""
+    if (decoder, param.name) in TYPED:
+        return TYPED[decoder, param.name]
+    if param.name in LAYER_COUNTS and param.default != LAYER_COUNTS[param.name]:
+        return LAYER_COUNTS[param.name]
+    if param.type == "bool":
+        return not param.default
+    if param.type == "choice":
+        return next(c for c in param.choices if c != param.default)
+    if param.type == "str":
+        return param.default
+    low = param.min if param.min is not None else -math.inf
+    high = param.max if param.max is not None else math.inf
+    if param.type == "int":
+        return param.default + 1 if param.default + 1 <= high else param.default - 1
+    step = 0.05 if high - low >= 0.1 else (high - low) / 4
+    value = round(param.default + step, 2)
+    return value if value <= high and value != param.default else round(param.default - step, 2)
+
+
+def set_param(page, param: Param, value) -> None:
+    """Change one parameter through its widget, as a person: tick, choose, or type (sliders too: their box)."""
+    elem = f"param-{param.name}"
+    if param.type == "bool":
+        box = page.locator(f"#{elem} input[type=checkbox]")
+        if box.is_checked() != value:
+            box.click()
+    elif param.type == "choice":
+        pick(page, elem, str(value))
+    else:
+        type_into(page, elem, f"{value:g}" if isinstance(value, float) else str(value))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    yield from start_app(tmp_path_factory.mktemp("journeys"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from chromium()
+
+
+@pytest.fixture(scope="module")
+def page(app, browser):
+    return open_page(browser, app.url)
+
+
+def newest_run(app):
+    return TraceStore(app.db_url).list_runs(limit=1)[0]
+
+
+def test_first_load_is_interactive_and_the_library_lists_without_error(app, page):
+    page.wait_for_selector("#run-button")
+    prompt = field(page, "prompt")
+    assert prompt.is_editable(), "the prompt box must take typing"
+    for elem in ("seed", "max-new-tokens"):
+        assert field(page, elem).is_editable(), elem
+    open_tab(page, "Library")
+    page.wait_for_selector("#runs-table")
+    page.wait_for_function("document.querySelectorAll('#runs-table .virtual-row').length > 3")  # the samples, listed
+    assert "Error" not in page.locator("#runs-table").inner_text()
+    type_into(page, "filter-text", "capital of France", enter=True)  # the beam sample's prompt
+    page.wait_for_function("document.querySelector('#runs-table').innerText.includes('beam')")
+    type_into(page, "filter-text", "", enter=True)
+    open_tab(page, "Run")
+
+
+@pytest.mark.parametrize("decoder", sorted(all_decoders(), key=lambda d: d.name), ids=lambda d: d.name)
+def test_every_parameter_typed_is_the_parameter_stored(app, page, decoder):
+    """Pick the model and decoder, change every parameter through the page, type a prompt, run one step: the stored
+    run holds exactly what was typed."""
+    model = _model_for(decoder)
+    pick(page, "model", model)
+    pick(page, "decoder", decoder.name, option=f"· {decoder.name} —")
+    expected = {}
+    if decoder.params:
+        page.wait_for_selector(f"#param-{decoder.params[-1].name}")
+    for param in decoder.params:
+        if (decoder.name, param.name) in KEPT:
+            continue
+        expected[param.name] = _new_value(decoder.name, param)
+        set_param(page, param, expected[param.name])
+    prompt = PROMPTS.get(decoder.name, f"Journey of {decoder.name}: say <b>hi</b>")
+    type_into(page, "prompt", prompt)
+    type_into(page, "max-new-tokens", "4")
+    before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
+    page.click("#stop-button")  # no run of an earlier decoder is resumed
+    page.click("#step-button")
+    page.wait_for_function(
+        "document.querySelector('#run-status').innerText.match(/(paused|finished|failed|cancelled)/)", timeout=120_000)
+    runs = [r for r in TraceStore(app.db_url).list_runs(limit=500) if r.run_id not in before]
+    assert len(runs) == 1, page.locator("#run-status").inner_text()
+    trace = TraceStore(app.db_url).load(runs[0].run_id)
+    assert trace.info.model == model and trace.info.decoder == decoder.name
+    assert trace.info.prompt == prompt
+    assert trace.info.max_new_tokens == 4
+    for name, value in expected.items():
+        stored = trace.info.params[name]
+        assert stored == pytest.approx(value) if isinstance(value, float) else stored == value, name
+    assert trace.status != "failed", trace.reason
+
+
+# ---------------------------------------------------------------- the interactions around a run
+
+
+def _greedy_run(page, tokens: int = 8, prompt: str = "Tell me a story") -> None:
+    pick(page, "model", "tiny-random-llama")
+    pick(page, "decoder", "greedy", option="· greedy —")
+    type_into(page, "prompt", prompt)
+    type_into(page, "max-new-tokens", str(tokens))
+    page.click("#stop-button")
+    page.click("#run-button")
+    wait_text(page, "run-status", "finished")
+
+
+def _plot_data(page, elem_id: str):
+    return page.evaluate(f"document.querySelector('#{elem_id} .js-plotly-plot')?.data ?? null")
+
+
+def test_a_model_card_prompt_format_is_applied_and_said(app, page):
+    page.locator("#chat input[type=checkbox]").check()
+    pick(page, "model", "waitline-mdlm")
+    wait_text(page, "model-status", "Prompt format")
+    page.wait_for_function("!document.querySelector('#chat input[type=checkbox]').checked")
+    assert "waiting line" in field(page, "prompt").input_value()
+    pick(page, "model", "tiny-random-llama")
+
+
+def test_typed_step_and_colour_redraw_the_run_tab(app, page):
+    _greedy_run(page)
+    type_into(page, "live-position", "2", enter=True)  # a person types a step and presses Enter
+    page.wait_for_selector("#live-tokens [data-selected][data-step='2']")
+    before = page.locator("#live-tokens [data-step='1']").get_attribute("style")
+    page.locator("#live-color").get_by_text("entropy").click()
+    page.wait_for_function(f"document.querySelector(\"#live-tokens [data-step='1']\").getAttribute('style') !== {before!r}")
+    page.locator("#live-color").get_by_text("probability").click()
+
+
+def test_pause_says_paused_and_stops_within_a_step(app, page):
+    pick(page, "decoder", "greedy", option="· greedy —")
+    type_into(page, "max-new-tokens", "600")
+    page.click("#stop-button")
+    page.click("#run-button")
+    page.wait_for_function("document.querySelectorAll('#live-tokens [data-step]').length >= 5", timeout=60_000)
+    page.click("#pause-button")
+    wait_text(page, "run-status", "paused")
+    status = page.locator("#run-status").inner_text()
+    run_id = newest_run(app).run_id
+    page.wait_for_timeout(1000)
+    stored = TraceStore(app.db_url).load(run_id)
+    assert stored.status == "running"  # paused, not ended: Run resumes it
+    assert f"· {len(stored.output_token_ids)} tokens ·" in status  # the page shows every token the engine made
+    assert page.locator("#run-status").inner_text() == status  # and nothing moves while paused
+    page.click("#stop-button")
+    wait_text(page, "run-status", "cancelled")
+
+
+def test_branch_from_a_token_then_compare_with_its_parent(app, page):
+    _greedy_run(page, tokens=8, prompt="Once upon a time")
+    parent = TraceStore(app.db_url).load(newest_run(app).run_id)
+    page.locator("#live-tokens [data-step='3']").click()  # select the token at output position 3
+    page.wait_for_selector("#live-tokens [data-selected][data-step='3']")
+    wait_text(page, "live-tools-note", "position 3")
+    page.locator("#live-branch-token input").click()
+    alternatives = [c.token_id for c in step_at(parent, 3).candidates if c.token_id != parent.output_token_ids[3]]
+    page.locator("[role=option]").nth(1).click()  # the second alternative, as a person picks it
+    page.click("#live-branch-button")
+    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished') && "
+                           f"!document.querySelector('#run-status').innerText.includes({parent.run_id[:12]!r})")
+    branch = TraceStore(app.db_url).load(newest_run(app).run_id)
+    assert branch.info.parent == {"run_id": parent.run_id, "step": 3, "token_id": alternatives[1]}
+    assert branch.prompt_token_ids == [*parent.prompt_token_ids, *parent.output_token_ids[:3], alternatives[1]]
+    assert "Branch of run" in page.locator("#live-tokens").inner_text()
+    shot(page, "branch-run")
+
+    open_tab(page, "Library")
+    page.click("#refresh-runs")
+    page.wait_for_function(f"document.querySelector('#runs-table').innerText.includes('branch of {parent.run_id[:8]}')")
+    rows = page.locator("#runs-table .virtual-row")
+    texts = [rows.nth(i).inner_text() for i in range(rows.count())]
+    parent_row = next(i for i, t in enumerate(texts) if parent.run_id[:8] in t.split()[0])
+    assert branch.run_id[:8] in texts[parent_row + 1]  # listed under its parent
+    type_into(page, "run-id", branch.run_id, enter=True)
+    wait_text(page, "library-status", "finished")
+    page.click("#compare-parent")
+    page.wait_for_selector("#compare-aligned [data-step]")
+    wait_text(page, "compare-note", "Branch point: at output position 3")
+    shot(page, "compare-branch")
+    open_tab(page, "Run")
+
+
+def test_token_tree_explorer_expands_and_continues_a_node(app, page):
+    _greedy_run(page, tokens=6, prompt="The tree of")
+    parent = newest_run(app)
+    page.locator("#live-tokens [data-step='2']").click()
+    page.wait_for_selector("#live-tokens [data-selected][data-step='2']")
+    open_section(page, "live-token-tree")
+    type_into(page, "live-tree-depth", "2")
+    type_into(page, "live-tree-min-prob", "0")
+    page.click("#live-tree-button")
+    page.wait_for_function("document.querySelector('#live-tree .js-plotly-plot')?.data?.length > 0", timeout=60_000)
+    shot(page, "token-tree")
+    type_into(page, "live-tree-node", "4")  # or click one: the click sets this box
+    page.click("#live-tree-continue")
+    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished')")
+    branch = TraceStore(app.db_url).load(newest_run(app).run_id)
+    assert branch.info.parent["run_id"] == parent.run_id and branch.info.parent["step"] == 2
+
+
+def test_reprocessing_a_step_matches_transformers_warpers(app, page):
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    from engine import load_model
+
+    _greedy_run(page, tokens=6, prompt="Re-process me")
+    trace = TraceStore(app.db_url).load(newest_run(app).run_id)
+    page.locator("#live-tokens [data-step='4']").click()
+    page.wait_for_selector("#live-tokens [data-selected][data-step='4']")
+    open_section(page, "live-reprocess-tab")
+    type_into(page, "live-reprocess-temperature", "0.5")
+    type_into(page, "live-reprocess-top_k", "5")
+    page.wait_for_function("document.querySelector('#live-reprocess .js-plotly-plot')?.layout?.title?.text?.includes('0.5')",
+                           timeout=30_000)
+    shot(page, "reprocess")
+    data = _plot_data(page, "live-reprocess")
+    processed = next(t for t in data if "processed" in t["name"].lower() and "raw" not in t["name"].lower())
+    model = load_model("tiny-random-llama")  # the same seeded weights as the app's
+    ids = torch.tensor([[*trace.prompt_token_ids, *trace.output_token_ids[:4]]])
+    with torch.no_grad():
+        logits = model.model(input_ids=ids).logits[:, -1, :].float()
+    warped = TopKLogitsWarper(5)(ids, TemperatureLogitsWarper(0.5)(ids, logits))
+    expected = warped.softmax(-1)[0]
+    raw_order = logits[0].argsort(descending=True)[: len(processed["y"])]
+    assert processed["y"] == pytest.approx(expected[raw_order].tolist(), abs=1e-4)
+    assert "exact" in page.evaluate("document.querySelector('#live-reprocess .js-plotly-plot').layout.title.text")
+
+
+def test_library_delete_asks_first_and_compare_lists_labelled_runs(app, page):
+    _greedy_run(page, tokens=3, prompt="Delete me")
+    victim = newest_run(app)
+    open_tab(page, "Library")
+    type_into(page, "run-id", victim.run_id)
+    page.click("#delete-run")
+    page.wait_for_selector("#delete-confirm-button")
+    assert victim.run_id in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}  # not yet
+    page.click("#delete-cancel-button")
+    page.wait_for_timeout(300)
+    assert victim.run_id in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
+    page.click("#delete-run")
+    page.click("#delete-confirm-button")
+    wait_text(page, "library-status", "Deleted.")
+    assert victim.run_id not in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
+
+    open_tab(page, "Compare")
+    page.locator("#compare-ids input").click()
+    page.locator("#compare-ids input").press_sequentially("beam")
+    option = page.locator("[role=option]").first.inner_text()
+    assert "beam" in option and "·" in option  # a label people can read, not a bare id
+    page.keyboard.press("Escape")
+    open_tab(page, "Run")
+
+
+def test_an_import_shows_even_under_an_active_filter(app, page):
+    from tests.test_e2e import SAMPLE
+
+    open_tab(page, "Library")
+    type_into(page, "filter-text", "no run matches this", enter=True)
+    page.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
+    wait_text(page, "library-status", "Imported as run")
+    imported = page.locator("#run-id textarea, #run-id input").first.input_value()
+    page.wait_for_function(f"document.querySelector('#runs-table').innerText.includes({imported[:8]!r})")
+    assert field(page, "filter-text").input_value() == ""
+    open_tab(page, "Run")
+
+
+RUN_KINDS = ["top_p", "beam", "dyspec", "speculative", "llada", "fast_dllm", "gift", "awrs", "superposed",
+             "kv_compress", "exact_extract", "self_certainty"]
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_every_run_kind_replays_readably(app, browser, dark):
+    """Open a sample of every run kind in the Library and keep a full-page screenshot of it, in both themes."""
+    page = open_page(browser, app.url, dark=dark)
+    open_tab(page, "Library")
+    for decoder in RUN_KINDS:
+        pick(page, "filter-decoder", decoder, option=f"· {decoder} —")
+        page.wait_for_function("([name]) => [...document.querySelectorAll('#runs-table .virtual-row')]"
+                               ".every(row => row.innerText.split(/\\s+/).includes(name))", arg=[decoder])
+        page.locator("#runs-table .virtual-row").first.click()
+        page.wait_for_function("([name]) => document.querySelector('#run-id textarea, #run-id input').value.length > 8",
+                               arg=[decoder])
+        run_id = field(page, "run-id").input_value()
+        page.click("#open-run")
+        wait_text(page, "library-status", run_id[:12])
+        type_into(page, "replay-position", "9999", enter=True)  # past the end: the last step, the whole run
+        page.wait_for_function("Number(document.querySelector('#replay-position input[type=number]').value) > 0")
+        page.wait_for_timeout(800)
+        page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
+        title = page.locator("#replay-primary .gtitle").first.text_content()
+        assert title.strip(), decoder
+        shot(page, f"kind-{decoder}-{'dark' if dark else 'light'}")
+    assert page.outside_requests == []
+
+
+def test_replay_only_lands_on_the_library(browser, tmp_path):
+    for app in start_app(tmp_path, "--replay-only"):
+        page = open_page(browser, app.url)
+        page.wait_for_selector("#runs-table")
+        assert "Replay-only mode" in page.locator("#header").inner_text()
+        assert page.locator("button[role=tab]:visible", has_text="Run").count() == 0
+        assert page.locator("#runs-table").is_visible()  # the Library is the open tab
+        page.wait_for_function("document.querySelectorAll('#runs-table .virtual-row').length > 3")
+        assert "Error" not in page.locator("#runs-table").inner_text()
+        shot(page, "replay-only")

@@ -1,0 +1,110 @@
+"""What the tabs share: the store, the model pool, each session's live run, and the one place that turns user
+errors into messages."""
+
+import functools
+import html
+import inspect
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gradio as gr
+
+from engine.run import Run, RunSettings
+from engine.trace import Trace
+from storage import TraceStore
+from storage.user_errors import USER_ERRORS, user_message
+from ui import figures
+from ui.pool import ModelPool
+from ui.session import LiveRun
+
+
+def user_errors(handler: Callable) -> Callable:
+    """Wrap an event handler (plain or generator) so a user error shows as a message, not a traceback. The same
+    errors as the command line's (storage.user_errors)."""
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def streaming(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from handler(*args, **kwargs)
+            except USER_ERRORS as exc:
+                raise gr.Error(user_message(exc)) from None
+        return streaming
+
+    @functools.wraps(handler)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise gr.Error(user_message(exc)) from None
+    return plain
+
+
+@dataclass
+class AppContext:
+    store: TraceStore
+    pool: ModelPool
+    default_model: str
+    replay_only: bool
+    tabs: Any = None  # the gr.Tabs, set while building
+    live: dict[str, LiveRun] = field(default_factory=dict)  # session hash -> that session's live run
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def header_html(self) -> str:
+        mode = ("<br><b>Replay-only mode</b>: no model is loaded; open stored and sample runs in the Library."
+                if self.replay_only else "")
+        return (f"<h1 style='margin:0'>Decoding Explorer</h1><div style='opacity:0.75'>Traces are saved to "
+                f"<code>{html.escape(self.store.url)}</code>.{mode}</div>")
+
+    def start_live(self, session: str, run: Run) -> LiveRun:
+        """Make ``run`` this session's live run (stopping the one it replaces), recorded to the store."""
+        live = LiveRun(run)
+        with self._lock:
+            old = self.live.pop(session, None)
+            self.live[session] = live
+        if old is not None and not old.done:
+            old.stop()
+        return live
+
+    def new_run(self, model: str, decoder: str, prompt: str, params: dict[str, Any], settings: RunSettings) -> Run:
+        return Run(self.pool.get(model), decoder, prompt, params, settings, sinks=[self.store.sink()])
+
+    def forget_session(self, request: gr.Request) -> None:
+        live = self.live.pop(request.session_hash, None)
+        if live is not None and not live.done:
+            live.stop()
+
+
+def status_html(trace: Trace | None, paused: bool = False) -> str:
+    """One line on a run: status (paused while waiting for Run or Step), reason, tokens, calls, speed, id."""
+    if trace is None:
+        return ""
+    m = trace.metrics
+    status = "paused" if paused and trace.status == "running" else trace.status
+    reason = f" — {html.escape(trace.reason)}" if trace.reason else ""  # may quote user input
+    if figures.diffusion_steps(trace):
+        calls = html.escape(figures.diffusion_summary(trace))
+    else:
+        calls = f"{m.get('model_calls', 0)} model calls"
+        if "mean_accepted_tokens" in m:
+            calls += f" · {m['mean_accepted_tokens']} tokens per target call · acceptance {m.get('acceptance_rate', 0):.0%}"
+    return (f"<b>{status}</b>{reason} · {m.get('new_tokens', 0)} tokens · {calls} · "
+            f"{m.get('tokens_per_second', 0)} tok/s · run <code>{html.escape(trace.run_id[:12])}</code>")
+
+
+def api_record(app: AppContext) -> Callable:
+    def record(model: str, decoder_name: str, prompt_text: str, params: dict, seed_value: int = 0,
+               max_new_tokens: int = 64, chat_on: bool = False) -> dict:
+        """Record a run to the end and return the same summary as ``decoding-explorer record --json``."""
+        settings = RunSettings(max_new_tokens=int(max_new_tokens), seed=int(seed_value), chat=bool(chat_on))
+        return app.new_run(model, decoder_name, prompt_text, params or {}, settings).to_end().summary()
+
+    return user_errors(record)
+
+
+def api_list_runs(app: AppContext) -> Callable:
+    def list_runs(limit: int = 50) -> list[dict]:
+        """Stored runs, newest first."""
+        return [r.__dict__ for r in app.store.list_runs(limit=int(limit))]
+
+    return list_runs

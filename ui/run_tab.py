@@ -1,0 +1,219 @@
+"""The Run tab: the form (model, prompt, decoder and its schema-built parameters), the live run's controls, its
+views and step tools. A run streams: the text view keeps up with every step, the figures follow every second."""
+
+import html
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import gradio as gr
+
+from engine.decoders import get_decoder
+from engine.models import BUILTIN_NAMES, prompt_format
+from ui.context import AppContext, status_html, user_errors
+from ui.form import ATTENTION_CHOICES, RunForm, decoder_choices, decoder_description, param_component
+from ui.session import LiveRun
+from engine.run import BranchPoint
+from engine.trace import Trace
+from ui.step_tools import StepTools, branch_settings, build_step_tools, wire_step_tools
+from ui.views import COLOR_CHOICES, Views, build_views, light_values, view_values
+
+DEFAULT_DECODER = "top_p"
+DEFAULT_PROMPT = "Explain entropy in one sentence."
+LIGHT_INTERVAL = 0.1  # seconds between text-view updates while a run streams (every step is still recorded)
+FULL_INTERVAL = 1.0  # seconds between redraws of every figure while a run streams
+
+
+@dataclass
+class RunTab:
+    views: Views
+    status: gr.HTML
+    color_by: gr.Radio
+    my_runs: gr.State
+    tools: StepTools
+    start_branch: Any = None  # (request, parent, branch point, decoder) -> stream into this tab; set once wired
+
+    def outputs(self) -> list[Any]:
+        return [*self.views.outputs(), self.status, self.my_runs]
+
+
+def stream(live: LiveRun, color: str, runs: list[str]) -> Iterator[list[Any]]:
+    """Play ``live`` to its end or a Pause: the text view at most every LIGHT_INTERVAL, every view each
+    FULL_INTERVAL and at the end (light updates keep the browser from falling behind the engine)."""
+    last_light = last_full = time.monotonic()
+    yield [*view_values(live.trace, None, color), status_html(live.trace), runs]
+    for _ in live.play():
+        now = time.monotonic()
+        if live.done:
+            break  # the final update below says how it ended: no earlier message may claim it
+        if now - last_full >= FULL_INTERVAL:
+            last_full = last_light = now
+            yield [*view_values(live.trace, None, color), status_html(live.trace), runs]
+        elif now - last_light >= LIGHT_INTERVAL:
+            last_light = now
+            yield [*light_values(live.trace, None, color), *[gr.skip()] * 5, status_html(live.trace), runs]
+    yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused), runs]
+
+
+def build_run_tab(app: AppContext) -> RunTab:
+    fmt = prompt_format(app.default_model)
+    with gr.Tab("Run", id="run", visible=not app.replay_only):
+        my_runs = gr.State([])  # this session's run ids
+        # the live panel's step tools read the session's live run, not a state; this one only fills their inputs
+        # (a State must sit inside a Tab: one between two Tabs makes Gradio mislabel the tabs after it)
+        live_trace = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=3):
+                model_box = gr.Dropdown(BUILTIN_NAMES, value=app.default_model, allow_custom_value=True, interactive=True,
+                                        label="Model (built-in name, local folder or Hub id)", elem_id="model")
+                model_status = gr.HTML(elem_id="model-status")
+                prompt = gr.Textbox(label="Prompt", value=fmt.example if fmt else DEFAULT_PROMPT, lines=3, interactive=True, elem_id="prompt")
+                with gr.Row():
+                    chat = gr.Checkbox(value=fmt.chat if fmt else True, label="Chat formatting", interactive=True, elem_id="chat")
+                    seed = gr.Number(value=0, label="Seed", precision=0, interactive=True, elem_id="seed")
+                    max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens", interactive=True,
+                                           elem_id="max-new-tokens")
+                    attention = gr.Dropdown(ATTENTION_CHOICES, value="none", label="Attention capture (layers)",
+                                            interactive=True, elem_id="attention")
+                with gr.Accordion("Image (vision-language models)", open=False):
+                    image = gr.Image(type="filepath", label="Image (decoders greedy, sampling, gift)", height=160,
+                                     interactive=True, elem_id="image")
+            with gr.Column(scale=2):
+                decoder = gr.Dropdown(decoder_choices(), value=DEFAULT_DECODER, interactive=True, filterable=True,
+                                      label="Decoder (type to search names, families and summaries)", elem_id="decoder")
+                description = gr.HTML(_description_html(DEFAULT_DECODER), elem_id="decoder-description")
+                form_slot = gr.Column()
+        with gr.Row():
+            run_button = gr.Button("Run / Resume", variant="primary", elem_id="run-button")
+            step_button = gr.Button("Step", elem_id="step-button")
+            pause_button = gr.Button("Pause", elem_id="pause-button")
+            stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button")
+            color_by = gr.Radio(COLOR_CHOICES, value="probability", label="Colour tokens by", interactive=True,
+                                elem_id="live-color")
+        run_status = gr.HTML(elem_id="run-status")
+        views = build_views("live")
+        tools = build_step_tools("live")
+        model_timer = gr.Timer(1.0, active=not app.replay_only)
+    tab = RunTab(views, run_status, color_by, my_runs, tools)
+    form_inputs = {model_box, decoder, prompt, chat, seed, max_tokens, attention, image, color_by, my_runs}
+
+    def live_or_new(request: gr.Request, form: RunForm, runs: list[str]) -> LiveRun:
+        live = app.live.get(request.session_hash)
+        if live is not None and not live.done:
+            return live  # resume the paused run
+        fmt = prompt_format(form.model)
+        if fmt is not None and form.chat != fmt.chat:
+            gr.Warning(f"{form.model.strip()} was trained {'with' if fmt.chat else 'without'} chat formatting; "
+                       "its output may be garbage in this format")
+        run = app.new_run(form.model, form.decoder, form.prompt, form.params, form.settings())
+        runs.append(run.trace.run_id)
+        return app.start_live(request.session_hash, run)
+
+    with form_slot:
+        @gr.render(inputs=decoder)
+        def parameter_form(name: str) -> None:  # the decoder's parameter form, built from its schema
+            spec = get_decoder(name)
+            widgets = []
+            for pair in range(0, len(spec.params), 2):  # two per row: long forms stay on screen
+                with gr.Row(equal_height=False):
+                    widgets += [param_component(p) for p in spec.params[pair:pair + 2]]
+
+            def read(values: dict) -> RunForm:
+                return RunForm(model=values[model_box], decoder=name, prompt=values[prompt], chat=values[chat],
+                               seed=int(values[seed] or 0), max_new_tokens=int(values[max_tokens]),
+                               attention=values[attention], image=values[image],
+                               params={p.name: values[w] for p, w in zip(spec.params, widgets)})
+
+            @user_errors
+            def play(values: dict, request: gr.Request) -> Iterator[list[Any]]:
+                runs = values[my_runs]
+                live = live_or_new(request, read(values), runs)
+                yield from stream(live, values[color_by], runs)
+
+            @user_errors
+            def step_once(values: dict, request: gr.Request) -> list[Any]:
+                runs = values[my_runs]
+                live = live_or_new(request, read(values), runs)
+                live.step()
+                return [*view_values(live.trace, None, values[color_by]), status_html(live.trace, live.paused), runs]
+
+            inputs = form_inputs | set(widgets)
+            run_button.click(play, inputs, tab.outputs())
+            step_button.click(step_once, inputs, tab.outputs())
+
+    def pause(request: gr.Request) -> None:
+        if (live := app.live.get(request.session_hash)) is not None:
+            live.pause()
+
+    def stop(color: str, request: gr.Request) -> list[Any]:
+        live = app.live.get(request.session_hash)
+        if live is None:
+            return [*view_values(None, None, color), ""]
+        live.stop()
+        return [*view_values(live.trace, None, color), status_html(live.trace)]
+
+    def show_step(position: float, color: str, request: gr.Request) -> list[Any]:
+        live = app.live.get(request.session_hash)
+        return view_values(live.trace if live else None, int(position or 0), color)
+
+    def choose_model(name: str) -> list[Any]:
+        """Start loading the picked model; give it the prompt format its card names (the status says so)."""
+        if name and name.strip():
+            app.pool.start(name)
+        fmt = prompt_format(name or "")
+        chat_and_prompt = [gr.skip(), gr.skip()] if fmt is None else [gr.Checkbox(value=fmt.chat),
+                                                                      gr.Textbox(value=fmt.example)]
+        return [*chat_and_prompt, *poll_model(name)]
+
+    def poll_model(name: str) -> list[Any]:
+        loading = app.pool.status(name or "")
+        return [_model_status(app, name), gr.Timer(active=loading is not None and not loading.done.is_set())]
+
+    def start_branch(request: gr.Request, parent: Trace, point: BranchPoint, decoder_name: str) -> Iterator[list[Any]]:
+        """Stream a branch of ``parent`` as this session's live run, on the Run tab."""
+        params = parent.info.params if decoder_name == parent.info.decoder else {}
+        run = app.new_run(parent.info.model, decoder_name, parent.info.prompt, params, branch_settings(parent, point))
+        live = app.start_live(request.session_hash, run)
+        switch = gr.Tabs(selected="run")
+        for values in stream(live, "probability", []):
+            yield [*values[:-1], gr.skip(), switch]  # this session's run list is not an input here
+            switch = gr.skip()
+
+    tab.start_branch = start_branch
+    wire_step_tools(app, tools, views.position, lambda request, _: _live_trace(app, request), live_trace,
+                    [*tab.outputs(), app.tabs], start_branch)
+    pause_button.click(pause, None, None, concurrency_limit=None, queue=False)
+    stop_button.click(stop, [color_by], [*views.outputs(), run_status], concurrency_limit=None)
+    for event in (views.position.release, views.position.input, color_by.input):
+        event(show_step, [views.position, color_by], views.outputs(), concurrency_limit=None)
+    decoder.change(_description_html, decoder, description, queue=False)
+    model_box.change(choose_model, model_box, [chat, prompt, model_status, model_timer], queue=False)
+    model_timer.tick(poll_model, model_box, [model_status, model_timer], queue=False)
+    return tab
+
+
+def _live_trace(app: AppContext, request: gr.Request) -> Trace | None:
+    live = app.live.get(request.session_hash)
+    return live.trace if live is not None else None
+
+
+def _description_html(name: str) -> str:
+    try:
+        return f"<div style='opacity:0.85'>{html.escape(decoder_description(name))}</div>"
+    except ValueError:
+        return ""
+
+
+def _model_status(app: AppContext, name: str) -> str:
+    """The model's loading state, and the prompt format its card names."""
+    fmt = prompt_format(name or "")
+    note = f"<div style='opacity:0.85'>Prompt format: {html.escape(fmt.note)}</div>" if fmt else ""
+    loading = app.pool.status(name or "")
+    if loading is None:
+        return note
+    label = html.escape((name or "").strip())
+    if not loading.done.is_set():
+        return f"Loading <b>{label}</b>: {html.escape(loading.message)}{note}"
+    if loading.error:
+        return f"<b>{label}</b> could not be loaded: {html.escape(loading.error)}{note}"
+    return f"<b>{label}</b> is loaded{note}"
