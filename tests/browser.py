@@ -122,3 +122,23 @@ def open_section(page, elem_id: str) -> None:
     label = page.locator(f"#{elem_id} .label-wrap").first
     if "open" not in (label.get_attribute("class") or ""):
         label.click()
+
+
+def drag_to_end(page, elem_id: str) -> None:
+    """Drag a slider's handle to its right end with the mouse, as a person does."""
+    handle = page.locator(f"#{elem_id} input[type=range]")
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + 2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=5)
+    page.mouse.move(box["x"] + box["width"] + 20, y, steps=5)
+    page.mouse.up()
+
+
+def settled(page, *elem_ids: str, timeout: float = 60_000) -> None:
+    """Wait until the named components have no pending update (Gradio hides their status tracker when idle)."""
+    page.wait_for_function(
+        "(ids) => ids.every(id => [...document.querySelectorAll(`#${id} [data-testid=status-tracker]`)]"
+        ".every(t => t.classList.contains('hide')))", arg=list(elem_ids), timeout=timeout)

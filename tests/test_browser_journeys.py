@@ -12,7 +12,8 @@ from engine.decoders import all_decoders
 from engine.params import Param
 from storage import TraceStore
 from ui.figures.tokens import step_at
-from tests.browser import chromium, field, open_page, open_section, open_tab, pick, shot, start_app, type_into, wait_text
+from tests.browser import (chromium, drag_to_end, field, open_page, open_section, open_tab, pick, settled, shot, start_app,
+                           type_into, wait_text)
 
 # The model each family runs on in these journeys: tiny random models for the mechanics, the shipped waiting-line
 # models where a decoder needs a masked-diffusion model (or a diffusion drafter with the same tokenizer).
@@ -97,7 +98,17 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page(app, browser):
+    """One page for the per-decoder journeys (each picks its own model and decoder)."""
     return open_page(browser, app.url)
+
+
+@pytest.fixture
+def person(app, browser):
+    """A fresh page per journey: one journey's leftovers (an open tab, a paused run) never steer the next."""
+    page = open_page(browser, app.url)
+    page.wait_for_selector("#run-button")
+    yield page
+    page.close()
 
 
 def newest_run(app):
@@ -118,6 +129,37 @@ def test_first_load_is_interactive_and_the_library_lists_without_error(app, page
     page.wait_for_function("document.querySelector('#runs-table').innerText.includes('beam')")
     type_into(page, "filter-text", "", enter=True)
     open_tab(page, "Run")
+
+
+RUN_KINDS = ["top_p", "beam", "dyspec", "speculative", "llada", "fast_dllm", "gift", "awrs", "superposed",
+             "kv_compress", "exact_extract", "self_certainty"]
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_every_run_kind_replays_readably(app, browser, dark):
+    """Open a sample of every run kind in the Library and keep a full-page screenshot of it at its last step, in both
+    themes. (Runs first: the Library holds only the shipped samples yet.)"""
+    page = open_page(browser, app.url, dark=dark)
+    open_tab(page, "Library")
+    for decoder in RUN_KINDS:
+        pick(page, "filter-decoder", decoder, option=f"· {decoder} —")
+        page.wait_for_function("([name]) => [...document.querySelectorAll('#runs-table .virtual-row')]"
+                               ".every(row => row.innerText.split(/\\s+/).includes(name))", arg=[decoder])
+        page.locator("#runs-table .virtual-row").first.click()
+        page.wait_for_function("([name]) => document.querySelector('#run-id textarea, #run-id input').value.length > 8",
+                               arg=[decoder])
+        run_id = field(page, "run-id").input_value()
+        page.click("#open-run")
+        wait_text(page, "library-status", run_id[:12])
+        wait_text(page, "replay-tools-note", run_id[:12])  # the open's last event: the page has settled
+        drag_to_end(page, "replay-position")  # towards the last step: the whole run
+        page.wait_for_timeout(300)
+        settled(page, "replay-tokens", "replay-primary", "replay-timeline", "replay-detail", "replay-table")
+        page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
+        title = page.locator("#replay-primary .gtitle").first.text_content()
+        assert title.strip(), decoder
+        shot(page, f"kind-{decoder}-{'dark' if dark else 'light'}")
+    assert page.outside_requests == []
 
 
 @pytest.mark.parametrize("decoder", sorted(all_decoders(), key=lambda d: d.name), ids=lambda d: d.name)
@@ -172,113 +214,113 @@ def _plot_data(page, elem_id: str):
     return page.evaluate(f"document.querySelector('#{elem_id} .js-plotly-plot')?.data ?? null")
 
 
-def test_a_model_card_prompt_format_is_applied_and_said(app, page):
-    page.locator("#chat input[type=checkbox]").check()
-    pick(page, "model", "waitline-mdlm")
-    wait_text(page, "model-status", "Prompt format")
-    page.wait_for_function("!document.querySelector('#chat input[type=checkbox]').checked")
-    assert "waiting line" in field(page, "prompt").input_value()
-    pick(page, "model", "tiny-random-llama")
+def test_a_model_card_prompt_format_is_applied_and_said(app, person):
+    person.locator("#chat input[type=checkbox]").check()
+    pick(person, "model", "waitline-mdlm")
+    wait_text(person, "model-status", "Prompt format")
+    person.wait_for_function("!document.querySelector('#chat input[type=checkbox]').checked")
+    assert "waiting line" in field(person, "prompt").input_value()
+    pick(person, "model", "tiny-random-llama")
 
 
-def test_typed_step_and_colour_redraw_the_run_tab(app, page):
-    _greedy_run(page)
-    type_into(page, "live-position", "2", enter=True)  # a person types a step and presses Enter
-    page.wait_for_selector("#live-tokens [data-selected][data-step='2']")
-    before = page.locator("#live-tokens [data-step='1']").get_attribute("style")
-    page.locator("#live-color").get_by_text("entropy").click()
-    page.wait_for_function(f"document.querySelector(\"#live-tokens [data-step='1']\").getAttribute('style') !== {before!r}")
-    page.locator("#live-color").get_by_text("probability").click()
+def test_typed_step_and_colour_redraw_the_run_tab(app, person):
+    _greedy_run(person)
+    type_into(person, "live-position", "2", enter=True)  # a person types a step and presses Enter
+    person.wait_for_selector("#live-tokens [data-selected][data-step='2']")
+    before = person.locator("#live-tokens [data-step='1']").get_attribute("style")
+    person.locator("#live-color").get_by_text("entropy").click()
+    person.wait_for_function(f"document.querySelector(\"#live-tokens [data-step='1']\").getAttribute('style') !== {before!r}")
+    person.locator("#live-color").get_by_text("probability").click()
 
 
-def test_pause_says_paused_and_stops_within_a_step(app, page):
-    pick(page, "decoder", "greedy", option="· greedy —")
-    type_into(page, "max-new-tokens", "600")
-    page.click("#stop-button")
-    page.click("#run-button")
-    page.wait_for_function("document.querySelectorAll('#live-tokens [data-step]').length >= 5", timeout=60_000)
-    page.click("#pause-button")
-    wait_text(page, "run-status", "paused")
-    status = page.locator("#run-status").inner_text()
+def test_pause_says_paused_and_stops_within_a_step(app, person):
+    pick(person, "decoder", "greedy", option="· greedy —")
+    type_into(person, "max-new-tokens", "600")
+    person.click("#stop-button")
+    person.click("#run-button")
+    person.wait_for_function("document.querySelectorAll('#live-tokens [data-step]').length >= 5", timeout=60_000)
+    person.click("#pause-button")
+    wait_text(person, "run-status", "paused")
+    status = person.locator("#run-status").inner_text()
     run_id = newest_run(app).run_id
-    page.wait_for_timeout(1000)
+    person.wait_for_timeout(1000)
     stored = TraceStore(app.db_url).load(run_id)
     assert stored.status == "running"  # paused, not ended: Run resumes it
-    assert f"· {len(stored.output_token_ids)} tokens ·" in status  # the page shows every token the engine made
-    assert page.locator("#run-status").inner_text() == status  # and nothing moves while paused
-    page.click("#stop-button")
-    wait_text(page, "run-status", "cancelled")
+    assert f"· {len(stored.output_token_ids)} tokens ·" in status  # the person shows every token the engine made
+    assert person.locator("#run-status").inner_text() == status  # and nothing moves while paused
+    person.click("#stop-button")
+    wait_text(person, "run-status", "cancelled")
 
 
-def test_branch_from_a_token_then_compare_with_its_parent(app, page):
-    _greedy_run(page, tokens=8, prompt="Once upon a time")
+def test_branch_from_a_token_then_compare_with_its_parent(app, person):
+    _greedy_run(person, tokens=8, prompt="Once upon a time")
     parent = TraceStore(app.db_url).load(newest_run(app).run_id)
-    page.locator("#live-tokens [data-step='3']").click()  # select the token at output position 3
-    page.wait_for_selector("#live-tokens [data-selected][data-step='3']")
-    wait_text(page, "live-tools-note", "position 3")
-    page.locator("#live-branch-token input").click()
+    person.locator("#live-tokens [data-step='3']").click()  # select the token at output position 3
+    person.wait_for_selector("#live-tokens [data-selected][data-step='3']")
+    wait_text(person, "live-tools-note", "output position 3")
+    person.locator("#live-branch-token input").click()
     alternatives = [c.token_id for c in step_at(parent, 3).candidates if c.token_id != parent.output_token_ids[3]]
-    page.locator("[role=option]").nth(1).click()  # the second alternative, as a person picks it
-    page.click("#live-branch-button")
-    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished') && "
+    person.locator("[role=option]").nth(1).click()  # the second alternative, as a person picks it
+    person.click("#live-branch-button")
+    person.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished') && "
                            f"!document.querySelector('#run-status').innerText.includes({parent.run_id[:12]!r})")
     branch = TraceStore(app.db_url).load(newest_run(app).run_id)
     assert branch.info.parent == {"run_id": parent.run_id, "step": 3, "token_id": alternatives[1]}
     assert branch.prompt_token_ids == [*parent.prompt_token_ids, *parent.output_token_ids[:3], alternatives[1]]
-    assert "Branch of run" in page.locator("#live-tokens").inner_text()
-    shot(page, "branch-run")
+    assert "Branch of run" in person.locator("#live-tokens").inner_text()
+    shot(person, "branch-run")
 
-    open_tab(page, "Library")
-    page.click("#refresh-runs")
-    page.wait_for_function(f"document.querySelector('#runs-table').innerText.includes('branch of {parent.run_id[:8]}')")
-    rows = page.locator("#runs-table .virtual-row")
+    open_tab(person, "Library")
+    person.click("#refresh-runs")
+    person.wait_for_function(f"document.querySelector('#runs-table').innerText.includes('branch of {parent.run_id[:8]}')")
+    rows = person.locator("#runs-table .virtual-row")
     texts = [rows.nth(i).inner_text() for i in range(rows.count())]
     parent_row = next(i for i, t in enumerate(texts) if parent.run_id[:8] in t.split()[0])
     assert branch.run_id[:8] in texts[parent_row + 1]  # listed under its parent
-    type_into(page, "run-id", branch.run_id, enter=True)
-    wait_text(page, "library-status", "finished")
-    page.click("#compare-parent")
-    page.wait_for_selector("#compare-aligned [data-step]")
-    wait_text(page, "compare-note", "Branch point: at output position 3")
-    shot(page, "compare-branch")
-    open_tab(page, "Run")
+    type_into(person, "run-id", branch.run_id, enter=True)
+    wait_text(person, "library-status", "finished")
+    person.click("#compare-parent")
+    person.wait_for_selector("#compare-aligned [data-step]")
+    wait_text(person, "compare-note", "Branch point: at output position 3")
+    shot(person, "compare-branch")
+    open_tab(person, "Run")
 
 
-def test_token_tree_explorer_expands_and_continues_a_node(app, page):
-    _greedy_run(page, tokens=6, prompt="The tree of")
+def test_token_tree_explorer_expands_and_continues_a_node(app, person):
+    _greedy_run(person, tokens=6, prompt="The tree of")
     parent = newest_run(app)
-    page.locator("#live-tokens [data-step='2']").click()
-    page.wait_for_selector("#live-tokens [data-selected][data-step='2']")
-    open_section(page, "live-token-tree")
-    type_into(page, "live-tree-depth", "2")
-    type_into(page, "live-tree-min-prob", "0")
-    page.click("#live-tree-button")
-    page.wait_for_function("document.querySelector('#live-tree .js-plotly-plot')?.data?.length > 0", timeout=60_000)
-    shot(page, "token-tree")
-    type_into(page, "live-tree-node", "4")  # or click one: the click sets this box
-    page.click("#live-tree-continue")
-    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished')")
+    person.locator("#live-tokens [data-step='2']").click()
+    person.wait_for_selector("#live-tokens [data-selected][data-step='2']")
+    open_section(person, "live-token-tree")
+    type_into(person, "live-tree-depth", "2")
+    type_into(person, "live-tree-min-prob", "0")
+    person.click("#live-tree-button")
+    person.wait_for_function("document.querySelector('#live-tree .js-plotly-plot')?.data?.length > 0", timeout=60_000)
+    shot(person, "token-tree")
+    type_into(person, "live-tree-node", "4")  # or click one: the click sets this box
+    person.click("#live-tree-continue")
+    person.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished')")
     branch = TraceStore(app.db_url).load(newest_run(app).run_id)
     assert branch.info.parent["run_id"] == parent.run_id and branch.info.parent["step"] == 2
 
 
-def test_reprocessing_a_step_matches_transformers_warpers(app, page):
+def test_reprocessing_a_step_matches_transformers_warpers(app, person):
     import torch
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
     from engine import load_model
 
-    _greedy_run(page, tokens=6, prompt="Re-process me")
+    _greedy_run(person, tokens=6, prompt="Re-process me")
     trace = TraceStore(app.db_url).load(newest_run(app).run_id)
-    page.locator("#live-tokens [data-step='4']").click()
-    page.wait_for_selector("#live-tokens [data-selected][data-step='4']")
-    open_section(page, "live-reprocess-tab")
-    type_into(page, "live-reprocess-temperature", "0.5")
-    type_into(page, "live-reprocess-top_k", "5")
-    page.wait_for_function("document.querySelector('#live-reprocess .js-plotly-plot')?.layout?.title?.text?.includes('0.5')",
+    person.locator("#live-tokens [data-step='4']").click()
+    person.wait_for_selector("#live-tokens [data-selected][data-step='4']")
+    open_section(person, "live-reprocess-tab")
+    type_into(person, "live-reprocess-temperature", "0.5")
+    type_into(person, "live-reprocess-top_k", "5")
+    person.wait_for_function("document.querySelector('#live-reprocess .js-plotly-plot')?.layout?.title?.text?.includes('0.5')",
                            timeout=30_000)
-    shot(page, "reprocess")
-    data = _plot_data(page, "live-reprocess")
+    shot(person, "reprocess")
+    data = _plot_data(person, "live-reprocess")
     processed = next(t for t in data if "processed" in t["name"].lower() and "raw" not in t["name"].lower())
     model = load_model("tiny-random-llama")  # the same seeded weights as the app's
     ids = torch.tensor([[*trace.prompt_token_ids, *trace.output_token_ids[:4]]])
@@ -288,74 +330,46 @@ def test_reprocessing_a_step_matches_transformers_warpers(app, page):
     expected = warped.softmax(-1)[0]
     raw_order = logits[0].argsort(descending=True)[: len(processed["y"])]
     assert processed["y"] == pytest.approx(expected[raw_order].tolist(), abs=1e-4)
-    assert "exact" in page.evaluate("document.querySelector('#live-reprocess .js-plotly-plot').layout.title.text")
+    assert "exact" in person.evaluate("document.querySelector('#live-reprocess .js-plotly-plot').layout.title.text")
 
 
-def test_library_delete_asks_first_and_compare_lists_labelled_runs(app, page):
-    _greedy_run(page, tokens=3, prompt="Delete me")
+def test_library_delete_asks_first_and_compare_lists_labelled_runs(app, person):
+    _greedy_run(person, tokens=3, prompt="Delete me")
     victim = newest_run(app)
-    open_tab(page, "Library")
-    type_into(page, "run-id", victim.run_id)
-    page.click("#delete-run")
-    page.wait_for_selector("#delete-confirm-button")
+    open_tab(person, "Library")
+    type_into(person, "run-id", victim.run_id)
+    person.click("#delete-run")
+    person.wait_for_selector("#delete-confirm-button")
     assert victim.run_id in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}  # not yet
-    page.click("#delete-cancel-button")
-    page.wait_for_timeout(300)
+    person.click("#delete-cancel-button")
+    person.wait_for_timeout(300)
     assert victim.run_id in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
-    page.click("#delete-run")
-    page.click("#delete-confirm-button")
-    wait_text(page, "library-status", "Deleted.")
+    person.click("#delete-run")
+    person.click("#delete-confirm-button")
+    wait_text(person, "library-status", "Deleted.")
     assert victim.run_id not in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
 
-    open_tab(page, "Compare")
-    page.locator("#compare-ids input").click()
-    page.locator("#compare-ids input").press_sequentially("beam")
-    option = page.locator("[role=option]").first.inner_text()
+    open_tab(person, "Compare")
+    person.locator("#compare-ids input").click()
+    person.locator("#compare-ids input").press_sequentially("beam")
+    option = person.locator("[role=option]").first.inner_text()
     assert "beam" in option and "·" in option  # a label people can read, not a bare id
-    page.keyboard.press("Escape")
-    open_tab(page, "Run")
+    person.keyboard.press("Escape")
+    open_tab(person, "Run")
 
 
-def test_an_import_shows_even_under_an_active_filter(app, page):
+def test_an_import_shows_even_under_an_active_filter(app, person):
     from tests.test_e2e import SAMPLE
 
-    open_tab(page, "Library")
-    type_into(page, "filter-text", "no run matches this", enter=True)
-    page.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
-    wait_text(page, "library-status", "Imported as run")
-    imported = page.locator("#run-id textarea, #run-id input").first.input_value()
-    page.wait_for_function(f"document.querySelector('#runs-table').innerText.includes({imported[:8]!r})")
-    assert field(page, "filter-text").input_value() == ""
-    open_tab(page, "Run")
-
-
-RUN_KINDS = ["top_p", "beam", "dyspec", "speculative", "llada", "fast_dllm", "gift", "awrs", "superposed",
-             "kv_compress", "exact_extract", "self_certainty"]
-
-
-@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
-def test_every_run_kind_replays_readably(app, browser, dark):
-    """Open a sample of every run kind in the Library and keep a full-page screenshot of it, in both themes."""
-    page = open_page(browser, app.url, dark=dark)
-    open_tab(page, "Library")
-    for decoder in RUN_KINDS:
-        pick(page, "filter-decoder", decoder, option=f"· {decoder} —")
-        page.wait_for_function("([name]) => [...document.querySelectorAll('#runs-table .virtual-row')]"
-                               ".every(row => row.innerText.split(/\\s+/).includes(name))", arg=[decoder])
-        page.locator("#runs-table .virtual-row").first.click()
-        page.wait_for_function("([name]) => document.querySelector('#run-id textarea, #run-id input').value.length > 8",
-                               arg=[decoder])
-        run_id = field(page, "run-id").input_value()
-        page.click("#open-run")
-        wait_text(page, "library-status", run_id[:12])
-        type_into(page, "replay-position", "9999", enter=True)  # past the end: the last step, the whole run
-        page.wait_for_function("Number(document.querySelector('#replay-position input[type=number]').value) > 0")
-        page.wait_for_timeout(800)
-        page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
-        title = page.locator("#replay-primary .gtitle").first.text_content()
-        assert title.strip(), decoder
-        shot(page, f"kind-{decoder}-{'dark' if dark else 'light'}")
-    assert page.outside_requests == []
+    open_tab(person, "Library")
+    type_into(person, "filter-text", "no run matches this", enter=True)
+    open_section(person, "export-import")
+    person.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
+    wait_text(person, "library-status", "Imported as run")
+    imported = person.locator("#run-id textarea, #run-id input").first.input_value()
+    person.wait_for_function(f"document.querySelector('#runs-table').innerText.includes({imported[:8]!r})")
+    assert field(person, "filter-text").input_value() == ""
+    open_tab(person, "Run")
 
 
 def test_replay_only_lands_on_the_library(browser, tmp_path):

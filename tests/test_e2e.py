@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium, open_page, open_tab, pick, shot, start_app, wait_text
+from tests.browser import chromium, open_page, open_section, open_tab, pick, shot, start_app, wait_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = next(iter(sorted((ROOT / "assets" / "samples").glob("*.json.gz"))), None)
@@ -89,6 +89,7 @@ def test_browser_run_step_library_import_compare(page):
     shot(page, "03-replay")
 
     if SAMPLE is not None:
+        open_section(page, "export-import")
         page.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
         page.wait_for_function("document.querySelector('#library-status').innerText.includes('Imported as run')", timeout=30000)
         shot(page, "04-imported")

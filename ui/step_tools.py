@@ -114,17 +114,17 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
         trace = source(request, state)
         step = step_at(trace, int(pos or 0)) if trace is not None else None
         if step is None:
-            note = "Select a token step of a token-level run to branch, explore or re-process it." if trace else ""
+            note = (f"Run <code>{html.escape(trace.run_id[:12])}</code>: select a token step of a token-level run to "
+                    "branch, explore or re-process it." if trace else "")
             return [gr.Dropdown(choices=[], value=None), *[gr.skip()] * len(tools.sliders), None, note]
         choices = [(f"“{token_label(trace.vocab, c.token_id)}” raw p {fmt_p(c.raw_prob)}", c.token_id)
                    for c in step.candidates if c.token_id != step.token_id]
         own = recorded_settings(trace)
         result = reprocess_step(trace, step.position, own, model_for(trace, load=False))
-        chosen = token_label(trace.vocab, step.token_id)
-        note = f"Output position {step.position}: the run took “{chosen}” (escaped text)."
+        note = (f"Run <code>{html.escape(trace.run_id[:12])}</code>, output position {step.position}: the run took "
+                f"“<b>{token_label(trace.vocab, step.token_id)}</b>”.")  # token_label escapes the token's text
         return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None),
-                *[gr.Slider(value=own[key]) for key, *_ in REPROCESS_SLIDERS], figures.reprocess_figure(result),
-                html.escape(note).replace("“", "“<b>").replace("”", "</b>”")]
+                *[gr.Slider(value=own[key]) for key, *_ in REPROCESS_SLIDERS], figures.reprocess_figure(result), note]
 
     @user_errors
     def rerun_processing(request: gr.Request, state: Any, pos: float, *values: float) -> Any:
