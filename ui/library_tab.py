@@ -97,6 +97,10 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
         trace = app.store.load((run_id or "").strip())
         return [trace, *view_values(trace, 0, color), status_html(trace)]
 
+    def open_imported(run_id: str, color: str) -> list[Any]:
+        *values, status = open_run(run_id, color)
+        return [*values, f"Imported as run <code>{html.escape(run_id[:12])}</code>. {status}"]
+
     def show_step(trace: Trace | None, position: float, color: str) -> list[Any]:
         return view_values(trace, int(position or 0), color)
 
@@ -166,8 +170,8 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
     confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then(list_runs, filters, runs_table)
     cancel_button.click(lambda: gr.Row(visible=False), None, confirm_row)
     export_button.click(export_run, run_id_box, export_file).success(lambda: gr.Accordion(open=True), None, export_import)
-    import_file.upload(import_run, import_file, [run_id_box, library_status, *filters[:6]]).then(
-        list_runs, filters, runs_table)
+    import_file.upload(import_run, import_file, [run_id_box, library_status, *filters[:6]]).success(
+        list_runs, filters, runs_table).success(open_imported, [run_id_box, color_by], opened_outputs)
     return LibraryTab(runs_table, run_id_box, replay, views, library_status, compare_parent, list_runs, filters)
 
 
