@@ -176,8 +176,9 @@ def _set(page: Any, elem_id: str, text: str) -> None:
     box.press("Tab")
 
 
-def _choose_decoder(page: Any, name: str) -> None:
-    box = page.locator("#decoder input").first
+def _choose(page: Any, elem_id: str, name: str) -> None:
+    """Pick a decoder from one of the app's decoder lists, typing to filter it."""
+    box = page.locator(f"#{elem_id} input").first
     box.click()
     box.press("Control+a")
     box.press_sequentially(name)
@@ -186,7 +187,7 @@ def _choose_decoder(page: Any, name: str) -> None:
 
 def _streaming_lag(page: Any, clock: RecordClock, tokens: int) -> dict[str, float]:
     """Run ``tokens`` greedy tokens; for each, page time minus record time."""
-    _choose_decoder(page, "greedy")
+    _choose(page, "decoder", "greedy")
     _set(page, "max-new-tokens", str(tokens))
     page.evaluate(WATCH_TOKENS_JS)
     clock.reset()
@@ -230,11 +231,14 @@ def _replay(page: Any, speed: float) -> dict[str, float]:
     """Open the longest sample in the Library, Play at ``speed`` steps/s for 4 s, Pause: the rate, and any step
     taken after Pause."""
     page.get_by_role("tab", name="Library").click()
-    page.fill("#filter-text textarea, #filter-text input", "")
-    page.click("#refresh-runs")
-    page.locator("#runs-table").get_by_text("top_p", exact=True).first.click()
+    _choose(page, "filter-decoder", "top_p")
+    page.wait_for_function("[...document.querySelectorAll('#runs-table .virtual-row')]"
+                           ".every(row => row.innerText.split(/\\s+/).includes('top_p'))")
+    page.locator("#runs-table .virtual-row").last.click()  # the oldest: the shipped 46-token sample
+    page.wait_for_timeout(500)
     page.click("#open-run")
     page.wait_for_selector("#replay-tokens [data-step]")
+    page.wait_for_timeout(1500)
     _set(page, "replay-speed", f"{speed:g}")
     position = "Number(document.querySelector('#replay-position input[type=number]').value)"
     start = page.evaluate(position)
