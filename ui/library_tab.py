@@ -18,7 +18,7 @@ from ui.context import AppContext, status_html, user_errors
 from ui.form import decoder_choices
 from ui.run_tab import FULL_INTERVAL, RunTab
 from ui.step_tools import build_step_tools, step_outputs, wire_step_tools
-from ui.views import Views, build_views, light_values, step_count, view_values
+from ui.views import COLOR_CHOICES, Views, build_views, light_values, step_count, view_values
 
 RUN_TABLE_LIMIT = 200
 RUN_ID_CHARS = 12  # the table shows an id prefix (the store resolves prefixes); the whole id is in the run box
@@ -72,7 +72,7 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
             pause_button = gr.Button("Pause", elem_id="replay-pause")
             speed = gr.Slider(0.5, 30, value=4, step=0.5, label="Replay speed (steps per second)", interactive=True,
                               elem_id="replay-speed")
-            color_by = gr.Radio(["probability", "entropy", "rank"], value="probability", label="Colour tokens by",
+            color_by = gr.Radio(COLOR_CHOICES, value="probability", label="Colour tokens by",
                                 interactive=True, elem_id="replay-color")
         views = build_views("replay")
         tools = build_step_tools("replay")

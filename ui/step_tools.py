@@ -10,6 +10,7 @@ import gradio as gr
 from engine.explore import expand_token_tree
 from engine.models import LoadedModel
 from engine.params import ParamError
+from engine.processing import OFF_VALUES
 from engine.reprocess import recorded_settings, reprocess_step
 from engine.run import BranchPoint, RunSettings, branch_point
 from engine.trace import Trace
@@ -81,7 +82,7 @@ def build_step_tools(name: str) -> StepTools:
             tree_state = gr.State(None)
         with gr.Accordion("Re-process this step", open=False, elem_id=f"{name}-reprocess-tab"):
             with gr.Row():
-                sliders = [gr.Slider(lo, hi, value=_off(key), step=step, label=label, interactive=True,
+                sliders = [gr.Slider(lo, hi, value=OFF_VALUES[key], step=step, label=label, interactive=True,
                                      elem_id=f"{name}-reprocess-{key}")
                            for key, label, lo, hi, step in REPROCESS_SLIDERS]
             reset = gr.Button("Reset to the run's own settings", elem_id=f"{name}-reprocess-reset")
@@ -137,7 +138,7 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
     @user_errors
     def reset_processing(request: gr.Request, state: Any, pos: float) -> list[Any]:
         trace = source(request, state)
-        own = recorded_settings(trace) if trace is not None else {key: _off(key) for key, *_ in REPROCESS_SLIDERS}
+        own = recorded_settings(trace) if trace is not None else OFF_VALUES
         figure = rerun_processing(request, state, pos, *[own[key] for key, *_ in REPROCESS_SLIDERS])
         return [*[gr.Slider(value=own[key]) for key, *_ in REPROCESS_SLIDERS], figure]
 
@@ -207,7 +208,3 @@ def _typed_token(model: LoadedModel, text: str) -> int:
     if len(ids) != 1:
         raise ParamError(f"{text!r} is {len(ids)} tokens for this model; type a single token or pick an alternative")
     return int(ids[0])
-
-
-def _off(key: str) -> float:
-    return {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0}.get(key, 0.0)
