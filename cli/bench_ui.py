@@ -168,27 +168,34 @@ def _wait_for_model(page: Any) -> None:
                            timeout=300_000)
 
 
-def _set(page: Any, elem_id: str, text: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number]").first
+def field(page: Any, elem_id: str) -> Any:
+    """The text field of a component (a textarea for multi-line boxes, an input otherwise)."""
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox]):not([type=range])").first
+
+
+def type_into(page: Any, elem_id: str, text: str, enter: bool = False) -> None:
+    """Click a field, select what it holds, type ``text`` key by key, then Enter or Tab, as a person does."""
+    box = field(page, elem_id)
     box.click()
     box.press("Control+a")
     box.press_sequentially(text)
-    box.press("Tab")
+    box.press("Enter" if enter else "Tab")
 
 
-def _choose(page: Any, elem_id: str, name: str) -> None:
-    """Pick a decoder from one of the app's decoder lists, typing to filter it."""
+def pick(page: Any, elem_id: str, search: str, option: str | None = None) -> None:
+    """Open a dropdown, type to filter it, and click the option whose text contains ``option`` (or ``search``)."""
     box = page.locator(f"#{elem_id} input").first
     box.click()
     box.press("Control+a")
-    box.press_sequentially(name)
-    page.locator("[role=option]", has_text=f"· {name} —").first.click()
+    box.press_sequentially(search)
+    page.locator("[role=option]", has_text=option or search).first.click()
+    page.keyboard.press("Escape")
 
 
 def _streaming_lag(page: Any, clock: RecordClock, tokens: int) -> dict[str, float]:
     """Run ``tokens`` greedy tokens; for each, page time minus record time."""
-    _choose(page, "decoder", "greedy")
-    _set(page, "max-new-tokens", str(tokens))
+    pick(page, "decoder", "greedy", option="· greedy —")
+    type_into(page, "max-new-tokens", str(tokens))
     page.evaluate(WATCH_TOKENS_JS)
     clock.reset()
     page.click("#run-button")
@@ -211,7 +218,7 @@ def _streaming_lag(page: Any, clock: RecordClock, tokens: int) -> dict[str, floa
 def _pause_latency(page: Any, clock: RecordClock, pause_after: int) -> dict[str, float]:
     """Start a long run, press Pause once ``pause_after`` tokens are shown: tokens recorded after the click."""
     page.click("#stop-button")
-    _set(page, "max-new-tokens", "400")
+    type_into(page, "max-new-tokens", "400")
     page.evaluate(WATCH_TOKENS_JS)
     clock.reset()
     page.click("#run-button")
@@ -231,7 +238,7 @@ def _replay(page: Any, speed: float) -> dict[str, float]:
     """Open the longest sample in the Library, Play at ``speed`` steps/s for 4 s, Pause: the rate, and any step
     taken after Pause."""
     page.get_by_role("tab", name="Library").click()
-    _choose(page, "filter-decoder", "top_p")
+    pick(page, "filter-decoder", "top_p", option="· top_p —")
     page.wait_for_function("[...document.querySelectorAll('#runs-table .virtual-row')]"
                            ".every(row => row.innerText.split(/\\s+/).includes('top_p'))")
     page.locator("#runs-table .virtual-row").last.click()  # the oldest: the shipped 46-token sample
@@ -239,7 +246,7 @@ def _replay(page: Any, speed: float) -> dict[str, float]:
     page.click("#open-run")
     page.wait_for_selector("#replay-tokens [data-step]")
     page.wait_for_timeout(1500)
-    _set(page, "replay-speed", f"{speed:g}")
+    type_into(page, "replay-speed", f"{speed:g}")
     position = "Number(document.querySelector('#replay-position input[type=number]').value)"
     start = page.evaluate(position)
     page.click("#replay-play")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Select, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.events import Event
@@ -196,20 +196,7 @@ class TraceStore:
     ) -> list[RunSummary]:
         """Newest runs first. ``text`` matches prompt or output text (case-insensitive substring);
         ``since`` is inclusive and ``until`` exclusive, compared with the ISO-8601 ``created_at``."""
-        num_events = select(func.count()).where(events.c.run_id == runs.c.run_id).scalar_subquery()
-        query = select(
-            runs.c.run_id,
-            runs.c.created_at,
-            runs.c.model,
-            runs.c.decoder,
-            runs.c.status,
-            runs.c.prompt,
-            func.substr(runs.c.output_text, 1, PREVIEW_CHARS).label("output_text"),
-            runs.c.metrics,
-            num_events.label("num_events"),
-            runs.c.parent_run_id,
-            runs.c.branch_step,
-        )
+        query = _summaries()
         for column, value in ((runs.c.model, model), (runs.c.decoder, decoder), (runs.c.status, status)):
             if value is not None:
                 query = query.where(column == value)
@@ -224,7 +211,35 @@ class TraceStore:
         query = query.order_by(runs.c.created_at.desc(), runs.c.run_id).limit(limit).offset(offset)
         with self._engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [RunSummary(**{**row, "metrics": json.loads(row["metrics"])}) for row in rows]
+        return [_summary(row) for row in rows]
+
+    def summary(self, run_id: str) -> RunSummary:
+        """One run's summary (as :meth:`list_runs` gives it) without reading its events."""
+        with self._engine.connect() as conn:
+            row = conn.execute(_summaries().where(runs.c.run_id == _resolve(conn, run_id))).mappings().one()
+        return _summary(row)
+
+
+def _summaries() -> Select:
+    """The query behind :class:`RunSummary` rows: a run's columns, its output's preview and its event count."""
+    num_events = select(func.count()).where(events.c.run_id == runs.c.run_id).scalar_subquery()
+    return select(
+        runs.c.run_id,
+        runs.c.created_at,
+        runs.c.model,
+        runs.c.decoder,
+        runs.c.status,
+        runs.c.prompt,
+        func.substr(runs.c.output_text, 1, PREVIEW_CHARS).label("output_text"),
+        runs.c.metrics,
+        num_events.label("num_events"),
+        runs.c.parent_run_id,
+        runs.c.branch_step,
+    )
+
+
+def _summary(row: Mapping[str, Any]) -> RunSummary:
+    return RunSummary(**{**row, "metrics": json.loads(row["metrics"])})
 
 
 class _StoreSink:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench_ui import CHROMIUM_ARGS, VIEWPORT, free_port, port_answers
+from cli.bench_ui import CHROMIUM_ARGS, VIEWPORT, field, free_port, pick, port_answers, type_into  # noqa: F401 (re-exported)
+from tests.workers import cores_per_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -23,16 +24,14 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 class App:
     url: str
     db_url: str
-    home: Path
-    started_at: float  # when the process was spawned
-    listening_after: float  # seconds until it answered HTTP
 
 
 def start_app(home: Path, *args: str, model: str = "tiny-random-llama"):
     """Start ``app.py`` with an empty data home; yields an :class:`App` once it answers, stops it afterwards."""
     port = free_port()
     db_url = f"sqlite:///{home / 'app.db'}"
-    env = {**os.environ, "DECODING_EXPLORER_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "DECODING_EXPLORER_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
+           "OMP_NUM_THREADS": str(cores_per_worker())}
     log = open(home / "app.log", "w")
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--db", db_url, "--port", str(port), *args],
@@ -40,13 +39,13 @@ def start_app(home: Path, *args: str, model: str = "tiny-random-llama"):
     url = f"http://127.0.0.1:{port}/"
     alive = lambda: proc.poll() is None  # noqa: E731
     try:
-        listening = port_answers(url, started, alive=alive)
+        port_answers(url, started, alive=alive)  # the starting page at once, then the app
         port_answers(url, started, app=True, alive=alive)
     except RuntimeError as exc:
         proc.terminate()
         pytest.fail(f"{exc}: {(home / 'app.log').read_text()[-3000:]}")
     try:
-        yield App(url, db_url, home, started, listening)
+        yield App(url, db_url)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -78,32 +77,6 @@ def open_page(browser, url: str, dark: bool = False):
 
 def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def field(page, elem_id: str):
-    """The text field of a component (a textarea for multi-line boxes, an input otherwise)."""
-    return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox]):not([type=range])").first
-
-
-def type_into(page, elem_id: str, text: str, enter: bool = False) -> None:
-    box = field(page, elem_id)
-    box.click()
-    box.press("Control+a")
-    box.press_sequentially(text)
-    if enter:
-        box.press("Enter")
-    else:
-        box.press("Tab")
-
-
-def pick(page, elem_id: str, search: str, option: str | None = None) -> None:
-    """Open a dropdown, type to filter it, and click the option whose text contains ``option`` (or ``search``)."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.press("Control+a")
-    box.press_sequentially(search)
-    page.locator("[role=option]", has_text=option or search).first.click()
-    page.keyboard.press("Escape")
 
 
 def wait_text(page, elem_id: str, text: str, timeout: float = 60_000) -> None:

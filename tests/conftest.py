@@ -8,10 +8,19 @@ import torch
 from engine import load_model
 from engine.diffusion.tokenizer import build_tokenizer
 from engine.models.handle import LoadedModel
+from tests.workers import cores_per_worker
 
 # The tests' models are tiny: one thread avoids thread-pool overhead that dominates such small kernels
 # (measured 4.6 ms vs 67 ms per forward of tiny-random-llama on a loaded 2-core machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def real_model(smollm2):
+    """The real model with this worker's share of the cores (they help a real model, unlike the tiny ones)."""
+    torch.set_num_threads(cores_per_worker())
+    yield smollm2
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -160,3 +160,38 @@ def test_method_views_fill_and_escape(tiny, decoder, params, prompt):
     text = " ".join(_strings(values))
     for raw in ("<script>", "<img", "\x1b", "\x00"):
         assert raw not in text
+
+
+def test_a_live_stream_carries_a_light_chart_of_its_steps(tiny):
+    """While a run streams, its text view carries an SVG chart whose points are the steps' entropy and p(chosen)."""
+    import math
+    import re
+
+    from ui.views import light_values
+
+    trace = record(tiny, "top_p", "Hi", {"top_p": 0.9}, RunSettings(max_new_tokens=5, seed=1))
+    html_live, _ = light_values(trace, None, "probability", live=True)
+    html_still, _ = light_values(trace, None, "probability")
+    assert "de-sparkline" in html_live and "de-sparkline" not in html_still
+    entropy, chosen = [[tuple(map(float, p.split(","))) for p in points.split()]
+                       for points in re.findall(r'points="([^"]+)"', html_live)]
+    steps = [e for e in trace.events if type(e).__name__ == "TokenStep"]
+    assert len(entropy) == len(chosen) == len(steps) == 5
+    top = max(s.entropy_raw for s in steps)
+    height = 56
+    for (_, y_e), (_, y_c), step in zip(entropy, chosen, steps):  # y grows downwards: 2 px margins
+        assert y_e == pytest.approx(height - 2 - step.entropy_raw / top * (height - 4), abs=0.06)
+        assert y_c == pytest.approx(height - 2 - math.exp(step.raw_logprob) * (height - 4), abs=0.06)
+
+
+def test_a_selected_step_keeps_the_slider_unless_it_must_be_clamped(tiny):
+    """An answer to an earlier selection must not take back a step typed since: the slider is left alone when the
+    step is in range, and clamped when it is not."""
+    from ui.views import selected_step_values
+
+    trace = record(tiny, "greedy", "Hi", {}, RunSettings(max_new_tokens=4, seed=1))
+    in_range = selected_step_values(trace, 2, "probability")
+    assert in_range[1] == gr.skip()
+    assert 'data-step="2" data-selected="true"' in in_range[0]
+    clamped = selected_step_values(trace, 99, "probability")
+    assert clamped[1].value == 3

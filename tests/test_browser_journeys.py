@@ -99,7 +99,9 @@ def browser():
 @pytest.fixture(scope="module")
 def page(app, browser):
     """One page for the per-decoder journeys (each picks its own model and decoder)."""
-    return open_page(browser, app.url)
+    page = open_page(browser, app.url)
+    yield page
+    page.close()
 
 
 @pytest.fixture
@@ -136,22 +138,26 @@ RUN_KINDS = ["top_p", "beam", "dyspec", "llada", "gift", "awrs", "superposed", "
 
 @pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
 def test_every_run_kind_replays_readably(app, browser, dark):
-    """Open a sample of every run kind in the Library and keep a full-page screenshot of it at its last step, in both
-    themes. (Runs first: the Library holds only the shipped samples yet.)"""
+    """Open the shipped sample of every run kind in the Library and keep a full-page screenshot of it at its last
+    step, in both themes."""
     page = open_page(browser, app.url, dark=dark)
     open_tab(page, "Library")
     for decoder in RUN_KINDS:
         pick(page, "filter-decoder", decoder, option=f"· {decoder} —")
         page.wait_for_function("([name]) => [...document.querySelectorAll('#runs-table .virtual-row')]"
                                ".every(row => row.innerText.split(/\\s+/).includes(name))", arg=[decoder])
-        page.locator("#runs-table .virtual-row").first.click()
+        page.locator("#runs-table .virtual-row").last.click()  # the oldest: the shipped sample
         page.wait_for_function("([name]) => document.querySelector('#run-id textarea, #run-id input').value.length > 8",
                                arg=[decoder])
         run_id = field(page, "run-id").input_value()
         page.click("#open-run")
         wait_text(page, "library-status", run_id[:12])
         wait_text(page, "replay-tools-note", run_id[:12])  # the open's last event: the page has settled
-        drag_to_end(page, "replay-position")  # towards the last step: the whole run
+        if decoder == RUN_KINDS[0]:
+            drag_to_end(page, "replay-position")  # towards the last step, as a person drags
+        else:  # or types the last step and presses Enter (one redraw instead of one per drag move)
+            type_into(page, "replay-position", str(int(page.evaluate(
+                "document.querySelector('#replay-position input[type=number]').max"))), enter=True)
         page.wait_for_timeout(300)
         settled(page, "replay-tokens", "replay-primary", "replay-timeline", "replay-detail", "replay-table")
         page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
@@ -159,6 +165,7 @@ def test_every_run_kind_replays_readably(app, browser, dark):
         assert title.strip(), decoder
         shot(page, f"kind-{decoder}-{'dark' if dark else 'light'}")
     assert page.outside_requests == []
+    page.close()
 
 
 @pytest.mark.parametrize("decoder", sorted(all_decoders(), key=lambda d: d.name), ids=lambda d: d.name)
@@ -180,16 +187,14 @@ def test_every_parameter_typed_is_the_parameter_stored(app, page, decoder):
     type_into(page, "prompt", prompt)
     type_into(page, "max-new-tokens", "4")
     before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
-    page.click("#stop-button")  # no run of an earlier decoder is resumed
-    settled(page, "run-status")
-    earlier = page.locator("#run-status").inner_text()
+    page.click("#stop-button")  # no run of an earlier decoder is resumed: wait until Stop has ended it
+    page.wait_for_function("!/(paused|running)/.test(document.querySelector('#run-status').innerText)")
     page.click("#step-button")
-    page.wait_for_function(
-        "([earlier]) => { const text = document.querySelector('#run-status').innerText;"
-        " return text !== earlier && /(paused|finished|failed|cancelled)/.test(text); }", arg=[earlier], timeout=120_000)
-    runs = [r for r in TraceStore(app.db_url).list_runs(limit=500) if r.run_id not in before]
-    assert len(runs) == 1, page.locator("#run-status").inner_text()
-    trace = TraceStore(app.db_url).load(runs[0].run_id)
+    run_id = _new_run(page, app, before)
+    page.wait_for_function(  # the page reports this run (not the one Stop ended) after its one step
+        "([id]) => { const text = document.querySelector('#run-status').innerText;"
+        " return text.includes(id) && /(paused|finished|failed)/.test(text); }", arg=[run_id[:12]], timeout=120_000)
+    trace = TraceStore(app.db_url).load(run_id)
     assert trace.info.model == model and trace.info.decoder == decoder.name
     assert trace.info.prompt == prompt
     assert trace.info.max_new_tokens == 4
@@ -197,6 +202,17 @@ def test_every_parameter_typed_is_the_parameter_stored(app, page, decoder):
         stored = trace.info.params[name]
         assert stored == pytest.approx(value) if isinstance(value, float) else stored == value, name
     assert trace.status != "failed", trace.reason
+
+
+def _new_run(page, app, before: set[str], timeout_s: float = 120) -> str:
+    """The id of the one run stored since ``before`` was taken (waits for it to appear)."""
+    for _ in range(int(timeout_s * 5)):
+        runs = [r.run_id for r in TraceStore(app.db_url).list_runs(limit=500) if r.run_id not in before]
+        if runs:
+            assert len(runs) == 1, runs
+            return runs[0]
+        page.wait_for_timeout(200)
+    raise AssertionError(f"no new run within {timeout_s} s: {page.locator('#run-status').inner_text()}")
 
 
 # ---------------------------------------------------------------- the interactions around a run
@@ -241,6 +257,8 @@ def test_pause_says_paused_and_stops_within_a_step(app, person):
     person.click("#stop-button")
     person.click("#run-button")
     person.wait_for_function("document.querySelectorAll('#live-tokens [data-step]').length >= 5", timeout=60_000)
+    assert person.locator("#live-tokens .de-sparkline svg polyline").count() == 2  # the live chart streams too
+    shot(person, "streaming")
     person.click("#pause-button")
     wait_text(person, "run-status", "paused")
     status = person.locator("#run-status").inner_text()
@@ -384,3 +402,5 @@ def test_replay_only_lands_on_the_library(browser, tmp_path):
         page.wait_for_function("document.querySelectorAll('#runs-table .virtual-row').length > 3")
         assert "Error" not in page.locator("#runs-table").inner_text()
         shot(page, "replay-only")
+        page.close()
+

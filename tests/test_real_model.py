@@ -14,10 +14,8 @@ PROMPTS = ["Explain entropy in one sentence.", "Write a haiku about the sea."]
 
 
 @pytest.fixture(scope="module")
-def model(smollm2):
-    torch.set_num_threads(2)  # a real model: both cores help here, unlike the tiny ones
-    yield smollm2
-    torch.set_num_threads(1)
+def model(real_model):
+    return real_model
 
 
 def _generate(model, prompt_ids, **kwargs):

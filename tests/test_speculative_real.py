@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import RunSettings, record
 
@@ -17,10 +16,8 @@ PROMPTS = ["Explain entropy in one sentence.", SUMMARY]
 
 
 @pytest.fixture(scope="module")
-def model(smollm2):
-    torch.set_num_threads(2)  # a real model: both cores help here, unlike the tiny ones
-    yield smollm2
-    torch.set_num_threads(1)
+def model(real_model):
+    return real_model
 
 
 # Every lossless draft-then-verify decoder, with a drafter that fits the real model.

@@ -283,6 +283,9 @@ def test_list_filters_and_searches(store: TraceStore) -> None:
     summary = store.list_runs(decoder="top_p")[0]
     assert (summary.num_events, summary.model, summary.prompt, summary.status) == (3, "m1", "birds", "failed")
     assert len(store.list_runs(model="m2")[0].output_text) == 200
+    assert store.summary(c.run_id[:6]) == summary  # one run's line, by id or prefix
+    with pytest.raises(RunNotFound):
+        store.summary("ffff" + c.run_id[4:])
 
 
 def test_delete_cascades(store: TraceStore, db: Path) -> None:

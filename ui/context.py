@@ -48,6 +48,7 @@ class AppContext:
     replay_only: bool
     tabs: Any = None  # the gr.Tabs, set while building
     live: dict[str, LiveRun] = field(default_factory=dict)  # session hash -> that session's live run
+    replays: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> its Play's pause flag
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def header_html(self) -> str:
@@ -66,10 +67,22 @@ class AppContext:
             old.stop()
         return live
 
+    def start_replay(self, session: str) -> threading.Event:
+        """A new pause flag for this session's Play (a Play already walking is paused)."""
+        self.pause_replay(session)
+        paused = self.replays[session] = threading.Event()
+        return paused
+
+    def pause_replay(self, session: str) -> None:
+        if (paused := self.replays.get(session)) is not None:
+            paused.set()
+
     def new_run(self, model: str, decoder: str, prompt: str, params: dict[str, Any], settings: RunSettings) -> Run:
         return Run(self.pool.get(model), decoder, prompt, params, settings, sinks=[self.store.sink()])
 
     def forget_session(self, request: gr.Request) -> None:
+        self.pause_replay(request.session_hash)
+        self.replays.pop(request.session_hash, None)
         live = self.live.pop(request.session_hash, None)
         if live is not None and not live.done:
             live.stop()

@@ -16,12 +16,13 @@ from storage.user_errors import USER_ERRORS
 from ui import figures
 from ui.context import AppContext, status_html, user_errors
 from ui.form import decoder_choices
-from ui.run_tab import FULL_INTERVAL, RunTab
+from ui.run_tab import RunTab
 from ui.step_tools import build_step_tools, step_outputs, wire_step_tools
-from ui.views import COLOR_CHOICES, Views, build_views, light_values, step_count, view_values
+from ui.views import COLOR_CHOICES, Views, build_views, light_values, selected_step_values, step_count, view_values
 
 RUN_TABLE_LIMIT = 200
 RUN_ID_CHARS = 12  # the table shows an id prefix (the store resolves prefixes); the whole id is in the run box
+REPLAY_FULL_INTERVAL = 1.0  # seconds between redraws of every figure while Play walks a run
 
 
 @dataclass
@@ -93,40 +94,48 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
         return app.store.resolve(prefix)
 
     @user_errors
-    def open_run(run_id: str, color: str) -> list[Any]:
+    def open_run(run_id: str, color: str, request: gr.Request) -> list[Any]:
+        app.pause_replay(request.session_hash)  # a Play still walking the run opened before stops
         trace = app.store.load((run_id or "").strip())
         return [trace, *view_values(trace, 0, color), status_html(trace)]
 
-    def open_imported(run_id: str, color: str) -> list[Any]:
-        *values, status = open_run(run_id, color)
+    def open_imported(run_id: str, color: str, request: gr.Request) -> list[Any]:
+        *values, status = open_run(run_id, color, request)
         return [*values, f"Imported as run <code>{html.escape(run_id[:12])}</code>. {status}"]
 
     def show_step(trace: Trace | None, position: float, color: str) -> list[Any]:
-        return view_values(trace, int(position or 0), color)
+        return selected_step_values(trace, position, color)
 
     @user_errors
-    def play(trace: Trace | None, position: float, color: str, steps_per_second: float) -> Iterator[list[Any]]:
-        """Walk the opened run from the slider's step (from the start once at the end); Pause cancels this at once."""
+    def play(trace: Trace | None, position: float, color: str, steps_per_second: float,
+             request: gr.Request) -> Iterator[list[Any]]:
+        """Walk the opened run from the slider's step (from the start once at the end): the text view at every
+        step, the figures every REPLAY_FULL_INTERVAL; Pause ends the walk at once, drawing the step it reached."""
         if trace is None:
             raise ParamError("open a run first")
         last = max(step_count(trace) - 1, 0)
         pos = int(position or 0) if int(position or 0) < last else 0
         delay = 1.0 / max(float(steps_per_second or 1), 0.1)
+        paused = app.start_replay(request.session_hash)
         next_full = 0.0
-        while pos < last:
-            time.sleep(delay)
+        while pos < last and not paused.wait(delay):
             pos += 1
-            if delay >= FULL_INTERVAL / 2 or time.monotonic() >= next_full or pos == last:
-                next_full = time.monotonic() + FULL_INTERVAL
+            if delay >= REPLAY_FULL_INTERVAL / 2 or time.monotonic() >= next_full or pos == last:
+                next_full = time.monotonic() + REPLAY_FULL_INTERVAL
                 yield view_values(trace, pos, color)
             else:
                 yield [*light_values(trace, pos, color), *[gr.skip()] * 5]
+        if paused.is_set():
+            yield view_values(trace, pos, color)
+
+    def pause(request: gr.Request) -> None:
+        app.pause_replay(request.session_hash)
 
     @user_errors
     def ask_delete(run_id: str) -> list[Any]:
-        info = app.store.load((run_id or "").strip()).info
-        text = (f"Delete run <code>{html.escape(app.store.resolve(run_id.strip())[:12])}</code> ("
-                f"{html.escape(info.decoder)} on {html.escape(info.model)}, “{html.escape(info.prompt[:60])}”)? "
+        run = app.store.summary((run_id or "").strip())  # the run's line, not its events
+        text = (f"Delete run <code>{html.escape(run.run_id[:12])}</code> ("
+                f"{html.escape(run.decoder)} on {html.escape(run.model)}, “{html.escape(run.prompt[:60])}”)? "
                 "This cannot be undone.")
         return [gr.Row(visible=True), text]
 
@@ -163,9 +172,8 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
             at_step, [replay, views.position], step_outputs(tools))
     for event in (views.position.release, views.position.input, color_by.input):
         event(show_step, [replay, views.position, color_by], views.outputs(), concurrency_limit=None)
-    playing = play_button.click(play, [replay, views.position, color_by, speed], views.outputs())
-    pause_button.click(show_step, [replay, views.position, color_by], views.outputs(), cancels=[playing],
-                       concurrency_limit=None)
+    play_button.click(play, [replay, views.position, color_by, speed], views.outputs())
+    pause_button.click(pause, None, None, queue=False)
     delete_button.click(ask_delete, run_id_box, [confirm_row, confirm_text])
     confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then(list_runs, filters, runs_table)
     cancel_button.click(lambda: gr.Row(visible=False), None, confirm_row)

@@ -1,5 +1,5 @@
 """The Run tab: the form (model, prompt, decoder and its schema-built parameters), the live run's controls, its
-views and step tools. A run streams: the text view keeps up with every step, the figures follow every second."""
+views and step tools. A run streams: the text view keeps up with every step, the figures follow at Pause and end."""
 
 import html
 import time
@@ -16,12 +16,11 @@ from ui.session import LiveRun
 from engine.run import BranchPoint
 from engine.trace import Trace
 from ui.step_tools import StepTools, branch_settings, build_step_tools, wire_step_tools
-from ui.views import COLOR_CHOICES, Views, build_views, light_values, view_values
+from ui.views import COLOR_CHOICES, Views, build_views, light_values, selected_step_values, view_values
 
 DEFAULT_DECODER = "top_p"
 DEFAULT_PROMPT = "Explain entropy in one sentence."
 LIGHT_INTERVAL = 0.1  # seconds between text-view updates while a run streams (every step is still recorded)
-FULL_INTERVAL = 1.0  # seconds between redraws of every figure while a run streams
 
 
 @dataclass
@@ -38,20 +37,18 @@ class RunTab:
 
 
 def stream(live: LiveRun, color: str, runs: list[str]) -> Iterator[list[Any]]:
-    """Play ``live`` to its end or a Pause: the text view at most every LIGHT_INTERVAL, every view each
-    FULL_INTERVAL and at the end (light updates keep the browser from falling behind the engine)."""
-    last_light = last_full = time.monotonic()
+    """Play ``live`` to its end or a Pause: the text view (with a light live chart) at most every LIGHT_INTERVAL,
+    every view at the start and at the end. Redrawing Plotly figures while the run streams would keep the browser
+    seconds behind the engine (measured: ``decoding-explorer bench ui``), so the figures follow at Pause and end."""
+    last_light = time.monotonic()
     yield [*view_values(live.trace, None, color), status_html(live.trace), runs]
     for _ in live.play():
         now = time.monotonic()
         if live.done:
             break  # the final update below says how it ended: no earlier message may claim it
-        if now - last_full >= FULL_INTERVAL:
-            last_full = last_light = now
-            yield [*view_values(live.trace, None, color), status_html(live.trace), runs]
-        elif now - last_light >= LIGHT_INTERVAL:
+        if now - last_light >= LIGHT_INTERVAL:
             last_light = now
-            yield [*light_values(live.trace, None, color), *[gr.skip()] * 5, status_html(live.trace), runs]
+            yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace), runs]
     yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused), runs]
 
 
@@ -154,7 +151,7 @@ def build_run_tab(app: AppContext) -> RunTab:
 
     def show_step(position: float, color: str, request: gr.Request) -> list[Any]:
         live = app.live.get(request.session_hash)
-        return view_values(live.trace if live else None, int(position or 0), color)
+        return selected_step_values(live.trace if live else None, position, color)
 
     def choose_model(name: str) -> list[Any]:
         """Start loading the picked model; give it the prompt format its card names (the status says so)."""

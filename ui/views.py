@@ -85,13 +85,23 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
     return _token_values(trace, position, slider, color_by)
 
 
-def light_values(trace: Trace | None, position: int | None, color_by: str) -> list[Any]:
+def selected_step_values(trace: Trace | None, position: float | None, color_by: str) -> list[Any]:
+    """:func:`view_values` for a step a person selected: the slider keeps what they set (an answer to an earlier
+    selection, arriving late, must not take back a step typed since) unless it needs clamping into range."""
+    values = view_values(trace, int(position or 0), color_by)
+    if trace is not None and _clamp(trace, int(position or 0))[0] == int(position or 0):
+        values[1] = gr.skip()
+    return values
+
+
+def light_values(trace: Trace | None, position: int | None, color_by: str, live: bool = False) -> list[Any]:
     """The first two of :meth:`Views.outputs`, the stream and the slider: cheap to send and draw at every step
-    while the figures follow at a slower pace."""
+    while the figures follow at a slower pace; a ``live`` run's stream carries a light chart of its entropy."""
     if trace is None:
         return ["<p><i>No run selected.</i></p>", gr.Slider(0, 1, value=0)]
     position, last = _clamp(trace, position)
-    return [_stream(trace, position, color_by), gr.Slider(0, max(last, 1), value=position, step=1)]
+    spark = figures.entropy_sparkline_html(trace) if live else ""
+    return [_stream(trace, position, color_by) + spark, gr.Slider(0, max(last, 1), value=position, step=1)]
 
 
 def _clamp(trace: Trace, position: int | None) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 from ui.figures.common import WINDOW, clip_text, escape_token, token_label
 from ui.figures.tokens import STEP_TABLE_HEADERS, step_table, token_steps, token_stream_html
 from ui.figures.distribution import distribution_figure
-from ui.figures.timeline import entropy_figure
+from ui.figures.timeline import entropy_figure, entropy_sparkline_html
 from ui.figures.attention import attention_figure, attention_layers, attention_steps
 from ui.figures.compare import aligned_tokens_html, cost_table, divergence_figure, first_divergence
 from ui.figures.trees import (

@@ -51,3 +51,31 @@ def entropy_figure(trace: Trace, selected_step: int | None = None) -> go.Figure:
     title = (f"Entropy and chosen-token probability over {len(steps)} tokens"
              "<br>raw (model) solid, processed (sampled from) dotted · click a point to select its step")
     return style_figure(fig, title, height=420)
+
+
+SPARK_WIDTH, SPARK_HEIGHT, SPARK_STEPS = 600, 56, 200
+SPARK_ENTROPY_COLOR, SPARK_CHOSEN_COLOR = "rgb(99, 110, 250)", "rgb(0, 160, 120)"
+
+
+def entropy_sparkline_html(trace: Trace) -> str:
+    """A light live chart for a streaming run: raw entropy (scaled to the run's maximum) and raw chosen-token
+    probability over the last SPARK_STEPS tokens, as inline SVG. The full timeline is a Plotly figure drawn when
+    the run pauses or ends; redrawing that at every step would keep the browser behind the engine."""
+    steps = token_steps(trace)[-SPARK_STEPS:]
+    if len(steps) < 2:
+        return ""
+    top = max(max(s.entropy_raw for s in steps), 1e-9)
+    x_of = lambda i: f"{i * SPARK_WIDTH / (len(steps) - 1):.1f}"  # noqa: E731
+    y_of = lambda v: f"{SPARK_HEIGHT - 2 - v * (SPARK_HEIGHT - 4):.1f}"  # noqa: E731
+    entropy = " ".join(f"{x_of(i)},{y_of(s.entropy_raw / top)}" for i, s in enumerate(steps))
+    chosen = " ".join(f"{x_of(i)},{y_of(float(np.exp(s.raw_logprob)))}" for i, s in enumerate(steps))
+    return (
+        f'<div class="de-sparkline" style="opacity:0.85;font-size:0.85em;margin-top:6px">'
+        f'<svg viewBox="0 0 {SPARK_WIDTH} {SPARK_HEIGHT}" preserveAspectRatio="none" '
+        f'style="width:100%;max-width:{SPARK_WIDTH}px;height:{SPARK_HEIGHT}px;display:block">'
+        f'<polyline points="{entropy}" fill="none" stroke="{SPARK_ENTROPY_COLOR}" stroke-width="1.5"/>'
+        f'<polyline points="{chosen}" fill="none" stroke="{SPARK_CHOSEN_COLOR}" stroke-width="1.5"/></svg>'
+        f'<span style="color:{SPARK_ENTROPY_COLOR}">entropy (max {top:.2f} nats)</span> · '
+        f'<span style="color:{SPARK_CHOSEN_COLOR}">p(chosen)</span> over the last {len(steps)} tokens, raw · '
+        "the figures follow when the run pauses or ends</div>"
+    )
