@@ -14,6 +14,8 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# Gradio would report usage to its analytics host at start: this app calls out only when the user asks for a model.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Several browser sessions may stream at once; two match this machine's two cores, more would only queue
 # inside torch. Library and replay events are light and unlimited.
 CONCURRENT_RUNS = int(os.environ.get("DECODING_EXPLORER_CONCURRENCY", "2"))

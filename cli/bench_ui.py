@@ -183,13 +183,24 @@ def type_into(page: Any, elem_id: str, text: str, enter: bool = False) -> None:
 
 
 def pick(page: Any, elem_id: str, search: str, option: str | None = None) -> None:
-    """Open a dropdown, type to filter it, and click the option whose text contains ``option`` (or ``search``)."""
+    """Open a dropdown, type to filter it, and click the option whose text contains ``option`` (or ``search``);
+    then check the box shows it, and pick again if not, as a person does when the list moved under the click
+    (the list re-filters while the typed letters arrive)."""
+    wanted = option or search
     box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.press("Control+a")
-    box.press_sequentially(search)
-    page.locator("[role=option]", has_text=option or search).first.click()
-    page.keyboard.press("Escape")
+    for _ in range(3):
+        box.click()
+        box.press("Control+a")
+        box.press_sequentially(search)
+        page.locator("[role=option]", has_text=wanted).first.click()
+        page.keyboard.press("Escape")
+        try:
+            page.wait_for_function("([box, wanted]) => box.value.includes(wanted)", arg=[box.element_handle(), wanted],
+                                   timeout=3000)
+            return
+        except Exception:  # playwright's TimeoutError: the click took another option
+            continue
+    raise AssertionError(f"could not pick {wanted!r} in #{elem_id}: it shows {box.input_value()!r}")
 
 
 def _streaming_lag(page: Any, clock: RecordClock, tokens: int) -> dict[str, float]:

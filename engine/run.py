@@ -103,6 +103,7 @@ class Run:
             self.prompt_ids, self.prompt_inputs = encode_with_image(model, prompt, self.settings.image, self.settings.chat)
         else:
             self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
+        _check_context(model, len(self.prompt_ids), self.settings.max_new_tokens)
         self.cancel_event = threading.Event()
         self._checked = 0  # output tokens already scanned for EOS
         info = RunInfo(
@@ -223,6 +224,17 @@ def record(
 ) -> Trace:
     """Run a decoder to the end and return its trace."""
     return Run(model, decoder, prompt, params, settings, sinks).to_end()
+
+
+def _check_context(model: LoadedModel, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse, before any forward, a run whose prompt and budget do not fit the positions the model reads."""
+    limit = model.context_length
+    if limit is None or prompt_tokens + new_tokens <= limit:
+        return
+    advice = (f"lower max_new_tokens to {limit - prompt_tokens} or less" if prompt_tokens < limit
+              else "shorten the prompt")
+    raise ParamError(f"the prompt is {prompt_tokens} tokens and max_new_tokens is {new_tokens}, but {model.name} reads "
+                     f"at most {limit} positions: {advice}")
 
 
 def _branch_prompt(model: LoadedModel, branch: BranchPoint) -> list[int]:

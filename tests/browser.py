@@ -30,7 +30,8 @@ def start_app(home: Path, *args: str, model: str = "tiny-random-llama"):
     """Start ``app.py`` with an empty data home; yields an :class:`App` once it answers, stops it afterwards."""
     port = free_port()
     db_url = f"sqlite:///{home / 'app.db'}"
-    env = {**os.environ, "DECODING_EXPLORER_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False",
+    env = {**{k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"},  # app.py turns it off itself
+           "DECODING_EXPLORER_HOME": str(home),
            "OMP_NUM_THREADS": str(cores_per_worker())}
     log = open(home / "app.log", "w")
     started = time.monotonic()

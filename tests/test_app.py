@@ -195,3 +195,17 @@ def test_a_selected_step_keeps_the_slider_unless_it_must_be_clamped(tiny):
     assert 'data-step="2" data-selected="true"' in in_range[0]
     clamped = selected_step_values(trace, 99, "probability")
     assert clamped[1].value == 3
+
+
+def test_the_app_turns_gradio_analytics_off_before_gradio_loads():
+    """Gradio reports usage to its analytics host unless told not to: ``python app.py`` tells it, before gradio is
+    imported (the variable is read at import)."""
+    import subprocess
+    import sys
+
+    from tests.browser import ROOT
+
+    code = ("import os, sys; os.environ.pop('GRADIO_ANALYTICS_ENABLED', None); import app; "
+            "print(os.environ['GRADIO_ANALYTICS_ENABLED'], 'gradio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -147,6 +147,16 @@ def test_unknown_name_lists_builtins_and_suggests() -> None:
     assert "did you mean 'tiny-random-llama'" in message and "offline mode is on" in message
 
 
+@pytest.mark.parametrize("name", ["no such model!", "tiny-random-lama:seed=3", "a/b/c", "../no-such-folder"])
+def test_a_name_no_hub_could_hold_never_asks_the_hub(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def hub_asked() -> bool:
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(loading, "_hub_reachable", hub_asked)
+    with pytest.raises(ModelError, match="nor shaped like a Hub id"):
+        load_model(name)
+
+
 def test_unknown_name_without_network_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loading, "_hub_reachable", lambda: False)
     with pytest.raises(ModelError, match="cannot be reached.*did you mean 'smollm2-135m-instruct'"):
@@ -295,3 +305,23 @@ def test_smollm2_real(smollm2) -> None:
     chat = torch.tensor([smollm2.encode("What is 2+2?", chat=True)])
     answer = smollm2.model.generate(chat, max_new_tokens=40, do_sample=False)[0, chat.shape[1] :]
     assert answer[-1].item() == end_of_turn and "4" in smollm2.decode(answer.tolist())
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiny-random-gpt2 reads 1,024 positions: a longer prompt and budget is a one-line error, raised before the
+    model runs (the issue saw a 77,780-token prompt sent to it and an IndexError at position 1022)."""
+    from engine import RunSettings
+    from engine.params import ParamError
+    from engine.run import Run
+
+    model = load_model("tiny-random-gpt2")
+    assert model.context_length == 1024
+    calls = []
+    monkeypatch.setattr(model.model, "forward", lambda *a, **k: calls.append(1))
+    prompt = "word " * 2000
+    with pytest.raises(ParamError, match="reads at most 1024 positions: shorten the prompt"):
+        Run(model, "greedy", prompt, settings=RunSettings(max_new_tokens=4))
+    prompt_tokens = len(model.encode("word " * 300))
+    with pytest.raises(ParamError, match=f"lower max_new_tokens to {1024 - prompt_tokens} or less"):
+        Run(model, "greedy", "word " * 300, settings=RunSettings(max_new_tokens=1024))
+    assert calls == []

@@ -43,6 +43,16 @@ class LoadedModel:
         return int(self.model.config.get_text_config().num_hidden_layers)
 
     @property
+    def context_length(self) -> int | None:
+        """Positions the model reads at most, from its config (None where the config names no limit)."""
+        config = self.model.config.get_text_config()
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 import torch
 from safetensors import SafetensorError
 from transformers import (
@@ -153,6 +154,11 @@ def _load_folder(
 def _load_hub(
     spec: str, dtype: torch.dtype, attn_implementation: str | None, trust_remote_code: bool, offline: bool
 ) -> LoadedModel:
+    try:  # the Hub is asked only about names it could hold (owner/name or a canonical name)
+        validate_repo_id(spec)
+    except HFValidationError as error:
+        raise ModelError(unknown_model_message(
+            spec, "it is neither a built-in name, nor an existing folder, nor shaped like a Hub id (owner/name)")) from error
     # Without a network, only the local cache can help; asking the Hub would retry for most of a minute.
     reachable = not offline and _hub_reachable()
     try:
