@@ -74,3 +74,12 @@ def tiny_waitline_model(causal: bool = False, seed: int = 0, name: str = "", voc
     torch.manual_seed(seed)
     return LoadedModel(name or ("tiny-ar" if causal else "tiny-mdlm"), LlamaForCausalLM(cfg).eval(), tokenizer,
                        "random")
+
+
+# The two longest files start first: pytest-xdist hands whole files to workers in collection order, and a long file
+# handed out last leaves the other worker idle (test_speculative_real.py alone took the last 5 minutes).
+SLOWEST_FIRST = ("test_browser_journeys.py", "test_speculative_real.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in SLOWEST_FIRST)  # stable: each file keeps its own order
