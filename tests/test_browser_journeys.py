@@ -142,13 +142,15 @@ def test_every_run_kind_replays_readably(app, browser, dark):
     step, in both themes."""
     page = open_page(browser, app.url, dark=dark)
     open_tab(page, "Library")
+    run_id = ""
     for decoder in RUN_KINDS:
         pick(page, "filter-decoder", decoder, option=f"· {decoder} —")
         page.wait_for_function("([name]) => [...document.querySelectorAll('#runs-table .virtual-row')]"
                                ".every(row => row.innerText.split(/\\s+/).includes(name))", arg=[decoder])
         page.locator("#runs-table .virtual-row").last.click()  # the oldest: the shipped sample
-        page.wait_for_function("([name]) => document.querySelector('#run-id textarea, #run-id input').value.length > 8",
-                               arg=[decoder])
+        # the field still holds the previous kind's id until the click's answer arrives
+        page.wait_for_function("([previous]) => { const value = document.querySelector('#run-id textarea, #run-id input')"
+                               ".value; return value.length > 8 && value !== previous; }", arg=[run_id])
         run_id = field(page, "run-id").input_value()
         page.click("#open-run")
         wait_text(page, "library-status", run_id[:12])
