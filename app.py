@@ -1,6 +1,7 @@
 """Start Decoding Explorer in the browser (locally or as a Hugging Face Space).
 
-    python app.py [--model NAME] [--db URL] [--replay-only] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model NAME] [--db URL] [--replay-only] [--public [--allow-model NAME] [--auth USER:PASSWORD]]
+                  [--host 127.0.0.1] [--port 7860]
 
 Without a loadable model (or with --replay-only) the app still opens and replays stored and sample traces.
 The port answers at once: a "starting" page (which reloads itself) holds it while Gradio, torch and the engine
@@ -62,15 +63,27 @@ def main() -> None:
     parser.add_argument("--replay-only", action="store_true", default=bool(os.environ.get("DECODING_EXPLORER_REPLAY_ONLY")))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--public", action=argparse.BooleanOptionalAction, default=bool(os.environ.get("SPACE_ID")),
+                        help="for a shared server (default on a Space): each browser session sees its own runs and the "
+                             "samples, and models come from the built-ins and --allow-model only")
+    parser.add_argument("--allow-model", action="append", default=[], metavar="NAME",
+                        help="a model a public app also offers (repeatable; or $DECODING_EXPLORER_ALLOW_MODELS, "
+                             "comma-separated)")
+    parser.add_argument("--auth", default=os.environ.get("DECODING_EXPLORER_AUTH"), metavar="USER:PASSWORD",
+                        help="ask for this login before the app opens (Gradio's auth; or $DECODING_EXPLORER_AUTH)")
     args = parser.parse_args()
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if auth is not None and len(auth) != 2:
+        parser.error("--auth takes USER:PASSWORD")
     placeholder = hold_port(args.host, args.port)
     from ui.app import build, launch_options  # gradio, torch, transformers: seconds to import
 
-    demo = build(args.model or default_model(), args.db, replay_only=args.replay_only)
+    demo = build(args.model or default_model(), args.db, replay_only=args.replay_only, public=args.public,
+                 allow_models=args.allow_model)
     placeholder.shutdown()
     placeholder.server_close()
     demo.queue(default_concurrency_limit=CONCURRENT_RUNS).launch(server_name=args.host, server_port=args.port,
-                                                                 **launch_options())
+                                                                 auth=auth, **launch_options())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -193,10 +193,14 @@ class TraceStore:
         until: datetime | str | None = None,
         limit: int = 100,
         offset: int = 0,
+        run_ids: Collection[str] | None = None,
     ) -> list[RunSummary]:
         """Newest runs first. ``text`` matches prompt or output text (case-insensitive substring);
-        ``since`` is inclusive and ``until`` exclusive, compared with the ISO-8601 ``created_at``."""
+        ``since`` is inclusive and ``until`` exclusive, compared with the ISO-8601 ``created_at``; ``run_ids``, when
+        given, lists only those runs."""
         query = _summaries()
+        if run_ids is not None:
+            query = query.where(runs.c.run_id.in_(list(run_ids)))
         for column, value in ((runs.c.model, model), (runs.c.decoder, decoder), (runs.c.status, status)):
             if value is not None:
                 query = query.where(column == value)

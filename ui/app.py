@@ -9,18 +9,20 @@ The UI only wires engine, storage and the pure figure functions in ``ui.figures`
 """
 
 import threading
+from collections.abc import Sequence
 
 import gradio as gr
 
 from engine.models import DEFAULT_MODEL
 
 from storage import TraceStore
+from ui.access import Access
 from ui.compare_tab import build_compare_tab
 from ui.context import AppContext, api_list_runs, api_record
 from ui.library_tab import build_library_tab
 from ui.pool import ModelPool
 from ui.run_tab import build_run_tab
-from ui.samples import import_samples
+from ui.samples import import_samples, sample_run_ids
 
 # Clicking a token (its data-step) or a point of a chart whose points carry a step (customdata) moves that panel's
 # step slider, which then redraws every view; a click on a node of the token tree picks that node; Enter in a step
@@ -73,16 +75,19 @@ def launch_options() -> dict:
     return {"theme": THEME, "js": CLICK_TO_SELECT_JS, "css": CSS}
 
 
-def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_only: bool = False) -> gr.Blocks:
+def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_only: bool = False,
+          public: bool = False, allow_models: Sequence[str] = ()) -> gr.Blocks:
     """The app. The default model starts loading in the background: the server listens at once and the Run tab
-    shows the loading progress."""
+    shows the loading progress. ``public``: sessions see their own runs and the samples only, and models come from
+    the built-ins, ``model_name`` and ``allow_models`` only (see ui.access)."""
     store = TraceStore(db_url)
     # the samples are stored in the background (seconds on a new database): the Library lists them as they land
     threading.Thread(target=import_samples, args=(store,), daemon=True, name="import samples").start()
     pool = ModelPool()
     if not replay_only:
         pool.start(model_name)
-    app = AppContext(store, pool, model_name, replay_only)
+    access = Access.for_mode(public, model_name, shared_runs=sample_run_ids, extra_models=allow_models)
+    app = AppContext(store, pool, model_name, replay_only, access)
     with gr.Blocks(title="Decoding Explorer") as demo:
         gr.api(api_record(app), api_name="record")  # for outside programs (gradio_client), registered first
         gr.api(api_list_runs(app), api_name="list_runs")
@@ -94,4 +99,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             build_compare_tab(app, library)
         demo.load(library.list_runs, library.filters, library.runs_table)
         demo.unload(app.forget_session)
+    for fn in demo.fns.values():  # the API page documents the two endpoints meant for programs; the page's own
+        if fn.api_name not in ("record", "list_runs") and fn.api_visibility == "public":  # stay callable
+            fn.api_visibility = "undocumented"
     return demo

@@ -25,30 +25,32 @@ def build_compare_tab(app: AppContext, library: LibraryTab) -> None:
         divergence = gr.Plot(show_label=False, elem_id="compare-divergence")
         costs = gr.Dataframe(label="Speed and cost", interactive=False, elem_id="compare-costs")
 
-    def choices() -> Any:
-        return gr.Dropdown(choices=[(figures.run_label(r), r.run_id) for r in app.store.list_runs(limit=RUN_TABLE_LIMIT)])
+    def labelled_runs(session: str) -> list[tuple[str, str]]:
+        return [(figures.run_label(r), r.run_id) for r in app.list_runs(session, limit=RUN_TABLE_LIMIT)]
+
+    def choices(request: gr.Request) -> Any:
+        return gr.Dropdown(choices=labelled_runs(request.session_hash))
 
     @user_errors
-    def compare(ids: list[str]) -> list[Any]:
+    def compare(ids: list[str], request: gr.Request) -> list[Any]:
         if not ids or len(ids) < 2:
             raise ParamError("pick at least two runs")
-        traces = [app.store.load(i) for i in ids]
+        traces = [app.load(request.session_hash, i) for i in ids]
         return ["", *_compared(traces)]
 
     @user_errors
-    def compare_with_parent(run_id: str) -> list[Any]:
-        branch = app.store.load((run_id or "").strip())
+    def compare_with_parent(run_id: str, request: gr.Request) -> list[Any]:
+        branch = app.load(request.session_hash, run_id)
         parent_info = branch.info.parent
         if not parent_info:
             raise ParamError("this run is not a branch: open a branch run (the Library lists them under their parent)")
-        parent = app.store.load(parent_info["run_id"])
+        parent = app.load(request.session_hash, parent_info["run_id"])
         parent_view, step, taken = aligned_at_branch(parent, branch)
         note = (f"Branch point: at output position {step} the parent took “{token_label(parent.vocab, taken)}” and the "
                 f"branch took “{token_label(branch.vocab, int(parent_info['token_id']))}”; both are aligned from the "
                 "next token on.")
-        return [gr.Dropdown(choices=[(figures.run_label(r), r.run_id) for r in app.store.list_runs(limit=RUN_TABLE_LIMIT)],
-                            value=[parent.run_id, branch.run_id]), note, *_compared([parent_view, branch]),
-                gr.Tabs(selected="compare")]
+        picker = gr.Dropdown(choices=labelled_runs(request.session_hash), value=[parent.run_id, branch.run_id])
+        return [picker, note, *_compared([parent_view, branch]), gr.Tabs(selected="compare")]
 
     library.runs_table.change(choices, None, compare_ids)
     compare_button.click(compare, compare_ids, [note, aligned, divergence, costs])

@@ -2,7 +2,6 @@
 errors into messages."""
 
 import functools
-import html
 import inspect
 import threading
 from dataclasses import dataclass, field
@@ -12,9 +11,12 @@ import gradio as gr
 
 from engine.run import Run, RunSettings
 from engine.trace import Trace
-from storage import TraceStore
+from engine.models import LoadedModel
+from storage import RunSummary, TraceStore
 from storage.user_errors import USER_ERRORS, user_message
 from ui import figures
+from ui.access import Access
+from ui.figures.common import escape_text
 from ui.pool import ModelPool
 from ui.session import LiveRun
 
@@ -28,7 +30,7 @@ def user_errors(handler: Callable) -> Callable:
             try:
                 yield from handler(*args, **kwargs)
             except USER_ERRORS as exc:
-                raise gr.Error(user_message(exc)) from None
+                raise gr.Error(escape_text(user_message(exc))) from None
         return streaming
 
     @functools.wraps(handler)
@@ -36,7 +38,7 @@ def user_errors(handler: Callable) -> Callable:
         try:
             return handler(*args, **kwargs)
         except USER_ERRORS as exc:
-            raise gr.Error(user_message(exc)) from None
+            raise gr.Error(escape_text(user_message(exc))) from None
     return plain
 
 
@@ -46,6 +48,7 @@ class AppContext:
     pool: ModelPool
     default_model: str
     replay_only: bool
+    access: Access = field(default_factory=Access)
     tabs: Any = None  # the gr.Tabs, set while building
     live: dict[str, LiveRun] = field(default_factory=dict)  # session hash -> that session's live run
     replays: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> its Play's pause flag
@@ -54,8 +57,9 @@ class AppContext:
     def header_html(self) -> str:
         mode = ("<br><b>Replay-only mode</b>: no model is loaded; open stored and sample runs in the Library."
                 if self.replay_only else "")
-        return (f"<h1 style='margin:0'>Decoding Explorer</h1><div style='opacity:0.75'>Traces are saved to "
-                f"<code>{html.escape(self.store.url)}</code>.{mode}</div>")
+        where = ("Your runs are listed for this browser session only; the samples for everyone." if self.access.public
+                 else f"Traces are saved to <code>{escape_text(self.store.url)}</code>.")  # no server path in public
+        return f"<h1 style='margin:0'>Decoding Explorer</h1><div style='opacity:0.75'>{where}{mode}</div>"
 
     def start_live(self, session: str, run: Run) -> LiveRun:
         """Make ``run`` this session's live run (stopping the one it replaces), recorded to the store."""
@@ -77,10 +81,31 @@ class AppContext:
         if (paused := self.replays.get(session)) is not None:
             paused.set()
 
-    def new_run(self, model: str, decoder: str, prompt: str, params: dict[str, Any], settings: RunSettings) -> Run:
-        return Run(self.pool.get(model), decoder, prompt, params, settings, sinks=[self.store.sink()])
+    def model(self, name: str) -> LoadedModel:
+        """The loaded model ``name`` (waiting for its load), if this app may load it."""
+        return self.pool.get(self.access.check_model(name))
+
+    def start_model(self, name: str) -> None:
+        """Start loading ``name`` in the background, if this app may load it."""
+        self.pool.start(self.access.check_model(name))
+
+    def new_run(self, session: str, model: str, decoder: str, prompt: str, params: dict[str, Any],
+                settings: RunSettings) -> Run:
+        """A run of ``session``'s, recorded to the store."""
+        run = Run(self.model(model), decoder, prompt, params, settings, sinks=[self.store.sink()])
+        self.access.own(session, run.trace.run_id)
+        return run
+
+    def load(self, session: str, ref: str) -> Trace:
+        """A stored run ``session`` may open, by id or prefix."""
+        return self.store.load(self.access.resolve(self.store, session, ref))
+
+    def list_runs(self, session: str, **filters: Any) -> list[RunSummary]:
+        """The stored runs ``session`` may open, newest first (``filters`` as in TraceStore.list_runs)."""
+        return self.store.list_runs(run_ids=self.access.readable(session), **filters)
 
     def forget_session(self, request: gr.Request) -> None:
+        self.access.forget(request.session_hash)
         self.pause_replay(request.session_hash)
         self.replays.pop(request.session_hash, None)
         live = self.live.pop(request.session_hash, None)
@@ -94,30 +119,32 @@ def status_html(trace: Trace | None, paused: bool = False) -> str:
         return ""
     m = trace.metrics
     status = "paused" if paused and trace.status == "running" else trace.status
-    reason = f" — {html.escape(trace.reason)}" if trace.reason else ""  # may quote user input
+    reason = f" — {escape_text(trace.reason)}" if trace.reason else ""  # may quote user input
     if figures.diffusion_steps(trace):
-        calls = html.escape(figures.diffusion_summary(trace))
+        calls = escape_text(figures.diffusion_summary(trace))
     else:
         calls = f"{m.get('model_calls', 0)} model calls"
         if "mean_accepted_tokens" in m:
             calls += f" · {m['mean_accepted_tokens']} tokens per target call · acceptance {m.get('acceptance_rate', 0):.0%}"
     return (f"<b>{status}</b>{reason} · {m.get('new_tokens', 0)} tokens · {calls} · "
-            f"{m.get('tokens_per_second', 0)} tok/s · run <code>{html.escape(trace.run_id[:12])}</code>")
+            f"{m.get('tokens_per_second', 0)} tok/s · run <code>{escape_text(trace.run_id[:12])}</code>")
 
 
 def api_record(app: AppContext) -> Callable:
-    def record(model: str, decoder_name: str, prompt_text: str, params: dict, seed_value: int = 0,
+    def record(model: str, decoder_name: str, prompt_text: str, params: dict, request: gr.Request, seed_value: int = 0,
                max_new_tokens: int = 64, chat_on: bool = False) -> dict:
         """Record a run to the end and return the same summary as ``decoding-explorer record --json``."""
-        settings = RunSettings(max_new_tokens=int(max_new_tokens), seed=int(seed_value), chat=bool(chat_on))
-        return app.new_run(model, decoder_name, prompt_text, params or {}, settings).to_end().summary()
+        # RunSettings.check types and checks the numbers, so a caller's "nan" or 2**70 gets a message, not a traceback
+        settings = RunSettings(max_new_tokens=max_new_tokens, seed=seed_value, chat=bool(chat_on))
+        run = app.new_run(request.session_hash, model, decoder_name, prompt_text, params or {}, settings)
+        return run.to_end().summary()
 
     return user_errors(record)
 
 
 def api_list_runs(app: AppContext) -> Callable:
-    def list_runs(limit: int = 50) -> list[dict]:
-        """Stored runs, newest first."""
-        return [r.__dict__ for r in app.store.list_runs(limit=int(limit))]
+    def list_runs(request: gr.Request, limit: int = 50) -> list[dict]:
+        """Stored runs the caller may open, newest first."""
+        return [r.__dict__ for r in app.list_runs(request.session_hash, limit=int(limit))]
 
     return list_runs

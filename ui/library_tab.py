@@ -1,7 +1,6 @@
 """The Library tab: stored runs as a tree of branches, filters, open and replay (Play at a chosen speed, Pause at
 once), export, import, delete with confirmation, and the step tools on the opened run."""
 
-import html
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,8 +11,9 @@ import gradio as gr
 
 from engine.params import ParamError
 from engine.trace import Trace
-from storage.user_errors import USER_ERRORS
+from storage.user_errors import USER_ERRORS, user_message
 from ui import figures
+from ui.figures.common import escape_text
 from ui.context import AppContext, status_html, user_errors
 from ui.form import decoder_choices
 from ui.run_tab import RunTab
@@ -77,31 +77,33 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
                                 interactive=True, elem_id="replay-color")
         views = build_views("replay")
         tools = build_step_tools("replay")
-    filters = [filter_model, filter_decoder, filter_text, filter_since, filter_until, mine_only, run_tab.my_runs]
+    filters = [filter_model, filter_decoder, filter_text, filter_since, filter_until, mine_only]
 
     def list_runs(model: str, decoder: str, text: str, since: str | None, until: str | None, mine: bool,
-                  runs: list[str]) -> list[list[Any]]:
-        rows = app.store.list_runs(model=(model or "").strip() or None, decoder=decoder or None, text=text or None,
-                                   since=(since or "").strip() or None, until=(until or "").strip() or None,
-                                   limit=RUN_TABLE_LIMIT)
+                  request: gr.Request) -> list[list[Any]]:
+        session = request.session_hash
+        rows = app.list_runs(session, model=(model or "").strip() or None, decoder=decoder or None, text=text or None,
+                             since=(since or "").strip() or None, until=(until or "").strip() or None,
+                             limit=RUN_TABLE_LIMIT)
         if mine:
-            rows = [r for r in rows if r.run_id in runs]
+            owned = app.access.owned(session)
+            rows = [r for r in rows if r.run_id in owned]
         return [[row[0][:RUN_ID_CHARS], row[1][:16].replace("T", " "), *row[2:]] for row in figures.run_tree_rows(rows)]
 
-    def pick_row(evt: gr.SelectData, table: Any) -> str:
+    def pick_row(evt: gr.SelectData, table: Any, request: gr.Request) -> str:
         row = evt.index[0]
         prefix = str(table.iloc[row, 0]) if hasattr(table, "iloc") else str(table[row][0])
-        return app.store.resolve(prefix)
+        return app.access.resolve(app.store, request.session_hash, prefix)
 
     @user_errors
     def open_run(run_id: str, color: str, request: gr.Request) -> list[Any]:
         app.pause_replay(request.session_hash)  # a Play still walking the run opened before stops
-        trace = app.store.load((run_id or "").strip())
+        trace = app.load(request.session_hash, run_id)
         return [trace, *view_values(trace, 0, color), status_html(trace)]
 
     def open_imported(run_id: str, color: str, request: gr.Request) -> list[Any]:
         *values, status = open_run(run_id, color, request)
-        return [*values, f"Imported as run <code>{html.escape(run_id[:12])}</code>. {status}"]
+        return [*values, f"Imported as run <code>{escape_text(run_id[:12])}</code>. {status}"]
 
     def show_step(trace: Trace | None, position: float, color: str) -> list[Any]:
         return selected_step_values(trace, position, color)
@@ -132,33 +134,34 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
         app.pause_replay(request.session_hash)
 
     @user_errors
-    def ask_delete(run_id: str) -> list[Any]:
-        run = app.store.summary((run_id or "").strip())  # the run's line, not its events
-        text = (f"Delete run <code>{html.escape(run.run_id[:12])}</code> ("
-                f"{html.escape(run.decoder)} on {html.escape(run.model)}, “{html.escape(run.prompt[:60])}”)? "
+    def ask_delete(run_id: str, request: gr.Request) -> list[Any]:
+        run = app.store.summary(app.access.resolve(app.store, request.session_hash, run_id, change=True))
+        text = (f"Delete run <code>{escape_text(run.run_id[:12])}</code> ("
+                f"{escape_text(run.decoder)} on {escape_text(run.model)}, “{escape_text(run.prompt[:60])}”)? "
                 "This cannot be undone.")
         return [gr.Row(visible=True), text]
 
     @user_errors
-    def delete_run(run_id: str) -> list[Any]:
-        deleted = app.store.delete((run_id or "").strip())
-        return [gr.Row(visible=False), "Deleted." if deleted else html.escape(f"No run {run_id!r}.")]
+    def delete_run(run_id: str, request: gr.Request) -> list[Any]:
+        deleted = app.store.delete(app.access.resolve(app.store, request.session_hash, run_id, change=True))
+        return [gr.Row(visible=False), "Deleted." if deleted else escape_text(f"No run {run_id!r}.")]
 
     @user_errors
-    def export_run(run_id: str) -> str:
-        full = app.store.resolve((run_id or "").strip())
+    def export_run(run_id: str, request: gr.Request) -> str:
+        full = app.access.resolve(app.store, request.session_hash, run_id, change=True)
         path = Path(tempfile.mkdtemp(prefix="decoding-explorer-")) / f"trace-{full[:12]}.json.gz"
         return str(app.store.export_file(full, path))
 
-    def import_run(file: Any) -> list[Any]:
+    def import_run(file: Any, request: gr.Request) -> list[Any]:
         """Import, then clear the filters so the new run is listed, and put its id in the box."""
         if file is None:
             return [gr.skip()] * 8
         try:
             run_id = app.store.import_file(file if isinstance(file, str) else file.name, new_id=True)
         except USER_ERRORS as exc:
-            raise gr.Error(f"Import refused: {exc}") from None
-        return [run_id, f"Imported as run <code>{run_id[:12]}</code>.", "", "", "", "", "", False]
+            raise gr.Error(f"Import refused: {escape_text(user_message(exc))}") from None
+        app.access.own(request.session_hash, run_id)
+        return [run_id, f"Imported as run <code>{escape_text(run_id[:12])}</code>.", "", "", "", "", "", False]
 
     for trigger in (tab.select, refresh.click, filter_decoder.input, mine_only.input, filter_text.submit, filter_model.submit,
                     filter_since.submit, filter_until.submit):
@@ -178,7 +181,7 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
     confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then(list_runs, filters, runs_table)
     cancel_button.click(lambda: gr.Row(visible=False), None, confirm_row)
     export_button.click(export_run, run_id_box, export_file).success(lambda: gr.Accordion(open=True), None, export_import)
-    import_file.upload(import_run, import_file, [run_id_box, library_status, *filters[:6]]).success(
+    import_file.upload(import_run, import_file, [run_id_box, library_status, *filters]).success(
         list_runs, filters, runs_table).success(open_imported, [run_id_box, color_by], opened_outputs)
     return LibraryTab(runs_table, run_id_box, replay, views, library_status, compare_parent, list_runs, filters)
 

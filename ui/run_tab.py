@@ -1,7 +1,6 @@
 """The Run tab: the form (model, prompt, decoder and its schema-built parameters), the live run's controls, its
 views and step tools. A run streams: the text view keeps up with every step, the figures follow at Pause and end."""
 
-import html
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -9,7 +8,8 @@ from typing import Any, Iterator
 import gradio as gr
 
 from engine.decoders import get_decoder
-from engine.models import BUILTIN_NAMES, prompt_format
+from engine.models import BUILTIN_NAMES, ModelError, prompt_format
+from ui.figures.common import escape_text
 from ui.context import AppContext, status_html, user_errors
 from ui.form import ATTENTION_CHOICES, RunForm, decoder_choices, decoder_description, param_component
 from ui.session import LiveRun
@@ -28,41 +28,41 @@ class RunTab:
     views: Views
     status: gr.HTML
     color_by: gr.Radio
-    my_runs: gr.State
     tools: StepTools
     start_branch: Any = None  # (request, parent, branch point, decoder) -> stream into this tab; set once wired
 
     def outputs(self) -> list[Any]:
-        return [*self.views.outputs(), self.status, self.my_runs]
+        return [*self.views.outputs(), self.status]
 
 
-def stream(live: LiveRun, color: str, runs: list[str]) -> Iterator[list[Any]]:
+def stream(live: LiveRun, color: str) -> Iterator[list[Any]]:
     """Play ``live`` to its end or a Pause: the text view (with a light live chart) at most every LIGHT_INTERVAL,
     every view at the start and at the end. Redrawing Plotly figures while the run streams would keep the browser
     seconds behind the engine (measured: ``decoding-explorer bench ui``), so the figures follow at Pause and end."""
     last_light = time.monotonic()
-    yield [*view_values(live.trace, None, color), status_html(live.trace), runs]
+    yield [*view_values(live.trace, None, color), status_html(live.trace)]
     for _ in live.play():
         now = time.monotonic()
         if live.done:
             break  # the final update below says how it ended: no earlier message may claim it
         if now - last_light >= LIGHT_INTERVAL:
             last_light = now
-            yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace), runs]
-    yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused), runs]
+            yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace)]
+    yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused)]
 
 
 def build_run_tab(app: AppContext) -> RunTab:
     fmt = prompt_format(app.default_model)
     with gr.Tab("Run", id="run", visible=not app.replay_only):
-        my_runs = gr.State([])  # this session's run ids
         # the live panel's step tools read the session's live run, not a state; this one only fills their inputs
         # (a State must sit inside a Tab: one between two Tabs makes Gradio mislabel the tabs after it)
         live_trace = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                model_box = gr.Dropdown(BUILTIN_NAMES, value=app.default_model, allow_custom_value=True, interactive=True,
-                                        label="Model (built-in name, local folder or Hub id)", elem_id="model")
+                model_box = gr.Dropdown(sorted(app.access.allowed_models) if app.access.public else BUILTIN_NAMES,
+                                        value=app.default_model, allow_custom_value=not app.access.public,
+                                        interactive=True, elem_id="model", label="Model" if app.access.public else
+                                        "Model (built-in name, local folder or Hub id)")
                 model_status = gr.HTML(elem_id="model-status")
                 prompt = gr.Textbox(label="Prompt", value=fmt.example if fmt else DEFAULT_PROMPT, lines=3, interactive=True, elem_id="prompt")
                 with gr.Row():
@@ -91,19 +91,18 @@ def build_run_tab(app: AppContext) -> RunTab:
         views = build_views("live")
         tools = build_step_tools("live")
         model_timer = gr.Timer(1.0, active=not app.replay_only)
-    tab = RunTab(views, run_status, color_by, my_runs, tools)
-    form_inputs = {model_box, decoder, prompt, chat, seed, max_tokens, attention, image, color_by, my_runs}
+    tab = RunTab(views, run_status, color_by, tools)
+    form_inputs = {model_box, decoder, prompt, chat, seed, max_tokens, attention, image, color_by}
 
-    def live_or_new(request: gr.Request, form: RunForm, runs: list[str]) -> LiveRun:
+    def live_or_new(request: gr.Request, form: RunForm) -> LiveRun:
         live = app.live.get(request.session_hash)
         if live is not None and not live.done:
             return live  # resume the paused run
         fmt = prompt_format(form.model)
         if fmt is not None and form.chat != fmt.chat:
-            gr.Warning(f"{form.model.strip()} was trained {'with' if fmt.chat else 'without'} chat formatting; "
-                       "its output may be garbage in this format")
-        run = app.new_run(form.model, form.decoder, form.prompt, form.params, form.settings())
-        runs.append(run.trace.run_id)
+            gr.Warning(f"{escape_text(form.model.strip())} was trained {'with' if fmt.chat else 'without'} chat "
+                       "formatting; its output may be garbage in this format")
+        run = app.new_run(request.session_hash, form.model, form.decoder, form.prompt, form.params, form.settings())
         return app.start_live(request.session_hash, run)
 
     with form_slot:
@@ -123,16 +122,14 @@ def build_run_tab(app: AppContext) -> RunTab:
 
             @user_errors
             def play(values: dict, request: gr.Request) -> Iterator[list[Any]]:
-                runs = values[my_runs]
-                live = live_or_new(request, read(values), runs)
-                yield from stream(live, values[color_by], runs)
+                live = live_or_new(request, read(values))
+                yield from stream(live, values[color_by])
 
             @user_errors
             def step_once(values: dict, request: gr.Request) -> list[Any]:
-                runs = values[my_runs]
-                live = live_or_new(request, read(values), runs)
+                live = live_or_new(request, read(values))
                 live.step()
-                return [*view_values(live.trace, None, values[color_by]), status_html(live.trace, live.paused), runs]
+                return [*view_values(live.trace, None, values[color_by]), status_html(live.trace, live.paused)]
 
             inputs = form_inputs | set(widgets)
             run_button.click(play, inputs, tab.outputs())
@@ -156,7 +153,10 @@ def build_run_tab(app: AppContext) -> RunTab:
     def choose_model(name: str) -> list[Any]:
         """Start loading the picked model; give it the prompt format its card names (the status says so)."""
         if name and name.strip():
-            app.pool.start(name)
+            try:
+                app.start_model(name)
+            except ModelError as exc:  # a public app's allow-list
+                return [gr.skip(), gr.skip(), escape_text(str(exc)), gr.Timer(active=False)]
         fmt = prompt_format(name or "")
         chat_and_prompt = [gr.skip(), gr.skip()] if fmt is None else [gr.Checkbox(value=fmt.chat),
                                                                       gr.Textbox(value=fmt.example)]
@@ -169,11 +169,11 @@ def build_run_tab(app: AppContext) -> RunTab:
     def start_branch(request: gr.Request, parent: Trace, point: BranchPoint, decoder_name: str) -> Iterator[list[Any]]:
         """Stream a branch of ``parent`` as this session's live run, on the Run tab."""
         params = parent.info.params if decoder_name == parent.info.decoder else {}
-        run = app.new_run(parent.info.model, decoder_name, parent.info.prompt, params, branch_settings(parent, point))
+        run = app.new_run(request.session_hash, parent.info.model, decoder_name, parent.info.prompt, params, branch_settings(parent, point))
         live = app.start_live(request.session_hash, run)
         switch = gr.Tabs(selected="run")
-        for values in stream(live, "probability", []):
-            yield [*values[:-1], gr.skip(), switch]  # this session's run list is not an input here
+        for values in stream(live, "probability"):
+            yield [*values, switch]
             switch = gr.skip()
 
     tab.start_branch = start_branch
@@ -196,7 +196,7 @@ def _live_trace(app: AppContext, request: gr.Request) -> Trace | None:
 
 def _description_html(name: str) -> str:
     try:
-        return f"<div style='opacity:0.85'>{html.escape(decoder_description(name))}</div>"
+        return f"<div style='opacity:0.85'>{escape_text(decoder_description(name))}</div>"
     except ValueError:
         return ""
 
@@ -204,13 +204,13 @@ def _description_html(name: str) -> str:
 def _model_status(app: AppContext, name: str) -> str:
     """The model's loading state, and the prompt format its card names."""
     fmt = prompt_format(name or "")
-    note = f"<div style='opacity:0.85'>Prompt format: {html.escape(fmt.note)}</div>" if fmt else ""
+    note = f"<div style='opacity:0.85'>Prompt format: {escape_text(fmt.note)}</div>" if fmt else ""
     loading = app.pool.status(name or "")
     if loading is None:
         return note
-    label = html.escape((name or "").strip())
+    label = escape_text((name or "").strip())
     if not loading.done.is_set():
-        return f"Loading <b>{label}</b>: {html.escape(loading.message)}{note}"
+        return f"Loading <b>{label}</b>: {escape_text(loading.message)}{note}"
     if loading.error:
-        return f"<b>{label}</b> could not be loaded: {html.escape(loading.error)}{note}"
+        return f"<b>{label}</b> could not be loaded: {escape_text(loading.error)}{note}"
     return f"<b>{label}</b> is loaded{note}"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,12 @@ SAMPLES = [
     ("kv-compress-h2o", "kv_compress", {"policy": "h2o", "budget": 24}, "Explain why the sky is blue in two sentences.",
      {"max_new_tokens": 40}),
 ]
+
+
+@functools.cache
+def sample_run_ids() -> frozenset[str]:
+    """The run ids of the shipped samples (a public app lets every session open them)."""
+    return frozenset(read_file(path).run_id for path in SAMPLES_DIR.glob("*.json.gz"))
 
 
 def import_samples(store: TraceStore) -> int:

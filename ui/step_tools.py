@@ -1,7 +1,6 @@
 """Tools at the selected step of a run, shared by the Run and Library panels: branch from a token, explore the token
 tree below the step, and re-process the step's distribution with other sampling settings."""
 
-import html
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -16,7 +15,7 @@ from engine.run import BranchPoint, RunSettings, branch_point
 from engine.trace import Trace
 from ui import figures
 from ui.context import AppContext, user_errors
-from ui.figures.common import token_label
+from ui.figures.common import escape_text, token_label
 from ui.figures.tokens import fmt_p, step_at
 from ui.form import decoder_choices
 
@@ -106,7 +105,7 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
         if load:
             if app.replay_only:
                 raise ParamError("this needs the run's model, and the app is in replay-only mode")
-            return app.pool.get(trace.info.model)
+            return app.model(trace.info.model)
         loading = app.pool.status(trace.info.model)
         return loading.model if loading is not None else None
 
@@ -115,14 +114,14 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
         trace = source(request, state)
         step = step_at(trace, int(pos or 0)) if trace is not None else None
         if step is None:
-            note = (f"Run <code>{html.escape(trace.run_id[:12])}</code>: select a token step of a token-level run to "
+            note = (f"Run <code>{escape_text(trace.run_id[:12])}</code>: select a token step of a token-level run to "
                     "branch, explore or re-process it." if trace else "")
             return [gr.Dropdown(choices=[], value=None), *[gr.skip()] * len(tools.sliders), None, note]
         choices = [(f"“{token_label(trace.vocab, c.token_id)}” raw p {fmt_p(c.raw_prob)}", c.token_id)
                    for c in step.candidates if c.token_id != step.token_id]
         own = recorded_settings(trace)
         result = reprocess_step(trace, step.position, own, model_for(trace, load=False))
-        note = (f"Run <code>{html.escape(trace.run_id[:12])}</code>, output position {step.position}: the run took "
+        note = (f"Run <code>{escape_text(trace.run_id[:12])}</code>, output position {step.position}: the run took "
                 f"“<b>{token_label(trace.vocab, step.token_id)}</b>”.")  # token_label escapes the token's text
         return [gr.Dropdown(choices=choices, value=choices[0][1] if choices else None),
                 *[gr.Slider(value=own[key]) for key, *_ in REPROCESS_SLIDERS], figures.reprocess_figure(result), note]

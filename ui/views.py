@@ -7,7 +7,6 @@ carries its own title, so Gradio's label chips are hidden; the table's label say
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import gradio as gr
 from engine.events import BeamStep, DiffusionStep, DraftRound
 from engine.trace import Trace
 from ui import figures
-from ui.figures.common import token_label
+from ui.figures.common import escape_text, token_label
 from ui.figures.diffusion import (
     DIFFUSION_TABLE_HEADERS, DIFFUSION_TABLE_TYPES, committed_per_step_figure, diffusion_canvas_html,
     diffusion_step_table, step_lattice_figure, step_summary,
@@ -131,12 +130,12 @@ def branch_note_html(trace: Trace) -> str:
         return ""
     token = token_label(trace.vocab, int(parent["token_id"]))  # escaped
     return (f'<div class="de-branch" style="opacity:0.8;font-size:0.9em;margin-bottom:4px">Branch of run '
-            f'<code>{html.escape(str(parent["run_id"])[:12])}</code> at output position {int(parent["step"])}, '
+            f'<code>{escape_text(str(parent["run_id"])[:12])}</code> at output position {int(parent["step"])}, '
             f"taking “{token}” there; the text below continues after it.</div>")
 
 
 def _final_text_html(trace: Trace) -> str:
-    text = html.escape(trace.output_text) if trace.output_text else "<i>no finished hypothesis yet</i>"
+    text = escape_text(trace.output_text) if trace.output_text else "<i>no finished hypothesis yet</i>"
     return (f'<div style="white-space:pre-wrap;font-family:ui-monospace,monospace"><b>Final text</b> '
             f"({trace.status}): {text}</div>")
 

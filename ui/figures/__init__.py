@@ -1,6 +1,6 @@
 """Pure figure functions: a trace (or part of one) -> plotly Figure or HTML string; no Gradio, no model."""
 
-from ui.figures.common import WINDOW, clip_text, escape_token, token_label
+from ui.figures.common import WINDOW, clip_text, escape_text, escape_token, token_label
 from ui.figures.tokens import STEP_TABLE_HEADERS, step_table, token_steps, token_stream_html
 from ui.figures.distribution import distribution_figure
 from ui.figures.timeline import entropy_figure, entropy_sparkline_html

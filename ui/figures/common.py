@@ -55,6 +55,13 @@ def escape_token(text: str) -> str:
     return "".join(_escape_char(c) for c in text)
 
 
+def escape_text(text: str) -> str:
+    """Untrusted text that is not a token (a prompt, a reason, a model name, an error message) for any place that
+    renders HTML or Markdown: :func:`escape_token`, but line breaks and tabs are kept (render with
+    ``white-space: pre-wrap``). Every string from a trace, a model or a user passes through one of the two."""
+    return "".join(c if c in "\n\t" else _escape_char(c) for c in text)
+
+
 def shorten(text: str, limit: int | None = None, keep: str = "start") -> str:
     """``text`` cut to at most ``limit`` characters, an ellipsis marking the cut (``keep="end"`` keeps the tail
     instead of the head); not escaped: for plain-text places (a Dataframe cell, a dropdown label)."""
