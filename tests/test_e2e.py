@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium, open_page, open_section, open_tab, pick, shot, start_app, wait_text
+from tests.browser import chromium, field, open_page, open_section, open_tab, pick, settled, shot, start_app, type_into, wait_text
+from tests.hostile import EVIL_HOST, PROMPT, REASON, hostile_copy, write_gz
+from ui.samples import SAMPLES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = next(iter(sorted((ROOT / "assets" / "samples").glob("*.json.gz"))), None)
@@ -54,9 +56,15 @@ def test_simultaneous_recordings_lose_nothing(app_url):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
-    for browser in chromium():
-        yield open_page(browser, app_url)
+def browser():
+    yield from chromium()
+
+
+@pytest.fixture(scope="module")
+def page(app_url, browser):
+    page = open_page(browser, app_url)
+    yield page
+    page.close()
 
 
 def test_browser_run_step_library_import_compare(page):
@@ -113,3 +121,42 @@ def test_browser_run_step_library_import_compare(page):
     page.wait_for_timeout(1500)
     shot(page, "06-dark-beam-replay")
     assert page.outside_requests == [], "the app must work offline: nothing fetched from elsewhere"
+
+
+HOSTILE_KINDS = ["top-p-sampling", "beam-search", "dyspec-tree", "diffusion-llada", "gift-saliency", "superposed-drafts"]
+# Elements a hostile string would create if any view rendered it as HTML or Markdown.
+INJECTED = """(host) => [...document.querySelectorAll('img, iframe, script, style, a, [onerror], [onload]')].filter(e =>
+    e.matches('[onerror], [onload], iframe')
+    || ((e.getAttribute('src') || '') + (e.getAttribute('href') || '')).match(new RegExp(host + '|^javascript:'))
+    || (e.matches('script, style') && e.textContent.includes(host))).map(e => e.outerHTML.slice(0, 200))"""
+
+
+def test_hostile_traces_show_as_text_in_every_view(app_url, browser, tmp_path):
+    """Import a hostile copy of one sample per run kind through the page, as a person picks a file, and look at
+    its last step: no request leaves the app, no dialog opens, no element is injected, the text shows literally."""
+    page = open_page(browser, app_url)
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    open_tab(page, "Library")
+    open_section(page, "export-import")
+    run_id = ""
+    for stem in HOSTILE_KINDS:
+        path = write_gz(hostile_copy(SAMPLES_DIR / f"{stem}.json.gz"), tmp_path / f"hostile-{stem}.json.gz")
+        if page.locator("#import-file button[aria-label='Clear']").count():
+            page.locator("#import-file button[aria-label='Clear']").click()  # the previous file, as a person clears it
+        page.locator("#import-file input[type=file]").set_input_files(str(path))
+        page.wait_for_function("([previous]) => { const value = document.querySelector('#run-id textarea, #run-id input')"
+                               ".value; return value.length > 8 && value !== previous; }", arg=[run_id])
+        run_id = field(page, "run-id").input_value()
+        wait_text(page, "replay-tools-note", run_id[:12])  # the open's last event: the page has settled
+        wait_text(page, "library-status", REASON)  # its status line quotes the reason, as text
+        last = page.evaluate("document.querySelector('#replay-position input[type=number]').max")
+        type_into(page, "replay-position", str(int(last)), enter=True)
+        page.wait_for_timeout(300)
+        settled(page, "replay-tokens", "replay-primary", "replay-timeline", "replay-detail", "replay-table")
+        shot(page, f"hostile-{stem}")
+        assert page.evaluate(INJECTED, EVIL_HOST) == [], stem
+        type_into(page, "filter-text", "evil.example/prompt", enter=True)  # the imported run keeps its old date
+        wait_text(page, "runs-table", PROMPT[:40])  # the prompt column shows the markup as typed
+    assert dialogs == [] and page.outside_requests == [], (dialogs, page.outside_requests)
+    page.close()

@@ -182,7 +182,8 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
     cancel_button.click(lambda: gr.Row(visible=False), None, confirm_row)
     export_button.click(export_run, run_id_box, export_file).success(lambda: gr.Accordion(open=True), None, export_import)
     import_file.upload(import_run, import_file, [run_id_box, library_status, *filters]).success(
-        list_runs, filters, runs_table).success(open_imported, [run_id_box, color_by], opened_outputs)
+        list_runs, filters, runs_table).success(open_imported, [run_id_box, color_by], opened_outputs).success(
+        at_step, [replay, views.position], step_outputs(tools))
     return LibraryTab(runs_table, run_id_box, replay, views, library_status, compare_parent, list_runs, filters)
 
 

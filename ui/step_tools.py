@@ -15,7 +15,7 @@ from engine.run import BranchPoint, RunSettings, branch_point
 from engine.trace import Trace
 from ui import figures
 from ui.context import AppContext, user_errors
-from ui.figures.common import escape_text, token_label
+from ui.figures.common import escape_text, token_label, visible_text
 from ui.figures.tokens import fmt_p, step_at
 from ui.form import decoder_choices
 
@@ -117,7 +117,7 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
             note = (f"Run <code>{escape_text(trace.run_id[:12])}</code>: select a token step of a token-level run to "
                     "branch, explore or re-process it." if trace else "")
             return [gr.Dropdown(choices=[], value=None), *[gr.skip()] * len(tools.sliders), None, note]
-        choices = [(f"“{token_label(trace.vocab, c.token_id)}” raw p {fmt_p(c.raw_prob)}", c.token_id)
+        choices = [(f"“{visible_text(token_label(trace.vocab, c.token_id))}” raw p {fmt_p(c.raw_prob)}", c.token_id)
                    for c in step.candidates if c.token_id != step.token_id]
         own = recorded_settings(trace)
         result = reprocess_step(trace, step.position, own, model_for(trace, load=False))
