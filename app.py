@@ -15,6 +15,8 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from engine import limits  # light: no torch, so the port still answers at once
+
 # Gradio would report usage to its analytics host at start: this app calls out only when the user asks for a model.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Several browser sessions may stream at once; two match this machine's two cores, more would only queue
@@ -71,15 +73,24 @@ def main() -> None:
                              "comma-separated)")
     parser.add_argument("--auth", default=os.environ.get("DECODING_EXPLORER_AUTH"), metavar="USER:PASSWORD",
                         help="ask for this login before the app opens (Gradio's auth; or $DECODING_EXPLORER_AUTH)")
+    limits.add_arguments(parser)  # --max-new-tokens-limit N and the like: engine.limits.Limits.from_args reads them
     args = parser.parse_args()
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if auth is not None and len(auth) != 2:
         parser.error("--auth takes USER:PASSWORD")
+    try:
+        caps = limits.Limits.from_args(args, args.public)
+    except ValueError as exc:  # ParamError: a limit that is not a number
+        parser.error(str(exc))
     placeholder = hold_port(args.host, args.port)
+    from storage.user_errors import USER_ERRORS, user_message
     from ui.app import build, launch_options  # gradio, torch, transformers: seconds to import
 
-    demo = build(args.model or default_model(), args.db, replay_only=args.replay_only, public=args.public,
-                 allow_models=args.allow_model)
+    try:
+        demo = build(args.model or default_model(), args.db, replay_only=args.replay_only, public=args.public,
+                     allow_models=args.allow_model, limits=caps)
+    except USER_ERRORS as exc:  # a bad --db URL, a damaged database: one line, not a traceback
+        parser.exit(2, f"error: {user_message(exc)}\n")
     placeholder.shutdown()
     placeholder.server_close()
     demo.queue(default_concurrency_limit=CONCURRENT_RUNS).launch(server_name=args.host, server_port=args.port,

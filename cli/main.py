@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from engine.models.registry import DEFAULT_MODEL
-from engine.params import ParamError
+from engine.params import Param, ParamError
 from storage.user_errors import USER_ERRORS, user_message
 
 if TYPE_CHECKING:
@@ -19,6 +22,9 @@ if TYPE_CHECKING:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 (read from argv) prints escaped
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
@@ -67,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="capture attention: which layers (none, last, mean, all, or indices such as 0,5,11)")
     p.add_argument("--attention-heads", default="mean", help="reduce heads by mean or max, or keep one head's index")
     p.add_argument("--image", help="an image file for a vision-language model's prompt (greedy, sampling, gift)")
-    p.add_argument("--attention-max-mb", type=float, default=8.0, help="attention storage budget of the run")
+    p.add_argument("--attention-max-mb", type=_checked(ATTENTION_MAX_MB), default=ATTENTION_MAX_MB.default,
+                   help="attention storage budget of the run")
     p.add_argument("--db", help="SQLAlchemy URL (default: $DECODING_EXPLORER_DB or a SQLite file in the user data dir)")
     p.add_argument("--no-save", action="store_true", help="do not store the trace")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -93,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_runs_export)
     p = runs.add_parser("import", help="read a JSON trace back, validated")
     p.add_argument("path")
-    p.add_argument("--new-id", action="store_true", help="store under a fresh run id")
-    p.add_argument("--replace", action="store_true", help="replace a stored run with the same id")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--new-id", action="store_true", help="store under a fresh run id")
+    how.add_argument("--replace", action="store_true", help="replace a stored run with the same id")
     p.set_defaults(handler=_runs_import)
     p = runs.add_parser("delete")
     p.add_argument("run_id", nargs="+")
@@ -163,6 +171,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default="", help="comma-separated POLICY:PARAM=VALUE:... (default: the set in "
                    "cli/bench_kv.py)")
     p.set_defaults(handler=_bench_kv)
+    p = bench.add_parser("reliability", help="hostile and huge inputs (a gzip bomb, a long trace): time and peak memory, "
+                         "each check in its own process")
+    p.add_argument("--events", type=int, default=1_000_000, help="events of the long trace")
+    p.add_argument("--workdir", help="folder for the inputs and databases, kept to reuse the long trace "
+                   "(default: a temporary folder)")
+    p.add_argument("--check", action="append", default=[], help="run only this check (repeatable; default: all)")
+    p.set_defaults(handler=_bench_reliability)
 
     evaluate = sub.add_parser("eval", help="score a decoder on a benchmark file").add_subparsers(title="eval")
     p = evaluate.add_parser("parallelbench", help="a ParallelBench waiting-line test file (<task>.jsonl)")
@@ -183,6 +198,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-people", type=int, default=15, help="longest list (ParallelBench's own files: 6)")
     p.set_defaults(handler=_data_waitline)
     return parser
+
+
+ATTENTION_MAX_MB = Param("attention_max_mb", "float", 8.0, "attention storage budget of the run", min=0, max=1_000_000)
+
+
+def _checked(param: Param) -> Callable[[str], Any]:
+    """An argparse type checking an option by a parameter schema: the same rule and message as in the app."""
+    def parse(text: str) -> Any:
+        try:
+            return param.parse(text)
+        except ParamError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -263,7 +292,7 @@ def _record(args: argparse.Namespace) -> int:
     from engine.params import parse_assignments
     from engine.run import Run, RunSettings
 
-    store = None if args.no_save and not args.branch_from else _store(args)
+    store = None if args.no_save and args.branch_from is None else _store(args)
     branch = _branch(args, store)
     if args.prompt is None:
         raise ParamError("record needs --prompt TEXT (or --branch-from RUN to continue a stored run)")
@@ -290,6 +319,8 @@ def _record(args: argparse.Namespace) -> int:
                 bar.refresh()
         except KeyboardInterrupt:
             print("\ncancelled; the partial trace is kept", file=sys.stderr)
+    if isinstance(run.error, USER_ERRORS):  # a decoder refusing its input once running: one line, like any refusal
+        raise run.error
     trace = run.trace
     if args.json:
         _print_json(trace.summary())
@@ -342,34 +373,47 @@ def _runs_list(args: argparse.Namespace) -> None:
 def _runs_show(args: argparse.Namespace) -> None:
     from engine.events import TokenStep
 
-    trace = _store(args).load(args.run_id)
-    if args.json:
-        _print_json(trace.summary())
-        return
-    for key, value in trace.summary().items():
-        print(f"{key:18} {value}")
-    if args.steps:
-        for e in trace.events:
-            if isinstance(e, TokenStep):
-                text = trace.vocab.get(e.token_id, "")
-                print(f"{e.position:5} {text!r:18} p={math.exp(e.logprob):.3f} rank={e.rank} H={e.entropy_raw:.3f}")
+    with _store(args).reading(args.run_id) as (trace, events):  # events are read only for --steps, a batch at a time
+        if args.json:
+            _print_json(trace.summary())
+            return
+        for key, value in trace.summary().items():
+            print(f"{key:18} {value}")
+        if args.steps:
+            for e in events:
+                if isinstance(e, TokenStep):
+                    text = trace.vocab.get(e.token_id, "")
+                    print(f"{e.position:5} {text!r:18} p={math.exp(e.logprob):.3f} rank={e.rank} H={e.entropy_raw:.3f}")
 
 
 def _runs_export(args: argparse.Namespace) -> None:
-    path = _store(args).export_file(args.run_id, args.path)
+    store = _store(args)
+    with _user_file(args.path, "write"):
+        path = store.export_file(args.run_id, args.path)
     print(f"exported to {path}")
 
 
 def _runs_import(args: argparse.Namespace) -> None:
-    run_id = _store(args).import_file(args.path, new_id=args.new_id, replace=args.replace)
+    store = _store(args)
+    with _user_file(args.path, "read"):
+        run_id = store.import_file(args.path, new_id=args.new_id, replace=args.replace)
     print(f"imported as run {run_id}")
+
+
+@contextmanager
+def _user_file(path: str, verb: str) -> Iterator[None]:
+    """The system's refusal of a path the user gave (no such folder, a folder, no permission) as one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise ParamError(f"cannot {verb} {path!r}: {exc.strerror or exc}") from None
 
 
 def _runs_delete(args: argparse.Namespace) -> int:
     store = _store(args)
     missing = [run_id for run_id in args.run_id if not store.delete(run_id)]
-    for run_id in missing:
-        print(f"error: no run {run_id!r}", file=sys.stderr)
+    if missing:
+        print(f"error: no run {', '.join(map(repr, missing))}", file=sys.stderr)
     return 1 if missing else 0
 
 
@@ -414,6 +458,19 @@ def _bench_kv(args: argparse.Namespace) -> None:
 
     settings = [s for s in args.settings.split(",") if s] or bench_kv.DEFAULT_SETTINGS
     bench_kv.main(_load(args), settings=settings, tokens=args.tokens)
+
+
+def _bench_reliability(args: argparse.Namespace) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from cli import bench_reliability
+
+    if args.workdir:
+        bench_reliability.main(Path(args.workdir), events=args.events, names=args.check)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-reliability-") as workdir:
+        bench_reliability.main(Path(workdir), events=args.events, names=args.check)
 
 
 def _bench_speculative(args: argparse.Namespace) -> None:

@@ -124,9 +124,18 @@ class AttentionCapture:
 
     def __post_init__(self) -> None:
         layer_list = self.layers if self.layers in LAYER_CHOICES else _indices(self.layers, "layers")
-        if self.heads not in HEAD_CHOICES:
-            _indices(self.heads, "heads")
+        if self.heads not in HEAD_CHOICES and len(_indices(self.heads, "heads")) > 1:
+            raise ParamError(f"attention heads takes one head's index, not {self.heads!r}")
         self._layer_list = None if isinstance(layer_list, str) else layer_list
+
+    def check(self, layers: int, heads: int) -> None:
+        """Refuse, before any forward, a layer or head that the model does not have."""
+        if self._layer_list is not None and max(self._layer_list) >= layers:
+            raise ParamError(f"attention layer {max(self._layer_list)} does not exist: the model has {layers} layers "
+                             f"(0 to {layers - 1})")
+        if self.heads not in HEAD_CHOICES and int(self.heads) >= heads:
+            raise ParamError(f"attention head {int(self.heads)} does not exist: the model has {heads} heads "
+                             f"(0 to {heads - 1})")
 
     def hooks(self) -> AttentionHooks:
         """Hooks that keep each layer's head-reduced weights of the next forward (batch row 0)."""

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Union
 TRACE_FORMAT = "decoding-explorer-trace"
 TRACE_VERSION = 1
 
-RunStatus = Literal["running", "finished", "failed", "cancelled"]
+RunStatus = Literal["running", "finished", "failed", "cancelled", "interrupted"]  # interrupted: its writer died
 
 
 def r7(x: float) -> float:
@@ -405,8 +405,10 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, (int, float, str)) or value is None:  # most values, first: this runs for every one
+        return value
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: _plain(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, bytes):
@@ -449,13 +451,29 @@ def _build(cls: type, data: Any, where: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise TraceFormatError(f"{where}: missing field {name!r}")
             continue
-        kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}")
+        value, tp = data[name], hints[name]
+        # a number, string or flag of exactly its field's type needs no coercion (most fields: imports go faster)
+        kwargs[name] = value if tp is type(value) and tp in _SCALARS else _coerce(tp, value, f"{where}.{name}")
     return cls(**kwargs)
 
 
+_SCALARS = (int, float, str, bool)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _shape(tp: Any) -> tuple[Any, tuple[Any, ...], bool]:
+    """A type's origin, arguments and whether it is a dataclass: typing's introspection is slow, and imports of long
+    traces ask it for every value."""
+    return typing.get_origin(tp), typing.get_args(tp), dataclasses.is_dataclass(tp)
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args, is_record = _shape(tp)
     if origin in (Union, types.UnionType):
         for arg in args:
             try:
@@ -485,7 +503,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise TraceFormatError(f"{where}: expected an integer, got {value!r:.60}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise TraceFormatError(f"{where}: {value!r:.60}... is past a float's range") from None
         raise TraceFormatError(f"{where}: expected a number, got {value!r:.60}")
     if tp is str:
         if isinstance(value, str):
@@ -498,6 +519,6 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return base64.b64decode(value.encode("ascii"), validate=True)
         except (ValueError, UnicodeEncodeError) as exc:
             raise TraceFormatError(f"{where}: invalid base64 ({exc})") from None
-    if dataclasses.is_dataclass(tp):
+    if is_record:
         return _build(tp, value, where)
     raise TraceFormatError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug

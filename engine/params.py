@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 ParamType = Literal["int", "float", "bool", "str", "choice"]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_DIGITS = re.compile(r"\s*[+-]?\d+\s*")
 
 
 class ParamError(ValueError):
@@ -22,6 +27,8 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
+    limit: str | None = None  # the engine.limits.Limits field that caps this value (it multiplies memory or time)
+    loads_files: bool = False  # the value names a model or folder to load: a public app takes allow-listed names only
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -30,19 +37,39 @@ class Param:
 
     def parse(self, value: Any) -> Any:
         """Turn a CLI string or a UI value into the typed value, checking range and choices."""
-        value = self._convert(value)
+        typed = self._convert(value)
         if self.type in ("int", "float"):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ParamError(f"{self.name} must be a finite number, got {value}")
-            if self.min is not None and value < self.min:
-                raise ParamError(f"{self.name}={value} is below the minimum {self.min}")
-            if self.max is not None and value > self.max:
-                raise ParamError(f"{self.name}={value} is above the maximum {self.max}")
-        if self.type == "choice" and value not in (self.choices or ()):
-            raise ParamError(f"{self.name}={value!r} is not one of {list(self.choices or ())}")
-        return value
+            low, high = self._bounds()
+            if _unbounded(typed):
+                raise self._out_of_range(value)
+            if typed < low:
+                raise ParamError(f"{self.name}={shown(typed)} is below the minimum {_number(low)}")
+            if typed > high:
+                raise ParamError(f"{self.name}={shown(typed)} is above the maximum {_number(high)}")
+        if self.type == "choice" and typed not in (self.choices or ()):
+            raise ParamError(f"{self.name}={shown(typed)} is not one of {list(self.choices or ())}")
+        if self.type in ("str", "choice"):
+            check_text(typed, self.name)
+        return typed
+
+    def _bounds(self) -> tuple[float, float]:
+        """The allowed range; an int is also bounded by int64, what torch and SQLite hold."""
+        low = -math.inf if self.min is None else self.min
+        high = math.inf if self.max is None else self.max
+        if self.type == "int":
+            low, high = max(low, INT64_MIN), min(high, INT64_MAX)
+        return low, high
+
+    def _out_of_range(self, given: Any) -> ParamError:
+        low, high = self._bounds()
+        allowed = "an integer" if self.type == "int" else "a finite number"
+        if math.isfinite(low) and math.isfinite(high):
+            allowed += f" between {_number(low)} and {_number(high)}"
+        return ParamError(f"{self.name} must be {allowed}, got {shown(given)}")
 
     def _convert(self, value: Any) -> Any:
+        if self.type == "int" and _long_integer_text(value):  # int() refuses over 4300 digits with a ValueError
+            raise self._out_of_range(value)
         try:
             if self.type == "int":
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -61,18 +88,24 @@ class Param:
                 if text in ("0", "false", "no", "off"):
                     return False
                 raise ValueError
+            if not isinstance(value, (str, int, float)):
+                raise TypeError
             return str(value)
+        except OverflowError:  # an int too large for a float
+            raise self._out_of_range(value) from None
         except (TypeError, ValueError):
-            raise ParamError(f"{self.name} expects {self.type}, got {value!r}") from None
+            raise ParamError(f"{self.name} expects {self.type}, got {shown(value)}") from None
 
 
 def validate(schema: tuple[Param, ...], given: Mapping[str, Any], owner: str) -> dict[str, Any]:
     """Defaults filled in, unknown names refused with the list of known ones."""
+    if not isinstance(given, Mapping):
+        raise ParamError(f"{owner}'s parameters must be a mapping of names to values, got {type(given).__name__}")
     known = {p.name: p for p in schema}
     unknown = [k for k in given if k not in known]
     if unknown:
         raise ParamError(
-            f"{owner} has no parameter {', '.join(map(repr, unknown))}; "
+            f"{owner} has no parameter {', '.join(map(shown, unknown))}; "
             f"its parameters are: {', '.join(known) or '(none)'}"
         )
     return {p.name: p.parse(given[p.name]) if p.name in given else p.default for p in schema}
@@ -84,6 +117,42 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ParamError(f"--param expects NAME=VALUE, got {item!r}")
+            raise ParamError(f"--param expects NAME=VALUE, got {shown(item)}")
         out[name.strip()] = value.strip()
     return out
+
+
+def check_text(text: Any, what: str) -> str:
+    """Refuse what is not valid Unicode text: a lone surrogate (what undecodable bytes in argv or a bad JSON
+    escape become) cannot be tokenized, stored or shown."""
+    if not isinstance(text, str):
+        raise ParamError(f"{what} must be text, got {type(text).__name__}")
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise ParamError(f"{what} holds an unpaired surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}: "
+                         "it is not valid text (is it UTF-8?)")
+    return text
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as a one-line message quotes it: its repr, cut short so a huge input keeps the line short."""
+    if isinstance(value, int) and value.bit_length() > 128:  # repr of one over 4300 digits raises
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _unbounded(number: float) -> bool:
+    """Not finite, or an int beyond int64 (too large for torch, SQLite and often for a float)."""
+    if isinstance(number, int):
+        return not INT64_MIN <= number <= INT64_MAX
+    return not math.isfinite(number)
+
+
+def _long_integer_text(value: Any) -> bool:
+    return isinstance(value, str) and _DIGITS.fullmatch(value) is not None and len(value.strip(" +-0")) > 19
+
+
+def _number(x: float) -> str:
+    """A bound as people write it: 1000, not 1000.0; 0.5 stays 0.5."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

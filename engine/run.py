@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import threading
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
@@ -14,9 +13,10 @@ import transformers
 from engine.attention import AttentionCapture
 from engine.decoders import DecodeContext, all_decoders, get_decoder
 from engine.events import Event, RunFinished, RunStarted
+from engine.limits import Limits, RunGuard, RunStopped, check_request
 from engine.models.handle import LoadedModel
 from engine.models.vision import encode_with_image
-from engine.params import ParamError
+from engine.params import INT64_MAX, Param, ParamError, check_text
 from engine.recorder import Recorder, TraceSink
 from engine.trace import RunInfo, Trace, new_run_id
 
@@ -45,6 +45,12 @@ def branch_point(parent: Trace, position: int, token_id: int) -> BranchPoint:
     return BranchPoint(parent.run_id, position, token_id, prompt_ids)
 
 
+# Run-level numbers are checked by the same schema code as decoder parameters; a seed must fit torch's generator.
+_MAX_NEW_TOKENS = Param("max_new_tokens", "int", 64, "most tokens to generate", min=1, max=100_000)
+_SEED = Param("seed", "int", 0, "seed of the run's random generator", min=0, max=INT64_MAX)
+_RECORD_TOP_K = Param("record_top_k", "int", 20, "candidates recorded per step", min=1, max=1000)
+
+
 @dataclass
 class RunSettings:
     """Run-level settings shared by all decoders (decoder-specific ones live in its params)."""
@@ -61,10 +67,12 @@ class RunSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        if not 1 <= self.max_new_tokens <= 100_000:
-            raise ParamError(f"max_new_tokens must be between 1 and 100000, got {self.max_new_tokens}")
-        if not 1 <= self.record_top_k <= 1000:
-            raise ParamError(f"record_top_k must be between 1 and 1000, got {self.record_top_k}")
+        """Refuse bad values with a ParamError, and type the numbers (the app's API passes what its caller sent)."""
+        self.max_new_tokens = _MAX_NEW_TOKENS.parse(self.max_new_tokens)
+        self.seed = None if self.seed is None else _SEED.parse(self.seed)
+        self.record_top_k = _RECORD_TOP_K.parse(self.record_top_k)
+        for stop in self.stop:
+            check_text(stop, "a stop string")
         if self.branch is not None and self.image:
             raise ParamError("a branch continues its parent's token ids and cannot take an image; drop the image")
 
@@ -85,9 +93,11 @@ class Run:
         settings: RunSettings | None = None,
         sinks: Sequence[TraceSink] = (),
         run_id: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.spec = get_decoder(decoder)
-        self.params = self.spec.validate(params or {})
+        self.params = self.spec.validate({} if params is None else params)
+        check_text(prompt, "the prompt")
         self.settings = settings or RunSettings()
         self.settings.check()
         self.model = model
@@ -104,8 +114,15 @@ class Run:
         else:
             self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
         _check_context(model, len(self.prompt_ids), self.settings.max_new_tokens)
-        self.cancel_event = threading.Event()
+        if self.settings.attention is not None:
+            self.settings.attention.check(model.num_layers, model.model.config.get_text_config().num_attention_heads)
+        if limits is not None:  # the operator's caps, before any model work
+            check_request(self.spec, self.params, self.settings, len(self.prompt_ids), limits)
+        # checked before every model call: a cancel or a spent time budget stops the run within one call
+        self.guard = RunGuard(max_seconds=limits.run_seconds if limits is not None else None)
+        self.cancel_event = self.guard.cancel
         self._checked = 0  # output tokens already scanned for EOS
+        self.error: Exception | None = None  # what ended a failed run (a front end reports a user error as such)
         info = RunInfo(
             model=model.name,
             decoder=decoder,
@@ -128,7 +145,7 @@ class Run:
 
     def __iter__(self) -> Iterator[Event]:
         status, reason = "finished", ""
-        events = self._events()
+        events = self.guard.advance(self._events())
         try:
             for event in events:
                 yield event
@@ -145,8 +162,11 @@ class Run:
             status, reason = "cancelled", "interrupted"
             self._finish(status, reason)
             raise
+        except RunStopped as stop:  # raised at a model call
+            status, reason = "cancelled", stop.reason
         except Exception as exc:  # the trace so far is kept and marked failed
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
+            self.error = exc
         finally:
             events.close()
         self._finish(status, reason)

@@ -6,15 +6,19 @@
     store.list_runs(decoder="greedy"); store.load(trace.run_id[:8]); store.export_file(trace.run_id, "t.json.gz")
 """
 
+from storage.connect import DatabaseDamaged, DatabaseReadOnly, StoreError
 from storage.migrations import LATEST_VERSION, SchemaTooNewError
 from storage.store import RunExists, RunNotFound, RunSummary, TraceStore, default_db_url
 
 __all__ = [
     "LATEST_VERSION",
+    "DatabaseDamaged",
+    "DatabaseReadOnly",
     "RunExists",
     "RunNotFound",
     "RunSummary",
     "SchemaTooNewError",
+    "StoreError",
     "TraceStore",
     "default_db_url",
 ]

@@ -66,6 +66,8 @@ def fits_column(value: Any, tp: type) -> bool:
 
 def _pack(value: Any, tp: Any) -> Any:
     """Plain (event_to_dict) form -> stored form: nested records become arrays in field order."""
+    if not isinstance(value, (list, dict)):  # most values, first: this runs for every one
+        return value
     if typing.get_origin(tp) is list and isinstance(value, list):
         return [_pack(v, typing.get_args(tp)[0]) for v in value]
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):

@@ -31,6 +31,7 @@ from sqlalchemy import (
     table,
     text,
 )
+from sqlalchemy.types import TypeEngine
 
 _version_metadata = MetaData()
 schema_version = Table(
@@ -118,17 +119,30 @@ def _v2_listing_indexes_and_token_view(conn: Connection) -> None:
     conn.execute(text(f"CREATE VIEW token_steps AS {sql}"))
 
 
-def _v3_branch_columns(conn: Connection) -> None:
-    for name, kind in (("parent_run_id", Text()), ("branch_step", BigInteger())):
+def _add_run_columns(conn: Connection, *columns: tuple[str, TypeEngine]) -> None:
+    for name, kind in columns:
         conn.execute(text(f"ALTER TABLE runs ADD COLUMN {name} {kind.compile(dialect=conn.dialect)}"))
+
+
+def _v3_branch_columns(conn: Connection) -> None:
+    _add_run_columns(conn, ("parent_run_id", Text()), ("branch_step", BigInteger()))
     runs = Table("runs", MetaData(), Column("parent_run_id", Text))
     Index("ix_runs_parent_run_id", runs.c.parent_run_id).create(conn)
+
+
+def _v4_run_writers(conn: Connection) -> None:
+    writer = (("writer_host", Text()), ("writer_pid", BigInteger()), ("writer_started", Double()))
+    _add_run_columns(conn, *writer, ("heartbeat_at", Text()))
+    runs = Table("runs", MetaData(), Column("status", Text))
+    Index("ix_runs_status", runs.c.status).create(conn)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, events and vocab tables", _v1_create_tables),
     Migration(2, "listing indexes on runs; view token_steps (token events with their text)", _v2_listing_indexes_and_token_view),
     Migration(3, "branches: runs.parent_run_id (indexed) and runs.branch_step", _v3_branch_columns),
+    Migration(4, "interrupted runs: runs.writer_host, writer_pid, writer_started, heartbeat_at; runs.status indexed",
+              _v4_run_writers),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -37,10 +37,16 @@ runs = Table(
     Column("info", Text, nullable=False),
     Column("parent_run_id", Text),  # a branch's parent run (also in info.parent, with the token)
     Column("branch_step", BigInteger),  # the parent's output position the branch leaves from
+    # who records a running run, so a run whose writer died is marked interrupted (storage.store.TraceStore)
+    Column("writer_host", Text),
+    Column("writer_pid", BigInteger),
+    Column("writer_started", Double),  # the writer process's start time (Unix seconds): a reused pid is not it
+    Column("heartbeat_at", Text),  # ISO-8601 UTC time of the writer's last append
     Index("ix_runs_created_at", "created_at"),
     Index("ix_runs_model", "model"),
     Index("ix_runs_decoder", "decoder"),
     Index("ix_runs_parent_run_id", "parent_run_id"),
+    Index("ix_runs_status", "status"),
 )
 
 events = Table(

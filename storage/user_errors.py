@@ -6,11 +6,13 @@ from __future__ import annotations
 from engine.events import TraceFormatError
 from engine.models.handle import ModelError
 from engine.params import ParamError
+from storage.connect import StoreError
 from storage.migrations import SchemaTooNewError
 from storage.store import RunExists, RunNotFound
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ParamError, ModelError, TraceFormatError, RunNotFound, RunExists, SchemaTooNewError, FileExistsError,
+    StoreError,
 )
 
 

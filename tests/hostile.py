@@ -19,6 +19,8 @@ EVIL_HOST = "evil.example"
 # The run's reason is shown in the status line of every view: the payload of the report, kept verbatim.
 REASON = "![pixel](http://evil.example/reason.png) [phish](https://evil.example/login)"
 PROMPT = "<img src=http://evil.example/prompt.png onerror=alert('prompt')> **bold** `code` $$x$$"
+# A terminal would clear itself and show a link: the command line's views must print it escaped.
+TERMINAL = "\x1b[2J\x1b]8;;http://evil.example/term\x07terminal link\x1b]8;;\x07"
 HOSTILE_TEXTS = [
     "![md](http://evil.example/md.png)",
     "<img src=http://evil.example/img.png onerror=alert(1)>",
@@ -31,7 +33,7 @@ HOSTILE_TEXTS = [
     "<svg onload=alert(5)>",
     "nul\x00byte",
     "\u202eright-to-left override",
-    "\x1b[2J\x1b]8;;http://evil.example/term\x07terminal link\x1b]8;;\x07",  # a terminal's escapes: the CLI's view
+    TERMINAL,
 ]
 # Strings the viewer dispatches on or decodes, not free text: the copy keeps them.
 STRUCTURAL = {"kind", "status", "format", "run_id", "created_at", "decoder", "method", "data", "nll", "evicted"}
@@ -44,6 +46,7 @@ def hostile_copy(sample: Path) -> dict[str, Any]:
     texts = itertools.cycle(HOSTILE_TEXTS)
     doc["run"] = _replaced(doc["run"], texts)
     doc["run"]["reason"] = REASON
+    doc["run"]["output_text"] = TERMINAL
     doc["run"]["info"]["prompt"] = PROMPT
     doc["run"]["info"]["model"] = next(texts)
     doc["vocab"] = {key: next(texts) for key in doc["vocab"]}

@@ -4,6 +4,7 @@ a look at the server's files."""
 
 from __future__ import annotations
 
+import html
 import os
 
 import pytest
@@ -94,3 +95,12 @@ def test_a_model_off_the_allow_list_is_refused_alike(public_app, name):
     message = str(refused.value)
     assert "offers only the listed models" in message and "tiny-random-llama" in message
     assert name not in message.replace("tiny-random-llama", "")
+
+
+@pytest.mark.parametrize("decoder, param", [("speculative", "draft_model"), ("assisted_cross_tokenizer", "draft_model"),
+                                            ("learn2pd", "filter"), ("diffuspec", "drafter")])
+def test_a_parameter_that_loads_files_takes_allowed_names_only(public_app, decoder, param):
+    url, _ = public_app
+    with pytest.raises(AppError) as refused:
+        session(url).predict("tiny-random-llama", decoder, "Hi", {param: "/etc"}, 0, 2, False, api_name="/record")
+    assert html.unescape(str(refused.value)).startswith(f"{param}: this public app offers only the listed models")

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from engine.decoders import DecoderSpec
 
 from engine.models import BUILTIN_NAMES, ModelError
 from storage.store import MIN_PREFIX, RunNotFound, TraceStore
@@ -40,6 +43,17 @@ class Access:
         if self.public and name not in self.allowed_models:
             raise ModelError(f"this public app offers only the listed models: {', '.join(sorted(self.allowed_models))}")
         return name
+
+    def check_params(self, spec: DecoderSpec, params: Mapping[str, Any]) -> None:
+        """A public app's allow-list on the parameters that name a model or folder to load (a draft model, a
+        trained filter): empty, the default, or an allowed model."""
+        for param in spec.params:
+            value = str(params.get(param.name, param.default) or "").strip()
+            if param.loads_files and value and value != param.default:
+                try:
+                    self.check_model(value)
+                except ModelError as exc:
+                    raise ModelError(f"{param.name}: {exc}") from None
 
     def own(self, session: str, run_id: str) -> None:
         with self._lock:

@@ -8,11 +8,11 @@ The UI only wires engine, storage and the pure figure functions in ``ui.figures`
 (``ui.step_tools``), and :class:`ui.context.AppContext` holding what they share.
 """
 
-import threading
 from collections.abc import Sequence
 
 import gradio as gr
 
+from engine.limits import Limits
 from engine.models import DEFAULT_MODEL
 
 from storage import TraceStore
@@ -22,7 +22,7 @@ from ui.context import AppContext, api_list_runs, api_record
 from ui.library_tab import build_library_tab
 from ui.pool import ModelPool
 from ui.run_tab import build_run_tab
-from ui.samples import import_samples, sample_run_ids
+from ui.samples import WithSamples, sample_run_ids
 
 # Clicking a token (its data-step) or a point of a chart whose points carry a step (customdata) moves that panel's
 # step slider, which then redraws every view; a click on a node of the token tree picks that node; Enter in a step
@@ -76,18 +76,18 @@ def launch_options() -> dict:
 
 
 def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_only: bool = False,
-          public: bool = False, allow_models: Sequence[str] = ()) -> gr.Blocks:
+          public: bool = False, allow_models: Sequence[str] = (), limits: Limits | None = None) -> gr.Blocks:
     """The app. The default model starts loading in the background: the server listens at once and the Run tab
     shows the loading progress. ``public``: sessions see their own runs and the samples only, and models come from
-    the built-ins, ``model_name`` and ``allow_models`` only (see ui.access)."""
-    store = TraceStore(db_url)
-    # the samples are stored in the background (seconds on a new database): the Library lists them as they land
-    threading.Thread(target=import_samples, args=(store,), daemon=True, name="import samples").start()
+    the built-ins, ``model_name`` and ``allow_models`` only (see ui.access). ``limits``: the caps per request
+    (default: the mode's, as the environment sets them; see engine.limits)."""
+    store = WithSamples(TraceStore(db_url))  # the samples from memory: a read-only database opens too
     pool = ModelPool()
     if not replay_only:
         pool.start(model_name)
     access = Access.for_mode(public, model_name, shared_runs=sample_run_ids, extra_models=allow_models)
-    app = AppContext(store, pool, model_name, replay_only, access)
+    app = AppContext(store, pool, model_name, replay_only, access,
+                     limits=Limits.from_env(public) if limits is None else limits)
     with gr.Blocks(title="Decoding Explorer") as demo:
         gr.api(api_record(app), api_name="record")  # for outside programs (gradio_client), registered first
         gr.api(api_list_runs(app), api_name="list_runs")

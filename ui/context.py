@@ -4,11 +4,18 @@ errors into messages."""
 import functools
 import inspect
 import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gradio as gr
 
+from engine.limits import Limits, env_name, flag_name
+from engine.params import ParamError
+from engine.decoders import get_decoder
 from engine.run import Run, RunSettings
 from engine.trace import Trace
 from engine.models import LoadedModel
@@ -19,6 +26,11 @@ from ui.access import Access
 from ui.figures.common import escape_text
 from ui.pool import ModelPool
 from ui.session import LiveRun
+
+
+# A call of the API yields at least this often while it runs: Gradio closes a cancelled call's generator at a yield,
+# so a cancel reaches the engine this late at most, plus the model call under way (a yield costs about 1 ms).
+CANCEL_POLL = 0.05
 
 
 def user_errors(handler: Callable) -> Callable:
@@ -49,16 +61,50 @@ class AppContext:
     default_model: str
     replay_only: bool
     access: Access = field(default_factory=Access)
+    limits: Limits = field(default_factory=Limits.local)  # the operator's caps per request (engine.limits)
     tabs: Any = None  # the gr.Tabs, set while building
     live: dict[str, LiveRun] = field(default_factory=dict)  # session hash -> that session's live run
     replays: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> its Play's pause flag
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _running: dict[str, int] = field(default_factory=dict)  # session hash -> its requests running the engine
+    _runs: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # every run made here that is still referenced
+
+    def __post_init__(self) -> None:
+        self.pool.in_use = self.models_in_use  # the pool never drops a model that a run still needs
+
+    def models_in_use(self) -> list[LoadedModel]:
+        """The models of the runs not ended yet (a paused live run's too)."""
+        return [run.model for run in list(self._runs) if run.trace.status == "running"]
+
+    @contextmanager
+    def request_slot(self, session: str) -> Iterator[None]:
+        """Count a request that runs the engine for ``session``; refused past the operator's limit per session."""
+        cap = self.limits.session_runs
+        with self._lock:
+            running = self._running.get(session, 0)
+            if cap is not None and running >= cap:
+                raise ParamError(f"this browser session already has {running} run(s) going, this server's limit "
+                                 f"(the operator raises it with {flag_name('session_runs')} or "
+                                 f"${env_name('session_runs')}); wait for it to end, or Pause or Stop it")
+            self._running[session] = running + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._running[session] > 1:
+                    self._running[session] -= 1
+                else:
+                    del self._running[session]
 
     def header_html(self) -> str:
         mode = ("<br><b>Replay-only mode</b>: no model is loaded; open stored and sample runs in the Library."
                 if self.replay_only else "")
+        verb = "read from" if self.store.read_only else "saved to"
         where = ("Your runs are listed for this browser session only; the samples for everyone." if self.access.public
-                 else f"Traces are saved to <code>{escape_text(self.store.url)}</code>.")  # no server path in public
+                 else f"Traces are {verb} <code>{escape_text(self.store.url)}</code>.")  # no server path in public
+        if self.store.read_only:
+            where += ("<br><b>Read-only database</b>: stored and sample runs can be opened and exported; nothing can "
+                      "be recorded, imported or deleted.")
         return f"<h1 style='margin:0'>Decoding Explorer</h1><div style='opacity:0.75'>{where}{mode}</div>"
 
     def start_live(self, session: str, run: Run) -> LiveRun:
@@ -92,8 +138,10 @@ class AppContext:
     def new_run(self, session: str, model: str, decoder: str, prompt: str, params: dict[str, Any],
                 settings: RunSettings) -> Run:
         """A run of ``session``'s, recorded to the store."""
-        run = Run(self.model(model), decoder, prompt, params, settings, sinks=[self.store.sink()])
+        self.access.check_params(get_decoder(decoder), params)
+        run = Run(self.model(model), decoder, prompt, params, settings, sinks=[self.store.sink()], limits=self.limits)
         self.access.own(session, run.trace.run_id)
+        self._runs.add(run)
         return run
 
     def load(self, session: str, ref: str) -> Trace:
@@ -132,14 +180,34 @@ def status_html(trace: Trace | None, paused: bool = False) -> str:
 
 def api_record(app: AppContext) -> Callable:
     def record(model: str, decoder_name: str, prompt_text: str, params: dict, request: gr.Request, seed_value: int = 0,
-               max_new_tokens: int = 64, chat_on: bool = False) -> dict:
-        """Record a run to the end and return the same summary as ``decoding-explorer record --json``."""
+               max_new_tokens: int = 64, chat_on: bool = False) -> Iterator[dict]:
+        """Record a run to the end and return the same summary as ``decoding-explorer record --json``; while it
+        runs, its progress (run id, status, tokens, model calls). Cancelling the call stops the run."""
         # RunSettings.check types and checks the numbers, so a caller's "nan" or 2**70 gets a message, not a traceback
         settings = RunSettings(max_new_tokens=max_new_tokens, seed=seed_value, chat=bool(chat_on))
-        run = app.new_run(request.session_hash, model, decoder_name, prompt_text, params or {}, settings)
-        return run.to_end().summary()
+        with app.request_slot(request.session_hash):
+            run = app.new_run(request.session_hash, model, decoder_name, prompt_text, params or {}, settings)
+            yield from _progress(run)
+        yield run.trace.summary()
 
     return user_errors(record)
+
+
+def _progress(run: Run) -> Iterator[dict]:
+    """Run ``run`` to its end, yielding its progress at least every CANCEL_POLL seconds: Gradio closes a cancelled
+    or disconnected call's generator at a yield, which stops the run (status cancelled) before its next model call."""
+    live = LiveRun(run)
+    last = time.monotonic()
+    try:
+        for _ in live.play():
+            if time.monotonic() - last >= CANCEL_POLL:
+                last = time.monotonic()
+                metrics = run.trace.metrics
+                yield {"run_id": run.trace.run_id, "status": run.trace.status,
+                       "new_tokens": metrics.get("new_tokens", 0), "model_calls": metrics.get("model_calls", 0)}
+    except GeneratorExit:
+        live.abandon()
+        raise
 
 
 def api_list_runs(app: AppContext) -> Callable:

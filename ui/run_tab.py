@@ -38,17 +38,24 @@ class RunTab:
 def stream(live: LiveRun, color: str) -> Iterator[list[Any]]:
     """Play ``live`` to its end or a Pause: the text view (with a light live chart) at most every LIGHT_INTERVAL,
     every view at the start and at the end. Redrawing Plotly figures while the run streams would keep the browser
-    seconds behind the engine (measured: ``decoding-explorer bench ui``), so the figures follow at Pause and end."""
+    seconds behind the engine (measured: ``decoding-explorer bench ui``), so the figures follow at Pause and end.
+
+    Gradio closes this generator when its client cancels or goes away: the run is then stopped, before its next
+    model call, so it does not hold its memory and a queue slot for nobody."""
     last_light = time.monotonic()
-    yield [*view_values(live.trace, None, color), status_html(live.trace)]
-    for _ in live.play():
-        now = time.monotonic()
-        if live.done:
-            break  # the final update below says how it ended: no earlier message may claim it
-        if now - last_light >= LIGHT_INTERVAL:
-            last_light = now
-            yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace)]
-    yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused)]
+    try:
+        yield [*view_values(live.trace, None, color), status_html(live.trace)]
+        for _ in live.play():
+            now = time.monotonic()
+            if live.done:
+                break  # the final update below says how it ended: no earlier message may claim it
+            if now - last_light >= LIGHT_INTERVAL:
+                last_light = now
+                yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace)]
+        yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused)]
+    except GeneratorExit:
+        live.abandon()
+        raise
 
 
 def build_run_tab(app: AppContext) -> RunTab:
@@ -122,13 +129,15 @@ def build_run_tab(app: AppContext) -> RunTab:
 
             @user_errors
             def play(values: dict, request: gr.Request) -> Iterator[list[Any]]:
-                live = live_or_new(request, read(values))
-                yield from stream(live, values[color_by])
+                with app.request_slot(request.session_hash):
+                    live = live_or_new(request, read(values))
+                    yield from stream(live, values[color_by])
 
             @user_errors
             def step_once(values: dict, request: gr.Request) -> list[Any]:
-                live = live_or_new(request, read(values))
-                live.step()
+                with app.request_slot(request.session_hash):
+                    live = live_or_new(request, read(values))
+                    live.step()
                 return [*view_values(live.trace, None, values[color_by]), status_html(live.trace, live.paused)]
 
             inputs = form_inputs | set(widgets)
@@ -169,12 +178,14 @@ def build_run_tab(app: AppContext) -> RunTab:
     def start_branch(request: gr.Request, parent: Trace, point: BranchPoint, decoder_name: str) -> Iterator[list[Any]]:
         """Stream a branch of ``parent`` as this session's live run, on the Run tab."""
         params = parent.info.params if decoder_name == parent.info.decoder else {}
-        run = app.new_run(request.session_hash, parent.info.model, decoder_name, parent.info.prompt, params, branch_settings(parent, point))
-        live = app.start_live(request.session_hash, run)
-        switch = gr.Tabs(selected="run")
-        for values in stream(live, "probability"):
-            yield [*values, switch]
-            switch = gr.skip()
+        with app.request_slot(request.session_hash):
+            run = app.new_run(request.session_hash, parent.info.model, decoder_name, parent.info.prompt, params,
+                              branch_settings(parent, point))
+            live = app.start_live(request.session_hash, run)
+            switch = gr.Tabs(selected="run")
+            for values in stream(live, "probability"):
+                yield [*values, switch]
+                switch = gr.skip()
 
     tab.start_branch = start_branch
     wire_step_tools(app, tools, views.position, lambda request, _: _live_trace(app, request), live_trace,

@@ -6,7 +6,7 @@ No Gradio here: the UI holds a :class:`LiveRun` in per-session state and calls t
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from engine.events import Event, RunFinished
 from engine.run import Run
@@ -69,3 +69,9 @@ class LiveRun:
         self._pause.set()
         while not self.done:
             self.step()
+
+    def abandon(self) -> None:
+        """Stop without waiting, for a caller that must not block (Gradio closes a cancelled handler's generator on
+        its event loop): no model call starts after this returns; the end is recorded on a thread of its own."""
+        self.run.cancel()
+        threading.Thread(target=self.stop, daemon=True, name=f"stop {self.trace.run_id[:12]}").start()

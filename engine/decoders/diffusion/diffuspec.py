@@ -171,11 +171,12 @@ SPEC = register(
         family="speculative",
         summary="DiffuSpec: a diffusion LM drafts a block in one pass, a path search makes it causal, the target verifies.",
         params=(
-            Param("drafter", "str", "waitline-mdlm", "Diffusion LM that drafts; it must share the target's tokenizer."),
+            Param("drafter", "str", "waitline-mdlm", "Diffusion LM that drafts; it must share the target's tokenizer.",
+                  loads_files=True),
             # The paper's 20-30 (delta 10) suit 7B models on long answers; waitline answers in <= 72 tokens.
             Param("k_max", "int", 24, "Longest draft (k_1, and k always without ADL); the paper's 30 is for 7B "
-                  "models, 24 is a third of the built-in pair's 72-token answers.", 1, 256),
-            Param("k_min", "int", 4, "ADL: shortest draft (paper 20; 4 keeps short answers from over-drafting).", 1, 256),
+                  "models, 24 is a third of the built-in pair's 72-token answers.", 1, 256, limit="draft_tokens"),
+            Param("k_min", "int", 4, "ADL: shortest draft (paper 20; 4 keeps short answers from over-drafting).", 1, 256, limit="draft_tokens"),
             Param("delta", "int", 4, "ADL: extra tokens once accepted length keeps up with drafted length (paper 10, "
                   "scaled down with k).", 0, 256),
             Param("rho", "float", 0.5, "ADL: EMA weight of the past rounds (paper 0.5).", 0.0, 1.0),
@@ -186,7 +187,7 @@ SPEC = register(
             Param("cps", "bool", True, "Causal-consistency path search; off = the per-position argmax (or draw)."),
             Param("tau", "float", 0.8, "CPS: keep the smallest top-m candidate set with this mass per position.", 0.0, 1.0),
             Param("m_max", "int", 15, "CPS: most candidates per position (EOS is always added).", 1, 256),
-            Param("beam", "int", 3, "CPS: beam width of the left-to-right path search.", 1, 64),
+            Param("beam", "int", 3, "CPS: beam width of the left-to-right path search.", 1, 64, limit="beams"),
             Param("lam", "float", 0.5, "CPS: weight of the dLLM's log q against the trigram's log p (1 = dLLM only).",
                   0.0, 1.0),
             *SAMPLING_PARAMS,

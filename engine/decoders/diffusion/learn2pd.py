@@ -55,7 +55,8 @@ SPEC = register(
                   "probability that its proposal is final exceeds this (1 = quota only, plain LLaDA).", 0.0, 1.0),
             Param("eot_prediction", "bool", True, "End-of-Text Prediction: after a committed end of text, fill "
                   "the rest of the canvas with end of text and stop decoding it."),
-            Param("filter", "str", "", f"Folder of a trained filter; empty = the built-in {DEFAULT_FILTER_DIR.name}."),
+            Param("filter", "str", "", f"Folder of a trained filter; empty = the built-in {DEFAULT_FILTER_DIR.name}.",
+                  loads_files=True),
         ),
         run=learn2pd,
     )

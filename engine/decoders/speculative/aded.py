@@ -212,7 +212,7 @@ SPEC = register(
         summary="ADED: an adaptive tri-gram table searched by MCTS drafts a token tree, verified in one forward.",
         params=(
             Param("iterations", "int", 150, "MCTS iterations per round.", 1, 5000),
-            Param("budget", "int", 24, "Most draft tree nodes per round.", 1, 256),
+            Param("budget", "int", 24, "Most draft tree nodes per round.", 1, 256, limit="draft_tokens"),
             *SAMPLING_PARAMS,
         ),
         run=aded,

@@ -113,8 +113,9 @@ SPEC = register(
         summary="Universal assisted generation: a draft model with another tokenizer drafts via text (greedy) "
         "or a vocabulary map (sampling).",
         params=(
-            Param("draft_model", "str", "smollm2-135m-instruct", "Draft model; its tokenizer may differ from the target's."),
-            Param("num_draft_tokens", "int", 5, "Draft-model tokens drafted per round.", 1, 64),
+            Param("draft_model", "str", "smollm2-135m-instruct", "Draft model; its tokenizer may differ from the target's.",
+                  loads_files=True),
+            Param("num_draft_tokens", "int", 5, "Draft-model tokens drafted per round.", 1, 64, limit="draft_tokens"),
             Param("lookbehind", "int", 10, "Committed tokens re-tokenized with each draft to fix token boundaries.", 0, 256),
             *SAMPLING_PARAMS,
         ),

@@ -13,13 +13,14 @@ most it drafts. Schedules only change what is proposed, so every one of them sta
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import torch
 
 from engine.decoders.base import DecodeContext, DecoderSpec, register
 from engine.events import Event, r7
-from engine.models import load_model
+from engine.models import canonical_name, load_model
 from engine.models.handle import LoadedModel, ModelError
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
@@ -27,7 +28,8 @@ from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, 
 from engine.speculative.truncated import truncated_model
 
 # Draft models loaded by name, kept so repeated runs (benchmarks, the app) do not reload them.
-_DRAFT_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+_DRAFT_MODELS: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
+MAX_DRAFT_MODELS = 8  # the least recently used is dropped: names typed per request do not pile up in memory
 
 
 SCHEDULES = ("constant", "heuristic", "confidence")
@@ -126,16 +128,21 @@ def same_tokenizer_model(ctx: DecodeContext, name: str, layers: int, name_param:
 
 
 def load_draft_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """A second model, loaded once per process (benchmarks and the app run many rounds with it)."""
+    """A second model, kept loaded while it is among the MAX_DRAFT_MODELS used last (runs reuse it round after round)."""
     if not name:
         raise ParamError("draft_model must name a model: a built-in, a local folder or a Hub id")
-    key = (name, dtype, device)
-    if key not in _DRAFT_MODELS:
+    key = (canonical_name(name), dtype, device)
+    model = _DRAFT_MODELS.get(key)
+    if model is None:
         try:
-            _DRAFT_MODELS[key] = load_model(name, dtype=dtype, device=device)
+            model = load_model(key[0], dtype=dtype, device=device)
         except ModelError as error:
             raise ParamError(f"cannot load draft model {name!r}: {error}") from None
-    return _DRAFT_MODELS[key]
+    _DRAFT_MODELS[key] = model
+    _DRAFT_MODELS.move_to_end(key)
+    while len(_DRAFT_MODELS) > MAX_DRAFT_MODELS:  # a run still drafting keeps its model: only the cache lets go
+        _DRAFT_MODELS.popitem(last=False)
+    return model
 
 
 def speculative(ctx: DecodeContext) -> Iterator[Event]:
@@ -149,7 +156,8 @@ def speculative(ctx: DecodeContext) -> Iterator[Event]:
 
 # The parameters that pick a draft model, shared by every decoder that drafts with one.
 DRAFTER_PARAMS = (
-    Param("draft_model", "str", "", "Draft model with the target's tokenizer (empty = the target's first draft_layers layers)."),
+    Param("draft_model", "str", "", "Draft model with the target's tokenizer (empty = the target's first draft_layers "
+          "layers).", loads_files=True),
     Param("draft_layers", "int", 2, "Without draft_model: draft with the target's first N layers plus its head.", 1, 1000),
 )
 
@@ -161,7 +169,7 @@ SPEC = register(
         summary="Speculative decoding: a draft model proposes k tokens, the target verifies them in one forward.",
         params=(
             *DRAFTER_PARAMS,
-            Param("num_draft_tokens", "int", 4, "Tokens per draft (k): always, first (heuristic) or at most (confidence).", 1, 64),
+            Param("num_draft_tokens", "int", 4, "Tokens per draft (k): always, first (heuristic) or at most (confidence).", 1, 64, limit="draft_tokens"),
             Param("schedule", "choice", "constant", SCHEDULE_HELP, choices=SCHEDULES),
             Param("confidence_threshold", "float", 0.4, "confidence schedule: stop once the draft's p(token) is below this.", 0.0, 1.0),
             *SAMPLING_PARAMS,

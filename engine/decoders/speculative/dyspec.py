@@ -156,7 +156,7 @@ SPEC = register(
         summary="DySpec: a draft tree grown where the draft is most confident, verified in one tree-attention forward.",
         params=(
             *DRAFTER_PARAMS,
-            Param("tree_size", "int", 16, "Draft tree nodes per round.", 1, 256),
+            Param("tree_size", "int", 16, "Draft tree nodes per round.", 1, 256, limit="draft_tokens"),
             Param("max_depth", "int", 6, "Deepest draft node (tokens beyond the committed context).", 1, 64),
             *SAMPLING_PARAMS,
         ),

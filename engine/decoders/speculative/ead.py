@@ -93,7 +93,8 @@ SPEC = register(
         summary="Entropy adaptive decoding: a small model writes while the rolling entropy stays low, the large one "
         "takes over when it rises (lossy).",
         params=(
-            Param("small_model", "str", "", "Small model with the target's tokenizer (empty = the target's first small_layers layers)."),
+            Param("small_model", "str", "", "Small model with the target's tokenizer (empty = the target's first "
+                  "small_layers layers).", loads_files=True),
             Param("small_layers", "int", 2, "Without small_model: the target's first N layers plus its head.", 1, 1000),
             Param("window", "int", 4, "Distributions averaged in the rolling entropy (w).", 1, 1000),
             Param("tau", "float", 2.0, "Entropy threshold in nats: large model while the rolling mean exceeds it (< 0: always large).", -1.0, 100.0),

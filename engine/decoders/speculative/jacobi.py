@@ -113,7 +113,7 @@ SPEC = register(
         family="speculative",
         summary="Jacobi decoding: the target refines a window of guesses in parallel; the matching prefix is kept.",
         params=(
-            Param("window", "int", 8, "Guesses refined per forward.", 1, 128),
+            Param("window", "int", 8, "Guesses refined per forward.", 1, 128, limit="draft_tokens"),
             Param("init", "choice", "random", INIT_HELP, choices=INIT_CHOICES),
             *SAMPLING_PARAMS,
         ),

@@ -155,7 +155,7 @@ SPEC = register(
             Param("skip_ratio", "float", 0.45, "Search: the share of layers to skip.", 0.0, 1.0),
             Param("search_iterations", "int", 20, "Search: candidate skip sets to score (half random, half refinements).", 1, 1000),
             Param("context_window", "int", 50, "Search: score agreement over the prompt's last N positions.", 1, 100_000),
-            Param("num_draft_tokens", "int", 10, "Most tokens per draft.", 1, 64),
+            Param("num_draft_tokens", "int", 10, "Most tokens per draft.", 1, 64, limit="draft_tokens"),
             Param("stop_threshold", "float", 0.8, "Stop drafting once the draft's p(token) is below this (SWIFT: 0.8).", 0.0, 1.0),
             *SAMPLING_PARAMS,
         ),

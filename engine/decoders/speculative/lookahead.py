@@ -191,7 +191,7 @@ SPEC = register(
         family="speculative",
         summary="Lookahead decoding: a 2-D Jacobi window fills an n-gram pool, verified in the same forward.",
         params=(
-            Param("window", "int", 7, "W: columns of the Jacobi window (n-grams produced per step).", 1, 64),
+            Param("window", "int", 7, "W: columns of the Jacobi window (n-grams produced per step).", 1, 64, limit="draft_tokens"),
             Param("ngram", "int", 5, "N: n-gram size; the window has N-1 levels and candidates N-1 tokens.", 2, 16),
             Param("pool_size", "int", 7, "G: most n-grams kept per first token (least recently produced dropped).", 1, 256),
             Param("pool_from_prompt", "bool", False, "Seed the pool with the prompt's n-grams.", None, None),

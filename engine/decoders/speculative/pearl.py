@@ -105,7 +105,7 @@ SPEC = register(
         summary="PEARL: the draft keeps drafting while the target verifies (pre-/post-verify), simulated on one device.",
         params=(
             *DRAFTER_PARAMS,
-            Param("gamma", "int", 4, "Tokens the draft drafts per round, while the target runs one forward.", 1, 64),
+            Param("gamma", "int", 4, "Tokens the draft drafts per round, while the target runs one forward.", 1, 64, limit="draft_tokens"),
             *SAMPLING_PARAMS,
         ),
         run=pearl,

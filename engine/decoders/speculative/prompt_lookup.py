@@ -59,7 +59,7 @@ SPEC = register(
         params=(
             Param("max_ngram", "int", 3, "Longest suffix n-gram searched for (then shorter ones).", 1, 32),
             Param("min_ngram", "int", 1, "Shortest suffix n-gram that may match (2 skips one-token coincidences).", 1, 32),
-            Param("num_draft_tokens", "int", 10, "Most tokens copied per round.", 1, 128),
+            Param("num_draft_tokens", "int", 10, "Most tokens copied per round.", 1, 128, limit="draft_tokens"),
             *SAMPLING_PARAMS,
         ),
         run=prompt_lookup,

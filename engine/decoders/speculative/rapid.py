@@ -89,9 +89,10 @@ SPEC = register(
         family="speculative",
         summary="RAPID: a drafter reading only the prompt chunks retrieved for its last tokens; the target verifies.",
         params=(
-            Param("draft_model", "str", "", "Draft model with the target's tokenizer (empty = the target, or its first draft_layers layers)."),
+            Param("draft_model", "str", "", "Draft model with the target's tokenizer (empty = the target, or its first "
+                  "draft_layers layers).", loads_files=True),
             Param("draft_layers", "int", 0, "Without draft_model: draft with the target's first N layers (0 = the whole target).", 0, 1000),
-            Param("num_draft_tokens", "int", 4, "Tokens drafted per round (k).", 1, 64),
+            Param("num_draft_tokens", "int", 4, "Tokens drafted per round (k).", 1, 64, limit="draft_tokens"),
             Param("chunk_tokens", "int", 32, "Prompt chunk length for retrieval, in tokens.", 1, 100_000),
             Param("retrieved_chunks", "int", 4, "Chunks the drafter sees (the best BM25 matches, in prompt order).", 1, 10_000),
             Param("query_tokens", "int", 32, "The prompt's last tokens: the retrieval query, always shown to the drafter.", 1, 100_000),

@@ -31,7 +31,7 @@ SPEC = register(
         family="speculative",
         summary="Speculative Jacobi decoding: sampled Jacobi guesses keep their distributions and are verified with min(1, p/q).",
         params=(
-            Param("window", "int", 16, "Guesses refined per forward (the paper's L).", 1, 128),
+            Param("window", "int", 16, "Guesses refined per forward (the paper's L).", 1, 128, limit="draft_tokens"),
             Param("init", "choice", "random", INIT_HELP, choices=INIT_CHOICES),
             *SAMPLING_PARAMS,
         ),

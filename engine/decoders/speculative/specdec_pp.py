@@ -70,8 +70,8 @@ SPEC = register(
         params=(
             *DRAFTER_PARAMS,
             Param("stop_threshold", "float", 0.3, "Stop drafting once 1 - prod(draft probs after the first) exceeds this.", 0.0, 1.0),
-            Param("min_draft", "int", 2, "Fewest tokens per draft (the stop rule is not asked before).", 1, 64),
-            Param("max_draft", "int", 20, "Most tokens per draft.", 1, 64),
+            Param("min_draft", "int", 2, "Fewest tokens per draft (the stop rule is not asked before).", 1, 64, limit="draft_tokens"),
+            Param("max_draft", "int", 20, "Most tokens per draft.", 1, 64, limit="draft_tokens"),
             *SAMPLING_PARAMS,
         ),
         run=specdec_pp,

@@ -125,7 +125,7 @@ SPEC = register(
         summary="Token Recycling: a static draft tree filled from the target's remembered top-k successors.",
         params=(
             Param("k", "int", 8, "Successors remembered per token (columns of the adjacency matrix).", 1, 64),
-            Param("tree_size", "int", 80, "Template nodes per round: 80 = the paper's tree; fewer = its top part.", 1, 80),
+            Param("tree_size", "int", 80, "Template nodes per round: 80 = the paper's tree; fewer = its top part.", 1, 80, limit="draft_tokens"),
             Param("reset_matrix", "bool", False, "Start from a blank matrix instead of what earlier runs learnt."),
             *SAMPLING_PARAMS,
         ),

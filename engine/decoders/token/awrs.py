@@ -47,7 +47,7 @@ PARAMS = (
           "mask: check every token of the vocabulary, then sample from the allowed ones (the baseline).",
           choices=METHODS),
     Param("particles", "int", 1, "Sequential Monte Carlo particles (1 = one constrained sample, normalised at each "
-          "step; more = weighted particles that correct towards the whole-sequence constrained distribution).", 1, 64),
+          "step; more = weighted particles that correct towards the whole-sequence constrained distribution).", 1, 64, limit="samples"),
     Param("ess_threshold", "float", 0.5, "Resample when the effective sample size falls below this fraction of the "
           "particles (0 = never).", 0.0, 1.0),
     Param("max_rejects", "int", 0, "Give a particle up (weight 0) after this many rejected tokens in one step "

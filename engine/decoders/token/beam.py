@@ -107,7 +107,7 @@ SPEC = register(
         family="token",
         summary="Beam search: keep the num_beams best partial sequences; records the whole beam tree.",
         params=(
-            Param("num_beams", "int", 4, "Number of beams kept at every step.", 1, 64),
+            Param("num_beams", "int", 4, "Number of beams kept at every step.", 1, 64, limit="beams"),
             Param("length_penalty", "float", 1.0, "Finished score = sum log p / length**length_penalty (> 0 favours longer).", -5.0, 5.0),
             Param(
                 "early_stopping",

@@ -123,7 +123,7 @@ SPEC = register(
         family="token",
         summary="Best-of-N by self-certainty (mean KL from uniform of each token's distribution), or its Borda vote.",
         params=(
-            Param("n", "int", 4, "Samples drawn (in one batch).", 1, 64),
+            Param("n", "int", 4, "Samples drawn (in one batch).", 1, 64, limit="samples"),
             Param(
                 "selection", "choice", "best",
                 "best: the most self-certain sample; borda: answer classes vote with (N - rank + 1)^borda_power.",

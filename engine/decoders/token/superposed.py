@@ -164,7 +164,7 @@ SPEC = register(
         family="token",
         summary="Superposed Decoding: k drafts from one forward per step over superposed embeddings, n-gram rescored.",
         params=(
-            Param("n_drafts", "int", 3, "k: drafts decoded together in one superposed sequence.", 1, 16),
+            Param("n_drafts", "int", 3, "k: drafts decoded together in one superposed sequence.", 1, 16, limit="samples"),
             Param("n_token_sample", "int", 0, "Tokens kept from the model's distribution per step (0 = k^2).", 0, 1024),
             Param("alpha", "float", 0.54, "Weight of the n-gram log-prob against the model's (0 = no n-gram model).", 0.0, 1.0),
             Param("temperature", "float", 0.06, "Softmax temperature of the model's distribution (the paper's 0.06 is nearly greedy).", 0.01, 10.0),
