@@ -13,12 +13,15 @@ import gzip
 import io
 import math
 import random
+import re
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from engine.events import Candidate, StageReport, TokenStep, TraceFormatError, r7
 from engine.trace import RunInfo, Trace, dumps, write_file
@@ -137,6 +140,71 @@ def _show_long(workdir: Path, events: int) -> str:
     return f"exit {code}, printed {len(out.getvalue().splitlines())} lines"
 
 
+# Issue 17 item 6: `record` inputs that gave tracebacks (bytes that are not UTF-8 reach argv as U+DC80..U+DCFF).
+BAD_RECORD_ARGV: dict[str, list[str]] = {
+    "400-digit float parameter": ["--decoder", "sample", "--param", "temperature=1" + "0" * 400, "--prompt", "x"],
+    "lone surrogate in the prompt": ["--prompt", "a\ud800b"],
+    "invalid UTF-8 in --prompt": ["--prompt", "ab\udcffcd"],
+    "--seed 2**70": ["--seed", str(2**70), "--prompt", "x"],
+    **{f"--attention-max-mb {mb}": ["--attention", "last", "--attention-max-mb", mb, "--prompt", "x"]
+       for mb in ("nan", "inf", "-1")},
+}
+# The same through the app's /record endpoint: (decoder, prompt, params, seed_value, max_new_tokens).
+BAD_RECORD_API: dict[str, tuple] = {
+    "400-digit float parameter": ("sample", "x", {"temperature": 10**400}, 0, 2),
+    "lone surrogate in the prompt": ("greedy", "a\ud800b", {}, 0, 2),
+    "seed 2**70": ("greedy", "x", {}, 2**70, 2),
+    "seed 'nan'": ("greedy", "x", {}, "nan", 2),
+    "max_new_tokens inf": ("greedy", "x", {}, 0, math.inf),
+}
+BAD_INPUT_MODEL = "tiny-random-llama"
+ERROR_LINE = re.compile(r"(decoding-explorer[\w ]*: )?error: ")  # ours, or argparse's after its usage lines
+
+
+def cli_ends_in_one_line(argv: Sequence[str]) -> bool:
+    """Whether the command line refuses ``argv`` with a non-zero exit and one error line, no traceback."""
+    from cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+        except Exception:  # noqa: BLE001 -- what is measured: printed as a user would see it
+            traceback.print_exc()
+            code = None
+    errors = [line for line in err.getvalue().splitlines() if ERROR_LINE.match(line)]
+    return code not in (0, None) and len(errors) == 1 and "Traceback" not in err.getvalue()
+
+
+def bad_inputs(workdir: Path, events: int) -> str:
+    """Issue 17's bad `record` inputs through the command line and the app's API: how many end in one line."""
+    import gradio as gr
+
+    from storage import TraceStore
+    from ui.context import AppContext, api_record
+    from ui.pool import ModelPool
+
+    base = ["record", "--model", BAD_INPUT_MODEL, "--no-save", "--max-new-tokens", "2"]
+    cli_failed = [name for name, argv in BAD_RECORD_ARGV.items() if not cli_ends_in_one_line([*base, *argv])]
+    record = api_record(AppContext(TraceStore(_db_url(workdir, "bad_inputs")), ModelPool(), BAD_INPUT_MODEL, False))
+    api_failed = []
+    for name, (decoder, prompt, params, seed, tokens) in BAD_RECORD_API.items():
+        try:
+            list(record(BAD_INPUT_MODEL, decoder, prompt, params, request=SimpleNamespace(session_hash="bench"),
+                        seed_value=seed, max_new_tokens=tokens))
+            api_failed.append(name)  # accepted
+        except gr.Error as exc:
+            if "\n" in exc.message or not exc.message:
+                api_failed.append(name)
+        except Exception:  # noqa: BLE001 -- a traceback for the app's user: what is counted
+            api_failed.append(name)
+    ended = f"CLI {len(BAD_RECORD_ARGV) - len(cli_failed)}/{len(BAD_RECORD_ARGV)}, " \
+            f"API {len(BAD_RECORD_API) - len(api_failed)}/{len(BAD_RECORD_API)} end in one line"
+    return ended + (f"; not: {', '.join(cli_failed + api_failed)}" if cli_failed or api_failed else "")
+
+
 def _prepare_bomb(workdir: Path, events: int) -> None:
     (workdir / "bomb.db").unlink(missing_ok=True)
     if not (workdir / "bomb.json.gz").exists():
@@ -156,6 +224,7 @@ CHECKS: list[Check] = [
     Check("import: long trace", "< 60 s, < 1 GB (1e6 events)", "176 s, 3.25 GB (1e6 events)", _import_long,
           _prepare_long),
     Check("runs show: long run", "< 5 s, < 1 GB (1e6 events)", "104 s, 2.2 GB (1e6 events)", _show_long),
+    Check("record: bad inputs", "all end in one line", "CLI 1/7, API 0/5 (tracebacks)", bad_inputs),
 ]
 
 

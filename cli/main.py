@@ -378,12 +378,22 @@ def _runs_show(args: argparse.Namespace) -> None:
             _print_json(trace.summary())
             return
         for key, value in trace.summary().items():
-            print(f"{key:18} {value}")
+            print(f"{key:18} {_terminal(value) if isinstance(value, str) else value}")  # containers print repr()s
         if args.steps:
             for e in events:
                 if isinstance(e, TokenStep):
                     text = trace.vocab.get(e.token_id, "")
                     print(f"{e.position:5} {text!r:18} p={math.exp(e.logprob):.3f} rank={e.rank} H={e.entropy_raw:.3f}")
+
+
+def _terminal(text: str) -> str:
+    """Text as a terminal should show it, not obey it: control and format characters (escape sequences, bidi
+    overrides) print as Python escapes; line breaks and tabs stay."""
+    return "\n".join(line if line.isprintable() else _escaped(line) for line in text.split("\n"))
+
+
+def _escaped(line: str) -> str:
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
 
 
 def _runs_export(args: argparse.Namespace) -> None:

@@ -99,7 +99,7 @@ def json_shape_pattern(shape_text: str) -> str:
     """The regular expression matching exactly the JSON objects of a shape (keys required, in the given order)."""
     try:
         shape = json.loads(shape_text)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:  # a JSONDecodeError, an over-long number, nesting too deep
         raise ParamError(f"JSON shape is not valid JSON ({error}); expected {SHAPE_HELP}") from None
     if not isinstance(shape, dict):
         raise ParamError(f"JSON shape must be an object; expected {SHAPE_HELP}")

@@ -405,12 +405,15 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (int, float, str)) or value is None:  # most values, first: this runs for every one
-        return value
+    # Numbers, strings, flags and None are taken as they are, without a call: this runs for every value of an event.
     if dataclasses.is_dataclass(value):
-        return {name: _plain(getattr(value, name)) for name in _field_names(type(value))}
+        fields = {}
+        for name in _field_names(type(value)):
+            v = getattr(value, name)
+            fields[name] = v if type(v) in _PLAIN else _plain(v)
+        return fields
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [v if type(v) in _PLAIN else _plain(v) for v in value]
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     return value
@@ -458,6 +461,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 _SCALARS = (int, float, str, bool)
+_PLAIN = frozenset({*_SCALARS, type(None)})
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from engine.events import StageReport, r7
 
 _NEG_INF = float("-inf")
 _TOP_H_CANDIDATES = 100  # transformers' TopHLogitsWarper.top_n: Top-H only looks at the 100 most likely tokens
+_SMALL_TEMPERATURE = 1e-3  # below it, logits are shifted before dividing (see _temperature)
 
 Rule = Callable[[Tensor, float, Tensor | None], tuple[Tensor, Tensor | None]]
 
@@ -44,6 +45,10 @@ def _repetition_penalty(x: Tensor, penalty: float, context_ids: Tensor | None) -
 
 
 def _temperature(x: Tensor, t: float, _: Tensor | None) -> tuple[Tensor, None]:
+    if t < _SMALL_TEMPERATURE:  # x / t would overflow to inf (nan probabilities): shifted by the row's max, the
+        # largest logit stays 0 and the others only fall towards -inf, the same distribution (greedy in the limit)
+        x = x - x.amax(dim=-1, keepdim=True)
+        t = max(t, torch.finfo(x.dtype).tiny)
     return x / t, None
 
 

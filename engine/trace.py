@@ -456,7 +456,8 @@ class _JsonText:
                     value, stop = _DECODER.raw_decode(self._buf, self._pos)
             except json.JSONDecodeError as exc:
                 if self._eof or not _maybe_cut_short(exc, len(self._buf)):
-                    raise TraceFormatError(f"{where}: not valid JSON: {exc.msg} at character {self._offset + exc.pos}") from None
+                    at = self._offset + exc.pos
+                    raise TraceFormatError(f"{where}: not valid JSON: {exc.msg} at character {at}") from None
                 stop = None
             except RecursionError:
                 raise TraceFormatError(f"{where}: JSON nested too deeply") from None
@@ -494,7 +495,7 @@ class _JsonText:
             return
         while True:
             if self._peek() != '"':
-                self._expect('"', where)
+                self._expect('"', where)  # raises: a key is a string
             key = self.value(f"a key of {where}")
             self._expect(":", where)
             yield key
@@ -516,7 +517,8 @@ class _JsonText:
 
     def end(self, where: str) -> None:
         if self._peek():
-            raise TraceFormatError(f"{where} holds more after its JSON object (at character {self._offset + self._pos})")
+            at = self._offset + self._pos
+            raise TraceFormatError(f"{where} holds more after its JSON object (at character {at})")
 
 
 @contextmanager

@@ -35,6 +35,7 @@ EVENT_COLUMNS: dict[str, type] = {
     "seconds": float,
 }
 _INT64 = range(-(2**63), 2**63)
+_NESTED = (list, dict)  # the plain form's only containers
 
 
 @functools.cache
@@ -66,12 +67,12 @@ def fits_column(value: Any, tp: type) -> bool:
 
 def _pack(value: Any, tp: Any) -> Any:
     """Plain (event_to_dict) form -> stored form: nested records become arrays in field order."""
-    if not isinstance(value, (list, dict)):  # most values, first: this runs for every one
-        return value
     if typing.get_origin(tp) is list and isinstance(value, list):
-        return [_pack(v, typing.get_args(tp)[0]) for v in value]
+        item = typing.get_args(tp)[0]
+        return [_pack(v, item) if type(v) in _NESTED else v for v in value]
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return [_pack(value[name], hint) for name, hint in _field_types(tp).items()]
+        return [_pack(value[name], hint) if type(value[name]) in _NESTED else value[name]
+                for name, hint in _field_types(tp).items()]
     return value
 
 
@@ -98,7 +99,9 @@ def event_row(event: Event) -> dict[str, Any]:
         del data[blob_field]
         row["blob"] = getattr(event, blob_field)
     types = _field_types(type(event))
-    row["payload"] = dumps({name: _pack(value, types[name]) for name, value in data.items()})
+    # only lists and records need packing: the other values, most of them, skip the call
+    packed = {name: _pack(value, types[name]) if type(value) in _NESTED else value for name, value in data.items()}
+    row["payload"] = dumps(packed)
     return row
 
 

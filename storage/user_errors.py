@@ -4,7 +4,7 @@ shows them as a message. One list, so both front ends treat the same mistakes al
 from __future__ import annotations
 
 from engine.events import TraceFormatError
-from engine.models.handle import ModelError
+from engine.models.errors import ModelError
 from engine.params import ParamError
 from storage.connect import StoreError
 from storage.migrations import SchemaTooNewError

@@ -4,6 +4,7 @@ what is wrong: never a traceback. Examples are derandomized, so a run is reprodu
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli.bench_reliability import BAD_RECORD_API, BAD_RECORD_ARGV
 from cli.main import main
 from engine.decoders import all_decoders
 from engine.params import Param, ParamError
@@ -118,6 +120,35 @@ def test_run_settings_accept_in_range_or_refuse_in_one_line(numbers, stop):
     assert run_settings.seed is None or 0 <= run_settings.seed < 2**63
 
 
+def _decode_time_parsers() -> dict:
+    """Text parameters a decoder parses when it starts (their schema type is str)."""
+    from engine.constraints import build_constraint
+    from engine.decoders.speculative.layer_skip import parse_layers
+    from engine.decoders.speculative.rsd import parse_branching
+    from engine.decoders.token.gift import layer_list
+
+    return {"gift layers": lambda text: layer_list(text, 12, "enhance_layers"),
+            "layer_skip layers": lambda text: parse_layers(text, 12), "rsd branching": parse_branching,
+            "awrs regex": lambda text: build_constraint("regex", text),
+            "awrs JSON shape": lambda text: build_constraint("json", text)}
+
+
+PARSERS = _decode_time_parsers()
+JSON_TEXT = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from(["string", "integer"]), TEXT),
+                         lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+                         max_leaves=8).map(json.dumps)
+
+
+@settings(FUZZ, max_examples=300)
+@given(parser=st.sampled_from(sorted(PARSERS)),
+       text=st.one_of(TEXT, st.from_regex(r"[0-9]{1,13}([-,][0-9]{1,13}){0,3}", fullmatch=True), JSON_TEXT))
+def test_decode_time_text_parameters_parse_or_refuse_in_one_line(parser, text):
+    try:
+        PARSERS[parser](text)
+    except ParamError as exc:
+        assert_one_line(str(exc))
+
+
 # ---------------------------------------------------------------- the app's record API (no server)
 
 
@@ -134,22 +165,17 @@ def api_record(tmp_path_factory):
     return gr.Error, lambda *args, **kwargs: list(record(*args, request=SimpleNamespace(session_hash="fuzz"), **kwargs))[-1]
 
 
-@pytest.mark.parametrize("args, kwargs", [
-    (("top_p", "x", {"temperature": 10**400}), {}),
-    (("top_p", "x", {"temperature": "1" + "0" * 400}), {}),
-    (("top_p", "x", {"top_k": "9" * 5000}), {}),
-    (("greedy", "a\ud800b", {}), {}),
-    (("greedy", None, {}), {}),
-    (("greedy", "x", ["top_p"]), {}),
-    (("greedy", "x", {}), {"seed_value": 2**70}),
-    (("greedy", "x", {}), {"seed_value": "nan"}),
-    (("greedy", "x", {}), {"max_new_tokens": float("inf")}),
-    (("greedy", "x", {}), {"max_new_tokens": 10**400}),
-])
-def test_api_record_refuses_bad_values_in_one_line(api_record, args, kwargs):
+# issue 17's values (the bench counts them too), then more of the kind: (decoder, prompt, params, seed, max_new_tokens)
+API_CASES = [*BAD_RECORD_API.values(), ("top_p", "x", {"temperature": "1" + "0" * 400}, 0, 2),
+             ("top_p", "x", {"top_k": "9" * 5000}, 0, 2), ("greedy", None, {}, 0, 2), ("greedy", "x", ["top_p"], 0, 2),
+             ("greedy", "x", {}, -1, 2), ("greedy", "x", {}, 0, 10**400), ("greedy", "x", {}, 0, "2.5")]
+
+
+@pytest.mark.parametrize("decoder, prompt, params, seed, tokens", API_CASES)
+def test_api_record_refuses_bad_values_in_one_line(api_record, decoder, prompt, params, seed, tokens):
     error, record = api_record
     with pytest.raises(error) as refused:
-        record(MODEL, *args, **kwargs)
+        record(MODEL, decoder, prompt, params, seed_value=seed, max_new_tokens=tokens)
     assert_one_line(refused.value.message, max_length=500)
 
 
@@ -261,7 +287,7 @@ def record_argv(draw: st.DrawFn, stored: SimpleNamespace) -> list[str]:
     return argv
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=200)
 @given(data=st.data())
 def test_record_options_end_in_a_run_or_one_error_line(capsys, stored, data):
     argv = data.draw(record_argv(stored), label="argv")
@@ -271,40 +297,60 @@ def test_record_options_end_in_a_run_or_one_error_line(capsys, stored, data):
 
 @st.composite
 def runs_argv(draw: st.DrawFn, stored: SimpleNamespace) -> list[str]:
-    run_ids = st.one_of(st.sampled_from([stored.run_id, stored.run_id[:6], "", "%", "_", "*"]), TEXT)
-    paths = st.sampled_from(PATHS).map(lambda name: str(stored.folder / name))
+    run_ids = mostly(st.sampled_from([stored.run_id, stored.run_id[:6]]), st.one_of(st.sampled_from(["", "%", "_"]), TEXT))
+    in_folder = lambda names: st.sampled_from(names).map(lambda name: str(stored.folder / name))
     command = draw(st.sampled_from(["list", "show", "export", "import", "delete"]))
     argv = ["runs", command]
     if command == "list":
         for option in draw(st.lists(st.sampled_from(["--model", "--decoder", "--search", "--status"]), unique=True)):
-            argv += [option, draw(TEXT)]
+            argv += [option, draw(mostly(st.sampled_from([MODEL, "greedy", "finished", "hel"]), TEXT))]
         if draw(st.booleans()):
             argv += ["--limit", draw(integers(0, 100))]
     elif command == "show":
         argv += [draw(run_ids)] + draw(st.lists(st.sampled_from(["--steps", "--json"]), unique=True))
     elif command == "export":
-        argv += [draw(run_ids), draw(paths)]
+        argv += [draw(run_ids), draw(mostly(in_folder(["out.json.gz", "out.json"]), in_folder(PATHS)))]
     elif command == "import":
-        argv += [draw(paths)] + draw(st.lists(st.sampled_from(["--new-id", "--replace"]), unique=True))
+        argv += [draw(mostly(in_folder(["run.json.gz"]), in_folder(PATHS)))]
+        argv += draw(st.lists(st.sampled_from(["--new-id", "--replace"]), unique=True))
     else:  # not the stored run: the other commands need it
         argv += draw(st.lists(st.one_of(st.sampled_from(["zzzz", "%", "*"]), TEXT), min_size=1, max_size=2))
     return argv + ["--db", stored.db]
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=200)
 @given(data=st.data())
 def test_runs_commands_succeed_or_say_one_line(capsys, stored, data):
     run_cli(capsys, data.draw(runs_argv(stored), label="argv"))
 
 
+# What the fuzz found (with other seeds, or before its fix), kept as fixed cases: (argv, expected exit code).
+FOUND = [
+    (["record", "--decoder", "forced", "--prompt", "hi"], 2),  # the decoder's own refusal, once running
+    (["record", "--decoder", "jacobi", "--param", "init=random", "--param", "temperature=1e-300", "--prompt", "hi"], 0),
+    (["record", "--branch-from", "", "--at", "0", "--token", "0", "--db", "{db}"], 2),  # crashed on no store
+    (["record", "--device", "meta", "--prompt", "hi"], 2),
+    (["record", "--attention", "last", "--attention-heads", "4", "--prompt", "hi"], 2),  # tiny-random-llama: 4 heads
+    (["record", "--attention", "7", "--prompt", "hi"], 2),  # 2 layers
+    (["runs", "delete", "zzzz", "yyyy", "--db", "{db}"], 1),  # one line for both
+    (["runs", "import", "{folder}/run.json.gz", "--new-id", "--replace", "--db", "{db}"], 2),
+    (["runs", "list", "--limit", str(2**63), "--db", "{db}"], 2),
+    (["runs", "show", "\ud800", "--db", "{db}"], 2),
+    (["runs", "show", "9" * 5000, "--db", "{db}"], 2),
+    (["runs", "export", "{run_id}", "{folder}/no/such/dir/x.gz", "--db", "{db}"], 2),
+    (["runs", "export", "{run_id}", "{folder}", "--db", "{db}"], 2),
+    (["runs", "import", "{folder}/\udcff.gz", "--db", "{db}"], 2),
+]
+
+
+@pytest.mark.parametrize("argv, code", FOUND)
+def test_what_the_fuzz_found_stays_fixed(capsys, stored, argv, code):
+    argv = [arg.format(db=stored.db, folder=stored.folder, run_id=stored.run_id) for arg in argv]
+    if argv[0] == "record":
+        argv += ["--model", MODEL, "--no-save", "--max-new-tokens", "2"]
+    assert run_cli(capsys, argv) == code
+
+
 def test_the_issues_bad_record_inputs_each_end_in_one_line(capsys):
-    for extra in bad_record_inputs():
-        argv = ["record", "--model", MODEL, "--no-save", "--max-new-tokens", "2", *extra]
-        assert run_cli(capsys, argv) == 2, argv
-
-
-def bad_record_inputs() -> list[list[str]]:
-    """Issue 17's record inputs that gave tracebacks (undecodable argv bytes arrive as U+DC80..U+DCFF)."""
-    return [["--decoder", "sample", "--param", "temperature=1" + "0" * 400, "--prompt", "x"],
-            ["--prompt", "a\ud800b"], ["--prompt", "ab\udcffcd"], ["--seed", str(2**70), "--prompt", "x"],
-            *(["--attention", "last", "--attention-max-mb", mb, "--prompt", "x"] for mb in ("nan", "inf", "-1"))]
+    for argv in BAD_RECORD_ARGV.values():
+        assert run_cli(capsys, ["record", "--model", MODEL, "--no-save", "--max-new-tokens", "2", *argv]) == 2, argv

@@ -97,7 +97,8 @@ def test_too_many_events_are_refused_and_the_batches_stored_so_far_roll_back(
     monkeypatch.setattr(trace_module, "MAX_EVENTS", 7)
     monkeypatch.setattr(store_module, "_INSERT_CHUNK", 2)  # three batches are inserted before the eighth event
     refused(store, write(tmp_path / "t.json", dumps(small_trace(8))), r"too many events \(more than 7\)")
-    assert store.load(store.import_file(write(tmp_path / "ok.json", dumps(small_trace(7))))).events == small_trace(7).events
+    run_id = store.import_file(write(tmp_path / "ok.json", dumps(small_trace(7))))
+    assert store.load(run_id).events == small_trace(7).events
 
 
 def test_a_value_too_long_is_refused_before_it_is_all_read(

@@ -6,9 +6,20 @@
 """
 
 from engine.models.cache import data_dir
-from engine.models.handle import ForwardResult, LoadedModel, ModelError
-from engine.models.loading import canonical_name, fetch_model, load_model
+from engine.models.errors import ModelError
 from engine.models.registry import BUILTIN_NAMES, DEFAULT_MODEL, ModelEntry, PromptFormat, list_models, prompt_format
+
+_HEAVY = {"ForwardResult": "handle", "LoadedModel": "handle", "canonical_name": "loading", "fetch_model": "loading",
+          "load_model": "loading"}
+
+
+def __getattr__(name: str):
+    # Lazy, as in engine/__init__: the command line's listing and storage commands do not pay for torch.
+    if name in _HEAVY:
+        import importlib
+
+        return getattr(importlib.import_module(f"engine.models.{_HEAVY[name]}"), name)
+    raise AttributeError(f"module 'engine.models' has no attribute {name!r}")
 
 __all__ = [
     "BUILTIN_NAMES",

@@ -9,11 +9,8 @@ import torch
 from transformers import DynamicCache
 
 from engine.attention import use_explorer_attention
+from engine.models.errors import ModelError  # noqa: F401 (its users import it from here too)
 from engine.limits import check_run
-
-
-class ModelError(RuntimeError):
-    """A model that cannot be resolved, fetched or loaded; the message says what to do."""
 
 
 @dataclass

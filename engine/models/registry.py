@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.models.cache import is_cached
-from engine.models.handle import ModelError
+from engine.models.errors import ModelError
 
 
 @dataclass

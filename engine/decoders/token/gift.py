@@ -132,13 +132,13 @@ def layer_list(text: str, num_layers: int, name: str) -> list[int]:
     """``"12-22"`` or ``"3,5,7"`` -> layer indices, checked against the model's depth."""
     layers: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = re.fullmatch(r"(\d{1,6})(?:-(\d{1,6}))?", part)  # no model has a million layers
         if not match:
             raise ParamError(f"{name} takes layer indices like '12-22' or '3,5,7', not {text!r}")
         first, last = int(match[1]), int(match[2] or match[1])
+        if max(first, last) >= num_layers:  # checked first: '0-99999999999' must not build a list that long
+            raise ParamError(f"{name}={text!r} names a layer past the model's last one ({num_layers - 1})")
         layers.extend(range(first, last + 1))
-    if any(layer >= num_layers for layer in layers):
-        raise ParamError(f"{name}={text!r} names a layer past the model's last one ({num_layers - 1})")
     return sorted(set(layers))
 
 
