@@ -328,11 +328,17 @@ def _file_chunks(path: Path) -> Generator[str, None, None]:
                 while data := fh.read(_READ_BYTES):  # a gzip read decompresses at most this much
                     total += len(data)
                     if total > MAX_IMPORT_BYTES:
-                        raise TraceFormatError(f"{path} is larger than {MAX_IMPORT_BYTES / 2**20:g} MiB uncompressed")
+                        raise too_large
                     yield data
         except (OSError, EOFError, zlib.error) as exc:
             raise TraceFormatError(f"cannot read {path}: {exc}") from None
 
+    too_large = TraceFormatError(f"{path} is larger than {MAX_IMPORT_BYTES / 2**20:g} MiB uncompressed")
+    if gzipped:  # a bomb is refused by a pass that only decompresses (about 1 s per GB), before any parsing
+        for _ in raw():
+            pass
+    elif path.stat().st_size > MAX_IMPORT_BYTES:
+        raise too_large
     yield from _utf8_chunks(raw(), str(path))
 
 

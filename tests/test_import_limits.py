@@ -89,6 +89,7 @@ def test_decompressed_bytes_are_counted_as_they_come_out_of_gzip(
     monkeypatch.setattr(trace_module, "MAX_IMPORT_BYTES", 20_000)
     monkeypatch.setattr(trace_module, "_READ_BYTES", 4096)  # the limit is crossed within the file's first 20 KB
     refused(store, path, "larger than")
+    refused(store, write(tmp_path / "t.json", dumps(small_trace(200))), "larger than")  # uncompressed: by its size
 
 
 def test_too_many_events_are_refused_and_the_batches_stored_so_far_roll_back(
