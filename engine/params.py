@@ -68,7 +68,7 @@ class Param:
         return ParamError(f"{self.name} must be {allowed}, got {shown(given)}")
 
     def _convert(self, value: Any) -> Any:
-        if self.type == "int" and _long_integer_text(value):  # int() refuses over 4300 digits with a ValueError
+        if self.type == "int" and _long_integer_text(value):
             raise self._out_of_range(value)
         try:
             if self.type == "int":
@@ -150,7 +150,8 @@ def _unbounded(number: float) -> bool:
 
 
 def _long_integer_text(value: Any) -> bool:
-    return isinstance(value, str) and _DIGITS.fullmatch(value) is not None and len(value.strip(" +-0")) > 19
+    """Digits beyond int64's 19 (leading zeros aside): out of range, however many (int() refuses over 4300)."""
+    return isinstance(value, str) and _DIGITS.fullmatch(value) is not None and len(value.strip().lstrip("+-").lstrip("0")) > 19
 
 
 def _number(x: float) -> str:

@@ -29,7 +29,7 @@ MODEL = "tiny-random-llama"
 # Markdown and HTML, option look-alikes, numbers the parsers might take.
 HOSTILE = ["", " ", "\x00", "a\x00b", "\ud800", "x\udcff", "![p](http://evil.example/p.png)", "[a](javascript:x)",
            "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "two\nlines", "\u202eevil", "😀", "-", "--json",
-           "%s%n{0}", "'\"\\", "nan", "-inf", "1e400", "1" + "0" * 400, "9" * 5000, "0x10", "1_000", " 3 "]
+           "%s%n{0}", "'\"\\", "nan", "-inf", "1e400", "1" + "0" * 400, "9" * 5000, "1" + "0" * 5000, "0x10", "1_000", " 3 "]
 TEXT = st.one_of(st.sampled_from(HOSTILE),
                  st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=20))
 HUGE = [2**63, -(2**63) - 1, 2**70, 10**400]
