@@ -25,8 +25,8 @@ class RunForm:
     decoder: str
     prompt: str
     chat: bool = False
-    seed: int = 0
-    max_new_tokens: int = 64
+    seed: Any = 0  # as the page sent it: RunSettings.check types and checks it
+    max_new_tokens: Any = 64
     attention: str = "none"
     image: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -35,7 +35,7 @@ class RunForm:
         if not self.prompt.strip() and branch is None:
             raise ParamError("type a prompt first")
         capture = None if self.attention in ("", "none") else AttentionCapture(layers=self.attention)
-        return RunSettings(max_new_tokens=int(self.max_new_tokens), seed=int(self.seed), chat=bool(self.chat),
+        return RunSettings(max_new_tokens=self.max_new_tokens, seed=self.seed, chat=bool(self.chat),
                            attention=capture, image=self.image or None, branch=branch)
 
 

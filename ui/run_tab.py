@@ -123,7 +123,7 @@ def build_run_tab(app: AppContext) -> RunTab:
 
             def read(values: dict) -> RunForm:
                 return RunForm(model=values[model_box], decoder=name, prompt=values[prompt], chat=values[chat],
-                               seed=int(values[seed] or 0), max_new_tokens=int(values[max_tokens]),
+                               seed=values[seed] or 0, max_new_tokens=values[max_tokens],
                                attention=values[attention], image=values[image],
                                params={p.name: values[w] for p, w in zip(spec.params, widgets)})
 
