@@ -160,3 +160,43 @@ def test_hostile_traces_show_as_text_in_every_view(app_url, browser, tmp_path):
         wait_text(page, "runs-table", PROMPT[:40])  # the prompt column shows the markup as typed
     assert dialogs == [] and page.outside_requests == [], (dialogs, page.outside_requests)
     page.close()
+
+
+@pytest.fixture(scope="module")
+def public_url(tmp_path_factory):
+    for app in start_app(tmp_path_factory.mktemp("public-home"), "--public"):
+        yield app.url
+
+
+def test_public_mode_as_two_visitors_see_it(public_url, browser):
+    """Two visitors of a public app: the model picker takes listed models only, and each visitor's Library lists
+    the samples and their own runs, never the other's."""
+    alice = open_page(browser, public_url)
+    assert "sqlite" not in alice.locator("#header").inner_text()  # no server path on a public page
+    type_into(alice, "model", "/etc/passwd")  # not a listed model: leaving the box, the picker keeps its model
+    alice.wait_for_function("document.querySelector('#model input').value === 'tiny-random-llama'")
+    assert "passwd" not in alice.locator("#model-status").inner_text()
+    type_into(alice, "prompt", "Alice's own prompt")
+    pick(alice, "decoder", "greedy", option="· greedy —")
+    wait_text(alice, "model-status", "is loaded")
+    alice.click("#run-button")
+    wait_text(alice, "run-status", "finished")
+    run_id = alice.locator("#run-status code").inner_text()
+    open_tab(alice, "Library")
+    type_into(alice, "filter-text", "Alice", enter=True)
+    wait_text(alice, "runs-table", run_id)
+    shot(alice, "public-alice")
+
+    mallory = open_page(browser, public_url)
+    open_tab(mallory, "Library")
+    mallory.wait_for_function("document.querySelectorAll('#runs-table .virtual-row').length > 3")  # the samples
+    type_into(mallory, "filter-text", "Alice", enter=True)
+    settled(mallory, "runs-table")
+    assert run_id not in mallory.locator("#runs-table").inner_text()
+    type_into(mallory, "run-id", run_id, enter=True)  # typed by hand: "not found", as for a run that never was
+    mallory.wait_for_selector("[data-testid=toast-body]")
+    assert "no run with id" in mallory.locator("[data-testid=toast-body]").first.inner_text()
+    shot(mallory, "public-mallory")
+    assert alice.outside_requests == [] and mallory.outside_requests == []
+    alice.close()
+    mallory.close()
