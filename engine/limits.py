@@ -46,6 +46,7 @@ class Limits:
     attention_mb: float | None = _cap("megabytes of attention a run may capture")
     record_top_k: int | None = _cap("candidates recorded per step (the trace's size)")
     run_seconds: float | None = _cap("seconds of compute of one run (pauses between Steps do not count)")
+    trace_events: int | None = _cap("events of a trace imported or opened in the app (its memory and time)")
     session_runs: int | None = _cap("requests one browser session may have running at once", 1)
 
     @classmethod
@@ -57,7 +58,7 @@ class Limits:
     def public(cls) -> Limits:
         """A shared server on a few CPU cores (a free Space): a run of a 135M model takes a minute at most."""
         return cls(max_new_tokens=512, prompt_tokens=2048, beams=8, samples=8, draft_tokens=80, attention_mb=8.0,
-                   record_top_k=50, run_seconds=120.0)
+                   record_top_k=50, run_seconds=120.0, trace_events=100_000)
 
     @classmethod
     def from_env(cls, public: bool, environ: Mapping[str, str] | None = None) -> Limits:

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from engine.events import Event
+from engine.events import Event, TraceFormatError
 from engine.params import Param, check_text, shown
 from engine.recorder import TraceSink
 from engine.trace import Trace, new_run_id, stream_file, write_file
@@ -217,8 +217,9 @@ class TraceStore:
             conn.execute(delete(runs).where(runs.c.run_id == full_id))
         return True
 
-    def import_file(self, path: str | Path, replace: bool = False, new_id: bool = False) -> str:
-        """Import a JSON trace file; returns the run id.
+    def import_file(self, path: str | Path, replace: bool = False, new_id: bool = False,
+                    max_events: int | None = None) -> str:
+        """Import a JSON trace file; returns the run id. ``max_events``: refuse a longer trace (a server's limit).
 
         The file is streamed: its events are validated and stored a batch at a time in one transaction, so memory stays
         bounded however long the trace, and a file found invalid anywhere stores nothing (the transaction rolls back).
@@ -235,6 +236,8 @@ class TraceStore:
                 batch = list(itertools.islice(stream, _INSERT_CHUNK))
                 if not batch:
                     break
+                if max_events is not None and first_seq + len(batch) > max_events:
+                    raise TraceFormatError(f"the trace has more than {max_events:,} events, the most this server takes")
                 _insert_events(conn, trace.run_id, first_seq, batch)
             codec.check_vocab_ids(trace.vocab)  # complete once the events are read: it may follow them
             _insert_vocab(conn, trace.run_id, trace.vocab)

@@ -104,3 +104,23 @@ def test_a_parameter_that_loads_files_takes_allowed_names_only(public_app, decod
     with pytest.raises(AppError) as refused:
         session(url).predict("tiny-random-llama", decoder, "Hi", {param: "/etc"}, 0, 2, False, api_name="/record")
     assert html.unescape(str(refused.value)).startswith(f"{param}: this public app offers only the listed models")
+
+
+def test_the_app_imports_and_opens_traces_within_the_event_limit(tmp_path):
+    from engine.limits import Limits
+    from engine.params import ParamError
+    from engine.trace import TraceFormatError
+    from ui.access import Access
+    from ui.context import AppContext
+    from ui.pool import ModelPool
+
+    store = TraceStore(f"sqlite:///{tmp_path / 'cap.db'}")
+    sample = next(p for p in sorted(SAMPLES_DIR.glob("*.json.gz")) if p.name.startswith("top-p"))
+    stored = store.import_file(sample, new_id=True)
+    app = AppContext(store, ModelPool(), "tiny-random-llama", True, Access(), limits=Limits(trace_events=5))
+    with pytest.raises(TraceFormatError, match="more than 5 events, the most this server takes"):
+        app.import_file("visitor", str(sample))
+    assert [r.run_id for r in store.list_runs()] == [stored]  # the refused import stored nothing
+    with pytest.raises(ParamError, match="more than this server opens"):
+        app.load("visitor", stored)
+    assert AppContext(store, ModelPool(), "tiny-random-llama", True, Access()).load("visitor", stored).run_id == stored

@@ -145,8 +145,20 @@ class AppContext:
         return run
 
     def load(self, session: str, ref: str) -> Trace:
-        """A stored run ``session`` may open, by id or prefix."""
-        return self.store.load(self.access.resolve(self.store, session, ref))
+        """A stored run ``session`` may open, by id or prefix, within the operator's limit on events."""
+        run_id = self.access.resolve(self.store, session, ref)
+        cap = self.limits.trace_events
+        if cap is not None and (events := self.store.summary(run_id).num_events) > cap:
+            raise ParamError(f"run {run_id[:12]} has {events:,} events, more than this server opens ({cap:,}: the "
+                             f"operator raises it with {flag_name('trace_events')}); `decoding-explorer runs show "
+                             "--steps` reads it a batch at a time")
+        return self.store.load(run_id)
+
+    def import_file(self, session: str, path: str) -> str:
+        """Import a trace file as a new run of ``session``'s, within the operator's limit on events."""
+        run_id = self.store.import_file(path, new_id=True, max_events=self.limits.trace_events)
+        self.access.own(session, run_id)
+        return run_id
 
     def list_runs(self, session: str, **filters: Any) -> list[RunSummary]:
         """The stored runs ``session`` may open, newest first (``filters`` as in TraceStore.list_runs)."""

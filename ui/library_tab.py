@@ -157,10 +157,9 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
         if file is None:
             return [gr.skip()] * 8
         try:
-            run_id = app.store.import_file(file if isinstance(file, str) else file.name, new_id=True)
+            run_id = app.import_file(request.session_hash, file if isinstance(file, str) else file.name)
         except USER_ERRORS as exc:
             raise gr.Error(f"Import refused: {escape_text(user_message(exc))}") from None
-        app.access.own(request.session_hash, run_id)
         return [run_id, f"Imported as run <code>{escape_text(run_id[:12])}</code>.", "", "", "", "", "", False]
 
     for trigger in (tab.select, refresh.click, filter_decoder.input, mine_only.input, filter_text.submit, filter_model.submit,
