@@ -87,8 +87,9 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
 def selected_step_values(trace: Trace | None, position: float | None, color_by: str) -> list[Any]:
     """:func:`view_values` for a step a person selected: the slider keeps what they set (an answer to an earlier
     selection, arriving late, must not take back a step typed since) unless it needs clamping into range."""
-    values = view_values(trace, int(position or 0), color_by)
-    if trace is not None and _clamp(trace, int(position or 0))[0] == int(position or 0):
+    asked = int(position or 0)
+    values = view_values(trace, asked, color_by)
+    if trace is not None and _clamp(trace, asked)[0] == asked:
         values[1] = gr.skip()
     return values
 

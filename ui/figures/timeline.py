@@ -7,7 +7,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from engine.trace import Trace
-from ui.figures.common import PROCESSED_COLOR, RAW_COLOR, empty_figure, scatter_class, style_figure, token_label
+from ui.figures.common import (CHOSEN_COLOR, PROCESSED_COLOR, RAW_COLOR, empty_figure, scatter_class, style_figure,
+                               token_label)
 from ui.figures.tokens import no_steps_reason, token_steps
 
 
@@ -54,7 +55,6 @@ def entropy_figure(trace: Trace, selected_step: int | None = None) -> go.Figure:
 
 
 SPARK_WIDTH, SPARK_HEIGHT, SPARK_STEPS = 600, 56, 200
-SPARK_ENTROPY_COLOR, SPARK_CHOSEN_COLOR = "rgb(99, 110, 250)", "rgb(0, 160, 120)"
 
 
 def entropy_sparkline_html(trace: Trace) -> str:
@@ -73,9 +73,9 @@ def entropy_sparkline_html(trace: Trace) -> str:
         f'<div class="de-sparkline" style="opacity:0.85;font-size:0.85em;margin-top:6px">'
         f'<svg viewBox="0 0 {SPARK_WIDTH} {SPARK_HEIGHT}" preserveAspectRatio="none" '
         f'style="width:100%;max-width:{SPARK_WIDTH}px;height:{SPARK_HEIGHT}px;display:block">'
-        f'<polyline points="{entropy}" fill="none" stroke="{SPARK_ENTROPY_COLOR}" stroke-width="1.5"/>'
-        f'<polyline points="{chosen}" fill="none" stroke="{SPARK_CHOSEN_COLOR}" stroke-width="1.5"/></svg>'
-        f'<span style="color:{SPARK_ENTROPY_COLOR}">entropy (max {top:.2f} nats)</span> · '
-        f'<span style="color:{SPARK_CHOSEN_COLOR}">p(chosen)</span> over the last {len(steps)} tokens, raw · '
+        f'<polyline points="{entropy}" fill="none" stroke="{RAW_COLOR}" stroke-width="1.5"/>'
+        f'<polyline points="{chosen}" fill="none" stroke="{CHOSEN_COLOR}" stroke-width="1.5"/></svg>'
+        f'<span style="color:{RAW_COLOR}">entropy (max {top:.2f} nats)</span> · '
+        f'<span style="color:{CHOSEN_COLOR}">p(chosen)</span> over the last {len(steps)} tokens, raw · '
         "the figures follow when the run pauses or ends</div>"
     )
