@@ -113,9 +113,10 @@ def test_browser_run_step_library_import_compare(page):
 
     page.goto(page.url.split("?")[0] + "?__theme=dark")  # the same replay in the dark theme
     open_tab(page, "Library")
-    page.fill("#filter-text textarea, #filter-text input", "capital of France")  # the beam sample's prompt
-    page.click("#refresh-runs")
+    type_into(page, "filter-text", "capital of France", enter=True)  # the beam sample's prompt
+    page.wait_for_function("document.querySelector('#runs-table').innerText.includes('beam')")
     page.locator("#runs-table").get_by_text("beam", exact=True).first.click()
+    page.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
     page.click("#open-run")
     wait_text(page, "library-status", "finished")
     page.wait_for_timeout(1500)
