@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.diffusion.tokenizer import build_tokenizer
-from engine.models.handle import LoadedModel
 from tests.workers import cores_per_worker
 
 # The tests' models are tiny: one thread avoids thread-pool overhead that dominates such small kernels
@@ -48,38 +46,18 @@ def gemma():
     return load_model("tiny-random-gemma3")
 
 
-def eager_attention(model: LoadedModel, ids: list[int], **inputs: torch.Tensor) -> list[torch.Tensor]:
-    """Per-layer attention [heads, queries, keys] (float64) from an eager forward with ``output_attentions``: an
-    independent reference for everything computed inside the explorer's attention function."""
-    model.model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            out = model.model(input_ids=torch.tensor([ids]), output_attentions=True, **inputs)
-    finally:
-        model.use_explorer_attention()
-    return [a[0].double() for a in out.attentions]
-
-
-def tiny_waitline_model(causal: bool = False, seed: int = 0, name: str = "", vocab_size: int | None = None,
-                        **config: object) -> LoadedModel:
-    """A random 2-layer Llama on the waitline tokenizer: bidirectional with mask id 3 (a tiny waitline-mdlm), or
-    causal (its AR twin). ``config`` adds or overrides config fields (``diffusion_gen_length``...)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer()
-    fields = {"is_causal": causal, "mask_token_id": None if causal else 3, **config}
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, **fields)
-    torch.manual_seed(seed)
-    return LoadedModel(name or ("tiny-ar" if causal else "tiny-mdlm"), LlamaForCausalLM(cfg).eval(), tokenizer,
-                       "random")
-
-
 # The two longest files start first: pytest-xdist hands whole files to workers in collection order, and a long file
 # handed out last leaves the other worker idle (test_speculative_real.py alone took the last 5 minutes).
 SLOWEST_FIRST = ("test_browser_journeys.py", "test_speculative_real.py")
 
 
+# Driving a browser takes minutes; so does the real model. `-m "not slow"` leaves them out (CI runs everything).
+BROWSER_MODULES = ("test_browser_journeys.py", "test_e2e.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name not in SLOWEST_FIRST)  # stable: each file keeps its own order
+    for item in items:
+        real = item.get_closest_marker("real_model") or {"real_model", "smollm2"} & set(getattr(item, "fixturenames", ()))
+        if real or item.path.name in BROWSER_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -101,7 +101,7 @@ def test_replay_only_opens_on_the_library_with_a_notice(tmp_path):
 
 def test_views_for_draft_and_diffusion_traces():
     """Built traces of the later decoder families fill the structure view and the canvas."""
-    from tests.test_figures_trees import build_diffusion_trace, hand_rounds, make_trace
+    from tests.helpers import build_diffusion_trace, hand_rounds, make_trace
 
     diffusion = build_diffusion_trace()
     values = view_values(diffusion, 3, "probability")

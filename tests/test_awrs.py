@@ -18,7 +18,8 @@ from scipy.stats import chi2_contingency, chisquare
 from engine import RunSettings, record
 from engine.constraints import PredicateConstraint, build_constraint, json_shape_pattern
 from engine.decoders import DecodeContext, get_decoder
-from engine.decoders.token.awrs import awrs_draw, constrained_decode, effective_sample_size
+from engine.decoders.token.awrs import awrs_draw, constrained_decode
+from engine.event_arrays import effective_sample_size
 from engine.events import ConstraintStep, DecoderMetric, Output, Resampling
 from engine.params import ParamError
 from engine.trace import RunInfo, Trace
@@ -254,6 +255,7 @@ def test_z_hat_is_unbiased(allowed):
         assert d.checks == len(d.shown) and d.token in d.shown
 
 
+@pytest.mark.slow  # a sampling law over many draws
 def test_max_rejects_gives_up():
     """With one try allowed, only the orders that start with the allowed token succeed: p(5) of the time."""
     logp = torch.tensor(P, dtype=torch.float64).log()

@@ -18,8 +18,9 @@ from transformers import (
 )
 
 from engine import Run, RunSettings, load_model, record
-from engine.attention import AttentionCapture, attention_array
+from engine.attention import AttentionCapture
 from engine.decoders import all_decoders
+from engine.event_arrays import attention_array
 from engine.events import AttentionMap, BeamStep, Output, TokenStep
 from engine.params import ParamError
 

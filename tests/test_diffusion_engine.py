@@ -18,15 +18,25 @@ from engine.decoders.diffusion.dream import ALG_CONFIDENCE, EPS, dream_rule
 from engine.decoders.diffusion.mask_predict import MaskPredict
 from engine.diffusion.tokenizer import build_tokenizer
 from engine.diffusion.unmask import (
-    Denoised, FullForward, MaskPredictor, StepView, UnmaskSettings, confidence, kendall_tau, predictor_for, propose,
-    top_k_rule, transfer_counts, unmask,
+    Denoised,
+    FullForward,
+    MaskPredictor,
+    StepView,
+    UnmaskSettings,
+    confidence,
+    kendall_tau,
+    predictor_for,
+    propose,
+    top_k_rule,
+    transfer_counts,
+    unmask,
 )
 from engine.events import DiffusionStep
 from engine.models.handle import LoadedModel, ModelError
 from engine.models.loading import load_model
 from engine.params import ParamError
 from engine.run import Run, RunSettings
-from tests.conftest import tiny_waitline_model
+from tests.helpers import tiny_waitline_model
 
 MASK, EOS = 3, 2
 CHI2_DF4_P001 = 18.467  # chi-square critical value, 4 degrees of freedom, p = 0.001

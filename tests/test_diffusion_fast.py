@@ -7,17 +7,24 @@ import math
 import pytest
 import torch
 
-from engine.run import Run, RunSettings  # first: importing the engine's decoders before unmask avoids a cycle
 from engine.decoders.base import DecodeContext
 from engine.decoders.diffusion.dkv_cache import RandomOrder
 from engine.decoders.diffusion.fast_dllm import factor_rule, threshold_rule
 from engine.decoders.diffusion.localleap import local_leap_rule
 from engine.diffusion.cache import (
-    DelayedCacheDenoiser, DualCacheDenoiser, PrefixCacheDenoiser, WindowCacheDenoiser, nearest_masked,
+    DelayedCacheDenoiser,
+    DualCacheDenoiser,
+    PrefixCacheDenoiser,
+    WindowCacheDenoiser,
+    nearest_masked,
 )
 from engine.diffusion.unmask import StepView, UnmaskSettings, predictor_for, unmask
 from engine.events import DiffusionStep
-from tests.conftest import tiny_waitline_model
+from engine.run import (  # first: importing the engine's decoders before unmask avoids a cycle
+    Run,
+    RunSettings,
+)
+from tests.helpers import tiny_waitline_model
 
 INF = math.inf
 PROMPT = 5  # prompt length of the hand-built canvases

@@ -10,12 +10,19 @@ import torch
 
 from engine import RunSettings, record
 from engine.decoders.diffusion.diffuspec import AdaptiveLength
-from engine.decoders.speculative.draft_model import _DRAFT_MODELS
+from engine.speculative.drafts import _DRAFT_MODELS
 from engine.diffusion.lattice_path import NgramProxy, build_lattice, search_path
 from engine.diffusion.tokenizer import build_tokenizer
 from engine.models.handle import LoadedModel
-from tests.conftest import tiny_waitline_model
-from tests.test_speculative import PROMPTS, _assert_follows, _rounds, _run, first_token_law, greedy_ids
+from tests.helpers import (
+    PROMPTS,
+    assert_follows,
+    first_token_law,
+    greedy_ids,
+    rounds_of,
+    run_ignoring_eos,
+    tiny_waitline_model,
+)
 
 TOKENIZER = build_tokenizer()
 MASK, EOS = 3, 2
@@ -93,7 +100,7 @@ SETTINGS = [
 @pytest.mark.parametrize("params", SETTINGS)
 @pytest.mark.parametrize("prompt,max_new_tokens", [(PROMPTS[0], 30), (PROMPTS[2], 23)])  # 23: ends inside drafts
 def test_greedy_equals_target_greedy(target, drafters, drafter, params, prompt, max_new_tokens):
-    trace = _run(target, "diffuspec", prompt, {"drafter": drafters[drafter], **params}, max_new_tokens=max_new_tokens)
+    trace = run_ignoring_eos(target, "diffuspec", prompt, {"drafter": drafters[drafter], **params}, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == greedy_ids(target, prompt, max_new_tokens)
 
@@ -108,7 +115,7 @@ def test_eos_inside_a_draft_stops_like_greedy(drafters):
     trace = record(model, "diffuspec", PROMPTS[0], params, RunSettings(max_new_tokens=30))
     assert trace.reason == expected.reason == "end of sequence"
     assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
-    assert sum(len(r.committed) for r in _rounds(trace)) > len(trace.output_token_ids)  # cut inside a round
+    assert sum(len(r.committed) for r in rounds_of(trace)) > len(trace.output_token_ids)  # cut inside a round
 
 
 # ---------------------------------------------------------------- acceptance accounting
@@ -116,9 +123,9 @@ def test_eos_inside_a_draft_stops_like_greedy(drafters):
 
 @pytest.mark.parametrize("cps", [True, False])
 def test_a_perfect_drafter_is_accepted_whole(target, drafters, cps):
-    trace = _run(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle"], "adl": False, "k_max": 5, "cps": cps},
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle"], "adl": False, "k_max": 5, "cps": cps},
                  max_new_tokens=24)
-    rounds = _rounds(trace)
+    rounds = rounds_of(trace)
     assert [len(r.nodes) for r in rounds] == [5, 5, 5, 5]
     assert [len(r.accepted_path) for r in rounds] == [5, 5, 5, 5]
     assert all(not r.bonus_is_correction for r in rounds)
@@ -127,9 +134,9 @@ def test_a_perfect_drafter_is_accepted_whole(target, drafters, cps):
 
 
 def test_a_drafter_right_twice_commits_three_per_round(target, drafters):
-    trace = _run(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle_right2"], "adl": False, "k_max": 6},
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle_right2"], "adl": False, "k_max": 6},
                  max_new_tokens=24)
-    rounds = _rounds(trace)
+    rounds = rounds_of(trace)
     assert [len(r.accepted_path) for r in rounds] == [2] * 8
     assert [r.bonus_is_correction for r in rounds] == [True] * 7 + [False]  # the last draft is cut to the budget: 2
     assert trace.metrics["tokens_per_call"] == 3 and trace.metrics["mean_accepted_tokens"] == 3
@@ -138,8 +145,8 @@ def test_a_drafter_right_twice_commits_three_per_round(target, drafters):
 def test_adl_follows_the_drafts_end_of_text(target, drafters):
     """The drafter ends every draft with EOS after 3 right tokens: L_gen = L_acc = 3, so k = 3 + delta after round 1."""
     params = {"drafter": drafters["oracle_eos3"], "k_min": 2, "k_max": 8, "delta": 2, "rho": 0.5}
-    trace = _run(target, "diffuspec", PROMPTS[0], params, max_new_tokens=20)
-    rounds = _rounds(trace)
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], params, max_new_tokens=20)
+    rounds = rounds_of(trace)
     # the last round has 4 tokens of budget left: a draft of at most 3, cut before the drafter's EOS
     assert [r.mode.split(" ")[0] for r in rounds] == ["k=8", "k=5", "k=5", "k=5", "k=3"]
     assert [[n.token_id for n in r.nodes][-1] == EOS for r in rounds] == [True] * 4 + [False]
@@ -243,6 +250,7 @@ def test_adl_update(rho, rounds, expected):
 # ---------------------------------------------------------------- sampling law and errors
 
 
+@pytest.mark.slow  # a sampling law over many draws
 @pytest.mark.parametrize(
     "drafter,params",
     [
@@ -254,20 +262,20 @@ def test_adl_update(rho, rounds, expected):
 def test_first_token_follows_the_target(target, drafters, drafter, params):
     """Temperature 0.9, top-k 6 (the shared helper): the first token's law is the processed target's."""
     params = {"drafter": drafters[drafter], **params}
-    _assert_follows(*first_token_law(target, "diffuspec", params, PROMPTS[0], draws=300))
+    assert_follows(*first_token_law(target, "diffuspec", params, PROMPTS[0], draws=300))
 
 
 def test_a_drafter_with_another_vocabulary_is_refused(target):
     other = _offer(_llama("tiny-mdlm-other-vocab", causal=False, seed=1, vocab_size=len(TOKENIZER) + 7))
-    _assert_refused(_run(target, "diffuspec", PROMPTS[0], {"drafter": other}, max_new_tokens=4), f"vocabulary of {len(TOKENIZER) + 7}")
+    _assert_refused(run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": other}, max_new_tokens=4), f"vocabulary of {len(TOKENIZER) + 7}")
 
 
 def test_an_autoregressive_drafter_is_refused(target):
-    _assert_refused(_run(target, "diffuspec", PROMPTS[0], {"drafter": _offer(target)}, max_new_tokens=4), "not a diffusion")
+    _assert_refused(run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": _offer(target)}, max_new_tokens=4), "not a diffusion")
 
 
 def test_bad_lengths_are_refused(target, drafters):
-    trace = _run(target, "diffuspec", PROMPTS[0], {"drafter": drafters["random"], "k_min": 9, "k_max": 8}, max_new_tokens=4)
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["random"], "k_min": 9, "k_max": 8}, max_new_tokens=4)
     _assert_refused(trace, "k_min=9 must not exceed k_max=8")
 
 

@@ -1,6 +1,6 @@
 """The beam tree at full page width: readable labels, the best hypothesis, pruned stubs, the hypotheses table.
 
-Built traces follow the beam decoder's recording (tests.test_figures_trees.build_beam_trace); properties are checked
+Built traces follow the beam decoder's recording (tests.helpers.build_beam_trace); properties are checked
 against values computed here from the events, and label geometry against the figure's own size.
 """
 
@@ -12,13 +12,23 @@ import math
 import pytest
 
 from engine.events import BeamNode, BeamStep, Output
-from tests.test_figures_trees import build_beam_trace, by_name, fig_strings, make_trace
-from ui.figures import BEAM_HYPOTHESES_HEADERS, beam_final_text, beam_hypotheses, beam_tree_figure, escape_token
+from tests.helpers import (
+    HOSTILE_TEXTS,
+    build_beam_trace,
+    by_name,
+    fig_strings,
+    make_trace,
+)
+from ui.figures import (
+    BEAM_HYPOTHESES_HEADERS,
+    beam_final_text,
+    beam_hypotheses,
+    beam_tree_figure,
+    escape_token,
+)
 from ui.figures.common import FIGURE_WIDTH, PRIMARY_HEIGHTS, text_px
 from ui.figures.trees import BEAM_LABEL_CHARS, NODE_FONT, PixelMap
 
-HOSTILE_TEXTS = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "![x](http://evil.example/a.png)",
-                 "[a](javascript:x)"]
 NODE_TRACES = ("prompt", "live", "pruned", "finished")
 
 

@@ -8,7 +8,14 @@ import dataclasses
 import pytest
 
 from engine.events import Candidate, DiffusionStep
-from tests.test_figures_trees import HOSTILE, assert_escaped, build_diffusion_trace, by_name, fig_strings, make_trace
+from tests.helpers import (
+    HOSTILE_TOKENS,
+    assert_escaped,
+    build_diffusion_trace,
+    by_name,
+    fig_strings,
+    make_trace,
+)
 from ui.figures.common import escape_token
 from ui.figures.diffusion import (
     BLOCK_COLOURS,
@@ -78,7 +85,7 @@ def outlined(fig) -> set[tuple[int, int]]:
 
 
 def text_of(token_id: int) -> str:
-    return HOSTILE.get(token_id, f"w{token_id}")
+    return HOSTILE_TOKENS.get(token_id, f"w{token_id}")
 
 
 def quoted(token_id: int) -> str:
@@ -212,7 +219,7 @@ def test_overview_lattice_marks_remasks(trace):
 
 
 def test_no_raw_token_text_in_any_diffusion_view(trace):
-    hostile_cache = make_trace([dataclasses.replace(hand_steps()[0], cache=HOSTILE[10])])
+    hostile_cache = make_trace([dataclasses.replace(hand_steps()[0], cache=HOSTILE_TOKENS[10])])
     for built in (trace, build_diffusion_trace(), hostile_cache):
         for index in range(len([e for e in built.events if isinstance(e, DiffusionStep)])):
             texts = fig_strings(step_lattice_figure(built, index)) + fig_strings(committed_per_step_figure(built, index))
@@ -221,7 +228,7 @@ def test_no_raw_token_text_in_any_diffusion_view(trace):
             assert_escaped(texts, [])
     everything = [s for i in range(4) for s in fig_strings(step_lattice_figure(trace, i))]
     assert_escaped(everything, [10, 11, 12, 13])
-    assert escape_token(HOSTILE[10]) + " cache" in step_lattice_figure(hostile_cache, 0).layout.title.text
+    assert escape_token(HOSTILE_TOKENS[10]) + " cache" in step_lattice_figure(hostile_cache, 0).layout.title.text
 
 
 def test_views_walk_diffusion_steps(trace):

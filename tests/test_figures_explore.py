@@ -10,17 +10,26 @@ from dataclasses import dataclass, field
 from engine.events import StageReport
 from engine.explore import TokenTree, TreeNode
 from engine.reprocess import Reprocessed, StageCut
-from tests.test_figures_trees import by_name, fig_strings
+from tests.helpers import (
+    HOSTILE_TEXTS,
+    RAW_FRAGMENTS,
+    by_name,
+    fig_strings,
+    hand_step,
+    hand_trace,
+)
 from ui.figures import (
-    RUN_TREE_HEADERS, distribution_figure, escape_token, reprocess_figure, run_label, run_tree_rows, token_tree_figure,
+    RUN_TREE_HEADERS,
+    distribution_figure,
+    escape_token,
+    reprocess_figure,
+    run_label,
+    run_tree_rows,
+    token_tree_figure,
 )
 from ui.figures.common import PRIMARY_HEIGHTS, text_px
 from ui.figures.explore import TREE_LABEL_CHARS
 from ui.figures.trees import NODE_FONT, PixelMap
-
-HOSTILE_TEXTS = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "![x](http://evil.example/a.png)",
-                 "[a](javascript:x)"]
-RAW_FRAGMENTS = ["<script", "<img", "](", "!["]
 
 
 def build_tree(depth: int = 3, children: int = 3, texts: list[str] | None = None) -> TokenTree:
@@ -156,10 +165,8 @@ def test_reprocess_bars_cuts_and_title():
 
 def test_reprocess_cuts_are_drawn_by_the_distribution_code():
     """The same cut, fed once as a recorded StageReport and once as a re-processed StageCut, draws the same."""
-    from tests.test_figures_tokens import build, step
-
     survivors = (True, False, True)  # not a prefix
-    trace = build([step(0, 1, {0: 0.5, 1: 0.3, 2: 0.2}, [StageReport("typical", 2, 0.5, 0b101, 0.3)])],
+    trace = hand_trace([hand_step(0, 1, {0: 0.5, 1: 0.3, 2: 0.2}, [StageReport("typical", 2, 0.5, 0b101, 0.3)])],
                   {0: "a", 1: "b", 2: "c"})
     recorded = distribution_figure(trace, 0)
     result = Reprocessed(position=0, settings={"typical_p": 0.3}, token_ids=(0, 1, 2), texts=("a", "b", "c"),

@@ -12,17 +12,27 @@ import pytest
 
 from engine.events import Candidate, DiffusionStep
 from engine.trace import read_file
-from tests.test_figures_trees import build_diffusion_trace, by_name, fig_strings, make_trace
+from tests.helpers import (
+    HOSTILE_TEXTS,
+    RAW_FRAGMENTS,
+    build_diffusion_trace,
+    by_name,
+    fig_strings,
+    make_trace,
+)
 from ui.figures.common import (
-    COLORBAR_PX, FIGURE_WIDTH, PRIMARY_HEIGHTS, SECONDARY_HEIGHTS, clip_text, escape_token, text_px, token_label,
+    COLORBAR_PX,
+    FIGURE_WIDTH,
+    PRIMARY_HEIGHTS,
+    SECONDARY_HEIGHTS,
+    clip_text,
+    escape_token,
+    text_px,
+    token_label,
 )
 from ui.figures.constraint import tries_figure
 from ui.figures.diffusion import CELL_CHARS, step_lattice_figure
 from ui.figures.lattice import lattice_figure
-
-HOSTILE_TEXTS = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "![x](http://evil.example/a.png)",
-                 "[a](javascript:x)"]
-RAW_FRAGMENTS = ["<script", "<img", "](", "!["]
 
 
 def plot_width(fig) -> float:

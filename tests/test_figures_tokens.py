@@ -15,9 +15,19 @@ import pytest
 
 from engine import Run, RunSettings, load_model, record
 from engine.attention import AttentionCapture
-from engine.events import AttentionMap, BeamNode, BeamStep, Candidate, Event, Output, RunFinished, RunStarted, StageReport, TokenStep
-from engine.recorder import Recorder
-from engine.trace import RunInfo, Trace
+from engine.decoders import param_defaults
+from engine.events import (
+    AttentionMap,
+    BeamNode,
+    BeamStep,
+    Candidate,
+    Event,
+    Output,
+    RunStarted,
+    StageReport,
+)
+from engine.trace import Trace
+from tests.helpers import hand_step, hand_trace
 from ui.figures import (
     WINDOW,
     aligned_tokens_html,
@@ -74,28 +84,6 @@ def greedy(tiny) -> Trace:
     return record(tiny, "greedy", "Hello world", settings=RunSettings(max_new_tokens=8, ignore_eos=True))
 
 
-def build(events: list[Event], vocab: dict[int, str], decoder: str = "sample", status: str | None = "finished") -> Trace:
-    """A trace recorded from hand-made events, the way a run records them."""
-    trace = Trace(run_id=f"hand{len(events)}{decoder}", info=RunInfo(model="hand", decoder=decoder, params={}, prompt="p"))
-    recorder = Recorder(trace, lambda t: vocab.get(t, f"<{t}>"))
-    for event in events:
-        recorder.record(event)
-    if status is not None:
-        recorder.record(RunFinished(status=status))
-    return trace
-
-
-def step(position: int, token_id: int, probs: dict[int, float], stages: list[StageReport] = (), **extra: Any) -> TokenStep:
-    """A token step whose candidates are ``probs`` (raw = processed unless stages say otherwise)."""
-    candidates = [Candidate(t, p, p) for t, p in sorted(probs.items(), key=lambda kv: -kv[1])]
-    p = probs.get(token_id, 1e-4)
-    rank = 1 + sum(q > p for q in probs.values())
-    return TokenStep(
-        step=position, position=position, token_id=token_id, logprob=float(np.log(p)), raw_logprob=float(np.log(p)),
-        rank=rank, entropy_raw=1.0, entropy=0.5, candidates=candidates, stages=list(stages), **extra,
-    )
-
-
 def hostile_trace() -> Trace:
     probs = {0: 0.3, 1: 0.25, 2: 0.2, 3: 0.15, 4: 0.05, 5: 0.05}
     stages = [StageReport("top_k", kept=4, mass=0.9, survivors=0b1111, threshold=0.15)]
@@ -106,16 +94,16 @@ def hostile_trace() -> Trace:
         shape=[1, keys, keys], data=np.full((1, keys, keys), 1 / keys, dtype=np.float16).tobytes(),
     )
     events: list[Event] = [RunStarted(prompt_token_ids=prompt)]
-    events += [step(i, t, probs, stages, forced=i == 1) for i, t in enumerate([0, 1, 2, 3, 4, 5])]
+    events += [hand_step(i, t, probs, stages, forced=i == 1) for i, t in enumerate([0, 1, 2, 3, 4, 5])]
     events.append(attention)
-    return build(events, HOSTILE)
+    return hand_trace(events, HOSTILE)
 
 
 def long_trace(n: int = 2000) -> Trace:
     vocab = {i: f" w{i}" for i in range(50)}
     events: list[Event] = [RunStarted(prompt_token_ids=[0, 1])]
-    events += [step(i, i % 50, {i % 50: 0.6, (i + 1) % 50: 0.3, (i + 2) % 50: 0.1}) for i in range(n)]
-    return build(events, vocab)
+    events += [hand_step(i, i % 50, {i % 50: 0.6, (i + 1) % 50: 0.3, (i + 2) % 50: 0.1}) for i in range(n)]
+    return hand_trace(events, vocab)
 
 
 def all_strings(value: Any) -> list[str]:
@@ -196,10 +184,10 @@ def test_token_stream_spans_tooltips_and_prompt(sampled):
 def test_token_colours_follow_probability_and_rank():
     vocab = {0: "a", 1: "b", 2: "c"}
     events = [
-        step(0, 0, {0: 0.95, 1: 0.05}),
-        step(1, 2, {0: 0.6, 1: 0.38, 2: 0.02}),
+        hand_step(0, 0, {0: 0.95, 1: 0.05}),
+        hand_step(1, 2, {0: 0.6, 1: 0.38, 2: 0.02}),
     ]
-    trace = build(events, vocab)
+    trace = hand_trace(events, vocab)
 
     def backgrounds(html: str) -> list[str]:
         return re.findall(r'class="de-token" data-step="\d+"[^>]*background:(rgba\([^)]*\))', html)
@@ -245,7 +233,7 @@ def test_step_table_rows(sampled):
 
 
 def test_step_table_adds_a_chosen_token_outside_the_top_k():
-    trace = build([step(0, 7, {0: 0.6, 1: 0.4})], {0: "a", 1: "b", 7: "z"})
+    trace = hand_trace([hand_step(0, 7, {0: 0.6, 1: 0.4})], {0: "a", 1: "b", 7: "z"})
     rows = step_table(trace, 0)
     assert len(rows) == 3 and rows[-1][1] == "z" and rows[-1][5] == "✓" and rows[-1][4] == "?"
     assert [r[4] for r in rows[:2]] == ["—", "—"]  # no stages: nothing to survive
@@ -282,7 +270,7 @@ def test_distribution_greedy_and_missing_step(greedy):
 
 def test_distribution_marks_non_prefix_survivors():
     stages = [StageReport("typical", kept=2, mass=0.5, survivors=0b110)]  # the top candidate was dropped
-    trace = build([step(0, 1, {0: 0.5, 1: 0.3, 2: 0.2}, stages)], {0: "a", 1: "b", 2: "c"})
+    trace = hand_trace([hand_step(0, 1, {0: 0.5, 1: 0.3, 2: 0.2}, stages)], {0: "a", 1: "b", 2: "c"})
     fig = distribution_figure(trace, 0)
     assert shape_names(fig) == ["chosen", "cut:typical"]
     assert fig.layout.shapes[1].x0 == 2.5 and "not a prefix" in annotation_text(fig)
@@ -310,13 +298,13 @@ def test_entropy_timeline_long_runs_use_webgl():
 
 
 def test_entropy_timeline_without_token_steps():
-    beam = build(
+    beam = hand_trace(
         [RunStarted([0]), BeamStep(step=0, nodes=[BeamNode(0, -1, 1, -0.1, -0.1, "live")]), Output([1])],
         {0: "a", 1: "b"}, decoder="beam",
     )
     fig = entropy_figure(beam)
     assert not fig.data and "beam" in annotation_text(fig).lower()
-    empty = build([], {}, status=None)
+    empty = hand_trace([], {}, status=None)
     assert "No tokens recorded yet" in annotation_text(entropy_figure(empty))
     assert "No tokens recorded yet" in token_stream_html(empty)
 
@@ -362,7 +350,7 @@ def test_attention_missing_says_how_to_record_it(greedy):
 
 def crafted(tokens: list[int], status: str = "finished") -> Trace:
     vocab = {i: f"t{i}" for i in range(10)}
-    return build([RunStarted([0])] + [step(i, t, {t: 0.7, (t + 1) % 10: 0.3}) for i, t in enumerate(tokens)], vocab, status=status)
+    return hand_trace([RunStarted([0])] + [hand_step(i, t, {t: 0.7, (t + 1) % 10: 0.3}) for i, t in enumerate(tokens)], vocab, status=status)
 
 
 def test_first_divergence():
@@ -409,10 +397,12 @@ def test_topk_kl():
 
 
 def test_cost_table(sampled, greedy):
-    rows = cost_table([sampled, greedy])
+    rows = cost_table([sampled, greedy], param_defaults())
     assert [r["decoder"] for r in rows] == ["sample", "greedy"]
     assert rows[0]["new tokens"] == 8 and rows[0]["model calls"] == 8 and rows[0]["tokens/call"] == 1.0
     assert rows[0]["mean accepted"] is None and rows[0]["status"] == "finished"
     # parameters off the decoder's defaults, plus the seed because the runs disagree on it
     assert rows[0]["params"] == "seed=1 temperature=0.7 top_k=5 top_p=0.9 min_p=0.05"
     assert rows[1]["params"] == "seed=0"
+    # without the decoders' defaults only what the runs disagree on is shown
+    assert [r["params"] for r in cost_table([sampled, greedy])] == ["seed=1", "seed=0"]

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
-from engine.events import BeamNode, BeamStep, Candidate, DiffusionStep, DraftNode, DraftRound, Output, RunStarted
-from engine.trace import RunInfo, Trace
+from engine.events import (
+    BeamNode,
+    BeamStep,
+    DiffusionStep,
+    DraftNode,
+    DraftRound,
+    Output,
+)
+from engine.trace import Trace
+from tests.helpers import (
+    HOSTILE_TOKENS,
+    assert_escaped,
+    build_beam_trace,
+    build_diffusion_trace,
+    by_name,
+    fig_strings,
+    hand_rounds,
+    make_trace,
+)
 from ui.figures.common import escape_token
-from ui.figures.lattice import canvas_html, commit_order, diffusion_steps, lattice_figure
+from ui.figures.lattice import (
+    canvas_html,
+    commit_order,
+    diffusion_steps,
+    lattice_figure,
+)
 from ui.figures.trees import (
     BEAM_COLOURS,
     DRAFT_COLOURS,
@@ -21,81 +42,7 @@ from ui.figures.trees import (
     draft_tree_figure,
 )
 
-HOSTILE = {10: "<script>alert(1)</script>", 11: "<b>x</b>", 12: "\x1b[31m", 13: "<img src=x onerror=alert(1)>"}
-PROMPT_IDS = [1, 2]
-
-
-def make_trace(events: list, vocab: dict[int, str] | None = None) -> Trace:
-    words = {i: f"w{i}" for i in range(200)}
-    words.update(HOSTILE)
-    words.update(vocab or {})
-    return Trace(
-        run_id="t",
-        info=RunInfo(model="m", decoder="d", params={}, prompt="<i>prompt</i>"),
-        events=[RunStarted(prompt_token_ids=PROMPT_IDS), *events],
-        vocab=words,
-        prompt_token_ids=PROMPT_IDS,
-    )
-
-
-def by_name(fig, name: str):
-    matches = [t for t in fig.data if t.name == name]
-    assert len(matches) == 1, f"{name!r}: {[t.name for t in fig.data]}"
-    return matches[0]
-
-
-def strings_of(value) -> list[str]:
-    """Every string in a JSON value (the figure as the browser receives it)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        return [s for v in value for s in strings_of(v)]
-    return []
-
-
-def assert_escaped(texts: list[str], ids: list[int]) -> None:
-    joined = "\n".join(texts)
-    for raw in HOSTILE.values():
-        assert raw not in joined
-    assert "<script" not in joined and "<img" not in joined and "<i>" not in joined and "\x1b" not in joined
-    for i in ids:
-        assert escape_token(HOSTILE[i]) in joined
-
-
-def fig_strings(fig) -> list[str]:
-    return strings_of(json.loads(fig.to_json()))
-
-
 # ---------------------------------------------------------------- beam search
-
-
-def build_beam_trace(beams: int, steps: int) -> Trace:
-    """Beam search as the decoder records it: 2*beams candidates a step from the live beams, the best
-    ``beams`` live (finished at the last step), the rest pruned; scores fall with every step."""
-    rng = random.Random(0)
-    events, live, next_id = [], [(-1, 0.0, [])], 0
-    for step in range(steps):
-        cands = []
-        for j in range(2 * beams):
-            parent, score, tokens = live[j % len(live)]
-            logprob = -rng.uniform(0.1, 3.0)
-            token = 10 + (j + step) % 40  # hostile tokens (10-13) appear throughout
-            cands.append((score + logprob, logprob, parent, tokens + [token]))
-        cands.sort(key=lambda c: -c[0])
-        nodes, new_live = [], []
-        for rank, (score, logprob, parent, tokens) in enumerate(cands):
-            status = "pruned" if rank >= beams else ("finished" if step == steps - 1 else "live")
-            norm = score / len(tokens) if status == "finished" else None
-            nodes.append(BeamNode(next_id, parent, tokens[-1], logprob, score, status, norm))
-            if status != "pruned":
-                new_live.append((next_id, score, tokens))
-            next_id += 1
-        events.append(BeamStep(step=step, nodes=nodes))
-        live = new_live
-    events.append(Output(token_ids=live[0][2], score=live[0][1] / steps))
-    return make_trace(events)
 
 
 def beam_nodes(trace: Trace) -> list[BeamNode]:
@@ -184,29 +131,6 @@ def test_large_beam_trace_builds():
 # ---------------------------------------------------------------- speculative decoding
 
 
-def hand_rounds() -> list[DraftRound]:
-    """Round 1: a tree with a duplicate sibling token and a correction; round 2: a chain fully accepted + bonus."""
-    tree = [
-        DraftNode(0, -1, 11, 1, 0.6, target_prob=0.7, accepted=True, draw=0.2, ratio=1.1667),
-        DraftNode(1, -1, 21, 1, 0.3),
-        DraftNode(2, -1, 11, 1, 0.1),  # same token as node 0: a distinct node
-        DraftNode(3, 0, 22, 2, 0.5, target_prob=0.2, accepted=False, draw=0.9, ratio=0.4),
-        DraftNode(4, 0, 10, 2, 0.4, target_prob=0.5, accepted=True, draw=0.1, ratio=1.25),
-        DraftNode(5, 4, 23, 3, 0.7, target_prob=0.1, accepted=False, draw=0.5, ratio=0.1429),
-        DraftNode(6, 4, 24, 3, 0.2, target_prob=0.05, accepted=False, draw=0.6, ratio=0.25),
-        DraftNode(7, 3, 25, 3, 0.9),
-    ]
-    chain = [DraftNode(i, i - 1, 30 + i, i + 1, 0.8, target_prob=0.9, accepted=True, draw=0.3, ratio=1.125)
-             for i in range(4)]
-    return [
-        DraftRound(step=1, nodes=tree, accepted_path=[0, 4], committed=[11, 10, 13], bonus_token=13,
-                   bonus_is_correction=True, residual_top=[Candidate(13, 0.2, 0.6), Candidate(12, 0.1, 0.3)],
-                   draft_calls=3),
-        DraftRound(step=2, nodes=chain, accepted_path=[0, 1, 2, 3], committed=[30, 31, 32, 33, 34], bonus_token=34,
-                   draft_calls=4),
-    ]
-
-
 def random_round(rng: random.Random, step: int) -> DraftRound:
     """An EAGLE-like tree (10-60 nodes, depth <= 6) verified SpecInfer-style: along the accepted path every
     child is checked until one is accepted; after the path ends, the last node's children are all rejected."""
@@ -249,8 +173,8 @@ def test_draft_tree_statuses_bonus_and_stats():
     for status in ("accepted", "rejected", "not verified"):
         assert by_name(fig, status).marker.color == DRAFT_COLOURS[status]
     correction = by_name(fig, "correction")
-    assert correction.text[0] == escape_token(HOSTILE[13][:15]) + "… (correction)"  # labels are cut
-    assert escape_token(HOSTILE[13]) in correction.hovertext[0] and escape_token(HOSTILE[12]) in correction.hovertext[0]
+    assert correction.text[0] == escape_token(HOSTILE_TOKENS[13][:15]) + "… (correction)"  # labels are cut
+    assert escape_token(HOSTILE_TOKENS[13]) in correction.hovertext[0] and escape_token(HOSTILE_TOKENS[12]) in correction.hovertext[0]
     assert correction.x == (3,)  # right after the 2-node accepted path
     assert edge_count(by_name(fig, "accepted path")) == 3
     assert edge_count(by_name(fig, "edges")) == 9  # 8 drafts + the correction
@@ -261,7 +185,7 @@ def test_draft_tree_statuses_bonus_and_stats():
     bonus = by_name(draft_tree_figure(trace, 2), "bonus")
     assert bonus.x == (5,) and bonus.text[0].endswith("(bonus)")
     context = by_name(draft_tree_figure(trace, 2), "context")  # root = the last committed token
-    assert context.text[0].startswith(escape_token(HOSTILE[13][:15]))
+    assert context.text[0].startswith(escape_token(HOSTILE_TOKENS[13][:15]))
     assert draft_tree_figure(trace, -1).layout.title.text == "Draft tree, round 2 of 2 (step 2)"
     with pytest.raises(ValueError):
         draft_tree_figure(trace, 0)
@@ -269,7 +193,7 @@ def test_draft_tree_statuses_bonus_and_stats():
 
 def test_draft_tree_keeps_duplicate_siblings_distinct():
     fig = draft_tree_figure(make_trace(hand_rounds()), 1)
-    label = escape_token(HOSTILE[11])
+    label = escape_token(HOSTILE_TOKENS[11])
     points = [(x, y) for name in ("accepted", "not verified") for x, y, t in
               zip(by_name(fig, name).x, by_name(fig, name).y, by_name(fig, name).text) if t == label]
     assert len(points) == 2 and len(set(points)) == 2 and {x for x, _ in points} == {1}
@@ -303,34 +227,6 @@ def test_acceptance_by_depth_and_figure():
 
 
 # ---------------------------------------------------------------- diffusion
-
-
-def build_diffusion_trace(length: int = 32, steps: int = 16, block: int = 8, mask_id: int = 0) -> Trace:
-    """LLaDA-style semi-autoregressive unmasking: per step, commit the 2 most confident masked positions of
-    the current block; positions right of the block get -inf confidence."""
-    rng = random.Random(1)
-    per_step = length // steps
-    steps_per_block = steps * block // length
-    canvas = [mask_id] * length
-    events = []
-    for step in range(steps):
-        start = step // steps_per_block * block
-        proposals, confidence = [], []
-        for p in range(length):
-            if canvas[p] != mask_id:
-                proposals.append([])
-                confidence.append(float("-inf"))
-                continue
-            probs = sorted((rng.random() for _ in range(3)), reverse=True)
-            total = sum(probs) * 1.2
-            proposals.append([Candidate(10 + (p + k) % 50, q / total, q / total) for k, q in enumerate(probs)])
-            confidence.append(probs[0] / total if start <= p < start + block else float("-inf"))
-        chosen = sorted(range(length), key=lambda p: -confidence[p])[:per_step]
-        for p in chosen:
-            canvas[p] = proposals[p][0].token_id
-        events.append(DiffusionStep(step=step, canvas=list(canvas), mask_id=mask_id, committed_positions=sorted(chosen),
-                                    confidence=confidence, proposals=proposals, block=[start, start + block]))
-    return make_trace(events, {0: "[mask]"})
 
 
 def test_commit_order_and_lattice_shape():

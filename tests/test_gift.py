@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from engine import RunSettings, record
-from engine.attention import AttentionCapture, attention_array
+from engine.attention import AttentionCapture
 from engine.decoders.token.gift import STOPWORDS, default_layers
+from engine.event_arrays import attention_array
 from engine.events import AttentionMap, DecoderMetric, Steering
 from engine.prompt_spans import marked_spans
-from tests.conftest import eager_attention
+from tests.helpers import eager_attention
 
 PROMPT = "Context: The red fox lives in the old mill by the river. Question: Where does the fox live?"
 

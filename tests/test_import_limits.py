@@ -18,7 +18,7 @@ from engine.events import DecoderMetric, TraceFormatError
 from engine.trace import RunInfo, Trace, dumps, read_file, trace_to_dict
 from storage import TraceStore
 from storage import store as store_module
-from tests.test_storage import every_kind_trace, same, token_step
+from tests.helpers import every_kind_trace, same, token_step
 
 
 @pytest.fixture

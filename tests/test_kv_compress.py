@@ -22,7 +22,7 @@ from engine.kv_compress import (
 )
 from engine.models.handle import LoadedModel
 from engine.processing import kl_divergence
-from tests.conftest import eager_attention
+from tests.helpers import eager_attention
 from ui.figures.cache import cache_kl_figure, eviction_map_figure
 
 PROMPT = "The quick brown fox jumps over the lazy dog"  # with 30 new tokens longer than gemma3's sliding window (32)

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from engine.decoders import get_decoder  # before engine.diffusion: unmask.py imports engine.decoders.base
+from engine.decoders import (
+    get_decoder,  # before engine.diffusion: unmask.py imports engine.decoders.base
+)
 from engine.diffusion import learn2pd
 from engine.diffusion import train as waitline_train
 from engine.diffusion.tokenizer import build_tokenizer
@@ -18,7 +20,7 @@ from engine.models import load_model
 from engine.models.handle import LoadedModel
 from engine.params import ParamError
 from engine.run import Run, RunSettings
-from tests.conftest import tiny_waitline_model
+from tests.helpers import tiny_waitline_model
 
 NEVER = -100.0  # a filter logit whose sigmoid is ~0
 PROMPT = "You are managing a waiting line"

@@ -266,15 +266,27 @@ def test_the_pool_stays_under_its_memory_budget_and_keeps_models_in_use():
 
 
 def test_draft_models_named_per_request_do_not_pile_up():
-    from engine.decoders.speculative.draft_model import (
+    from engine.speculative.drafts import (
         _DRAFT_MODELS,
         MAX_DRAFT_MODELS,
         load_draft_model,
     )
 
-    first = load_draft_model("tiny-random-llama:seed=11")
-    assert load_draft_model(" tiny-random-llama:seed=11 ") is first
+    target = load_model("tiny-random-llama")
+    first = load_draft_model("tiny-random-llama:seed=11", target)
+    assert load_draft_model(" tiny-random-llama:seed=11 ", target) is first
     for seed in range(12, 12 + MAX_DRAFT_MODELS + 2):
-        load_draft_model(f"tiny-random-llama:seed={seed}")
+        load_draft_model(f"tiny-random-llama:seed={seed}", target)
     assert len(_DRAFT_MODELS) == MAX_DRAFT_MODELS
     assert ("tiny-random-llama:seed=11", "float32", "cpu") not in _DRAFT_MODELS
+
+
+def test_a_draft_model_loads_in_its_targets_dtype_and_is_cached_per_dtype():
+    from engine.speculative.drafts import _DRAFT_MODELS, load_draft_model
+
+    half = load_model("tiny-random-llama", dtype="bfloat16")
+    draft = load_draft_model("tiny-random-llama:seed=21", half)
+    assert (draft.dtype_name, draft.device.type) == ("bfloat16", "cpu")
+    assert load_draft_model("tiny-random-llama:seed=21", load_model("tiny-random-llama")).dtype_name == "float32"
+    assert {key for key in _DRAFT_MODELS if key[0] == "tiny-random-llama:seed=21"} == {
+        ("tiny-random-llama:seed=21", "bfloat16", "cpu"), ("tiny-random-llama:seed=21", "float32", "cpu")}

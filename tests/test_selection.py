@@ -11,8 +11,8 @@ import torch
 from scipy.stats import chisquare
 
 from engine import RunSettings, record
-from engine.decoders.token.exact_extract import span_nll
 from engine.decoders.token.self_certainty import answer_key, borda_votes, choose
+from engine.event_arrays import span_nll
 from engine.events import Output, Rerank, SpanScores
 from engine.trace import dumps, loads
 from ui.figures.spans import spans_figure

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine import RunSettings, load_model, record
+from engine import RunSettings, record
 from engine.events import r7
-from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, greedy_ids, PROMPTS, _rounds, _run
+from tests.helpers import (
+    PROMPTS,
+    assert_follows,
+    greedy_ids,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 # Adversarial settings: a one-layer draft (mostly rejected), the whole target as its draft (all accepted) with
 # drafts growing past the budget, long drafts, and PEARL with one-token rounds.
@@ -33,7 +39,7 @@ _greedy = greedy_ids
 
 
 def _assert_greedy_equal(model, decoder, params, prompt, max_new_tokens):
-    trace = _run(model, decoder, prompt, params, max_new_tokens=max_new_tokens)
+    trace = run_ignoring_eos(model, decoder, prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == _greedy(model, prompt, max_new_tokens)
     return trace
@@ -54,25 +60,6 @@ def test_greedy_equals_greedy_gemma3(gemma, decoder, params):
     _assert_greedy_equal(gemma, decoder, params, PROMPTS[1], 70)
 
 
-@pytest.mark.parametrize(
-    "decoder,params",
-    [
-        ("speculative", {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 2}),
-        ("specdec_pp", {"draft_layers": 2}),
-        ("pearl", {"draft_layers": 2}),
-    ],
-)
-def test_eos_inside_a_draft_stops_like_greedy(decoder, params):
-    model = load_model("tiny-random-llama")  # a private copy: its generation config is changed below
-    eos = _first_token_inside_a_draft(_run(model, decoder, PROMPTS[0], params, max_new_tokens=40))
-    model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", PROMPTS[0], settings=RunSettings(max_new_tokens=40))
-    trace = record(model, decoder, PROMPTS[0], params, RunSettings(max_new_tokens=40))
-    assert trace.reason == expected.reason == "end of sequence"
-    assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
-    assert sum(len(r.committed) for r in _rounds(trace)) > len(trace.output_token_ids)
-
-
 # ---------------------------------------------------------------- the draft-length rules
 
 
@@ -91,7 +78,7 @@ def _assert_heuristic_schedule(rounds, k: int, max_new_tokens: int) -> list[int]
 
 def test_heuristic_schedule_grows_while_everything_is_accepted(llama):
     params = {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 1}
-    rounds = _rounds(_run(llama, "speculative", PROMPTS[0], params, max_new_tokens=45))
+    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], params, max_new_tokens=45))
     assert all(len(r.accepted_path) == len(r.nodes) for r in rounds)
     lengths = _assert_heuristic_schedule(rounds, 1, 45)
     assert lengths[:5] == [1, 3, 5, 7, 9]
@@ -99,14 +86,14 @@ def test_heuristic_schedule_grows_while_everything_is_accepted(llama):
 
 def test_heuristic_schedule_shrinks_to_one_while_everything_is_rejected(llama):
     params = {"schedule": "heuristic", "draft_model": "tiny-random-llama:seed=1", "num_draft_tokens": 5}
-    rounds = _rounds(_run(llama, "speculative", PROMPTS[1], params, max_new_tokens=12))
+    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[1], params, max_new_tokens=12))
     assert all(not r.accepted_path for r in rounds)
     assert _assert_heuristic_schedule(rounds, 5, 12)[:7] == [5, 4, 3, 2, 1, 1, 1]
 
 
 def test_confidence_schedule_stops_after_the_first_unconfident_draft(llama):
     threshold, k, budget = 0.1, 8, 45
-    rounds = _rounds(_run(llama, "speculative", PROMPTS[0], {**SETTINGS[3][1], "confidence_threshold": threshold}, max_new_tokens=budget))
+    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], {**SETTINGS[3][1], "confidence_threshold": threshold}, max_new_tokens=budget))
     generated = 0
     for r in rounds:
         probs = [n.draft_prob for n in r.nodes]
@@ -126,7 +113,7 @@ def test_confidence_schedule_stops_after_the_first_unconfident_draft(llama):
 def test_specdec_pp_lengths_follow_the_stop_rule(llama, params, min_draft, max_draft, threshold):
     """Recomputed from the recorded draft probs: never stop before min_draft or while 1 - cum <= threshold."""
     budget = 45
-    rounds = _rounds(_run(llama, "specdec_pp", PROMPTS[0], params, max_new_tokens=budget))
+    rounds = rounds_of(run_ignoring_eos(llama, "specdec_pp", PROMPTS[0], params, max_new_tokens=budget))
     generated = 0
     for r in rounds:
         probs = [n.draft_prob for n in r.nodes]
@@ -142,7 +129,7 @@ def test_specdec_pp_lengths_follow_the_stop_rule(llama, params, min_draft, max_d
 
 
 def test_specdec_pp_refuses_min_above_max(llama):
-    trace = _run(llama, "specdec_pp", "Hi", {"min_draft": 5, "max_draft": 3})
+    trace = run_ignoring_eos(llama, "specdec_pp", "Hi", {"min_draft": 5, "max_draft": 3})
     assert trace.status == "failed" and "min_draft=5 must not exceed max_draft=3" in trace.reason
 
 
@@ -150,7 +137,7 @@ def test_specdec_pp_refuses_min_above_max(llama):
 def test_pearl_rounds_alternate_as_the_algorithm_says(llama, params, prompt):
     gamma, budget = params.get("gamma", 4), 40
     trace = _assert_greedy_equal(llama, "pearl", params, prompt, budget)
-    rounds = _rounds(trace)
+    rounds = rounds_of(trace)
     generated, mode = 0, "pre-verify"
     for r in rounds:
         all_accepted = len(r.accepted_path) == len(r.nodes)
@@ -206,7 +193,7 @@ def test_first_two_sampled_tokens_follow_the_processed_target(llama, decoder, pa
         record(llama, decoder, prompt, {**params, **SAMPLED}, RunSettings(max_new_tokens=2, seed=seed, ignore_eos=True)).output_token_ids
         for seed in range(400)
     ]
-    _assert_follows(_counts([out[0] for out in outputs], llama.vocab_size), _processed_target(llama, ids))
+    assert_follows(_counts([out[0] for out in outputs], llama.vocab_size), _processed_target(llama, ids))
     first = Counter(out[0] for out in outputs).most_common(1)[0][0]
     seconds = [out[1] for out in outputs if out[0] == first]
-    _assert_follows(_counts(seconds, llama.vocab_size), _processed_target(llama, ids + [first]))
+    assert_follows(_counts(seconds, llama.vocab_size), _processed_target(llama, ids + [first]))

@@ -11,16 +11,21 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from engine import RunSettings, load_model, record
+from engine import load_model, record
 from engine.decoders.speculative.ead import choose_model
 from engine.decoders.speculative.rapid import retrieve_spans
 from engine.events import DecoderMetric, TokenStep
 from engine.speculative.truncated import truncated_model
 from engine.speculative.vocab_map import VocabMap, encode_continuation, token_surfaces
-from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, _rounds, _run, first_token_law
+from tests.helpers import (
+    LONG_PROMPT,
+    assert_follows,
+    first_token_law,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
-LONG_PROMPT = " ".join(f"item {i % 7} is {'red green blue'.split()[i % 3]}." for i in range(40)) + " So item 3 is"
 SPACE = "\u2581"  # SentencePiece's space sign
 
 
@@ -122,34 +127,24 @@ def test_cross_tokenizer_greedy_equals_greedy(request, metaspace_draft, target_f
     draft = metaspace_draft if draft_kind == "metaspace" else target.name
     params = {"draft_model": draft, "num_draft_tokens": num_draft_tokens}
     for prompt in (PROMPT, LONG_PROMPT[:120]):
-        expected = _run(target, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-        trace = _run(target, "assisted_cross_tokenizer", prompt, params, max_new_tokens=max_new_tokens)
+        expected = run_ignoring_eos(target, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+        trace = run_ignoring_eos(target, "assisted_cross_tokenizer", prompt, params, max_new_tokens=max_new_tokens)
         assert trace.status == "finished", trace.reason
         assert trace.output_token_ids == expected
         if draft_kind == "same_model" and num_draft_tokens > 1:
             # random weights emit stray bytes that do not survive text (U+FFFD), yet whole-text drafts get accepted
-            assert max(len(r.accepted_path) for r in _rounds(trace)) >= 2
+            assert max(len(r.accepted_path) for r in rounds_of(trace)) >= 2
 
 
-def test_cross_tokenizer_eos_inside_a_draft_stops_like_greedy():
-    model = load_model("tiny-random-llama")  # a private copy: its EOS changes below
-    params = {"draft_model": "tiny-random-llama", "num_draft_tokens": 6}
-    eos = _first_token_inside_a_draft(_run(model, "assisted_cross_tokenizer", PROMPT, params, max_new_tokens=40))
-    model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", PROMPT, settings=RunSettings(max_new_tokens=40))
-    trace = record(model, "assisted_cross_tokenizer", PROMPT, params, RunSettings(max_new_tokens=40))
-    assert trace.reason == expected.reason == "end of sequence"
-    assert trace.output_token_ids == expected.output_token_ids
-
-
+@pytest.mark.slow  # a sampling law over many draws
 def test_cross_tokenizer_first_sampled_token_follows_processed_target(llama, metaspace_draft):
     observed, expected = first_token_law(llama, "assisted_cross_tokenizer", {"draft_model": metaspace_draft, "num_draft_tokens": 3}, PROMPT)
-    _assert_follows(observed, expected)
+    assert_follows(observed, expected)
 
 
 def test_cross_tokenizer_sampling_drafts_in_the_target_vocabulary(llama, metaspace_draft):
-    trace = _run(llama, "assisted_cross_tokenizer", PROMPT, {"draft_model": metaspace_draft, "temperature": 1.0}, max_new_tokens=20, seed=1)
-    nodes = [n for r in _rounds(trace) for n in r.nodes]
+    trace = run_ignoring_eos(llama, "assisted_cross_tokenizer", PROMPT, {"draft_model": metaspace_draft, "temperature": 1.0}, max_new_tokens=20, seed=1)
+    nodes = [n for r in rounds_of(trace) for n in r.nodes]
     surfaces = token_surfaces(load_model(metaspace_draft))
     assert nodes and all(0 < n.draft_prob <= 1 for n in nodes)
     target_surfaces = token_surfaces(llama)
@@ -172,8 +167,8 @@ def test_cross_tokenizer_real_pair_greedy_equals_greedy():
             raise
         pytest.skip(str(error))
     prompt = "The capital of France is Paris. The capital of Italy is"
-    expected = _run(target, "greedy", prompt, max_new_tokens=24).output_token_ids
-    trace = _run(target, "assisted_cross_tokenizer", prompt, {"draft_model": "smollm2-135m-instruct"}, max_new_tokens=24)
+    expected = run_ignoring_eos(target, "greedy", prompt, max_new_tokens=24).output_token_ids
+    trace = run_ignoring_eos(target, "assisted_cross_tokenizer", prompt, {"draft_model": "smollm2-135m-instruct"}, max_new_tokens=24)
     assert trace.output_token_ids == expected
     assert trace.metrics["mean_accepted_tokens"] > 1
 
@@ -186,10 +181,10 @@ def _steps(trace) -> list[TokenStep]:
 
 
 def test_ead_extreme_thresholds_equal_one_model(llama):
-    small_alone = _run(truncated_model(llama, 1), "greedy", PROMPT, max_new_tokens=30).output_token_ids
-    large_alone = _run(llama, "greedy", PROMPT, max_new_tokens=30).output_token_ids
-    only_small = _run(llama, "ead", PROMPT, {"small_layers": 1, "tau": 100.0}, max_new_tokens=30)
-    only_large = _run(llama, "ead", PROMPT, {"small_layers": 1, "tau": -1.0}, max_new_tokens=30)
+    small_alone = run_ignoring_eos(truncated_model(llama, 1), "greedy", PROMPT, max_new_tokens=30).output_token_ids
+    large_alone = run_ignoring_eos(llama, "greedy", PROMPT, max_new_tokens=30).output_token_ids
+    only_small = run_ignoring_eos(llama, "ead", PROMPT, {"small_layers": 1, "tau": 100.0}, max_new_tokens=30)
+    only_large = run_ignoring_eos(llama, "ead", PROMPT, {"small_layers": 1, "tau": -1.0}, max_new_tokens=30)
     assert only_small.output_token_ids == small_alone and only_large.output_token_ids == large_alone
     assert {s.source for s in _steps(only_small)} == {"small"} and only_small.metrics["large_model_share"] == 0
     assert {s.source for s in _steps(only_large)} == {"large"} and only_large.metrics["large_model_share"] == 1
@@ -198,9 +193,9 @@ def test_ead_extreme_thresholds_equal_one_model(llama):
 
 
 def test_ead_switches_follow_the_rolling_entropy(llama):
-    probe = _steps(_run(llama, "ead", PROMPT, {"small_layers": 1, "tau": 100.0}, max_new_tokens=40))
+    probe = _steps(run_ignoring_eos(llama, "ead", PROMPT, {"small_layers": 1, "tau": 100.0}, max_new_tokens=40))
     tau = float(np.median([s.entropy_raw for s in probe]))
-    trace = _run(llama, "ead", PROMPT, {"small_layers": 1, "tau": tau, "window": 3}, max_new_tokens=40)
+    trace = run_ignoring_eos(llama, "ead", PROMPT, {"small_layers": 1, "tau": tau, "window": 3}, max_new_tokens=40)
     steps = _steps(trace)
     entropies = [s.entropy_raw for s in steps]
     for i, step in enumerate(steps):
@@ -210,14 +205,14 @@ def test_ead_switches_follow_the_rolling_entropy(llama):
     switches = sum(a.source != b.source for a, b in zip(steps, steps[1:]))
     assert switches >= 1 and trace.metrics["switches"] == switches
     assert trace.metrics["large_model_share"] == pytest.approx(sum(s.source == "large" for s in steps) / len(steps), abs=1e-6)
-    large_alone = _run(llama, "greedy", PROMPT, max_new_tokens=40).output_token_ids
+    large_alone = run_ignoring_eos(llama, "greedy", PROMPT, max_new_tokens=40).output_token_ids
     same = [a == b for a, b in zip(trace.output_token_ids, large_alone)]
     assert trace.metrics["first_divergence"] == (same.index(False) if False in same else -1)
     assert trace.metrics["token_agreement"] == pytest.approx(sum(same) / len(same), abs=1e-6)
 
 
 def test_ead_sampling_skips_the_comparison_and_needs_one_tokenizer(llama, metaspace_draft):
-    trace = _run(llama, "ead", PROMPT, {"small_layers": 1, "temperature": 1.0}, max_new_tokens=10, seed=2)
+    trace = run_ignoring_eos(llama, "ead", PROMPT, {"small_layers": 1, "temperature": 1.0}, max_new_tokens=10, seed=2)
     assert "switches" in trace.metrics and "first_divergence" not in trace.metrics
     _assert_param_error(record(llama, "ead", PROMPT, {"small_model": metaspace_draft}), "it needs the target's tokenizer")
     _assert_param_error(record(llama, "ead", PROMPT, {"small_layers": 9}), "small_layers must be between")
@@ -249,8 +244,8 @@ RAPID_SETTINGS = [
 def test_rapid_greedy_equals_greedy(request, target_fixture, params, max_new_tokens):
     target = request.getfixturevalue(target_fixture)
     params = {"chunk_tokens": 16, "retrieved_chunks": 2, "query_tokens": 8, **params}
-    expected = _run(target, "greedy", LONG_PROMPT, max_new_tokens=max_new_tokens).output_token_ids
-    trace = _run(target, "rapid", LONG_PROMPT, params, max_new_tokens=max_new_tokens)
+    expected = run_ignoring_eos(target, "greedy", LONG_PROMPT, max_new_tokens=max_new_tokens).output_token_ids
+    trace = run_ignoring_eos(target, "rapid", LONG_PROMPT, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
     prompt_length = len(target.encode(LONG_PROMPT))
@@ -263,18 +258,8 @@ def test_rapid_greedy_equals_greedy(request, target_fixture, params, max_new_tok
         assert trace.metrics["acceptance_rate"] == 1.0
 
 
-def test_rapid_eos_inside_a_draft_stops_like_greedy():
-    model = load_model("tiny-random-llama")
-    params = {"chunk_tokens": 16, "retrieved_chunks": 100, "query_tokens": 8, "num_draft_tokens": 6}
-    eos = _first_token_inside_a_draft(_run(model, "rapid", LONG_PROMPT, params, max_new_tokens=40))
-    model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", LONG_PROMPT, settings=RunSettings(max_new_tokens=40))
-    trace = record(model, "rapid", LONG_PROMPT, params, RunSettings(max_new_tokens=40))
-    assert trace.reason == expected.reason == "end of sequence"
-    assert trace.output_token_ids == expected.output_token_ids
-
-
+@pytest.mark.slow  # a sampling law over many draws
 def test_rapid_first_sampled_token_follows_processed_target(llama):
     params = {"draft_layers": 1, "chunk_tokens": 16, "retrieved_chunks": 2, "query_tokens": 8}
     observed, expected = first_token_law(llama, "rapid", params, LONG_PROMPT)
-    _assert_follows(observed, expected)
+    assert_follows(observed, expected)

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from engine import RunSettings, load_model, record
-from engine.params import ParamError
 from engine.decoders.speculative.lookahead import LookaheadWindow, NgramPool, ngram_trie
+from engine.params import ParamError
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, tree_forward
-from tests.test_speculative import _assert_follows, _first_token_inside_a_draft, greedy_ids, PROMPTS, _rounds, _run
+from tests.helpers import (
+    PROMPTS,
+    assert_follows,
+    greedy_ids,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 # Window 1, windows longer than the 23/45-token budgets, every init; lookahead with the smallest window and n-gram,
 # the Spec-Bench setting, a small pool, and a pool seeded from the prompt (long accepted n-grams from round one).
@@ -38,7 +44,7 @@ _greedy = greedy_ids
 @pytest.mark.parametrize("max_new_tokens", [45, 23])  # 23: the budget ends inside long windows and n-grams
 def test_greedy_equals_greedy_llama(llama, decoder, params, max_new_tokens):
     for prompt in PROMPTS:
-        trace = _run(llama, decoder, prompt, params, max_new_tokens=max_new_tokens)
+        trace = run_ignoring_eos(llama, decoder, prompt, params, max_new_tokens=max_new_tokens)
         assert trace.status == "finished", trace.reason
         assert trace.output_token_ids == _greedy(llama, prompt, max_new_tokens)
 
@@ -47,7 +53,7 @@ def test_greedy_equals_greedy_llama(llama, decoder, params, max_new_tokens):
 def test_greedy_equals_greedy_gemma3(gemma, decoder, params):
     """70 tokens cross Gemma's 32-token sliding window; its tiny model repeats, so lookahead accepts long n-grams."""
     for prompt in PROMPTS[1:]:
-        trace = _run(gemma, decoder, prompt, params, max_new_tokens=70)
+        trace = run_ignoring_eos(gemma, decoder, prompt, params, max_new_tokens=70)
         assert trace.status == "finished", trace.reason
         assert trace.output_token_ids == _greedy(gemma, prompt, 70)
 
@@ -56,29 +62,9 @@ def test_runs_accept_drafts(llama, gemma):
     """The equality tests above are not vacuous: lookahead accepts long n-grams on Gemma's model (which copies its
     last token), and Jacobi guesses are accepted on Llama's. (On a copying model Jacobi never gets past one token
     per round: each refined guess was computed after the rejected guess before it, which never matches.)"""
-    assert _run(gemma, "lookahead", PROMPTS[2], max_new_tokens=70).metrics["mean_accepted_tokens"] > 1.5
+    assert run_ignoring_eos(gemma, "lookahead", PROMPTS[2], max_new_tokens=70).metrics["mean_accepted_tokens"] > 1.5
     for decoder in ("jacobi", "spec_jacobi"):
-        assert any(r.accepted_path for r in _rounds(_run(llama, decoder, PROMPTS[1], {"window": 8})))
-
-
-@pytest.mark.parametrize(
-    "spec,decoder,params",
-    [
-        ("tiny-random-llama", "lookahead", {"window": 3, "ngram": 4, "pool_from_prompt": True}),
-        ("tiny-random-llama", "lookahead", {}),
-        ("tiny-random-llama", "jacobi", {"window": 8}),
-        ("tiny-random-llama", "spec_jacobi", {"window": 8}),
-    ],
-)
-def test_eos_inside_a_draft_stops_like_greedy(spec, decoder, params):
-    model = load_model(spec)  # a private copy: its generation config is changed below
-    prompt = PROMPTS[0] if params == {} else PROMPTS[1]  # prompts where a round accepts a new token mid-round
-    eos = _first_token_inside_a_draft(_run(model, decoder, prompt, params, max_new_tokens=60))
-    model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", prompt, settings=RunSettings(max_new_tokens=60))
-    trace = record(model, decoder, prompt, params, RunSettings(max_new_tokens=60))
-    assert trace.reason == expected.reason == "end of sequence"
-    assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
+        assert any(r.accepted_path for r in rounds_of(run_ignoring_eos(llama, decoder, PROMPTS[1], {"window": 8})))
 
 
 # ---------------------------------------------------------------- the lookahead step's pieces
@@ -165,8 +151,8 @@ def test_window_branch_visibility():
 
 
 def test_lookahead_rounds_show_candidates_and_the_window(llama):
-    trace = _run(llama, "lookahead", PROMPTS[1], {"window": 3, "ngram": 3, "pool_from_prompt": True}, max_new_tokens=30)
-    rounds = _rounds(trace)
+    trace = run_ignoring_eos(llama, "lookahead", PROMPTS[1], {"window": 3, "ngram": 3, "pool_from_prompt": True}, max_new_tokens=30)
+    rounds = rounds_of(trace)
     assert trace.metrics["model_calls"] == len(rounds) and trace.metrics["ngram_pool_size"] > 0
     assert any(r.accepted_path for r in rounds)
     for r in rounds:
@@ -180,7 +166,7 @@ def test_lookahead_rounds_show_candidates_and_the_window(llama):
 
 @pytest.mark.parametrize("decoder,params", [("jacobi", {"window": 5}), ("spec_jacobi", {"window": 5, "temperature": 0.8})])
 def test_jacobi_rounds_say_which_guesses_were_refined(gemma, decoder, params):
-    rounds = _rounds(_run(gemma, decoder, PROMPTS[1], params, max_new_tokens=40))
+    rounds = rounds_of(run_ignoring_eos(gemma, decoder, PROMPTS[1], params, max_new_tokens=40))
     source = "jacobi" if decoder == "jacobi" else "sjd"
     assert all(n.source == f"{source}:random" for n in rounds[0].nodes)
     for before, r in zip(rounds, rounds[1:]):
@@ -194,8 +180,8 @@ def test_jacobi_rounds_say_which_guesses_were_refined(gemma, decoder, params):
 def test_sjd_guesses_keep_the_distribution_they_were_sampled_from(llama):
     """A refined guess's draft prob is q(x): the previous forward's processed p at its position (after that round's
     context and guesses); the verifier's ratio is p(x)/q(x), and p(x) alone for a fresh (one-hot) guess."""
-    trace = _run(llama, "spec_jacobi", PROMPTS[0], {"window": 4, "temperature": 0.9, "top_k": 6}, max_new_tokens=20)
-    rounds = _rounds(trace)
+    trace = run_ignoring_eos(llama, "spec_jacobi", PROMPTS[0], {"window": 4, "temperature": 0.9, "top_k": 6}, max_new_tokens=20)
+    rounds = rounds_of(trace)
     context = list(trace.prompt_token_ids)
     refined_checked = 0
     for before, r in zip(rounds, rounds[1:]):
@@ -217,9 +203,9 @@ def test_sjd_guesses_keep_the_distribution_they_were_sampled_from(llama):
 
 def test_bad_parameters_are_rejected_clearly(llama):
     with pytest.raises(ParamError, match="window=0 is below the minimum 1"):
-        _run(llama, "jacobi", "Hi", {"window": 0})
+        run_ignoring_eos(llama, "jacobi", "Hi", {"window": 0})
     with pytest.raises(ParamError, match="ngram=1 is below the minimum 2"):
-        _run(llama, "lookahead", "Hi", {"ngram": 1})
+        run_ignoring_eos(llama, "lookahead", "Hi", {"ngram": 1})
 
 
 # ---------------------------------------------------------------- sampling law
@@ -258,8 +244,8 @@ def test_first_two_sampled_tokens_follow_processed_target(llama, decoder, params
         record(llama, decoder, prompt, params, RunSettings(max_new_tokens=2, seed=seed, ignore_eos=True)).output_token_ids
         for seed in range(600)
     ]
-    _assert_follows(_counts([o[0] for o in outputs], llama.vocab_size), _processed_target(llama, ids))
+    assert_follows(_counts([o[0] for o in outputs], llama.vocab_size), _processed_target(llama, ids))
     first = Counter(o[0] for o in outputs).most_common(1)[0][0]
     seconds = [o[1] for o in outputs if o[0] == first]
     assert len(seconds) > 120
-    _assert_follows(_counts(seconds, llama.vocab_size), _processed_target(llama, ids + [first]))
+    assert_follows(_counts(seconds, llama.vocab_size), _processed_target(llama, ids + [first]))

@@ -3,7 +3,6 @@ greedy decoding, the sampling law, and what a run records."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -13,8 +12,13 @@ from engine.events import DecoderMetric
 from engine.speculative.cache import PrefixCache
 from engine.speculative.skip import layer_skipped_model
 from engine.speculative.truncated import truncated_model
-from tests.test_speculative import PROMPTS, _assert_follows, _rounds, _run, first_token_law
-
+from tests.helpers import (
+    PROMPTS,
+    assert_follows,
+    first_token_law,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 # ---------------------------------------------------------------- the skip view
 
@@ -71,12 +75,12 @@ def test_search_on_a_real_model():
 
 @pytest.mark.parametrize("params", [{}, {"skip_layers": "1"}])
 def test_the_run_records_the_skip_set_and_its_score(llama, params):
-    trace = _run(llama, "layer_skip", PROMPTS[0], params, max_new_tokens=8)
+    trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], params, max_new_tokens=8)
     metrics = {e.name: e for e in trace.events if isinstance(e, DecoderMetric)}
     skip = metrics["skip_agreement"].detail
     assert metrics["skipped_layers"].value == 1 and skip in ("0", "1") and (not params or skip == params["skip_layers"])
     assert trace.metrics["skip_agreement"] == skip_agreement(llama, trace.prompt_token_ids, (int(skip),), 50)
-    assert {n.source for r in _rounds(trace) for n in r.nodes} == {f"layer_skip:{skip}"}
+    assert {n.source for r in rounds_of(trace) for n in r.nodes} == {f"layer_skip:{skip}"}
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,7 @@ def test_the_run_records_the_skip_set_and_its_score(llama, params):
     ],
 )
 def test_bad_skip_parameters_fail_the_run_clearly(llama, params, message):
-    trace = _run(llama, "layer_skip", "Hi", params)
+    trace = run_ignoring_eos(llama, "layer_skip", "Hi", params)
     assert trace.status == "failed" and message in trace.reason
 
 
@@ -106,8 +110,8 @@ SETTINGS = [
 @pytest.mark.parametrize("params", SETTINGS)
 @pytest.mark.parametrize("prompt,max_new_tokens", [(PROMPTS[0], 23), (PROMPTS[2], 40)])
 def test_greedy_layer_skip_equals_greedy_llama(llama, params, prompt, max_new_tokens):
-    expected = _run(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    trace = _run(llama, "layer_skip", prompt, params, max_new_tokens=max_new_tokens)
+    expected = run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    trace = run_ignoring_eos(llama, "layer_skip", prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -116,19 +120,20 @@ def test_greedy_layer_skip_equals_greedy_llama(llama, params, prompt, max_new_to
 def test_greedy_layer_skip_equals_greedy_gemma3(params):
     """70 tokens cross the sliding window (32): the view's own cache, sliding layer kept or skipped, rolls back."""
     gemma = load_model("tiny-random-gemma3")
-    expected = _run(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
-    trace = _run(gemma, "layer_skip", PROMPTS[1], params, max_new_tokens=70)
+    expected = run_ignoring_eos(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
+    trace = run_ignoring_eos(gemma, "layer_skip", PROMPTS[1], params, max_new_tokens=70)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
 
 def test_stop_threshold_ends_drafts_early(llama):
     params = {"skip_layers": "1", "num_draft_tokens": 8}
-    long = _rounds(_run(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 0.0}, max_new_tokens=30))
-    short = _rounds(_run(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 1.0}, max_new_tokens=30))
+    long = rounds_of(run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 0.0}, max_new_tokens=30))
+    short = rounds_of(run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 1.0}, max_new_tokens=30))
     assert max(len(r.nodes) for r in long) == 8 and max(len(r.nodes) for r in short) == 1
 
 
+@pytest.mark.slow  # a sampling law over many draws
 def test_first_sampled_token_follows_processed_target(llama):
     params = {"skip_layers": "0", "num_draft_tokens": 3, "stop_threshold": 0.0}
-    _assert_follows(*first_token_law(llama, "layer_skip", params, "Entropy is"))
+    assert_follows(*first_token_law(llama, "layer_skip", params, "Entropy is"))

@@ -7,8 +7,15 @@ import random
 import pytest
 import torch
 
-from engine import RunSettings, load_model, record
-from engine.decoders.speculative.aded import AdedDrafter, Trie, adapt, best_sequences, draft_trie, search, trigram_table
+from engine.decoders.speculative.aded import (
+    AdedDrafter,
+    Trie,
+    adapt,
+    best_sequences,
+    draft_trie,
+    search,
+    trigram_table,
+)
 from engine.decoders.speculative.token_recycling import (
     TEMPLATE_2_2_2,
     UNKNOWN,
@@ -19,8 +26,13 @@ from engine.decoders.speculative.token_recycling import (
 )
 from engine.events import DecoderMetric
 from engine.speculative.tree import node_depths
-from tests import test_speculative as spec
-from tests.test_speculative import PROMPTS, _first_token_inside_a_draft, _rounds, _run
+from tests.helpers import (
+    PROMPTS,
+    assert_follows,
+    first_token_law,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 # The tiny Llama's greedy output after PROMPTS[1] repeats one token (both drafters hit); after PROMPTS[2] it wanders
 # (ADED's drafts miss, Token Recycling's hit only once the matrix has seen the tokens).
@@ -90,7 +102,7 @@ def test_tree_is_filled_level_by_level_from_the_matrix_and_unknown_rows_are_prun
 
 def test_matrix_is_kept_across_runs_unless_reset(llama):
     def known_at_start(params):
-        trace = _run(llama, "token_recycling", MISSES, params, max_new_tokens=8)
+        trace = run_ignoring_eos(llama, "token_recycling", MISSES, params, max_new_tokens=8)
         return trace.metrics["matrix_rows_known_at_start"]
 
     assert known_at_start({"reset_matrix": True}) == 0
@@ -99,13 +111,13 @@ def test_matrix_is_kept_across_runs_unless_reset(llama):
 
 
 def test_siblings_are_distinct_tokens(llama):
-    trace = _run(llama, "token_recycling", MISSES, {"reset_matrix": True}, max_new_tokens=30)
-    for r in _rounds(trace):
+    trace = run_ignoring_eos(llama, "token_recycling", MISSES, {"reset_matrix": True}, max_new_tokens=30)
+    for r in rounds_of(trace):
         children = {}
         for node in r.nodes:
             children.setdefault(node.parent, []).append(node.token_id)
         assert all(len(kids) == len(set(kids)) for kids in children.values())
-    assert max(len(r.nodes) for r in _rounds(trace)) > 20  # the matrix filled up and the tree grew
+    assert max(len(r.nodes) for r in rounds_of(trace)) > 20  # the matrix filled up and the tree grew
 
 
 # ---------------------------------------------------------------- ADED: table, adaptation, search, trie
@@ -207,8 +219,8 @@ def test_aded_drafts_from_context_and_leaves_the_corpus_table_alone():
 @pytest.mark.parametrize("prompt", [HITS, MISSES])
 @pytest.mark.parametrize("max_new_tokens", [40, 17])  # 17: the budget ends inside a draft
 def test_greedy_equals_greedy_llama(llama, decoder, params, prompt, max_new_tokens):
-    expected = _run(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    trace = _run(llama, decoder, prompt, params, max_new_tokens=max_new_tokens)
+    expected = run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    trace = run_ignoring_eos(llama, decoder, prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -216,8 +228,8 @@ def test_greedy_equals_greedy_llama(llama, decoder, params, prompt, max_new_toke
 @pytest.mark.parametrize("decoder,params", [SETTINGS[0], SETTINGS[2], SETTINGS[4], SETTINGS[6]])
 @pytest.mark.parametrize("prompt", [HITS, MISSES])
 def test_greedy_equals_greedy_gemma3_across_the_sliding_window(gemma, decoder, params, prompt):
-    expected = _run(gemma, "greedy", prompt, max_new_tokens=70).output_token_ids
-    trace = _run(gemma, decoder, prompt, params, max_new_tokens=70)
+    expected = run_ignoring_eos(gemma, "greedy", prompt, max_new_tokens=70).output_token_ids
+    trace = run_ignoring_eos(gemma, decoder, prompt, params, max_new_tokens=70)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
     assert len(trace.prompt_token_ids) + 70 > 2 * 32
@@ -225,33 +237,15 @@ def test_greedy_equals_greedy_gemma3_across_the_sliding_window(gemma, decoder, p
 
 @pytest.mark.parametrize("decoder", ["token_recycling", "aded"])
 def test_drafts_hit_when_the_output_repeats(llama, decoder):
-    trace = _run(llama, decoder, HITS, {}, max_new_tokens=40)
+    trace = run_ignoring_eos(llama, decoder, HITS, {}, max_new_tokens=40)
     assert trace.metrics["mean_accepted_tokens"] > 1.3
     assert any(e.name in ("matrix_rows_known_at_start", "corpus_trigram_keys") for e in trace.events if isinstance(e, DecoderMetric))
-    for r in _rounds(trace):
+    for r in rounds_of(trace):
         assert all(n.source == decoder and n.score is not None and n.draft_prob == 1.0 for n in r.nodes)
 
 
-@pytest.mark.parametrize(
-    "decoder,params,spec_",  # seeds whose output accepts a new token mid-round; both runs draft alike
-    [
-        ("token_recycling", {"tree_size": 20, "reset_matrix": True}, "tiny-random-llama:seed=3"),
-        ("aded", {"iterations": 50}, "tiny-random-llama:seed=1"),
-    ],
-)
-def test_eos_inside_a_draft_stops_like_greedy(decoder, params, spec_):
-    model = load_model(spec_)  # a private copy: its generation config is changed below
-    prompt = PROMPTS[1]
-    eos = _first_token_inside_a_draft(_run(model, decoder, prompt, params, max_new_tokens=60))
-    model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", prompt, settings=RunSettings(max_new_tokens=60))
-    trace = record(model, decoder, prompt, params, RunSettings(max_new_tokens=60))
-    assert trace.reason == expected.reason == "end of sequence"
-    assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
-    assert sum(len(r.committed) for r in _rounds(trace)) > len(trace.output_token_ids)  # EOS came mid-round
-
-
+@pytest.mark.slow  # a sampling law over many draws
 @pytest.mark.parametrize("decoder,params", [("token_recycling", {"tree_size": 20}), ("aded", {"iterations": 30})])
 def test_first_sampled_token_follows_processed_target(llama, decoder, params):
-    _run(llama, decoder, HITS, params, max_new_tokens=10)  # the matrix / table knows the prompt's end: drafts hit
-    spec.test_first_sampled_token_follows_processed_target(llama, decoder, params, HITS)
+    run_ignoring_eos(llama, decoder, HITS, params, max_new_tokens=10)  # the matrix / table knows the prompt's end: drafts hit
+    assert_follows(*first_token_law(llama, decoder, params, HITS, draws=600))

@@ -9,10 +9,16 @@ import math
 import pytest
 import torch
 
-from engine import RunSettings, load_model, record
+from engine import load_model
 from engine.decoders.speculative.rsd import gumbel_with_maximum
 from engine.speculative import verify
-from tests.test_speculative import PROMPTS, _assert_follows, _first_token_inside_a_draft, _rounds, _run, first_token_law
+from tests.helpers import (
+    PROMPTS,
+    assert_follows,
+    first_token_law,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 REJECT = math.nextafter(1.0, 0.0)  # the largest uniform draw: rejects every child whose ratio is below 1
 
@@ -139,8 +145,8 @@ SETTINGS = [
 @pytest.mark.parametrize("params", SETTINGS)
 @pytest.mark.parametrize("prompt,max_new_tokens", [(PROMPTS[0], 23), (PROMPTS[2], 40)])  # 23: budget inside a draft
 def test_greedy_rsd_equals_greedy_llama(llama, params, prompt, max_new_tokens):
-    expected = _run(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    trace = _run(llama, "rsd", prompt, params, max_new_tokens=max_new_tokens)
+    expected = run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    trace = run_ignoring_eos(llama, "rsd", prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -151,8 +157,8 @@ def test_greedy_rsd_equals_greedy_llama(llama, params, prompt, max_new_tokens):
 def test_greedy_rsd_equals_greedy_gemma3(params):
     """70 tokens cross Gemma's sliding window (32) in both the draft's tree forwards and the target's."""
     gemma = load_model("tiny-random-gemma3")
-    expected = _run(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
-    trace = _run(gemma, "rsd", PROMPTS[1], params, max_new_tokens=70)
+    expected = run_ignoring_eos(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
+    trace = run_ignoring_eos(gemma, "rsd", PROMPTS[1], params, max_new_tokens=70)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -160,37 +166,27 @@ def test_greedy_rsd_equals_greedy_gemma3(params):
 @pytest.mark.parametrize("params", [{"branching": "3,2,2"}, {"tree": "beam", "beam_width": 1, "beam_depth": 3}])
 def test_the_target_as_its_own_draft_accepts_every_level(llama, params):
     """Greedy drafts always hold the target's argmax path when the draft is the target (a beam of width 1 is it)."""
-    rounds = _rounds(_run(llama, "rsd", PROMPTS[0], {**params, "draft_layers": 2}, max_new_tokens=32))
+    rounds = rounds_of(run_ignoring_eos(llama, "rsd", PROMPTS[0], {**params, "draft_layers": 2}, max_new_tokens=32))
     assert [len(r.accepted_path) for r in rounds] == [3] * 8 and not any(r.bonus_is_correction for r in rounds)
 
 
 def test_a_one_layer_draft_is_mostly_rejected_and_still_exact(llama):
-    trace = _run(llama, "rsd", PROMPTS[0], {"draft_layers": 1, "branching": "2,2"}, max_new_tokens=30)
-    assert sum(not r.accepted_path for r in _rounds(trace)) > len(_rounds(trace)) / 2  # the adversarial case holds
-    assert trace.output_token_ids == _run(llama, "greedy", PROMPTS[0], max_new_tokens=30).output_token_ids
-
-
-@pytest.mark.parametrize("params", [{"draft_layers": 2, "branching": "2,2,2,2"}, {"draft_layers": 2, "tree": "beam"}])
-def test_eos_inside_a_draft_stops_like_greedy(params):
-    model = load_model("tiny-random-llama")  # a private copy: its generation config is changed below
-    eos = _first_token_inside_a_draft(_run(model, "rsd", PROMPTS[0], params, max_new_tokens=40))
-    model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", PROMPTS[0], settings=RunSettings(max_new_tokens=40))
-    trace = record(model, "rsd", PROMPTS[0], params, RunSettings(max_new_tokens=40))
-    assert trace.reason == expected.reason == "end of sequence"
-    assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
+    trace = run_ignoring_eos(llama, "rsd", PROMPTS[0], {"draft_layers": 1, "branching": "2,2"}, max_new_tokens=30)
+    assert sum(not r.accepted_path for r in rounds_of(trace)) > len(rounds_of(trace)) / 2  # the adversarial case holds
+    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=30).output_token_ids
 
 
 # ---------------------------------------------------------------- the sampling law end to end
 
 
+@pytest.mark.slow  # a sampling law over many draws
 @pytest.mark.parametrize(
     "params", [{"branching": "3,2"}, {"tree": "beam", "beam_width": 3, "beam_depth": 2}], ids=["gumbel", "beam"]
 )
 def test_first_sampled_token_follows_processed_target(llama, params):
     """A one-layer draft differs from the target; the first token over many seeds follows the target after
     temperature and top-k (3 children at the root, drawn without replacement from the draft's top 6)."""
-    _assert_follows(*first_token_law(llama, "rsd", {**params, "draft_layers": 1}, "Entropy is", max_new_tokens=3))
+    assert_follows(*first_token_law(llama, "rsd", {**params, "draft_layers": 1}, "Entropy is", max_new_tokens=3))
 
 
 def test_gumbel_with_maximum_peaks_at_the_given_maximum():
@@ -214,8 +210,8 @@ def test_gumbel_with_maximum_peaks_at_the_given_maximum():
     ],
 )
 def test_draft_round_contents(llama, params, max_nodes):
-    trace = _run(llama, "rsd", PROMPTS[2], {**params, "draft_layers": 1}, max_new_tokens=30)
-    rounds = _rounds(trace)
+    trace = run_ignoring_eos(llama, "rsd", PROMPTS[2], {**params, "draft_layers": 1}, max_new_tokens=30)
+    rounds = rounds_of(trace)
     source = f"rsd-{params.get('tree', 'gumbel')}:draft_layers:1"
     generated = 0
     for r in rounds:
@@ -237,5 +233,5 @@ def test_draft_round_contents(llama, params, max_nodes):
 
 
 def test_bad_branching_fails_the_run_clearly(llama):
-    trace = _run(llama, "rsd", "Hi", {"branching": "3,x"})
+    trace = run_ignoring_eos(llama, "rsd", "Hi", {"branching": "3,x"})
     assert trace.status == "failed" and "branching must list children per depth" in trace.reason

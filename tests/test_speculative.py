@@ -7,20 +7,22 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from engine import RunSettings, load_model, record
 from engine.decoders.speculative.prompt_lookup import lookup_continuation
-from engine.events import DraftRound, event_from_dict, event_to_dict
+from engine.events import event_from_dict, event_to_dict
 from engine.speculative.cache import PrefixCache
 from engine.speculative.truncated import truncated_model
 from engine.speculative.verify import verify_chain, verify_tree
-
-PROMPTS = [
-    "The quick brown fox",
-    "One two three four five six seven eight nine ten one two three four five six seven eight nine ten",
-    "a b a b a b a b a b a b",  # repeats: prompt lookup drafts in most rounds
-]
+from tests.helpers import (
+    LONG_PROMPT,
+    PROMPTS,
+    assert_follows,
+    first_token_inside_a_draft,
+    first_token_law,
+    rounds_of,
+    run_ignoring_eos,
+)
 
 # Adversarial settings: one-token and long drafts, a one-layer draft (many rejections), the whole target as
 # its own draft (every draft accepted), unigram lookup, and lookup copying long spans.
@@ -35,25 +37,6 @@ SETTINGS = [
 ]
 
 
-def _run(model, decoder, prompt, params=None, max_new_tokens=45, **settings):
-    return record(model, decoder, prompt, params or {}, RunSettings(max_new_tokens=max_new_tokens, ignore_eos=True, **settings))
-
-
-_GREEDY: dict[tuple[str, str, int], list[int]] = {}
-
-
-def greedy_ids(model, prompt: str, max_new_tokens: int) -> list[int]:
-    """Plain greedy output (EOS ignored), computed once per model, prompt and length across test files."""
-    key = (model.name, prompt, max_new_tokens)
-    if key not in _GREEDY:
-        _GREEDY[key] = _run(model, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    return _GREEDY[key]
-
-
-def _rounds(trace) -> list[DraftRound]:
-    return [e for e in trace.events if isinstance(e, DraftRound)]
-
-
 # ---------------------------------------------------------------- losslessness (greedy, float32)
 
 
@@ -61,8 +44,8 @@ def _rounds(trace) -> list[DraftRound]:
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("max_new_tokens", [45, 23])  # 23: the budget ends inside most drafts
 def test_greedy_speculation_equals_greedy_llama(llama, decoder, params, prompt, max_new_tokens):
-    expected = _run(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    trace = _run(llama, decoder, prompt, params, max_new_tokens=max_new_tokens)
+    expected = run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    trace = run_ignoring_eos(llama, decoder, prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -71,8 +54,8 @@ def test_greedy_speculation_equals_greedy_llama(llama, decoder, params, prompt, 
 def test_greedy_speculation_equals_greedy_gemma3(gemma, decoder, params):
     """Gemma 3 mixes sliding-window layers (window 32 here): 70 tokens cross the window, so rollback must handle it."""
     prompt = PROMPTS[1]
-    expected = _run(gemma, "greedy", prompt, max_new_tokens=70).output_token_ids
-    trace = _run(gemma, decoder, prompt, params, max_new_tokens=70)
+    expected = run_ignoring_eos(gemma, "greedy", prompt, max_new_tokens=70).output_token_ids
+    trace = run_ignoring_eos(gemma, decoder, prompt, params, max_new_tokens=70)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -92,41 +75,48 @@ def test_greedy_speculation_with_a_separate_draft_model_equals_greedy(spec, draf
     target = load_model(spec)
     params = {"draft_model": draft, "num_draft_tokens": num_draft_tokens}
     for prompt in PROMPTS[:2]:
-        trace = _run(target, "speculative", prompt, params, max_new_tokens=50)
+        trace = run_ignoring_eos(target, "speculative", prompt, params, max_new_tokens=50)
         assert trace.status == "finished", trace.reason
-        assert trace.output_token_ids == _run(target, "greedy", prompt, max_new_tokens=50).output_token_ids
-        assert {n.source for r in _rounds(trace) for n in r.nodes} == {"draft_model"}
+        assert trace.output_token_ids == run_ignoring_eos(target, "greedy", prompt, max_new_tokens=50).output_token_ids
+        assert {n.source for r in rounds_of(trace) for n in r.nodes} == {"draft_model"}
 
 
-def _first_token_inside_a_draft(trace) -> int:
-    """A token whose first occurrence in the output is an accepted draft with more committed tokens after it."""
-    output: list[int] = []
-    for r in _rounds(trace):
-        for j, token in enumerate(r.committed):
-            if j < len(r.committed) - 1 and token not in output:
-                return token
-            output.append(token)
-    raise AssertionError("no round accepted a new token before its last committed one")
+# Each case drafts a token past EOS in some round: ``first_token_inside_a_draft`` finds a token that a round accepted
+# with more tokens after it, and becomes EOS; the seeds and prompts are ones where such a round exists.
+EOS_INSIDE_A_DRAFT = [
+    ("tiny-random-llama", "speculative", {"draft_layers": 2, "num_draft_tokens": 8}, PROMPTS[0], 60),
+    ("tiny-random-llama", "speculative", {"draft_layers": 1, "num_draft_tokens": 4}, PROMPTS[2], 60),
+    ("tiny-random-llama", "speculative", {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 2}, PROMPTS[0], 40),
+    ("tiny-random-llama:seed=2", "prompt_lookup", {}, PROMPTS[1], 60),  # this seed copies a prompt span mid-output
+    ("tiny-random-llama", "specdec_pp", {"draft_layers": 2}, PROMPTS[0], 40),
+    ("tiny-random-llama", "pearl", {"draft_layers": 2}, PROMPTS[0], 40),
+    ("tiny-random-llama", "rsd", {"draft_layers": 2, "branching": "2,2,2,2"}, PROMPTS[0], 40),
+    ("tiny-random-llama", "rsd", {"draft_layers": 2, "tree": "beam"}, PROMPTS[0], 40),
+    ("tiny-random-llama", "lookahead", {"window": 3, "ngram": 4, "pool_from_prompt": True}, PROMPTS[1], 60),
+    ("tiny-random-llama", "lookahead", {}, PROMPTS[0], 60),
+    ("tiny-random-llama", "jacobi", {"window": 8}, PROMPTS[1], 60),
+    ("tiny-random-llama", "spec_jacobi", {"window": 8}, PROMPTS[1], 60),
+    ("tiny-random-llama:seed=3", "token_recycling", {"tree_size": 20, "reset_matrix": True}, PROMPTS[1], 60),
+    ("tiny-random-llama:seed=1", "aded", {"iterations": 50}, PROMPTS[1], 60),
+    ("tiny-random-llama", "assisted_cross_tokenizer", {"draft_model": "tiny-random-llama", "num_draft_tokens": 6},
+     "The quick brown fox jumps over the lazy dog", 40),
+    ("tiny-random-llama", "rapid", {"chunk_tokens": 16, "retrieved_chunks": 100, "query_tokens": 8, "num_draft_tokens": 6},
+     LONG_PROMPT, 40),
+]
 
 
-@pytest.mark.parametrize(
-    "spec,decoder,params,prompt",
-    [
-        ("tiny-random-llama", "speculative", {"draft_layers": 2, "num_draft_tokens": 8}, PROMPTS[0]),
-        ("tiny-random-llama", "speculative", {"draft_layers": 1, "num_draft_tokens": 4}, PROMPTS[2]),
-        ("tiny-random-llama:seed=2", "prompt_lookup", {}, PROMPTS[1]),  # this seed copies a prompt span mid-output
-    ],
-)
-def test_eos_inside_a_draft_stops_like_greedy(spec, decoder, params, prompt):
+@pytest.mark.parametrize("spec,decoder,params,prompt,max_new_tokens", EOS_INSIDE_A_DRAFT,
+                         ids=[f"{case[1]}-{i}" for i, case in enumerate(EOS_INSIDE_A_DRAFT)])
+def test_eos_inside_a_draft_stops_like_greedy(spec, decoder, params, prompt, max_new_tokens):
     model = load_model(spec)  # a private copy: its generation config is changed below
-    eos = _first_token_inside_a_draft(_run(model, decoder, prompt, params, max_new_tokens=60))
+    eos = first_token_inside_a_draft(run_ignoring_eos(model, decoder, prompt, params, max_new_tokens=max_new_tokens))
     model.model.generation_config.eos_token_id = [eos]
-    expected = record(model, "greedy", prompt, settings=RunSettings(max_new_tokens=60))
-    trace = record(model, decoder, prompt, params, RunSettings(max_new_tokens=60))
+    expected = record(model, "greedy", prompt, settings=RunSettings(max_new_tokens=max_new_tokens))
+    trace = record(model, decoder, prompt, params, RunSettings(max_new_tokens=max_new_tokens))
     assert trace.reason == expected.reason == "end of sequence"
     assert trace.output_token_ids == expected.output_token_ids and trace.output_token_ids[-1] == eos
     # the round that reached EOS committed tokens past it; the runner cut them off
-    assert sum(len(r.committed) for r in _rounds(trace)) > len(trace.output_token_ids)
+    assert sum(len(r.committed) for r in rounds_of(trace)) > len(trace.output_token_ids)
 
 
 # ---------------------------------------------------------------- the verifier's sampling law
@@ -154,13 +144,6 @@ def _first_token_counts(p: torch.Tensor, q: torch.Tensor | None, draft_token: in
     return counts
 
 
-def _assert_follows(counts: np.ndarray, p: torch.Tensor) -> None:
-    expected = p.numpy() * counts.sum()
-    assert counts[expected == 0].sum() == 0, "a token outside p's support was emitted"
-    keep = expected > 0
-    assert chisquare(counts[keep], expected[keep] * counts[keep].sum() / expected[keep].sum()).pvalue > 1e-3
-
-
 CASES = {
     "random": (None, None),
     "disjoint": ([0, 1, 2, 3], [4, 5, 6, 7]),
@@ -168,6 +151,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # a sampling law over many draws
 @pytest.mark.parametrize("case", [*CASES, "p_equals_q"])
 def test_stochastic_draft_rule_emits_p(case):
     generator = torch.Generator().manual_seed(7)
@@ -177,15 +161,16 @@ def test_stochastic_draft_rule_emits_p(case):
         p_support, q_support = CASES[case]
         p = _random_distribution(generator, support=p_support)
         q = _random_distribution(generator, support=q_support)
-    _assert_follows(_first_token_counts(p, q, None, draws=6000), p)
+    assert_follows(_first_token_counts(p, q, None, draws=6000), p)
 
 
+@pytest.mark.slow  # a sampling law over many draws
 @pytest.mark.parametrize("draft_token", [0, 3, 7])  # 7 lies outside p's support in the sparse case
 @pytest.mark.parametrize("sparse", [False, True])
 def test_deterministic_draft_rule_emits_p(draft_token, sparse):
     generator = torch.Generator().manual_seed(11)
     p = _random_distribution(generator, support=[0, 1, 2, 3, 4] if sparse else None)
-    _assert_follows(_first_token_counts(p, None, draft_token, draws=6000), p)
+    assert_follows(_first_token_counts(p, None, draft_token, draws=6000), p)
 
 
 def test_deterministic_draft_of_a_certain_token_is_always_accepted():
@@ -230,6 +215,7 @@ def test_greedy_tree_follows_the_argmax_branch():
     assert {n: c.accepted for n, c in verdict.checks.items()} == {0: False, 1: True, 2: False, 3: True, 4: False}
 
 
+@pytest.mark.slow  # a sampling law over many draws
 def test_tree_rules_emit_p_for_the_first_two_tokens():
     """Root with three i.i.d. children (with replacement), each with two i.i.d. children: the joint law of the
     first two committed tokens is p_root(x) p_x(y); and the same tree with fixed tokens (duplicates included)."""
@@ -257,9 +243,10 @@ def test_tree_rules_emit_p_for_the_first_two_tokens():
             if len(emitted) < 2:  # the correction came at depth 1: the second token is drawn after it
                 emitted.append(int(torch.multinomial(p_after[emitted[0]], 1, generator=generator)))
             counts[emitted[0] * vocab + emitted[1]] += 1
-        _assert_follows(counts, expected)
+        assert_follows(counts, expected)
 
 
+@pytest.mark.slow  # a sampling law over many draws
 @pytest.mark.parametrize(
     "decoder,params,prompt",
     [
@@ -271,24 +258,7 @@ def test_tree_rules_emit_p_for_the_first_two_tokens():
 )
 def test_first_sampled_token_follows_processed_target(llama, decoder, params, prompt):
     """End to end: the first emitted token over many seeds follows the target after temperature and top-k."""
-    _assert_follows(*first_token_law(llama, decoder, params, prompt, draws=600))
-
-
-def first_token_law(model, decoder: str, params: dict, prompt: str, draws: int = 300, max_new_tokens: int = 2):
-    """Observed first tokens over seeds 0..draws-1 at temperature 0.9 and top-k 6, and the processed target's law
-    for that first token, computed directly from the target's logits (for :func:`_assert_follows`)."""
-    params = {**params, "temperature": 0.9, "top_k": 6}
-    with torch.inference_mode():
-        logits = model.model(torch.tensor([model.encode(prompt)])).logits[0, -1].double() / 0.9
-    top = logits.topk(6)
-    expected = torch.zeros(model.vocab_size, dtype=torch.float64)
-    expected[top.indices] = torch.softmax(top.values, -1)
-    settings = [RunSettings(max_new_tokens=max_new_tokens, seed=seed, ignore_eos=True) for seed in range(draws)]
-    counts = Counter(record(model, decoder, prompt, params, s).output_token_ids[0] for s in settings)
-    observed = np.zeros(model.vocab_size)
-    for token, n in counts.items():
-        observed[token] = n
-    return observed, expected
+    assert_follows(*first_token_law(llama, decoder, params, prompt, draws=600))
 
 
 # ---------------------------------------------------------------- what a round records
@@ -304,8 +274,8 @@ def first_token_law(model, decoder: str, params: dict, prompt: str, draws: int =
     ],
 )
 def test_draft_round_contents(llama, decoder, params):
-    trace = _run(llama, decoder, PROMPTS[2], params, max_new_tokens=40)
-    rounds = _rounds(trace)
+    trace = run_ignoring_eos(llama, decoder, PROMPTS[2], params, max_new_tokens=40)
+    rounds = rounds_of(trace)
     sampling = params.get("temperature", 0) > 0
     source = "draft_layers:1" if decoder == "speculative" else "prompt_lookup"
     past = len(trace.prompt_token_ids)
@@ -351,7 +321,7 @@ def test_draft_round_contents(llama, decoder, params):
 
 
 def test_rounds_accept_everything_when_the_draft_is_the_target(llama):
-    rounds = _rounds(_run(llama, "speculative", PROMPTS[0], {"draft_layers": 2, "num_draft_tokens": 5}, max_new_tokens=36))
+    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], {"draft_layers": 2, "num_draft_tokens": 5}, max_new_tokens=36))
     assert all(len(r.accepted_path) == len(r.nodes) == 5 and not r.bonus_is_correction for r in rounds)
     assert len(rounds) == 6
 
@@ -394,7 +364,7 @@ def test_truncated_draft_shares_weights_and_keeps_the_target_whole(name):
 
 
 def test_too_many_draft_layers_fails_the_run_clearly(llama):
-    trace = _run(llama, "speculative", "Hi", {"draft_layers": 5})
+    trace = run_ignoring_eos(llama, "speculative", "Hi", {"draft_layers": 5})
     assert trace.status == "failed" and "draft_layers must be between 1 and 2" in trace.reason
 
 

@@ -9,7 +9,7 @@ from engine import load_model
 from engine.events import event_from_dict, event_to_dict
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, node_depths, tree_forward
-from tests.test_speculative import PROMPTS, _rounds, _run
+from tests.helpers import PROMPTS, rounds_of, run_ignoring_eos
 
 #        root ─┬─ 0 ─┬─ 2 ── 5 ─┬─ 7
 #              │     └─ 3       └─ 6 (duplicate token of 5)
@@ -93,8 +93,8 @@ SETTINGS = [
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("max_new_tokens", [45, 23])  # 23: the budget ends inside deep trees
 def test_greedy_dyspec_equals_greedy_llama(llama, params, prompt, max_new_tokens):
-    expected = _run(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
-    trace = _run(llama, "dyspec", prompt, params, max_new_tokens=max_new_tokens)
+    expected = run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    trace = run_ignoring_eos(llama, "dyspec", prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
@@ -103,17 +103,17 @@ def test_greedy_dyspec_equals_greedy_llama(llama, params, prompt, max_new_tokens
 def test_greedy_dyspec_equals_greedy_gemma3(params):
     """70 tokens cross Gemma's sliding window: the per-layer-type tree masks and compaction must handle it."""
     gemma = load_model("tiny-random-gemma3")
-    expected = _run(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
-    trace = _run(gemma, "dyspec", PROMPTS[1], params, max_new_tokens=70)
+    expected = run_ignoring_eos(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
+    trace = run_ignoring_eos(gemma, "dyspec", PROMPTS[1], params, max_new_tokens=70)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
 
 
 def test_dyspec_with_a_separate_draft_model_equals_greedy(llama):
     params = {"draft_model": "tiny-random-llama:seed=1", "tree_size": 12}
-    trace = _run(llama, "dyspec", PROMPTS[0], params, max_new_tokens=30)
-    assert trace.output_token_ids == _run(llama, "greedy", PROMPTS[0], max_new_tokens=30).output_token_ids
-    assert {n.source for r in _rounds(trace) for n in r.nodes} == {"tiny-random-llama:seed=1"}
+    trace = run_ignoring_eos(llama, "dyspec", PROMPTS[0], params, max_new_tokens=30)
+    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=30).output_token_ids
+    assert {n.source for r in rounds_of(trace) for n in r.nodes} == {"tiny-random-llama:seed=1"}
 
 
 # ---------------------------------------------------------------- dyspec: what a round records
@@ -128,8 +128,8 @@ def test_dyspec_with_a_separate_draft_model_equals_greedy(llama):
     ],
 )
 def test_draft_round_contents(llama, params):
-    trace = _run(llama, "dyspec", PROMPTS[2], params, max_new_tokens=40)
-    rounds = _rounds(trace)
+    trace = run_ignoring_eos(llama, "dyspec", PROMPTS[2], params, max_new_tokens=40)
+    rounds = rounds_of(trace)
     sampling = params.get("temperature", 0) > 0
     past = len(trace.prompt_token_ids)
     for r in rounds:

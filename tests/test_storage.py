@@ -9,7 +9,6 @@ import math
 import os
 import random
 import sqlite3
-import struct
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,33 +18,17 @@ from sqlalchemy import create_engine, inspect, text
 
 from engine.events import (
     EVENT_TYPES,
-    AttentionMap,
-    DecoderMetric,
-    BeamNode,
-    BeamStep,
-    CacheStep,
-    ConstraintStep,
     Candidate,
-    DiffusionStep,
-    DraftNode,
-    DraftRound,
-    Output,
-    Rerank,
-    Resampling,
     RunFinished,
     RunStarted,
-    ScoredCandidate,
-    SpanScores,
     StageReport,
-    Steering,
-    SuperposedStep,
     TokenStep,
     TraceFormatError,
     event_to_dict,
     r7,
 )
 from engine.recorder import Recorder
-from engine.trace import RunInfo, Trace, dumps, new_run_id, trace_to_dict
+from engine.trace import Trace, new_run_id, trace_to_dict
 from storage import (
     LATEST_VERSION,
     RunExists,
@@ -57,9 +40,7 @@ from storage import (
     migrations,
     schema,
 )
-
-INF = float("inf")
-NAN = float("nan")
+from tests.helpers import ATTENTION, INF, every_kind_trace, info, same, token_step
 
 
 @pytest.fixture
@@ -71,118 +52,6 @@ def db(tmp_path: Path) -> Path:
 def store(db: Path):
     with TraceStore(f"sqlite:///{db}") as s:
         yield s
-
-
-def same(a: Trace, b: Trace) -> bool:
-    """Field-for-field equality that also sees NaN, -0.0 and int-vs-float (plain == does not)."""
-    return dumps(a) == dumps(b) and [repr(e) for e in a.events] == [repr(e) for e in b.events]
-
-
-def info(**kw) -> RunInfo:
-    base = dict(model="tiny-random", decoder="sample", params={"temperature": 0.7}, prompt="Hello", seed=7)
-    return RunInfo(**{**base, **kw})
-
-
-def token_step(pos: int, token_id: int = 5, **kw) -> TokenStep:
-    base = dict(
-        step=pos,
-        position=pos,
-        token_id=token_id,
-        logprob=-0.25,
-        raw_logprob=-0.5,
-        rank=1,
-        entropy_raw=1.5,
-        entropy=1.25,
-        candidates=[Candidate(token_id, 0.6, 0.75), Candidate(9, 0.4, 0.25)],
-        stages=[StageReport("top_p", 2, 0.9, 0b11, 0.9)],
-        seconds=0.01,
-    )
-    return TokenStep(**{**base, **kw})
-
-
-ATTENTION = AttentionMap(
-    step=4,
-    layers=[-1],
-    head_reduction="mean",
-    layer_reduction="mean",
-    query_positions=[3],
-    shape=[1, 1, 3],
-    data=struct.pack("<3e", 0.25, 0.5, 0.25) + b"\x00\xff",
-)
-
-
-def every_kind_trace() -> Trace:
-    events = [
-        RunStarted(prompt_token_ids=[1, 2, 3]),
-        token_step(0, entropy=NAN, logprob=-INF, seconds=-0.0),
-        token_step(1, token_id=2**70, candidates=[Candidate(2**70, 1.0, 1.0)], stages=[]),
-        BeamStep(
-            step=2,
-            nodes=[
-                BeamNode(0, -1, 5, -0.1, -0.1, "live", normalized_score=-0.05),
-                BeamNode(1, -1, 9, -INF, -INF, "pruned"),
-                BeamNode(2, 0, 2, -0.2, -0.3, "finished", NAN),
-            ],
-        ),
-        DraftRound(
-            step=3,
-            nodes=[
-                DraftNode(0, -1, 5, 1, 0.8, target_prob=0.7, accepted=True, draw=0.1, ratio=0.875),
-                DraftNode(1, 0, 9, 2, 0.5, source="ngram", target_prob=0.0, accepted=False, draw=0.9, ratio=0.0),
-            ],
-            accepted_path=[0],
-            committed=[5, 7],
-            bonus_token=7,
-            bonus_is_correction=True,
-            residual_top=[Candidate(7, 0.5, 0.9)],
-            cache_slots_kept=[0, 1, 2, 3],
-            draft_calls=2,
-            model_calls=1,
-            draft_seconds=0.004,
-            seconds=0.02,
-            mode="post-verify",
-            simulated_seconds=0.015,
-        ),
-        DecoderMetric("simulated_to_measured", 0.75, "détail <b>"),
-        DiffusionStep(
-            step=4,
-            canvas=[99, 5, 99],
-            mask_id=99,
-            committed_positions=[1],
-            confidence=[0.1, 0.9, NAN],
-            proposals=[[Candidate(5, 0.9, 0.9)], [], [Candidate(7, 0.2, 0.2), Candidate(8, 0.1, 0.1)]],
-            block=[0, 3],
-            model_calls=1,
-        ),
-        Rerank(step=5, position=2, method="adadec", part_names=["log p", "look-ahead"], label="paused",
-               candidates=[ScoredCandidate(5, -0.5, [-0.2, -0.3], tokens=[7, 8], token_scores=[-0.1, -INF], label="<b>"),
-                           ScoredCandidate(9, -INF)], chosen=0, baseline=1, threshold=1.5, value=NAN, model_calls=4),
-        SuperposedStep(step=6, drafts=[ScoredCandidate(5, -1.0, [0.7], tokens=[5])],
-                       candidates=[ScoredCandidate(7, -1.2, [-0.1, -0.1], label="draft 0")], kept=[0], finished=[]),
-        SpanScores(step=7, starts=[3, 4], max_length=2, nll=struct.pack("<4f", 1.0, INF, 0.5, NAN), best_start=4,
-                   best_length=1, greedy_token_ids=[5]),
-        ConstraintStep(step=8, particle=1, method="awrs", proposals=[9, 5], accepted=5, checks=3,
-                       log_weight_increment=-0.25, log_weight=-INF),
-        Resampling(step=8, ess=1.5, log_weights=[-0.1, -INF], ancestors=[0, 0]),
-        CacheStep(step=9, policy="h2o", kl=0.01, top1_agree=False, kept_fraction=0.5, evicted=b"\x00\x3c\x00\x00"),
-        Steering(step=10, layers=[1], context_heads=[[0, 1]], query_heads=[[2]], ratios=[1.5],
-                 context_mass_before=[0.2], context_mass_after=[0.4], plain_token_id=9, kl_from_plain=0.05),
-        ATTENTION,
-        Output(token_ids=[5, 7], score=-INF),
-        RunFinished(status="finished", reason="end of sequence"),
-    ]
-    return Trace(
-        run_id=new_run_id(),
-        info=info(prompt="Héllo <script>alert(1)</script>", seed=2**64 + 1, chat=True, versions={"engine": "0.1"}),
-        events=events,
-        vocab={1: "<s>", 2: " wörld", 3: "<script>alert('x')</script>", 5: "日本", 7: "\n\t\"", 9: "", 2**40: "🙂"},
-        status="finished",
-        reason="end of sequence",
-        prompt_token_ids=[1, 2, 3],
-        output_token_ids=[5, 7],
-        output_text="日本\n",
-        metrics={"model_calls": 5, "decode_seconds": 0.05, "odd": NAN},
-    )
 
 
 # ---------------------------------------------------------------- round trips

@@ -234,7 +234,7 @@ from engine.events import RunStarted
 from engine.recorder import Recorder
 from engine.trace import Trace
 from storage import TraceStore
-from tests.test_storage import info, token_step
+from tests.helpers import info, token_step
 store = TraceStore("sqlite:///" + sys.argv[1])
 recorder = Recorder(Trace(run_id=sys.argv[2], info=info()), token_text=str, sinks=[store.sink()], flush_seconds=3600)
 recorder.record(RunStarted(prompt_token_ids=[1, 2]))
@@ -258,7 +258,7 @@ def test_a_run_whose_writer_died_is_marked_interrupted_with_its_events(db):
 
 
 def test_only_runs_whose_writer_is_gone_are_marked(db):
-    from tests.test_storage import info, token_step
+    from tests.helpers import info, token_step
 
     with TraceStore(f"sqlite:///{db}") as store:
         sinks = {}

@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 
 from engine import RunSettings, load_model, record
-from engine.attention import AttentionCapture, attention_array
+from engine.attention import AttentionCapture
+from engine.event_arrays import attention_array
 from engine.events import AttentionMap, Steering
 from engine.models import ModelError
 from engine.models.vision import encode_with_image, image_token_id
 from engine.params import ParamError
 from engine.prompt_spans import marked_spans
-from tests.conftest import eager_attention
+from tests.helpers import eager_attention
 
 QUESTION = "Question: what colour is the square?"
 
