@@ -192,8 +192,3 @@ def _indices(text: str, what: str) -> list[int]:
         allowed = LAYER_CHOICES if what == "layers" else HEAD_CHOICES
         raise ParamError(f"attention {what} must be one of {', '.join(allowed)} or non-negative indices, not {text!r}")
     return values
-
-
-def attention_array(event: AttentionMap) -> np.ndarray:
-    """The stored map back as a float32 array of ``event.shape``."""
-    return np.frombuffer(event.data, dtype=np.float16).astype(np.float32).reshape(event.shape)

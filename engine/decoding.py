@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # engine.decoders imports this module to build its decoders
-    from engine.decoders.base import DecodeContext
 from engine.attention import attention_hooks
-from engine.events import Candidate, Event, TokenStep, r7
+from engine.context import DecodeContext
+from engine.events import Candidate, Event, TokenStep
 from engine.processing import Processed, Stage, entropy, process, stage_reports
 
 Chooser = Callable[[Processed], torch.Tensor]
@@ -37,12 +36,12 @@ def token_event(
         step=step,
         position=position,
         token_id=token_id,
-        logprob=r7(final[token_id]),
-        raw_logprob=r7(raw[token_id]),
+        logprob=final[token_id],
+        raw_logprob=raw[token_id],
         rank=int((raw > raw[token_id]).sum()) + 1,
-        entropy_raw=r7(h_raw),
-        entropy=r7(h_raw if processed.logprobs is processed.raw_logprobs else entropy(final)),
-        candidates=[Candidate(i, r7(pr), r7(p)) for i, pr, p in zip(ids, probs_raw, probs)],
+        entropy_raw=h_raw,
+        entropy=h_raw if processed.logprobs is processed.raw_logprobs else entropy(final),
+        candidates=[Candidate(i, pr, p) for i, pr, p in zip(ids, probs_raw, probs)],
         stages=stage_reports(processed, ids, row=row),
         **extra,
     )
@@ -78,7 +77,7 @@ def autoregressive(ctx: "DecodeContext", stages: Sequence[Stage], choose: Choose
             if attention_map is not None:
                 yield attention_map
         yield token_event(
-            processed, token_id, step=position, position=position, top_k=ctx.record_top_k, seconds=r7(seconds)
+            processed, token_id, step=position, position=position, top_k=ctx.record_top_k, seconds=seconds
         )
         new_ids = token.view(1, 1)
         context = torch.cat([context, new_ids], dim=1)

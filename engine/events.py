@@ -5,8 +5,9 @@ Every event is a frozen dataclass with a class-level ``kind`` tag, serialisable 
 by :func:`event_to_dict` and validated back by :func:`event_from_dict`. Later decoders add fields with
 defaults or new event kinds here; they never fork the vocabulary.
 
-Probabilities are rounded to 7 significant digits (float32 precision) when events are built, so a
-stored trace is compact and its JSON export round-trips exactly.
+Every float an event holds is rounded to 7 significant digits (float32 precision) when the event is built, so a
+stored trace is compact and its JSON export round-trips exactly; token ids are the fields typed :data:`TokenId`, so
+the recorder finds their texts for replay. Both follow from the type hints: a new field needs no other declaration.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 TRACE_FORMAT = "decoding-explorer-trace"
 TRACE_VERSION = 1
@@ -28,23 +28,62 @@ RunStatus = Literal["running", "finished", "failed", "cancelled", "interrupted"]
 
 def r7(x: float) -> float:
     """Round to float32 precision: keeps traces compact and exactly reproducible through JSON."""
-    x = float(x)
-    if math.isnan(x) or math.isinf(x):
-        return x
-    return float(f"{x:.7g}")
+    return float(f"{float(x):.7g}")  # nan and +-inf come back as they are
+
+
+TokenId = Annotated[int, "token id"]  # a field typed so holds token ids: the recorder stores their texts for replay
+
+
+class Record:
+    """Base of every event and of the records inside them: on construction, each float field (a float, an optional
+    float or a list of them) is rounded by :func:`r7`. Nested records round themselves, being Records too."""
+
+    def __post_init__(self) -> None:
+        fields = self.__dict__  # written directly: the record is frozen, and this runs for every record built
+        for name in _float_fields(type(self)):
+            value = fields[name]
+            if type(value) is float:  # most values: rounded without a further call
+                fields[name] = r7(value)
+            elif value is not None and type(value) is not int:
+                fields[name] = _rounded(value)
+
+
+@functools.cache
+def _float_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a record that hold floats (and nothing else but None), from its type hints."""
+    hints = typing.get_type_hints(cls)
+    return tuple(name for name in _field_names(cls) if float in _leaves(hints[name]) <= {float, type(None)})
+
+
+def _rounded(value: Any) -> Any:
+    if value is None or type(value) is int:  # a count filed as a float (a metric) is exact already
+        return value
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    try:
+        return r7(value)  # a 0-d tensor, a numpy number
+    except TypeError:  # no number (a test's pytest.approx): left for the comparison it is made for
+        return value
+
+
+def _leaves(tp: Any) -> frozenset[Any]:
+    """The types a hint bottoms out in, through lists and unions (``list[TokenId] | None`` -> {TokenId, None})."""
+    if typing.get_origin(tp) in (list, Union, types.UnionType):
+        return frozenset().union(*map(_leaves, typing.get_args(tp)))
+    return frozenset({tp})
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(Record):
     """One entry of a top-k list: raw (model) and processed (sampled-from) probabilities."""
 
-    token_id: int
+    token_id: TokenId
     raw_prob: float
     prob: float
 
 
 @dataclass(frozen=True)
-class StageReport:
+class StageReport(Record):
     """What one processing stage (temperature, top-k, top-p, ...) did to the distribution.
 
     ``survivors`` is a bitmask over the step's candidate list: bit i set = candidate i survived this
@@ -60,13 +99,13 @@ class StageReport:
 
 
 @dataclass(frozen=True)
-class RunStarted:
+class RunStarted(Record):
     kind: ClassVar[str] = "run_started"
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[TokenId]
 
 
 @dataclass(frozen=True)
-class TokenStep:
+class TokenStep(Record):
     """The distribution at one output position and the token taken there.
 
     ``step`` is the decoder step (model-call index) that produced the distribution; ``position`` the
@@ -77,7 +116,7 @@ class TokenStep:
     kind: ClassVar[str] = "token"
     step: int
     position: int
-    token_id: int
+    token_id: TokenId
     logprob: float
     raw_logprob: float
     rank: int
@@ -93,7 +132,7 @@ class TokenStep:
 
 
 @dataclass(frozen=True)
-class BeamNode:
+class BeamNode(Record):
     """A hypothesis extension considered at a beam step.
 
     ``id`` is unique within the run; ``parent`` is the id of the beam it extends (-1 for the prompt).
@@ -102,7 +141,7 @@ class BeamNode:
 
     id: int
     parent: int
-    token_id: int
+    token_id: TokenId
     token_logprob: float
     score: float
     status: Literal["live", "pruned", "finished"]
@@ -110,7 +149,7 @@ class BeamNode:
 
 
 @dataclass(frozen=True)
-class BeamStep:
+class BeamStep(Record):
     kind: ClassVar[str] = "beam"
     step: int
     nodes: list[BeamNode]
@@ -119,12 +158,12 @@ class BeamStep:
 
 
 @dataclass(frozen=True)
-class DraftNode:
+class DraftNode(Record):
     """A node of a speculative draft tree, with its verification outcome once verified."""
 
     id: int
     parent: int
-    token_id: int
+    token_id: TokenId
     depth: int
     draft_prob: float
     source: str = "draft"
@@ -136,15 +175,15 @@ class DraftNode:
 
 
 @dataclass(frozen=True)
-class DraftRound:
+class DraftRound(Record):
     """One speculative round: the draft tree, its verification, and what was committed."""
 
     kind: ClassVar[str] = "draft_round"
     step: int
     nodes: list[DraftNode]
     accepted_path: list[int]
-    committed: list[int]
-    bonus_token: int | None = None
+    committed: list[TokenId]
+    bonus_token: TokenId | None = None
     bonus_is_correction: bool = False
     residual_top: list[Candidate] = field(default_factory=list)
     cache_slots_kept: list[int] = field(default_factory=list)
@@ -157,7 +196,7 @@ class DraftRound:
 
 
 @dataclass(frozen=True)
-class DiffusionStep:
+class DiffusionStep(Record):
     """One denoising step of a diffusion LM over the canvas ``[prompt | generated]``.
 
     ``canvas`` holds the generated part; masked positions hold ``mask_id``. ``proposals`` are the
@@ -166,7 +205,7 @@ class DiffusionStep:
 
     kind: ClassVar[str] = "diffusion"
     step: int
-    canvas: list[int]
+    canvas: list[TokenId]
     mask_id: int
     committed_positions: list[int]
     confidence: list[float] = field(default_factory=list)
@@ -179,7 +218,7 @@ class DiffusionStep:
 
 
 @dataclass(frozen=True)
-class AttentionMap:
+class AttentionMap(Record):
     """Attention (or saliency) weights, aggregated as described, stored as float16 bytes.
 
     ``shape`` is (layers, queries, keys) after aggregation; ``layers`` names the layer indices kept
@@ -198,16 +237,16 @@ class AttentionMap:
 
 
 @dataclass(frozen=True)
-class Output:
+class Output(Record):
     """The decoder declares its final output (beam search, diffusion), replacing committed tokens."""
 
     kind: ClassVar[str] = "output"
-    token_ids: list[int]
+    token_ids: list[TokenId]
     score: float | None = None
 
 
 @dataclass(frozen=True)
-class DecoderMetric:
+class DecoderMetric(Record):
     """A number only this decoder knows (a divergence, a searched setting): the recorder files it under metrics."""
 
     kind: ClassVar[str] = "metric"
@@ -217,23 +256,23 @@ class DecoderMetric:
 
 
 @dataclass(frozen=True)
-class ScoredCandidate:
+class ScoredCandidate(Record):
     """One option a decoder weighed: a token (with an optional continuation or whole sample) and its score.
 
     ``parts`` are the score's components, named by the event's ``part_names``; ``token_scores`` holds one value
     per token of ``tokens`` (a look-ahead's log-probs, a sample's per-token certainty).
     """
 
-    token_id: int
+    token_id: TokenId
     score: float
     parts: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[TokenId] = field(default_factory=list)
     token_scores: list[float] = field(default_factory=list)
     label: str = ""
 
 
 @dataclass(frozen=True)
-class Rerank:
+class Rerank(Record):
     """A decision among scored candidates (AdaDec's paused steps, momentum's resistance, best-of-N selection).
 
     ``chosen`` and ``baseline`` index ``candidates``: what the decoder took, and what the plain rule (greedy, or
@@ -256,7 +295,7 @@ class Rerank:
 
 
 @dataclass(frozen=True)
-class SuperposedStep:
+class SuperposedStep(Record):
     """One step of superposed decoding: the drafts entering it with their mixing weights, the draft x token
     candidates (LM and n-gram parts), and which candidates became the next drafts (``kept``, indices)."""
 
@@ -271,7 +310,7 @@ class SuperposedStep:
 
 
 @dataclass(frozen=True)
-class SpanScores:
+class SpanScores(Record):
     """exact-extract: the negative log-likelihood of every answer span, start x length, float32 bytes (inf where
     a span runs past the passage); ``starts`` are the prompt positions of the candidate first tokens."""
 
@@ -283,13 +322,13 @@ class SpanScores:
     best_start: int
     best_length: int
     length_normalized: bool = False
-    greedy_token_ids: list[int] = field(default_factory=list)
+    greedy_token_ids: list[TokenId] = field(default_factory=list)
     model_calls: int = 1
     seconds: float = 0.0
 
 
 @dataclass(frozen=True)
-class ConstraintStep:
+class ConstraintStep(Record):
     """One constrained token for one particle: the tokens tried (in Gumbel order for AWRS, or every token for
     plain masking), the one accepted (-1 if none), constraint checks spent and the particle's weights."""
 
@@ -297,8 +336,8 @@ class ConstraintStep:
     step: int
     particle: int
     method: str
-    proposals: list[int]
-    accepted: int
+    proposals: list[TokenId]
+    accepted: TokenId  # -1: none
     checks: int
     log_weight_increment: float
     log_weight: float
@@ -307,7 +346,7 @@ class ConstraintStep:
 
 
 @dataclass(frozen=True)
-class Resampling:
+class Resampling(Record):
     """Sequential Monte Carlo: the effective sample size before, and each new particle's ancestor."""
 
     kind: ClassVar[str] = "resample"
@@ -318,7 +357,7 @@ class Resampling:
 
 
 @dataclass(frozen=True)
-class CacheStep:
+class CacheStep(Record):
     """A compressed KV cache beside the full one at one decoding step.
 
     ``evicted`` is float16 bytes over the cache positions: the share of (layer, head) slots in which the position
@@ -339,7 +378,7 @@ class CacheStep:
 
 
 @dataclass(frozen=True)
-class Steering:
+class Steering(Record):
     """Attention steering applied at one decoding step (GIFT): per enhanced layer the heads boosted towards the
     context and towards the query, the query factor r, and the last row's context mass before and after."""
 
@@ -351,12 +390,12 @@ class Steering:
     ratios: list[float]
     context_mass_before: list[float]
     context_mass_after: list[float]
-    plain_token_id: int = -1  # what plain greedy decoding would take after the same prefix
+    plain_token_id: TokenId = -1  # what plain greedy decoding would take after the same prefix
     kl_from_plain: float = 0.0  # KL(p_plain || p_steered) of the next-token distributions, nats
 
 
 @dataclass(frozen=True)
-class RunFinished:
+class RunFinished(Record):
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
     reason: str = ""
@@ -370,28 +409,41 @@ EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 
 
 def token_ids_of(event: Event) -> set[int]:
-    """Every token id an event mentions, so the recorder can store their texts for replay."""
+    """Every token id an event mentions (its :data:`TokenId` fields, its records' too), so the recorder can store
+    their texts for replay; negative ids (none, padding) are left out."""
     ids: set[int] = set()
-
-    def walk(value: Any, name: str = "") -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                walk(getattr(value, f.name), f.name)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, name)
-        elif isinstance(value, int) and not isinstance(value, bool) and name in _TOKEN_FIELDS:
-            if value >= 0:
-                ids.add(value)
-
-    walk(event)
+    _collect_token_ids(event, ids)
     return ids
 
 
-_TOKEN_FIELDS = {
-    "token_id", "token_ids", "prompt_token_ids", "committed", "bonus_token", "canvas", "tokens", "proposals",
-    "accepted", "greedy_token_ids", "plain_token_id",
-}
+def _collect_token_ids(record: Any, ids: set[int]) -> None:
+    for name, holds_ids in _token_fields(type(record)):
+        for value in _flattened(getattr(record, name)):
+            if not holds_ids:
+                _collect_token_ids(value, ids)
+            elif value >= 0:
+                ids.add(value)
+
+
+def _flattened(value: Any) -> list[Any]:
+    """A field's values, lists flattened, None left out."""
+    if isinstance(value, list):
+        return [v for item in value for v in _flattened(item)]
+    return [] if value is None else [value]
+
+
+@functools.cache
+def _token_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(name, holds token ids itself) for the fields of a record typed TokenId, or holding records that may have them."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    found = []
+    for name in _field_names(cls):
+        leaves = _leaves(hints[name])
+        if TokenId in leaves:
+            found.append((name, True))
+        elif any(dataclasses.is_dataclass(tp) and _token_fields(tp) for tp in leaves):
+            found.append((name, False))
+    return tuple(found)
 
 
 # ---------------------------------------------------------------- serialisation

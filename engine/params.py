@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 ParamType = Literal["int", "float", "bool", "str", "choice"]
@@ -95,6 +95,14 @@ class Param:
             raise self._out_of_range(value) from None
         except (TypeError, ValueError):
             raise ParamError(f"{self.name} expects {self.type}, got {shown(value)}") from None
+
+
+def with_defaults(params: tuple[Param, ...], **defaults: Any) -> tuple[Param, ...]:
+    """``params`` with the named ones' defaults changed (a preset, a decoder that wants other starting values)."""
+    unknown = set(defaults) - {p.name for p in params}
+    if unknown:
+        raise ValueError(f"with_defaults: no parameter {', '.join(sorted(unknown))} to change")
+    return tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params)
 
 
 def validate(schema: tuple[Param, ...], given: Mapping[str, Any], owner: str) -> dict[str, Any]:

@@ -15,7 +15,9 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from engine.events import StageReport, r7
+from engine.events import StageReport
+from engine.params import Param
+from engine.shared_params import PIPELINE_PARAMS
 
 _NEG_INF = float("-inf")
 _TOP_H_CANDIDATES = 100  # transformers' TopHLogitsWarper.top_n: Top-H only looks at the 100 most likely tokens
@@ -120,27 +122,37 @@ def _eta(x: Tensor, eps: float, _: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 class _Spec(NamedTuple):
-    key: str  # the decoder parameter that switches the stage on
-    off: float  # the parameter value meaning "no stage"
+    param: Param  # the decoder parameter that switches the stage on; its default is the value meaning "no stage"
+    # The rule's own domain: wider than the parameter's range in places (speculative decoding samples at any
+    # temperature > 0), and without the off value where the rule would not be the identity there (top_k=0).
     valid: Callable[[float], bool]
     allowed: str  # for the error message
     rule: Rule
 
+    @property
+    def key(self) -> str:
+        return self.param.name
 
+    @property
+    def off(self) -> float:
+        return self.param.default
+
+
+_PARAMS = {p.name: p for p in PIPELINE_PARAMS}
 _STAGES = {
     "repetition_penalty": _Spec(
-        "repetition_penalty", 1.0, lambda v: v > 0, "> 0 (> 1 penalises repeats, < 1 favours them)", _repetition_penalty
+        _PARAMS["repetition_penalty"], lambda v: v > 0, "> 0 (> 1 penalises repeats, < 1 favours them)", _repetition_penalty
     ),
     "temperature": _Spec(
-        "temperature", 1.0, lambda v: v > 0, "> 0 (temperature 0 is greedy decoding, a separate decoder)", _temperature
+        _PARAMS["temperature"], lambda v: v > 0, "> 0 (temperature 0 is greedy decoding, a separate decoder)", _temperature
     ),
-    "top_h": _Spec("top_h", 0.0, lambda v: 0 < v <= 1, "in (0, 1]", _top_h),
-    "top_k": _Spec("top_k", 0.0, lambda v: v >= 1 and v.is_integer(), "a whole number >= 1", _top_k),
-    "top_p": _Spec("top_p", 1.0, lambda v: 0 <= v <= 1, "in [0, 1]", _top_p),
-    "min_p": _Spec("min_p", 0.0, lambda v: 0 <= v <= 1, "in [0, 1]", _min_p),
-    "typical": _Spec("typical_p", 1.0, lambda v: 0 < v < 1, "in (0, 1)", _typical),
-    "epsilon": _Spec("epsilon", 0.0, lambda v: 0 < v < 1, "in (0, 1)", _epsilon),
-    "eta": _Spec("eta", 0.0, lambda v: 0 < v < 1, "in (0, 1)", _eta),
+    "top_h": _Spec(_PARAMS["top_h"], lambda v: 0 < v <= 1, "in (0, 1]", _top_h),
+    "top_k": _Spec(_PARAMS["top_k"], lambda v: v >= 1 and v.is_integer(), "a whole number >= 1", _top_k),
+    "top_p": _Spec(_PARAMS["top_p"], lambda v: 0 <= v <= 1, "in [0, 1]", _top_p),
+    "min_p": _Spec(_PARAMS["min_p"], lambda v: 0 <= v <= 1, "in [0, 1]", _min_p),
+    "typical": _Spec(_PARAMS["typical_p"], lambda v: 0 < v < 1, "in (0, 1)", _typical),
+    "epsilon": _Spec(_PARAMS["epsilon"], lambda v: 0 < v < 1, "in (0, 1)", _epsilon),
+    "eta": _Spec(_PARAMS["eta"], lambda v: 0 < v < 1, "in (0, 1)", _eta),
 }
 PIPELINE_ORDER = tuple(_STAGES)  # transformers' order (repetition penalty, then the warpers of _get_logits_processor)
 OFF_VALUES: dict[str, float] = {spec.key: spec.off for spec in _STAGES.values()}  # parameter -> the value meaning "off"
@@ -248,8 +260,8 @@ def stage_reports(processed: Processed, candidate_ids: Sequence[int], row: int =
     for s in processed.stages:
         keep = pick(s.keep)
         survivors = sum(1 << i for i, alive in enumerate(keep[ids].tolist()) if alive)
-        threshold = None if s.threshold is None else r7(pick(s.threshold))
-        reports.append(StageReport(s.name, int(keep.sum()), r7(pick(s.kept_mass)), survivors, threshold))
+        threshold = None if s.threshold is None else pick(s.threshold)
+        reports.append(StageReport(s.name, int(keep.sum()), pick(s.kept_mass), survivors, threshold))
     return reports
 
 

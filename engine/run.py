@@ -11,7 +11,8 @@ import torch
 import transformers
 
 from engine.attention import AttentionCapture
-from engine.decoders import DecodeContext, all_decoders, get_decoder
+from engine.context import DecodeContext, Summary
+from engine.decoders import all_decoders, get_decoder
 from engine.events import Event, RunFinished, RunStarted
 from engine.limits import Limits, RunGuard, RunStopped, check_request
 from engine.models.handle import LoadedModel
@@ -122,6 +123,7 @@ class Run:
         self.guard = RunGuard(max_seconds=limits.run_seconds if limits is not None else None)
         self.cancel_event = self.guard.cancel
         self._checked = 0  # output tokens already scanned for EOS
+        self._summaries: list[Summary] = []  # the decoder's, recorded by _finish whatever ends the run
         self.error: Exception | None = None  # what ended a failed run (a front end reports a user error as such)
         info = RunInfo(
             model=model.name,
@@ -160,6 +162,7 @@ class Run:
                 reason = "decoder finished"
         except (KeyboardInterrupt, GeneratorExit):
             status, reason = "cancelled", "interrupted"
+            self.cancel_event.set()  # nobody waits for the summary: it makes no more model calls
             self._finish(status, reason)
             raise
         except RunStopped as stop:  # raised at a model call
@@ -193,6 +196,7 @@ class Run:
             attention=self.settings.attention,
             cancel=self.cancel_event,
             prompt_inputs=self.prompt_inputs,
+            summaries=self._summaries,
         )
         events = self.spec.run(ctx)
         try:
@@ -222,6 +226,19 @@ class Run:
             return "max_new_tokens reached"
         return ""
 
+    def _record_summaries(self, status: str, reason: str) -> tuple[str, str]:
+        """Record the decoder's summary metrics; a summary that raises fails a run that had not failed already."""
+        try:
+            for summary in self._summaries:
+                for metric in self.guard.advance(metric for metric in summary()):  # model calls obey a cancel
+                    self.recorder.record(metric)
+        except RunStopped:  # cancelled or out of time: the metrics that needed a model call are left out
+            pass
+        except Exception as exc:
+            if status != "failed":
+                status, reason, self.error = "failed", f"{type(exc).__name__}: {exc}", exc
+        return status, reason
+
     def _truncate_at_text(self, length: int) -> None:
         output = self.trace.output_token_ids
         for n in range(1, len(output) + 1):
@@ -230,6 +247,7 @@ class Run:
                 return
 
     def _finish(self, status: str, reason: str) -> None:
+        status, reason = self._record_summaries(status, reason)
         self.recorder.record(RunFinished(status=status, reason=reason))
         self.recorder.close()
 

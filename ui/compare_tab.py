@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 
+from engine.decoders import param_defaults
 from engine.events import TokenStep
 from engine.params import ParamError
 from engine.trace import Trace
@@ -59,9 +60,10 @@ def build_compare_tab(app: AppContext, library: LibraryTab) -> None:
 
 
 def _compared(traces: list[Trace]) -> list[Any]:
-    rows = figures.cost_table(traces)
+    defaults = param_defaults()
+    rows = figures.cost_table(traces, defaults)
     table = gr.Dataframe(value=[list(r.values()) for r in rows], headers=list(rows[0])) if rows else None
-    return [figures.aligned_tokens_html(traces), figures.divergence_figure(traces), table]
+    return [figures.aligned_tokens_html(traces, defaults=defaults), figures.divergence_figure(traces, defaults), table]
 
 
 def aligned_at_branch(parent: Trace, branch: Trace) -> tuple[Trace, int, int]:

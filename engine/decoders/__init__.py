@@ -4,10 +4,11 @@ import importlib
 import pkgutil
 
 from engine.decoders import diffusion, speculative, token
-from engine.decoders.base import DecodeContext, DecoderSpec, all_decoders, get_decoder, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, all_decoders, get_decoder, param_defaults, register
 
 for _family in (token, speculative, diffusion):
     for _module in sorted(pkgutil.iter_modules(_family.__path__), key=lambda m: m.name):
         importlib.import_module(f"{_family.__name__}.{_module.name}")
 
-__all__ = ["DecodeContext", "DecoderSpec", "all_decoders", "get_decoder", "register"]
+__all__ = ["DecodeContext", "DecoderSpec", "all_decoders", "get_decoder", "param_defaults", "register"]

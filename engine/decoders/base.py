@@ -1,33 +1,22 @@
-"""What every decoder is: a registered generator of events, with its parameters described once."""
+"""What every decoder is: a registered generator of events, with its parameters described once.
+
+The run protocol: a decoder yields step events and never decides when the run ends; the runner
+(engine/run.py) stops it after any event on EOS, a stop string, the token budget, a cancel or an error.
+Numbers that sum up the whole run go in a summary registered with :meth:`DecodeContext.on_finish`
+early in the decoder: however the run ends, the runner calls it once after the last step and records
+the :class:`~engine.events.DecoderMetric` events it yields, so every stop reason records the same
+summary. A summary reads the decoder's state as far as it got (it may be empty), and its model calls
+are guarded like the run's: after a cancel, those raise and the metrics that need them are left out.
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-import torch
-
-from engine.attention import AttentionCapture
+from engine.context import DecodeContext
 from engine.events import Event
-from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError, validate
-
-
-@dataclass
-class DecodeContext:
-    """Everything a decoder may use besides its own parameters. Decoders never print or store."""
-
-    model: LoadedModel
-    prompt_ids: list[int]
-    params: dict[str, Any]
-    max_new_tokens: int
-    eos_token_ids: set[int]
-    generator: torch.Generator
-    record_top_k: int = 20
-    attention: AttentionCapture | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    prompt_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra inputs of the prefill (VLM pixels)
 
 
 DecoderFn = Callable[[DecodeContext], Iterator[Event]]
@@ -76,3 +65,8 @@ def get_decoder(name: str) -> DecoderSpec:
 
 def all_decoders() -> list[DecoderSpec]:
     return list(_REGISTRY.values())
+
+
+def param_defaults() -> dict[str, dict[str, Any]]:
+    """Every registered decoder's parameter defaults, by decoder name (what a run's settings are compared with)."""
+    return {spec.name: {p.name: p.default for p in spec.params} for spec in _REGISTRY.values()}

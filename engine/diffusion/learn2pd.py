@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engine.decoders.base import DecodeContext
+from engine.context import DecodeContext
 from engine.diffusion.unmask import (
     CommitRule, MaskPredictor, StepView, UnmaskSettings, blocks, predictor_for, top_k_rule, unmask,
 )

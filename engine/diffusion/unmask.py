@@ -16,17 +16,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
-from engine.events import Candidate, DecoderMetric, DiffusionStep, Event, Output, r7
+from engine.context import DecodeContext
+from engine.events import Candidate, DecoderMetric, DiffusionStep, Event, Output
 from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError
-
-if TYPE_CHECKING:  # the decoders import this module, and engine.decoders imports every decoder
-    from engine.decoders.base import DecodeContext
 
 CONFIDENCE_KINDS = ("probability", "margin", "entropy", "random")
 DIFFUSION_MODEL_TYPES = ("llada", "dream", "mdlm", "bd3lm", "a2d-qwen3", "a2d-qwen2", "a2d-llama", "lladamoe")
@@ -243,7 +241,8 @@ def unmask(
     denoiser: Denoiser | None = None,
     revise: Callable[[StepView], Tensor] | None = None,
 ) -> Iterator[Event]:
-    """Run the blocks, one ``DiffusionStep`` per denoiser call, then the final ``Output`` and the order metric.
+    """Run the blocks, one ``DiffusionStep`` per denoiser call, then the final ``Output``; the order metric is the
+    run's summary.
 
     ``revise`` (Mask-Predict) may send committed positions back to MASK after a step's commits.
     """
@@ -252,6 +251,7 @@ def unmask(
     prompt = torch.tensor(ctx.prompt_ids, dtype=torch.long)
     canvas = _Canvas(torch.cat([prompt, torch.full((settings.gen_length,), predictor.mask_id)]), len(prompt),
                      predictor.mask_id)
+    ctx.on_finish(lambda: _order_metric(canvas))
     all_blocks = blocks(settings.gen_length, settings.block_length)
     steps_per_block = max(1, settings.steps // len(all_blocks))
     fresh = torch.zeros(settings.gen_length, dtype=torch.bool)
@@ -273,7 +273,7 @@ def unmask(
             truncated = _end_at_eos(canvas, predictor, step) if settings.end_at_eos else []
             yield _step_event(ctx, canvas, view, denoised, chosen, remasked, block, started, truncated)
             step, step_in_block = step + 1, step_in_block + 1
-    yield from _finish(canvas, predictor)
+    yield _output(canvas, predictor)
 
 
 def _check(settings: UnmaskSettings) -> None:
@@ -322,7 +322,7 @@ def _step_event(ctx: DecodeContext, canvas: _Canvas, view: StepView, denoised: D
                 remasked: Tensor, block: tuple[int, int], started: float, truncated: list[int]) -> DiffusionStep:
     top = view.probs.topk(min(ctx.record_top_k, view.probs.shape[-1]), dim=-1)
     proposals = [
-        [Candidate(int(t), r7(float(p)), r7(float(p))) for t, p in zip(ids, ps)] if masked else []
+        [Candidate(int(t), p, p) for t, p in zip(ids, ps)] if masked else []
         for ids, ps, masked in zip(top.indices.tolist(), top.values.tolist(), view.masked.tolist())
     ]
     return DiffusionStep(
@@ -330,24 +330,27 @@ def _step_event(ctx: DecodeContext, canvas: _Canvas, view: StepView, denoised: D
         canvas=canvas.generated.tolist(),
         mask_id=canvas.mask_id,
         committed_positions=chosen.nonzero().flatten().tolist() + truncated,
-        confidence=[r7(float(c)) if math.isfinite(c) else -math.inf for c in view.confidence.tolist()],
+        confidence=[c if math.isfinite(c) else -math.inf for c in view.confidence.tolist()],
         proposals=proposals,
         block=[block[0], block[1]],
         model_calls=denoised.calls,
-        seconds=r7(time.perf_counter() - started),
+        seconds=time.perf_counter() - started,
         cache=denoised.cache,
         remasked_positions=remasked.nonzero().flatten().tolist(),
     )
 
 
-def _finish(canvas: _Canvas, predictor: MaskPredictor) -> Iterator[Event]:
+def _output(canvas: _Canvas, predictor: MaskPredictor) -> Output:
     generated = canvas.generated.tolist()
     if predictor.eos_id is not None and predictor.eos_id in generated:
         generated = generated[: generated.index(predictor.eos_id) + 1]
+    return Output([t for t in generated if t != canvas.mask_id])
+
+
+def _order_metric(canvas: _Canvas) -> list[DecoderMetric]:
     order = [canvas.order[p] for p in sorted(canvas.order)]
-    yield DecoderMetric("order_kendall_tau", r7(kendall_tau(order)),
-                        "Kendall tau between the commit order and left to right (1 = strictly left to right)")
-    yield Output([t for t in generated if t != canvas.mask_id])  # last: the runner may stop at the length limit
+    return [DecoderMetric("order_kendall_tau", kendall_tau(order),
+                          "Kendall tau between the commit order and left to right (1 = strictly left to right)")]
 
 
 def kendall_tau(order: list[int]) -> float:

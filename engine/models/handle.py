@@ -33,6 +33,11 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as ``load_model`` takes it, such as ``"float32"``."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
@@ -136,7 +141,7 @@ class LoadedModel:
             "model_type": getattr(cfg, "model_type", ""),
             "layers": self.num_layers,
             "vocab_size": self.vocab_size,
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "dtype": self.dtype_name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             **self.details,
         }

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # engine.decoders imports the speculative decoders, which import this module
-    from engine.decoders.base import DecodeContext
-from engine.events import DraftNode, DraftRound, r7
+from engine.context import DecodeContext
+from engine.events import DraftNode, DraftRound
 from engine.params import Param
 from engine.processing import Processed, Stage, build_pipeline, process, sample
+from engine.shared_params import PIPELINE_PARAMS
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, node_depths, tree_forward
 from engine.speculative.verify import Verdict, verify_tree
 
+# Target and draft process their logits alike. Temperature is this family's own: here 0 means greedy verification.
 SAMPLING_PARAMS = (
     Param("temperature", "float", 0.0, "0 = greedy verification; > 0 = speculative sampling at this temperature.", 0.0, 10.0),
-    Param("top_k", "int", 0, "Sampling only: keep the k most probable tokens, for target and draft alike (0 = off).", 0, 1_000_000),
-    Param("top_p", "float", 1.0, "Sampling only: nucleus mass for target and draft alike (1 = off).", 0.0, 1.0),
+    *(p for p in PIPELINE_PARAMS if p.name in ("top_k", "top_p")),
 )
 
 
@@ -202,7 +202,7 @@ def draft_round(
             depth=depths[node],
             draft_prob=draft.probs[node],
             source=draft.sources[node] if draft.sources else source,
-            score=r7(draft.scores[node]) if draft.scores else None,
+            score=draft.scores[node] if draft.scores else None,
             **(asdict(verdict.checks[node]) if node in verdict.checks else {}),  # NodeCheck's fields are DraftNode's
         )
         for node, token in enumerate(draft.tokens)
@@ -218,8 +218,8 @@ def draft_round(
         cache_slots_kept=cache_slots_kept,
         draft_calls=draft.calls,
         model_calls=model_calls,
-        draft_seconds=r7(draft_seconds),
-        seconds=r7(seconds),
+        draft_seconds=draft_seconds,
+        seconds=seconds,
         mode=mode,
-        simulated_seconds=None if simulated_seconds is None else r7(simulated_seconds),
+        simulated_seconds=simulated_seconds,
     )

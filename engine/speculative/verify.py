@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.events import Candidate, r7
+from engine.events import Candidate
 from engine.processing import sample
 
 
@@ -94,7 +94,7 @@ def verify_tree(
             p_row = target_logprobs[row].exp()
             chosen = next((c for c in kids if tokens[c] == best), None)
             for c in kids:
-                checks[c] = NodeCheck(r7(p_row[tokens[c]]), c == chosen)
+                checks[c] = NodeCheck(float(p_row[tokens[c]]), c == chosen)
             if chosen is None:
                 return Verdict(path, checks, best, bool(kids))
         else:
@@ -140,7 +140,7 @@ def _sample_children(
         ratio = float(p[token] / q[token]) if q[token] > 0 else float("inf")
         draw = float(torch.rand((), generator=generator, dtype=torch.float64))
         accepted = draw < ratio  # P(accept) = min(1, p'/q)
-        checks[c] = NodeCheck(r7(p_original[token]), accepted, r7(draw), r7(ratio))
+        checks[c] = NodeCheck(float(p_original[token]), accepted, draw, ratio)
         if accepted:
             return c, p
         residual = (p - q).clamp_(min=0)
@@ -159,4 +159,4 @@ def _one_hot(token: int, like: Tensor) -> Tensor:
 
 def _top(residual: Tensor, p: Tensor, k: int) -> list[Candidate]:
     probs, ids = residual.topk(min(k, residual.shape[-1]))
-    return [Candidate(i, r7(p[i]), r7(r)) for i, r in zip(ids.tolist(), probs.tolist()) if r > 0]
+    return [Candidate(i, p[i], r) for i, r in zip(ids.tolist(), probs.tolist()) if r > 0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from engine.attention import attention_array
+from engine.event_arrays import attention_array
 from engine.events import AttentionMap
 from engine.trace import Trace
 from ui.figures.common import (

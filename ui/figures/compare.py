@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from engine.decoders import get_decoder
 from engine.events import Candidate, TokenStep
-from engine.params import ParamError
 from engine.trace import Trace
 from ui.figures.common import (
     WINDOW,
@@ -33,6 +31,9 @@ KL_FLOOR = 1e-6  # probability given to a token missing from one run's top-k lis
 _PARAMS_CHARS = 60
 _CELL = "padding:1px 3px;border-radius:3px;white-space:pre;color:inherit"
 _NOTE = "opacity:0.7;font-size:0.85em"
+# Each decoder's parameter defaults by decoder name (engine.decoders.param_defaults()): given by the caller, so
+# that the figures never load the decoders.
+ParamDefaults = Mapping[str, Mapping[str, Any]]
 
 
 def first_divergence(a: Trace, b: Trace) -> int | None:
@@ -60,45 +61,40 @@ def _earliest_divergence(traces: Sequence[Trace]) -> int | None:
 # ---------------------------------------------------------------- labels
 
 
-def _defaults(decoder: str) -> dict[str, Any]:
-    try:
-        return {p.name: p.default for p in get_decoder(decoder).params}
-    except ParamError:  # a trace from a decoder this build does not know
-        return {}
-
-
 def _short(settings: dict[str, Any]) -> str:
     text = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
     return shorten(text, _PARAMS_CHARS)
 
 
-def short_params(traces: Sequence[Trace]) -> list[str]:
-    """Each run's settings worth reading: parameters off their decoder's default, and any parameter or seed
-    on which runs that have it disagree."""
+def short_params(traces: Sequence[Trace], defaults: ParamDefaults | None = None) -> list[str]:
+    """Each run's settings worth reading: parameters off their decoder's default (given ``defaults``), and any
+    parameter or seed on which runs that have it disagree."""
     settings = [{"seed": t.info.seed, **t.info.params} for t in traces]
     keys = {k for s in settings for k in s}
     differing = {k for k in keys if len({repr(s[k]) for s in settings if k in s}) > 1}
     shown = []
     for trace, s in zip(traces, settings):
-        defaults = _defaults(trace.info.decoder)
-        shown.append(_short({k: v for k, v in s.items() if k in differing or (k in defaults and v != defaults[k])}))
+        own = (defaults or {}).get(trace.info.decoder, {})  # none for a decoder this build does not know
+        shown.append(_short({k: v for k, v in s.items() if k in differing or (k in own and v != own[k])}))
     return shown
 
 
-def run_labels(traces: Sequence[Trace]) -> list[str]:
+def run_labels(traces: Sequence[Trace], defaults: ParamDefaults | None = None) -> list[str]:
     """Plain-text labels ``[model] decoder params · run-id prefix`` (escape them before HTML or plotly);
     the model is named only when the runs use different ones."""
     models = len({t.info.model for t in traces}) > 1
     return [
         " ".join(filter(None, [t.info.model if models else "", t.info.decoder, params, "·", t.run_id[:8]]))
-        for t, params in zip(traces, short_params(traces))
+        for t, params in zip(traces, short_params(traces, defaults))
     ]
 
 
 # ---------------------------------------------------------------- aligned tokens
 
 
-def aligned_tokens_html(traces: Sequence[Trace], window: tuple[int, int] | None = None) -> str:
+def aligned_tokens_html(
+    traces: Sequence[Trace], window: tuple[int, int] | None = None, defaults: ParamDefaults | None = None
+) -> str:
     """One row per run, token cells aligned by output position; shared columns before the first divergence
     are faded and the first differing column is outlined in every row. Cells are coloured by the raw
     probability of the run's token where it recorded one. The default window starts a little before the
@@ -119,7 +115,7 @@ def aligned_tokens_html(traces: Sequence[Trace], window: tuple[int, int] | None 
         f'<tr><th style="text-align:left;padding-right:8px;white-space:nowrap">{escape_token(label)}</th>'
         + "".join(_cell(trace, steps, p, diverge) for p in range(start, stop))
         + "</tr>"
-        for trace, label, steps in zip(traces, run_labels(traces), (_by_position(t) for t in traces))
+        for trace, label, steps in zip(traces, run_labels(traces, defaults), (_by_position(t) for t in traces))
     ]
     notes = [_divergence_note(diverge), window_note(start, stop, total, noun="positions")]
     if len({tuple(t.prompt_token_ids) for t in traces}) > 1:
@@ -185,7 +181,7 @@ def _prob_of(step: TokenStep, token_id: int) -> float:
     return next((c.prob for c in step.candidates if c.token_id == token_id), 0.0)
 
 
-def divergence_figure(traces: Sequence[Trace]) -> go.Figure:
+def divergence_figure(traces: Sequence[Trace], defaults: ParamDefaults | None = None) -> go.Figure:
     """Per output position, each run against the first: |p_a(chosen) - p_b(same token)| and a top-k
     approximation of KL(p_a || p_b), both over the processed (sampled-from) distributions."""
     if len(traces) < 2:
@@ -193,7 +189,7 @@ def divergence_figure(traces: Sequence[Trace]) -> go.Figure:
     base = _by_position(traces[0])
     if not base:
         return empty_figure(no_steps_reason(traces[0]))
-    labels = [escape_token(label) for label in run_labels(traces)]
+    labels = [escape_token(label) for label in run_labels(traces, defaults)]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for i, (trace, label) in enumerate(zip(traces[1:], labels[1:])):
         color = RUN_COLORS[i % len(RUN_COLORS)]
@@ -233,10 +229,10 @@ def divergence_figure(traces: Sequence[Trace]) -> go.Figure:
 # ---------------------------------------------------------------- cost
 
 
-def cost_table(traces: Sequence[Trace]) -> list[dict[str, Any]]:
+def cost_table(traces: Sequence[Trace], defaults: ParamDefaults | None = None) -> list[dict[str, Any]]:
     """One row per run for a Dataframe (plain text: show it in ``"str"`` columns, which never render HTML)."""
     rows = []
-    for trace, params in zip(traces, short_params(traces)):
+    for trace, params in zip(traces, short_params(traces, defaults)):
         m = trace.metrics
         rows.append(
             {

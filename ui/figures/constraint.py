@@ -11,7 +11,7 @@ import math
 
 import plotly.graph_objects as go
 
-from engine.decoders.token.awrs import effective_sample_size
+from engine.event_arrays import effective_sample_size
 from engine.events import ConstraintStep, Resampling
 from engine.trace import Trace
 from ui.figures.common import (

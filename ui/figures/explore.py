@@ -7,11 +7,11 @@ token text in them is untrusted and goes through :func:`clip_text` before it rea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import networkx as nx
 import plotly.graph_objects as go
 
-from engine.explore import TokenTree, TreeNode
-from engine.reprocess import Reprocessed
 from ui.figures.common import (
     CHOSEN_COLOR, FIGURE_WIDTH, PROCESSED_COLOR, RAW_COLOR, clip_text, empty_figure, escape_token, text_px,
 )
@@ -21,6 +21,10 @@ from ui.figures.trees import (
     EDGE_COLOUR, LEAF_ROW_PX, NODE_FONT, ROOT, ROOT_COLOUR, _edge_trace, _frame, _Group, _place_group_labels, _style_tree,
     label_box, leaf_positions, place_labels,
 )
+
+if TYPE_CHECKING:  # annotations only: the engine modules that build these load torch, which figures never need
+    from engine.explore import TokenTree, TreeNode
+    from engine.reprocess import Reprocessed
 
 TREE_LABEL_CHARS = 14  # a node's token label is cut to this many characters; the hover has the whole path
 PREFIX_CHARS = 16  # the root's label: the end of the prefix

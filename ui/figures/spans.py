@@ -6,7 +6,7 @@ import math
 
 import plotly.graph_objects as go
 
-from engine.decoders.token.exact_extract import ranking_values, span_nll
+from engine.event_arrays import ranking_values, span_nll
 from engine.events import SpanScores
 from engine.trace import Trace
 from ui.figures.common import CHOSEN_COLOR, clip_text, empty_figure, style_figure, tick_labels, token_label

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from engine.attention import attention_array
+from engine.event_arrays import attention_array
 from engine.events import AttentionMap, Steering
 from engine.trace import Trace
 from ui.figures.common import PROCESSED_COLOR, RAW_COLOR, empty_figure, style_figure, token_label

@@ -24,12 +24,13 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import same_tokenizer_model
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.lattice_path import NgramProxy, build_lattice, search_path
 from engine.diffusion.unmask import MaskPredictor, predictor_for
-from engine.events import DecoderMetric, Event, r7
+from engine.events import DecoderMetric, Event
 from engine.params import Param, ParamError
+from engine.speculative.drafts import same_tokenizer_model
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
 
 
@@ -114,7 +115,7 @@ class DiffuSpecDrafter(Drafter):
             tokens.append(self.sampling.choose(row))
             if tokens[-1] == eos:
                 break
-        probs = [r7(rows[i, token].exp()) for i, token in enumerate(tokens)]
+        probs = [float(rows[i, token].exp()) for i, token in enumerate(tokens)]
         logprobs = None if self.sampling.greedy else rows[: len(tokens)]
         return Draft(tokens, probs, logprobs, calls=1, mode=f"k={k} · per-position {'argmax' if self.sampling.greedy else 'draw'}")
 
@@ -127,7 +128,7 @@ class DiffuSpecDrafter(Drafter):
         self.candidates += width
         argmax = [c[0][0] for c in lattice]
         # Greedy: the draft probability shown is the dLLM's; sampling: the verifier's q is one-hot (see the docstring).
-        probs = [r7(logq[i, t].exp()) if self.sampling.greedy else 1.0 for i, t in enumerate(path.tokens)]
+        probs = [float(logq[i, t].exp()) if self.sampling.greedy else 1.0 for i, t in enumerate(path.tokens)]
         return Draft(
             path.tokens, probs, None, calls=1, scores=path.scores,
             sources=["diffuspec:argmax" if t == argmax[i] else "diffuspec:cps" for i, t in enumerate(path.tokens)],
@@ -139,10 +140,10 @@ class DiffuSpecDrafter(Drafter):
             self.length.update(self.raw_length, outcome.verdict.accepted)
 
     def metrics(self) -> list[DecoderMetric]:
-        """Running means over the rounds so far (sent before each round, so the last round's survive a stop)."""
-        found = [DecoderMetric("diffuspec_mean_k", r7(self.drafted_k / max(1, self.rounds)), "Mean draft length k_t")]
+        """Means over the rounds drafted: the run's summary."""
+        found = [DecoderMetric("diffuspec_mean_k", self.drafted_k / max(1, self.rounds), "Mean draft length k_t")]
         if self.positions:
-            found.append(DecoderMetric("diffuspec_mean_lattice_width", r7(self.candidates / self.positions),
+            found.append(DecoderMetric("diffuspec_mean_lattice_width", self.candidates / self.positions,
                                        "Mean CPS candidates kept per lattice position"))
         return found
 
@@ -160,9 +161,8 @@ def diffuspec(ctx: DecodeContext) -> Iterator[Event]:
     trained_canvas = getattr(predictor.model.model.config, "diffusion_gen_length", 0) if params["answer_canvas"] else 0
     drafter = DiffuSpecDrafter(predictor, sampling, length, params["adl"], search, ctx.model.vocab_size,
                                len(ctx.prompt_ids) + trained_canvas if trained_canvas else 0)
-    for round_event in speculative_rounds(ctx, drafter, sampling):
-        yield from drafter.metrics()
-        yield round_event
+    ctx.on_finish(drafter.metrics)
+    yield from speculative_rounds(ctx, drafter, sampling)
 
 
 SPEC = register(

@@ -16,8 +16,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.diffusion.llada import REMASKING, SCHEDULE_PARAMS
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.cache import DelayedCacheDenoiser, WindowCacheDenoiser
 from engine.diffusion.unmask import (
     CANVAS_PARAMS, StepView, UnmaskSettings, blocks, canvas_lengths, predictor_for, top_k_positions, top_k_rule,
@@ -25,6 +25,7 @@ from engine.diffusion.unmask import (
 )
 from engine.events import Event
 from engine.params import Param, ParamError
+from engine.shared_params import REMASKING, SCHEDULE_PARAMS
 
 VARIANTS = ("decode", "greedy")
 

@@ -10,30 +10,18 @@ the marginals equals joint greedy decoding when ``(n + 1) eps <= 1``). An option
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.diffusion.cache import BLOCK_CACHES, block_cache
-from engine.diffusion.unmask import (
-    CANVAS_PARAMS, CommitRule, StepView, UnmaskSettings, at_least_top_one, blocks, canvas_lengths, predictor_for,
-    unmask,
-)
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.diffusion.blockwise import BLOCK_PARAMS, decode_until_blocks_full
+from engine.diffusion.unmask import CommitRule, StepView, at_least_top_one
 from engine.events import Event
 from engine.params import Param
 
 RULES = ("threshold", "factor")
-
-# Block-wise parameters shared with LocalLeap: Fast-dLLM's scripts decode in blocks of 32.
-BLOCK_PARAMS = (
-    *(replace(p, default=32, help="Semi-autoregressive block length (Fast-dLLM uses 32); 0 = one block over the "
-                                  "whole canvas.") if p.name == "block_length" else p for p in CANVAS_PARAMS),
-    Param("cache", "choice", "none", "KV cache: none (full forward each step), prefix (reuse the K/V before the "
-          "block, refreshed each block) or dual (also the masked suffix after it). Approximate.",
-          choices=BLOCK_CACHES),
-)
 
 
 def threshold_rule(threshold: float) -> CommitRule:
@@ -58,17 +46,6 @@ def factor_rule(factor: float) -> CommitRule:
         return at_least_top_one(view, chosen)
 
     return rule
-
-
-def decode_until_blocks_full(ctx: DecodeContext, rule: CommitRule) -> Iterator[Event]:
-    """Blocks left to right, each looped until full: one schedule step per block, the rule ignoring its quota."""
-    predictor = predictor_for(ctx.model)
-    gen_length, block_length = canvas_lengths(ctx)
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length, steps=len(blocks(gen_length, block_length)),
-        temperature=ctx.params["temperature"],
-    )
-    return unmask(ctx, predictor, rule, settings, block_cache(predictor, ctx.params["cache"]))
 
 
 def fast_dllm(ctx: DecodeContext) -> Iterator[Event]:

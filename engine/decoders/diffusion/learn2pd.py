@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.learn2pd import (
     ACCEPT_THRESHOLD, BLOCK_LENGTH, DEFAULT_FILTER_DIR, check_block_length, filter_rule, load_filter,
     one_token_per_step,

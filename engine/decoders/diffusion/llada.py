@@ -9,20 +9,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.unmask import (
     CANVAS_PARAMS, FullForward, UnmaskSettings, canvas_lengths, predictor_for, top_k_rule, unmask,
 )
 from engine.events import Event
 from engine.params import Param
-
-REMASKING = {"low_confidence": "probability", "random": "random"}
-# LLaDA's schedule, shared with dKV-Cache (which keeps it and changes only how the logits are computed)
-SCHEDULE_PARAMS = (
-    Param("steps", "int", 0, "Denoising steps over the whole canvas; 0 = gen_length (one token per step).", 0, 4096),
-    Param("remasking", "choice", "low_confidence", "Which proposals stay: the most confident, or random ones.",
-          choices=tuple(REMASKING)),
-)
+from engine.shared_params import REMASKING, SCHEDULE_PARAMS
 
 
 def llada(ctx: DecodeContext) -> Iterator[Event]:

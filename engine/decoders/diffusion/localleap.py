@@ -15,8 +15,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.diffusion.fast_dllm import BLOCK_PARAMS, decode_until_blocks_full
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.diffusion.blockwise import BLOCK_PARAMS, decode_until_blocks_full
 from engine.diffusion.unmask import CommitRule, StepView, at_least_top_one
 from engine.events import Event
 from engine.params import Param, ParamError

@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.unmask import (
     CANVAS_PARAMS, StepView, UnmaskSettings, blocks, canvas_lengths, predictor_for, top_k_positions, unmask,
 )

@@ -24,7 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
 from engine.ngram import CORPUS, corpus_documents
 from engine.params import Param

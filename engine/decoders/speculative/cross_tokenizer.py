@@ -21,12 +21,13 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import load_draft_model
-from engine.events import Event, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import Event
 from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
+from engine.speculative.drafts import load_draft_model
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 from engine.speculative.vocab_map import VocabMap, decode_continuation, encode_continuation
 
@@ -88,7 +89,7 @@ class CrossTokenizerDrafter(Drafter):
             token = self.sampling.choose(logprobs)
             q = self.vocab_map.to_target(logprobs)
             tokens.append(int(self.vocab_map.draft_to_target[token]))
-            probs.append(r7(q[tokens[-1]].exp()))
+            probs.append(float(q[tokens[-1]].exp()))
             rows.append(q)
             feed = [token]
         return Draft(tokens, probs, torch.stack(rows), calls=k)
@@ -96,7 +97,7 @@ class CrossTokenizerDrafter(Drafter):
 
 def assisted_cross_tokenizer(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
-    draft = load_draft_model(ctx.params["draft_model"])
+    draft = load_draft_model(ctx.params["draft_model"], ctx.model)
     try:
         drafter = CrossTokenizerDrafter(
             ctx.model, draft, sampling, ctx.params["num_draft_tokens"], ctx.params["lookbehind"]

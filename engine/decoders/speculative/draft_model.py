@@ -13,136 +13,14 @@ most it drafts. Schedules only change what is proposed, so every one of them sta
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
-import torch
-
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.events import Event, r7
-from engine.models import canonical_name, load_model
-from engine.models.handle import LoadedModel, ModelError
-from engine.params import Param, ParamError
-from engine.speculative.cache import PrefixCache
-from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
-from engine.speculative.truncated import truncated_model
-
-# Draft models loaded by name, kept so repeated runs (benchmarks, the app) do not reload them.
-_DRAFT_MODELS: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
-MAX_DRAFT_MODELS = 8  # the least recently used is dropped: names typed per request do not pile up in memory
-
-
-SCHEDULES = ("constant", "heuristic", "confidence")
-SCHEDULE_HELP = (
-    "Draft length: constant k; heuristic (transformers: all accepted -> k + 2, else max(1, k - 1)); "
-    "confidence (stop once the draft's p(token) < confidence_threshold)."
-)
-
-# A stop rule sees the draft probabilities of the tokens drafted so far and says whether to stop drafting now.
-StopRule = Callable[[list[float]], bool]
-
-
-class DraftModelDrafter(Drafter):
-    """Drafts up to ``num_draft_tokens`` tokens autoregressively with its own rolled-back cache.
-
-    ``num_draft_tokens`` is k, the next round's draft length, which the ``heuristic`` schedule moves after each
-    round. ``stop_rule`` (SpecDec++) and the ``confidence`` schedule end a draft early; a round's chain length is
-    the k it used.
-    """
-
-    def __init__(
-        self,
-        model: LoadedModel,
-        source: str,
-        sampling: Sampling,
-        num_draft_tokens: int = 4,
-        schedule: str = "constant",
-        confidence_threshold: float = 0.4,
-        stop_rule: StopRule | None = None,
-    ) -> None:
-        if schedule not in SCHEDULES:
-            raise ParamError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
-        self.cache = PrefixCache(model)
-        self.source = source
-        self.sampling = sampling
-        self.num_draft_tokens = num_draft_tokens
-        self.schedule = schedule
-        self.confidence_threshold = confidence_threshold
-        self.stop_rule = stop_rule
-
-    def propose(self, context: list[int], max_depth: int) -> Draft:
-        k = min(self.num_draft_tokens, max_depth)
-        tokens: list[int] = []
-        probs: list[float] = []
-        rows: list[torch.Tensor] = []
-        feed = self.cache.sync(context) if k else []
-        while len(tokens) < k and not (tokens and self._stops(probs)):
-            out = self.cache.forward(feed)
-            logprobs = self.sampling.process(out.logits[0, -1]).logprobs
-            token = self.sampling.choose(logprobs)
-            tokens.append(token)
-            probs.append(r7(logprobs[token].exp()))
-            rows.append(logprobs)
-            feed = [token]
-        return Draft(tokens, probs, torch.stack(rows) if rows else None, calls=len(tokens))
-
-    def observe(self, outcome: Outcome) -> None:
-        drafted = len(outcome.draft.tokens)
-        if self.schedule == "heuristic" and drafted:
-            all_accepted = outcome.verdict.accepted == drafted
-            self.num_draft_tokens = self.num_draft_tokens + 2 if all_accepted else max(1, self.num_draft_tokens - 1)
-
-    def _stops(self, probs: list[float]) -> bool:
-        """Whether to stop after the tokens drafted so far (their rounded draft probs, as the round records them)."""
-        if self.schedule == "confidence" and probs[-1] < self.confidence_threshold:
-            return True
-        return self.stop_rule is not None and self.stop_rule(probs)
-
-
-def draft_model_drafter(
-    ctx: DecodeContext, sampling: Sampling, num_draft_tokens: int = 4, **options: Any
-) -> DraftModelDrafter:
-    """The drafter the ``draft_model``/``draft_layers`` parameters describe (DRAFTER_PARAMS).
-
-    ``options`` go to :class:`DraftModelDrafter` (``schedule``, ``confidence_threshold``, ``stop_rule``).
-    """
-    name, layers = ctx.params["draft_model"], ctx.params["draft_layers"]
-    model = same_tokenizer_model(ctx, name, layers, "draft_model", "draft_layers")
-    return DraftModelDrafter(model, "draft_model" if name else f"draft_layers:{layers}", sampling, num_draft_tokens, **options)
-
-
-def same_tokenizer_model(ctx: DecodeContext, name: str, layers: int, name_param: str, layers_param: str) -> LoadedModel:
-    """The model ``name`` (which must share the target's vocabulary), or without a name the target's first ``layers``."""
-    if not name:
-        try:
-            return truncated_model(ctx.model, layers)
-        except ValueError as error:
-            raise ParamError(str(error).replace("num_layers", layers_param)) from None
-    model = load_draft_model(name)
-    if model.vocab_size != ctx.model.vocab_size:
-        raise ParamError(
-            f"{name_param} {name!r} has a vocabulary of {model.vocab_size}, the target {ctx.model.vocab_size}: "
-            "it needs the target's tokenizer"
-        )
-    return model
-
-
-def load_draft_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """A second model, kept loaded while it is among the MAX_DRAFT_MODELS used last (runs reuse it round after round)."""
-    if not name:
-        raise ParamError("draft_model must name a model: a built-in, a local folder or a Hub id")
-    key = (canonical_name(name), dtype, device)
-    model = _DRAFT_MODELS.get(key)
-    if model is None:
-        try:
-            model = load_model(key[0], dtype=dtype, device=device)
-        except ModelError as error:
-            raise ParamError(f"cannot load draft model {name!r}: {error}") from None
-    _DRAFT_MODELS[key] = model
-    _DRAFT_MODELS.move_to_end(key)
-    while len(_DRAFT_MODELS) > MAX_DRAFT_MODELS:  # a run still drafting keeps its model: only the cache lets go
-        _DRAFT_MODELS.popitem(last=False)
-    return model
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import Event
+from engine.params import Param
+from engine.speculative.drafts import DRAFTER_PARAMS, SCHEDULE_HELP, SCHEDULES, draft_model_drafter
+from engine.speculative.rounds import SAMPLING_PARAMS, Sampling, speculative_rounds
 
 
 def speculative(ctx: DecodeContext) -> Iterator[Event]:
@@ -152,14 +30,6 @@ def speculative(ctx: DecodeContext) -> Iterator[Event]:
         ctx, sampling, params["num_draft_tokens"], schedule=params["schedule"], confidence_threshold=params["confidence_threshold"]
     )
     return speculative_rounds(ctx, drafter, sampling)
-
-
-# The parameters that pick a draft model, shared by every decoder that drafts with one.
-DRAFTER_PARAMS = (
-    Param("draft_model", "str", "", "Draft model with the target's tokenizer (empty = the target's first draft_layers "
-          "layers).", loads_files=True),
-    Param("draft_layers", "int", 2, "Without draft_model: draft with the target's first N layers plus its head.", 1, 1000),
-)
 
 
 SPEC = register(

@@ -19,11 +19,12 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import DRAFTER_PARAMS, DraftModelDrafter, draft_model_drafter
-from engine.events import Event, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
+from engine.speculative.drafts import DRAFTER_PARAMS, DraftModelDrafter, draft_model_drafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 
 
@@ -98,7 +99,7 @@ class TreeGrower(Drafter):
             tree.parents.append(best.parent)
             tree.tokens.append(best.token)
             tree.depths.append(depth)
-            tree.probs.append(r7(best.prob))
+            tree.probs.append(float(best.prob))
             reach[node] = reach[best.parent] * best.prob
             self._push_child(heap, tree, context, reach, best.parent, best.rank + 1, best.sibling_mass_left * (1 - best.prob))
             if depth < max_depth:

@@ -18,13 +18,14 @@ import time
 from collections import deque
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import same_tokenizer_model
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import token_event
-from engine.events import DecoderMetric, Event, r7
+from engine.events import DecoderMetric, Event
 from engine.params import Param
 from engine.processing import process
 from engine.speculative.cache import PrefixCache
+from engine.speculative.drafts import same_tokenizer_model
 from engine.speculative.rounds import SAMPLING_PARAMS, Sampling
 
 
@@ -41,6 +42,7 @@ def ead(ctx: DecodeContext) -> Iterator[Event]:
     entropies: deque[float] = deque(maxlen=ctx.params["window"])
     context = list(ctx.prompt_ids)
     sources: list[str] = []
+    ctx.on_finish(lambda: _metrics(ctx, sources, context[len(ctx.prompt_ids) :], caches["large"], sampling))
     for position in range(ctx.max_new_tokens):
         start = time.perf_counter()
         active = choose_model(entropies, tau)
@@ -50,22 +52,21 @@ def ead(ctx: DecodeContext) -> Iterator[Event]:
         token = sampling.choose(processed.logprobs[0])
         event = token_event(
             processed, token, step=position, position=position, top_k=ctx.record_top_k,
-            seconds=r7(time.perf_counter() - start), source=active,
+            seconds=time.perf_counter() - start, source=active,
         )
         entropies.append(event.entropy_raw)
         context.append(token)
         sources.append(active)
-        if position == ctx.max_new_tokens - 1 or token in ctx.eos_token_ids:
-            # the runner stops at the last token: report before it
-            yield from _metrics(ctx, sources, context[len(ctx.prompt_ids) :], caches["large"], sampling)
         yield event
 
 
 def _metrics(
     ctx: DecodeContext, sources: list[str], output: list[int], large: PrefixCache, sampling: Sampling
 ) -> Iterator[DecoderMetric]:
+    if not sources:
+        return
     switches = sum(a != b for a, b in zip(sources, sources[1:]))
-    yield DecoderMetric("large_model_share", r7(sources.count("large") / len(sources)), "share of tokens from the large model")
+    yield DecoderMetric("large_model_share", sources.count("large") / len(sources), "share of tokens from the large model")
     yield DecoderMetric("switches", switches, "changes of the active model")
     if not (sampling.greedy and ctx.params["compare_with_large"]):
         return
@@ -73,7 +74,7 @@ def _metrics(
     same = [a == b for a, b in zip(output, alone)]
     first = same.index(False) if False in same else -1
     yield DecoderMetric("first_divergence", first, "first output position where the large model alone differs (-1: none)")
-    yield DecoderMetric("token_agreement", r7(sum(same) / len(same)), "share of positions equal to the large model's greedy output")
+    yield DecoderMetric("token_agreement", sum(same) / len(same), "share of positions equal to the large model's greedy output")
 
 
 def _greedy_continuation(cache: PrefixCache, context: list[int], length: int) -> list[int]:

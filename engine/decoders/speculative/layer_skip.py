@@ -20,11 +20,12 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import DraftModelDrafter
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
 from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError
+from engine.speculative.drafts import DraftModelDrafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Sampling, speculative_rounds
 from engine.speculative.skip import layer_skipped_model
 

@@ -24,7 +24,8 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, DraftNode, DraftRound, Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
@@ -137,11 +138,10 @@ def lookahead(ctx: DecodeContext) -> Iterator[Event]:
     window = LookaheadWindow([ctx.prompt_ids[i] for i in picks.tolist()], params["ngram"])
     context = list(ctx.prompt_ids)
     step = 0
+    ctx.on_finish(lambda: [DecoderMetric("ngram_pool_size", len(pool), "n-grams in the pool after the last step")])
     while (generated := len(context) - len(ctx.prompt_ids)) < ctx.max_new_tokens:
         event = _step(step, target, context, window, pool, sampling, ctx.max_new_tokens - generated - 1, ctx.record_top_k)
         context += event.committed
-        # before the round: the run stops right after the round that fills the budget
-        yield DecoderMetric("ngram_pool_size", len(pool), "n-grams in the pool after the last step")
         yield event
         step += 1
 

@@ -27,11 +27,12 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import DRAFTER_PARAMS, draft_model_drafter
-from engine.events import DecoderMetric, Event, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import DecoderMetric, Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
+from engine.speculative.drafts import DRAFTER_PARAMS, draft_model_drafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Sampling, draft_round, verify_round
 
 NO_DRAFT = Draft([], [])
@@ -47,6 +48,13 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
     post_verify = False
     measured = simulated = 0.0
     step = 0
+
+    def summary() -> Iterator[DecoderMetric]:
+        if measured:
+            yield DecoderMetric("simulated_seconds", simulated, "total round time had draft and target run in parallel")
+            yield DecoderMetric("simulated_to_measured", simulated / measured, "simulated / measured sequential time")
+
+    ctx.on_finish(summary)
     while len(context) - len(ctx.prompt_ids) < ctx.max_new_tokens:
         budget = ctx.max_new_tokens - (len(context) - len(ctx.prompt_ids))
         start = time.perf_counter()
@@ -79,9 +87,6 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
             event = replace(event, committed=committed, bonus_token=None)
         pending = _part(new, 1) if post_verify else NO_DRAFT
         context += committed
-        # before the round: the runner may stop right after the round that fills the budget
-        yield DecoderMetric("simulated_seconds", r7(simulated), "total round time had draft and target run in parallel")
-        yield DecoderMetric("simulated_to_measured", r7(simulated / measured), "simulated / measured sequential time")
         yield event
         step += 1
 

@@ -11,7 +11,8 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import Event
 from engine.params import Param, ParamError
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds

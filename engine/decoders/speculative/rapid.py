@@ -15,10 +15,11 @@ import math
 from collections import Counter
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import DraftModelDrafter, draft_model_drafter
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
 from engine.params import Param
+from engine.speculative.drafts import DraftModelDrafter, draft_model_drafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 
 BM25_K1, BM25_B = 1.2, 0.75

@@ -26,11 +26,12 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import DRAFTER_PARAMS, draft_model_drafter
-from engine.events import Event, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import Event
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
+from engine.speculative.drafts import DRAFTER_PARAMS, draft_model_drafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
 from engine.speculative.tree import tree_forward
 
@@ -51,7 +52,7 @@ class _Tree:
     def add(self, parent: int, token: int, score: float) -> int:
         self.parents.append(parent)
         self.tokens.append(token)
-        self.probs.append(r7(self.rows[parent][token].exp()))
+        self.probs.append(float(self.rows[parent][token].exp()))
         self.scores.append(score)
         return len(self.tokens) - 1
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.jacobi import INIT_CHOICES, INIT_HELP, jacobi_rounds
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import Event
 from engine.params import Param
+from engine.speculative.jacobi import INIT_CHOICES, INIT_HELP, jacobi_rounds
 from engine.speculative.rounds import SAMPLING_PARAMS
 
 

@@ -14,10 +14,11 @@ import math
 from dataclasses import replace
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.speculative.draft_model import DRAFTER_PARAMS, DraftModelDrafter, draft_model_drafter
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import Event
 from engine.params import Param, ParamError
+from engine.speculative.drafts import DRAFTER_PARAMS, DraftModelDrafter, draft_model_drafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds
 
 

@@ -23,7 +23,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
 from engine.params import Param
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Outcome, Sampling, speculative_rounds

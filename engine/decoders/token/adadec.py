@@ -17,9 +17,10 @@ from typing import Any, Iterator
 import torch
 
 from engine.adadec_threshold import resolve_threshold
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import token_event
-from engine.events import DecoderMetric, Event, Rerank, ScoredCandidate, r7
+from engine.events import DecoderMetric, Event, Rerank, ScoredCandidate
 from engine.params import Param
 from engine.processing import entropy, process
 from engine.speculative.cache import PrefixCache
@@ -33,6 +34,12 @@ def adadec(ctx: DecodeContext) -> Iterator[Event]:
     cache = PrefixCache(ctx.model)
     context = list(ctx.prompt_ids)
     pauses = 0
+
+    def summary() -> Iterator[DecoderMetric]:
+        yield DecoderMetric("paused_steps", pauses, "steps whose entropy reached the threshold (look-ahead run)")
+        yield DecoderMetric("threshold", tau, "entropy threshold tau in nats")
+
+    ctx.on_finish(summary)
     for position in range(ctx.max_new_tokens):
         start = time.perf_counter()
         processed = process(cache.forward(cache.sync(context)).logits[:, -1, :], ())
@@ -41,16 +48,13 @@ def adadec(ctx: DecodeContext) -> Iterator[Event]:
         token = int(logprobs.argmax())
         seconds = time.perf_counter() - start
         if h >= tau:
-            rerank = Rerank(step=position, position=position, threshold=r7(tau), value=r7(h),
+            rerank = Rerank(step=position, position=position, threshold=tau, value=h,
                             **pause(cache, context, logprobs, beam=beam, length=length, eos=ctx.eos_token_ids))
             yield rerank
             token = rerank.candidates[rerank.chosen].token_id
             pauses += 1
-        if position == ctx.max_new_tokens - 1 or token in ctx.eos_token_ids:  # the runner stops at this token
-            yield DecoderMetric("paused_steps", pauses, "steps whose entropy reached the threshold (look-ahead run)")
-            yield DecoderMetric("threshold", r7(tau), "entropy threshold tau in nats")
         yield token_event(processed, token, step=position, position=position, top_k=ctx.record_top_k,
-                          seconds=r7(seconds))
+                          seconds=seconds)
         context.append(token)
 
 
@@ -68,12 +72,12 @@ def pause(
         ahead = sum(token_logprobs)
         scores.append((logp + ahead) / (len(tokens) + 1))
         candidates.append(ScoredCandidate(
-            token_id=first, score=r7(scores[-1]), parts=[r7(logp), r7(ahead), float(len(tokens))], tokens=tokens,
-            token_scores=[r7(x) for x in token_logprobs],
+            token_id=first, score=scores[-1], parts=[logp, ahead, float(len(tokens))], tokens=tokens,
+            token_scores=list(token_logprobs),
         ))
     chosen = max(range(len(scores)), key=scores.__getitem__)  # first of equals: the more likely token
     return {"method": "adadec", "part_names": list(PART_NAMES), "candidates": candidates, "chosen": chosen,
-            "baseline": 0, "label": "paused", "model_calls": calls, "seconds": r7(time.perf_counter() - start)}
+            "baseline": 0, "label": "paused", "model_calls": calls, "seconds": time.perf_counter() - start}
 
 
 def look_ahead(

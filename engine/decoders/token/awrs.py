@@ -27,12 +27,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from engine.constraints import CONSTRAINT_TYPES, SHAPE_HELP, Constraint, allows, build_constraint
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.token.sample import PIPELINE_PARAMS
-from engine.events import ConstraintStep, DecoderMetric, Event, Output, Resampling, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.event_arrays import effective_sample_size
+from engine.events import ConstraintStep, DecoderMetric, Event, Output, Resampling
 from engine.models.handle import LoadedModel
 from engine.params import Param
 from engine.processing import build_pipeline, process, sample
+from engine.shared_params import PIPELINE_PARAMS
 
 METHODS = ("awrs", "mask")
 RECORDED_REJECTS = 64  # rejected tokens kept per ConstraintStep; ``checks`` still counts every one
@@ -151,14 +153,6 @@ class TokenChecker:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def effective_sample_size(log_weights: Sequence[float]) -> float:
-    """(Σ w)² / Σ w² of the particles' weights; 0 when every weight is 0."""
-    w = torch.tensor(list(log_weights), dtype=torch.float64)
-    if not torch.isfinite(w).any():
-        return 0.0
-    return float((2 * w.logsumexp(0) - (2 * w).logsumexp(0)).exp())
-
-
 def _draw_index(log_weights: Sequence[float], count: int, generator: torch.Generator) -> list[int]:
     """``count`` indices drawn with replacement in proportion to the weights."""
     w = torch.tensor(list(log_weights), dtype=torch.float64)
@@ -205,6 +199,19 @@ def constrained_decode(ctx: DecodeContext, constraint: Constraint) -> Iterator[E
         cache.batch_repeat_interleave(n)
         logits = logits.expand(n, -1)
     checks, draws, z_values, resamplings = 0, 0, [], 0
+    chosen: int | None = None  # the particle whose tokens are the output, once drawn
+
+    def summary() -> Iterator[DecoderMetric]:
+        yield DecoderMetric("constraint_checks", checks, "constraint evaluations, all particles")
+        yield DecoderMetric("checks_per_token", checks / max(draws, 1), "constraint evaluations per drawn token")
+        yield DecoderMetric("mean_z_hat" if method == "awrs" else "mean_z", sum(z_values) / max(len(z_values), 1),
+                            "mean per-step weight increment: AWRS's estimate of the allowed mass (mask: exact)")
+        if n > 1:
+            yield DecoderMetric("resamplings", resamplings)
+        if chosen is not None:
+            yield DecoderMetric("constraint_satisfied", float(state.complete[chosen]), "1 = the output is a complete match")
+
+    ctx.on_finish(summary)
     for step in range(ctx.max_new_tokens):
         processed = process(logits, stages, context_ids=_contexts(ctx.prompt_ids, state.tokens))
         live = [i for i in range(n) if not state.done[i]]
@@ -221,15 +228,15 @@ def constrained_decode(ctx: DecodeContext, constraint: Constraint) -> Iterator[E
             z_values.append(math.exp(draw.log_z))
             yield ConstraintStep(
                 step=step, particle=i, method=method, proposals=draw.shown, accepted=draw.token, checks=draw.checks,
-                log_weight_increment=r7(draw.log_z), log_weight=r7(state.log_w[i]),
-                seconds=r7(share + time.perf_counter() - began),
+                log_weight_increment=draw.log_z, log_weight=state.log_w[i],
+                seconds=share + time.perf_counter() - began,
             )
         if all(state.done) or step + 1 == ctx.max_new_tokens:
             break
         ess = effective_sample_size(state.log_w)
         if n > 1 and ess < params["ess_threshold"] * n:
             ancestors = _draw_index(state.log_w, n, generator)
-            yield Resampling(step=step, ess=r7(ess), log_weights=[r7(w) for w in state.log_w], ancestors=ancestors)
+            yield Resampling(step=step, ess=ess, log_weights=list(state.log_w), ancestors=ancestors)
             state.reorder(ancestors)
             cache.reorder_cache(torch.tensor(ancestors))
             resamplings += 1
@@ -239,14 +246,7 @@ def constrained_decode(ctx: DecodeContext, constraint: Constraint) -> Iterator[E
         feed = [[(tokens or ctx.prompt_ids)[-1]] for tokens in state.tokens]  # stopped particles idle on a token
         logits = model.forward(torch.tensor(feed), cache).logits[:, -1, :]
     chosen = state.winner(generator)
-    yield DecoderMetric("constraint_checks", checks, "constraint evaluations, all particles")
-    yield DecoderMetric("checks_per_token", r7(checks / max(draws, 1)), "constraint evaluations per drawn token")
-    yield DecoderMetric("mean_z_hat" if method == "awrs" else "mean_z", r7(sum(z_values) / max(len(z_values), 1)),
-                        "mean per-step weight increment: AWRS's estimate of the allowed mass (mask: exact)")
-    if n > 1:
-        yield DecoderMetric("resamplings", resamplings)
-    yield DecoderMetric("constraint_satisfied", float(state.complete[chosen]), "1 = the output is a complete match")
-    yield Output(token_ids=list(state.tokens[chosen]), score=r7(state.log_w[chosen]))
+    yield Output(token_ids=list(state.tokens[chosen]), score=state.log_w[chosen])
 
 
 def _draw(

@@ -14,8 +14,9 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.events import BeamNode, BeamStep, Event, Output, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import BeamNode, BeamStep, Event, Output
 from engine.params import Param
 
 DEAD = -1.0e9  # score of a slot with no real hypothesis, as in transformers
@@ -70,17 +71,17 @@ def beam_search(ctx: DecodeContext) -> Iterator[Event]:
                     id=next_node + j,
                     parent=parent.node,
                     token_id=tokens[j],
-                    token_logprob=r7(logprobs[beams[j], tokens[j]]),
-                    score=r7(top[j]),
+                    token_logprob=logprobs[beams[j], tokens[j]],
+                    score=top[j],
                     status=status,
-                    normalized_score=r7(normalized[j]) if j in normalized else None,
+                    normalized_score=normalized[j] if j in normalized else None,
                 )
             )
             hyps.append(Hypothesis(parent.tokens + [tokens[j]], top[j], next_node + j))
         next_node += keep
         finished = sorted(finished + [(normalized[j], hyps[j]) for j in new_finished], key=lambda f: -f[0])[:num_beams]
         running = [Hypothesis(hyps[j].tokens, float(alive_scores[j]), hyps[j].node) for j in chosen]
-        yield BeamStep(step=step, nodes=nodes, seconds=r7(time.perf_counter() - start))
+        yield BeamStep(step=step, nodes=nodes, seconds=time.perf_counter() - start)
 
         improvable = improvable and _can_improve(running[0].score, finished, num_beams, step + 1, budget, length_penalty, early_stopping)
         if not improvable or (len(finished) == num_beams and early_stopping is True) or all(ends):
@@ -90,7 +91,7 @@ def beam_search(ctx: DecodeContext) -> Iterator[Event]:
         logits = model.forward(torch.tensor([[tokens[j]] for j in chosen]), cache).logits[:, -1, :]
 
     best_score, best = finished[0]
-    yield Output(token_ids=best.tokens, score=r7(best_score))
+    yield Output(token_ids=best.tokens, score=best_score)
 
 
 def _can_improve(best_running: float, finished, num_beams: int, length: int, budget: int, length_penalty: float, early_stopping) -> bool:

@@ -23,23 +23,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.events import Event, Output, SpanScores, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.event_arrays import ranking_values
+from engine.events import Event, Output, SpanScores
 from engine.params import Param, ParamError
 from engine.prompt_spans import marked_spans
 from engine.speculative.cache import crop_cache
 
 CHUNK = 32  # starts per batched forward: bounds the [chunk, L, vocab] logits held at once
-
-
-def span_nll(event: SpanScores) -> np.ndarray:
-    """The event's NLL matrix, [starts, max_length] float32 (column j = spans of j + 1 tokens)."""
-    return np.frombuffer(event.nll, dtype=np.float32).reshape(len(event.starts), event.max_length)
-
-
-def ranking_values(nll: np.ndarray, length_normalized: bool) -> np.ndarray:
-    """What the argmin runs over: the NLL, or NLL / (tokens + 1 terminator)."""
-    return nll / np.arange(2, nll.shape[1] + 2, dtype=np.float32) if length_normalized else nll
 
 
 def terminator_ids(ctx: DecodeContext, terminator: str) -> list[int]:
@@ -126,10 +118,10 @@ def exact_extract(ctx: DecodeContext) -> Iterator[Event]:
     yield SpanScores(
         step=0, starts=list(span), max_length=length, nll=nll.astype(np.float32).tobytes(),
         best_start=span.start + int(best_i), best_length=int(best_j) + 1, length_normalized=normalized,
-        greedy_token_ids=greedy, model_calls=1 + greedy_calls + calls, seconds=r7(time.perf_counter() - start),
+        greedy_token_ids=greedy, model_calls=1 + greedy_calls + calls, seconds=time.perf_counter() - start,
     )
     answer = passage[int(best_i) : int(best_i) + int(best_j) + 1]
-    yield Output(token_ids=answer, score=r7(-float(values[best_i, best_j])))
+    yield Output(token_ids=answer, score=-float(values[best_i, best_j]))
 
 
 SPEC = register(

@@ -8,9 +8,10 @@ from typing import Iterator
 import torch
 
 from engine.attention import attention_hooks
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import token_event
-from engine.events import Event, r7
+from engine.events import Event
 from engine.params import Param, ParamError
 from engine.processing import process
 
@@ -40,7 +41,7 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
             row=position,
             forced=True,
             model_calls=1 if position == 0 else 0,
-            seconds=r7(seconds) if position == 0 else 0.0,
+            seconds=seconds if position == 0 else 0.0,
         )
     if capture is not None:
         attention_map = capture.take(step=0, query_positions=list(range(ids.shape[1])))

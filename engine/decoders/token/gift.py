@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from engine.attention import AttentionHooks, attention_hooks
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import greedy_choice, token_event
-from engine.events import AttentionMap, DecoderMetric, Event, Steering, r7
+from engine.events import AttentionMap, DecoderMetric, Event, Steering
 from engine.models.handle import LoadedModel
 from engine.models.vision import image_token_id
 from engine.params import Param, ParamError
@@ -122,9 +123,9 @@ def amplify_last_row(weights: Tensor, scale: Tensor, spans: PromptSpans, edits: 
     edits.layers.append(layer)
     edits.context_heads.append(sorted(context_heads.tolist()))
     edits.query_heads.append(sorted(query_heads.tolist()))
-    edits.ratios.append(r7(ratio))
-    edits.mass_before.append(r7(row[:, context].sum(-1).mean()))
-    edits.mass_after.append(r7(new[:, context].sum(-1).mean()))
+    edits.ratios.append(float(ratio))
+    edits.mass_before.append(float(row[:, context].sum(-1).mean()))
+    edits.mass_after.append(float(new[:, context].sum(-1).mean()))
     return edited
 
 
@@ -198,10 +199,10 @@ def gift(ctx: DecodeContext) -> Iterator[Event]:
         yield Steering(
             step=position, layers=edits.layers, context_heads=edits.context_heads, query_heads=edits.query_heads,
             ratios=edits.ratios, context_mass_before=edits.mass_before, context_mass_after=edits.mass_after,
-            plain_token_id=plain_top, kl_from_plain=r7(kl_divergence(plain_logits[0], out.logits[0, -1])),
+            plain_token_id=plain_top, kl_from_plain=kl_divergence(plain_logits[0], out.logits[0, -1]),
         )
         yield token_event(processed, token_id, step=position, position=position, top_k=ctx.record_top_k,
-                          seconds=r7(time.perf_counter() - start), model_calls=2)
+                          seconds=time.perf_counter() - start, model_calls=2)
         new_ids = token.view(1, 1)
         context = torch.cat([context, new_ids], dim=1)
         plain_logits = model.forward(new_ids, plain_cache).logits[:, -1, :]  # the plain run, teacher-forced

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import autoregressive, greedy_choice
 from engine.events import Event
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from engine.attention import attention_hooks
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import greedy_choice, token_event
-from engine.events import CacheStep, DecoderMetric, Event, r7
+from engine.events import CacheStep, DecoderMetric, Event
 from engine.kv_compress import POLICIES, CacheShape, make_policy
 from engine.params import Param
 from engine.processing import build_pipeline, kl_divergence, process, sample
@@ -61,12 +62,15 @@ class Tally:
     divergence: int = -1
 
     def metrics(self) -> list[DecoderMetric]:
+        """The run's summary (none before the first step has been compared)."""
+        if not self.kls:
+            return []
         return [
-            DecoderMetric("cache_mean_kl", r7(np.mean(self.kls)), "mean KL(p_full || p_compressed) per step, nats"),
-            DecoderMetric("cache_top1_agreement", r7(np.mean(self.agree)), "share of steps where both top-1 tokens agree"),
+            DecoderMetric("cache_mean_kl", np.mean(self.kls), "mean KL(p_full || p_compressed) per step, nats"),
+            DecoderMetric("cache_top1_agreement", np.mean(self.agree), "share of steps where both top-1 tokens agree"),
             DecoderMetric("cache_first_divergence", self.divergence,
                           "first step where the full cache's top-1 differs from the chosen token (-1: none)"),
-            DecoderMetric("cache_mean_kept_fraction", r7(np.mean(self.kept)), "mean share of the cache kept exact"),
+            DecoderMetric("cache_mean_kept_fraction", np.mean(self.kept), "mean share of the cache kept exact"),
         ]
 
 
@@ -79,6 +83,7 @@ def kv_compress(ctx: DecodeContext) -> Iterator[Event]:
     compressed, reference = model.new_cache(), model.new_cache()
     context = new_ids = torch.tensor([ctx.prompt_ids], dtype=torch.long)
     capture, tally = ctx.attention, Tally()
+    ctx.on_finish(tally.metrics)
     for position in range(ctx.max_new_tokens):
         start = time.perf_counter()
         length = context.shape[1]
@@ -99,16 +104,14 @@ def kv_compress(ctx: DecodeContext) -> Iterator[Event]:
         if tally.divergence < 0 and full_top != token_id:
             tally.divergence = position
         yield CacheStep(
-            step=position, policy=policy.name, kl=r7(kl), top1_agree=agree, kept_fraction=r7(tally.kept[-1]),
-            evicted=evicted.astype(np.float16).tobytes(), error=r7(policy.error),
-            seconds=r7(time.perf_counter() - start),
+            step=position, policy=policy.name, kl=kl, top1_agree=agree, kept_fraction=tally.kept[-1],
+            evicted=evicted.astype(np.float16).tobytes(), error=policy.error,
+            seconds=time.perf_counter() - start,
         )
         if capture is not None:
             attention_map = capture.take(step=position, query_positions=list(range(length - new_ids.shape[1], length)))
             if attention_map is not None:
                 yield attention_map
-        if position == ctx.max_new_tokens - 1 or token_id in ctx.eos_token_ids:
-            yield from tally.metrics()  # the runner stops at the last token: report before it
         # both forwards are counted on the CacheStep
         yield token_event(processed, token_id, step=position, position=position, top_k=ctx.record_top_k, model_calls=0)
         new_ids = token.view(1, 1)

@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
 from engine.decoding import autoregressive
-from engine.events import DecoderMetric, Event, Rerank, ScoredCandidate, TokenStep, r7
+from engine.events import DecoderMetric, Event, Rerank, ScoredCandidate, TokenStep
 from engine.params import Param
 from engine.processing import Processed
 
@@ -80,7 +81,7 @@ def momentum_rerank(
         r = table(length)
         scores.append(p - alpha * r if alpha else p)  # alpha 0 is plain greedy, even against an infinite resistance
         lengths.append(length)
-        candidates.append(ScoredCandidate(token_id=token, score=r7(scores[-1]), parts=[r7(p), float(length), r7(r)]))
+        candidates.append(ScoredCandidate(token_id=token, score=scores[-1], parts=[p, float(length), r]))
     chosen = max(range(len(scores)), key=scores.__getitem__)  # first of equals: the more likely token
     return Rerank(step=position, position=position, method="momentum", part_names=list(PART_NAMES),
                   candidates=candidates, chosen=chosen, baseline=0, label=label_of(lengths[0], chosen))
@@ -91,6 +92,7 @@ def momentum(ctx: DecodeContext) -> Iterator[Event]:
     graph = TokenGraph(list(ctx.prompt_ids))
     decided: list[Rerank] = []
     overridden = 0
+    ctx.on_finish(lambda: _metrics(graph, overridden))
 
     def choose(processed: Processed) -> torch.Tensor:
         rerank = momentum_rerank(
@@ -107,8 +109,6 @@ def momentum(ctx: DecodeContext) -> Iterator[Event]:
             overridden += rerank.label == "overridden"
             graph.add(event.token_id)
             yield rerank
-            if event.position == ctx.max_new_tokens - 1 or event.token_id in ctx.eos_token_ids:
-                yield from _metrics(graph, overridden)
         yield event
 
 

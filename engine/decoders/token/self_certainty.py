@@ -16,16 +16,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import replace
 from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.decoders.token.sample import PIPELINE_PARAMS
-from engine.events import Event, Output, Rerank, ScoredCandidate, r7
-from engine.params import Param
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import Event, Output, Rerank, ScoredCandidate
+from engine.params import Param, with_defaults
 from engine.processing import build_pipeline, process, sample
+from engine.shared_params import PIPELINE_PARAMS
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -103,8 +103,8 @@ def self_certainty(ctx: DecodeContext) -> Iterator[Event]:
     chosen, class_votes = choose(certainty, keys, votes, selection)
     candidates = [
         ScoredCandidate(
-            token_id=ids[0], score=r7(certainty[i]), parts=[r7(certainty[i]), r7(votes[i]), r7(class_votes[i])],
-            tokens=list(ids), token_scores=[r7(v) for v in per_token[i]],
+            token_id=ids[0], score=certainty[i], parts=[certainty[i], votes[i], class_votes[i]],
+            tokens=list(ids), token_scores=list(per_token[i]),
             label="(no answer)" if keys[i] is None else keys[i][:80],
         )
         for i, ids in enumerate(tokens)
@@ -112,9 +112,9 @@ def self_certainty(ctx: DecodeContext) -> Iterator[Event]:
     yield Rerank(
         step=0, position=0, method="self_certainty", part_names=["self-certainty", "borda vote", "class votes"],
         candidates=candidates, chosen=chosen, baseline=0, label=selection, model_calls=calls,
-        seconds=r7(time.perf_counter() - start),
+        seconds=time.perf_counter() - start,
     )
-    yield Output(token_ids=list(tokens[chosen]), score=r7(certainty[chosen]))
+    yield Output(token_ids=list(tokens[chosen]), score=certainty[chosen])
 
 
 SPEC = register(
@@ -135,7 +135,7 @@ SPEC = register(
                 "Answer classes for voting: the normalised text, or the last number in it.",
                 choices=("text", "last_number"),
             ),
-            *(replace(p, default=0.7) if p.name == "temperature" else p for p in PIPELINE_PARAMS),
+            *with_defaults(PIPELINE_PARAMS, temperature=0.7),
         ),
         run=self_certainty,
     )

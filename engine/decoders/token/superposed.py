@@ -30,11 +30,13 @@ from typing import Iterator
 
 import torch
 
-from engine.decoders.base import DecodeContext, DecoderSpec, register
-from engine.events import DecoderMetric, Event, Output, ScoredCandidate, SuperposedStep, r7
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.events import DecoderMetric, Event, Output, ScoredCandidate, SuperposedStep
 from engine.ngram import ORDERS, NgramModel, corpus_documents
-from engine.params import Param, ParamError
+from engine.params import Param, ParamError, with_defaults
 from engine.processing import Stage, process
+from engine.shared_params import PIPELINE_PARAMS
 
 NGRAM_WEIGHTS = (0.01, 0.04, 0.15, 0.18, 0.12)  # for n = 2..6, the reference's i_weights
 PENALTY = 200.0  # subtracted when no kept token has n-gram support in a draft
@@ -122,23 +124,31 @@ def superposed(ctx: DecodeContext) -> Iterator[Event]:
     logits = ctx.model.forward(torch.tensor([ctx.prompt_ids]), cache).logits[0, -1]
     drafts, finished = [Draft([], 0.0)], []
     weights = draft_weights(drafts)
+
+    def pool() -> list[tuple[Draft, str]]:
+        """Every draft still in the race, best first."""
+        return sorted([(d, "live at the end") for d in drafts] + [(d, "finished with EOS") for d in finished],
+                      key=lambda item: -item[0].score)
+
+    ctx.on_finish(lambda: (DecoderMetric(f"draft_{rank + 1}_score", draft.score, f"{state}, {len(draft.tokens)} tokens")
+                           for rank, (draft, state) in enumerate(pool())))
     for step in range(ctx.max_new_tokens):
         scored = score_candidates(drafts, logits, ctx.prompt_ids, ngrams, temp=temp, keep=keep, alpha=alpha)
         alive, ended = select(scored, k, ctx.eos_token_ids)
         new = [Draft(drafts[scored[i].draft].tokens + [scored[i].token], scored[i].score) for i in alive]
         done = [Draft(drafts[scored[i].draft].tokens + [scored[i].token], scored[i].score) for i in ended]
         finished = sorted(finished + done, key=lambda f: -f.score)[:k]
+        entering, drafts = drafts, new  # the summary sees this step's drafts if the run ends at its event
         yield SuperposedStep(
             step=step,
-            drafts=[_draft_event(i, d, w) for i, (d, w) in enumerate(zip(drafts, weights.tolist()))],
+            drafts=[_draft_event(i, d, w) for i, (d, w) in enumerate(zip(entering, weights.tolist()))],
             candidates=[
-                ScoredCandidate(c.token, r7(c.score), [r7(c.lm), r7(c.ngram)], label=f"draft {c.draft}") for c in scored
+                ScoredCandidate(c.token, c.score, [c.lm, c.ngram], label=f"draft {c.draft}") for c in scored
             ],
             kept=alive,
             finished=ended,
-            seconds=r7(time.perf_counter() - start),
+            seconds=time.perf_counter() - start,
         )
-        drafts = new
         if not drafts or (finished and finished[0].score >= drafts[0].score) or step + 1 == ctx.max_new_tokens:
             break
         start = time.perf_counter()
@@ -146,16 +156,13 @@ def superposed(ctx: DecodeContext) -> Iterator[Event]:
         embeds = superposed_input(hf, drafts, weights)
         with torch.inference_mode():  # LoadedModel.forward takes token ids only
             logits = hf(inputs_embeds=embeds, past_key_values=cache, use_cache=True, return_dict=True).logits[0, -1].float()
-    pool = sorted([(d, "live at the token budget") for d in drafts] + [(d, "finished with EOS") for d in finished],
-                  key=lambda item: -item[0].score)
-    for rank, (draft, state) in enumerate(pool):
-        yield DecoderMetric(f"draft_{rank + 1}_score", r7(draft.score), f"{state}, {len(draft.tokens)} tokens")
-    yield Output(token_ids=pool[0][0].tokens, score=r7(pool[0][0].score))
+    best = pool()[0][0]
+    yield Output(token_ids=best.tokens, score=best.score)
 
 
 def _draft_event(index: int, draft: Draft, weight: float) -> ScoredCandidate:
     last = draft.tokens[-1] if draft.tokens else -1  # -1: the empty draft before the first step
-    return ScoredCandidate(last, r7(draft.score), [r7(weight)], tokens=list(draft.tokens), label=f"draft {index}")
+    return ScoredCandidate(last, draft.score, [weight], tokens=list(draft.tokens), label=f"draft {index}")
 
 
 SPEC = register(
@@ -167,7 +174,8 @@ SPEC = register(
             Param("n_drafts", "int", 3, "k: drafts decoded together in one superposed sequence.", 1, 16, limit="samples"),
             Param("n_token_sample", "int", 0, "Tokens kept from the model's distribution per step (0 = k^2).", 0, 1024),
             Param("alpha", "float", 0.54, "Weight of the n-gram log-prob against the model's (0 = no n-gram model).", 0.0, 1.0),
-            Param("temperature", "float", 0.06, "Softmax temperature of the model's distribution (the paper's 0.06 is nearly greedy).", 0.01, 10.0),
+            # the paper's 0.06: nearly greedy
+            *with_defaults(tuple(p for p in PIPELINE_PARAMS if p.name == "temperature"), temperature=0.06),
             Param(
                 "ngram_source", "choice", "both",
                 "Text the n-gram model counts: the bundled assistant-answers corpus, the prompt, or both.",
