@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -36,9 +37,12 @@ TokenId = Annotated[int, "token id"]  # a field typed so holds token ids: the re
 
 class Record:
     """Base of every event and of the records inside them: on construction, each float field (a float, an optional
-    float or a list of them) is rounded by :func:`r7`. Nested records round themselves, being Records too."""
+    float or a list of them) is rounded by :func:`r7`. Nested records round themselves, being Records too. Events
+    read back by :func:`event_from_dict` keep their numbers as stored."""
 
     def __post_init__(self) -> None:
+        if _AS_STORED.get():  # read back from a file or the database: kept exactly as written (and no slower)
+            return
         fields = self.__dict__  # written directly: the record is frozen, and this runs for every record built
         for name in _float_fields(type(self)):
             value = fields[name]
@@ -46,6 +50,11 @@ class Record:
                 fields[name] = r7(value)
             elif value is not None and type(value) is not int:
                 fields[name] = _rounded(value)
+
+
+# Set while event_from_dict builds an event: its numbers were rounded when it was recorded, and a file's are
+# kept as the file has them, so that import -> export is exact.
+_AS_STORED: ContextVar[bool] = ContextVar("events_as_stored", default=False)
 
 
 @functools.cache
@@ -458,7 +467,7 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     # Numbers, strings, flags and None are taken as they are, without a call: this runs for every value of an event.
-    if dataclasses.is_dataclass(value):
+    if isinstance(value, Record):  # every dataclass of the vocabulary (dataclasses.is_dataclass is slower)
         fields = {}
         for name in _field_names(type(value)):
             v = getattr(value, name)
@@ -484,7 +493,11 @@ def event_from_dict(data: Any, where: str = "event") -> Event:
     if cls is None:
         raise TraceFormatError(f"{where}: unknown event kind {kind!r}; known: {sorted(EVENT_TYPES)}")
     body = {k: v for k, v in data.items() if k != "kind"}
-    return _build(cls, body, f"{where} ({kind})")
+    token = _AS_STORED.set(True)
+    try:
+        return _build(cls, body, f"{where} ({kind})")
+    finally:
+        _AS_STORED.reset(token)
 
 
 @functools.cache
@@ -544,7 +557,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise TraceFormatError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        item = args[0]
+        if item in _SCALARS and all(type(v) is item for v in value):  # a list of plain numbers: nothing to coerce
+            return value
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
         if value is None:
             return None

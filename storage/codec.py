@@ -65,12 +65,20 @@ def fits_column(value: Any, tp: type) -> bool:
     return isinstance(value, float) and not math.isnan(value) and (value != 0 or math.copysign(1.0, value) > 0)
 
 
+@functools.cache
+def _shape(tp: Any) -> tuple[Any, bool]:
+    """A field type's list item type (None if not a list) and whether it is a record: typing's introspection is
+    slow, and packing asks for every nested value of every event."""
+    item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+    return item, dataclasses.is_dataclass(tp)
+
+
 def _pack(value: Any, tp: Any) -> Any:
     """Plain (event_to_dict) form -> stored form: nested records become arrays in field order."""
-    if typing.get_origin(tp) is list and isinstance(value, list):
-        item = typing.get_args(tp)[0]
+    item, is_record = _shape(tp)
+    if item is not None and isinstance(value, list):
         return [_pack(v, item) if type(v) in _NESTED else v for v in value]
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    if is_record and isinstance(value, dict):
         return [_pack(value[name], hint) if type(value[name]) in _NESTED else value[name]
                 for name, hint in _field_types(tp).items()]
     return value
