@@ -314,10 +314,12 @@ def _spec_prompts(per_category: int) -> list[dict]:
 
 def _spec_variant(label: str) -> tuple[str, dict[str, str | float]]:
     """``speculative:draft_layers=6:num_draft_tokens=4`` -> the decoder name and its params at temperature 0."""
-    from engine.params import parse_assignments
+    from engine.decoders import get_decoder
+    from engine.params import parse_setting
 
-    name, *assignments = label.split(":")
-    return name, {"temperature": 0.0, **parse_assignments(assignments)}
+    name, params = parse_setting(label)
+    get_decoder(name).validate(params)  # a typo fails here, before any run
+    return name, {"temperature": 0.0, **params}
 
 
 def _spec_run(model: LoadedModel, name: str, params: dict, prompt: str, tokens: int) -> tuple[Trace, float]:

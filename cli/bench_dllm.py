@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.decoders import get_decoder
-from engine.diffusion.parallelbench import (
+from engine.models.handle import LoadedModel
+from engine.offline.parallelbench import (
     BENCH_SEED, EvalResult, RunFailed, canvas_length, default_model, evaluate, task_rows, task_seed,
 )
-from engine.diffusion.waitline_data import MAX_PEOPLE, OPERATIONS
-from engine.models.handle import LoadedModel
-from engine.params import ParamError, parse_assignments
+from engine.offline.waitline_data import MAX_PEOPLE, OPERATIONS
+from engine.params import ParamError, parse_setting as parse_label
 
 DEFAULT_SETTINGS = (
     "llada",  # one token per step (steps = canvas): the baseline
@@ -55,8 +55,7 @@ class Setting:
 
 def parse_setting(label: str) -> Setting:
     """``fast_dllm:rule=factor:factor=1.0`` -> decoder, parameters and model; ``ParamError`` if it cannot run."""
-    decoder, *assignments = label.split(":")
-    params = parse_assignments(assignments)
+    decoder, params = parse_label(label)
     get_decoder(decoder).validate(params)
     return Setting(label, decoder, params, default_model(decoder))
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import RunSettings, record
+from engine.decoders import get_decoder
 from engine.models.handle import LoadedModel
-from engine.params import parse_assignments
+from engine.params import parse_setting
 
 PROMPTS = (
     "Explain why the sky is blue in two sentences.",
@@ -38,9 +39,15 @@ class Row:
     same_text: int  # prompts whose output equals plain greedy decoding
 
 
-def run_setting(model: LoadedModel, setting: str, tokens: int, greedy: list[list[int]]) -> Row:
-    policy, _, rest = setting.partition(":")
-    params = {"policy": policy, **parse_assignments([p for p in rest.split(":") if p])}
+def setting_params(setting: str) -> dict[str, str]:
+    """``"snapkv:budget=16"`` -> ``kv_compress``'s parameters; ``ParamError`` (one line) for a typo."""
+    policy, params = parse_setting(setting)
+    params = {"policy": policy, **params}
+    get_decoder("kv_compress").validate(params)
+    return params
+
+
+def run_setting(model: LoadedModel, setting: str, params: dict[str, str], tokens: int, greedy: list[list[int]]) -> Row:
     kls, top1, divergence, kept, same = [], [], [], [], 0
     for prompt, plain in zip(PROMPTS, greedy, strict=True):
         trace = record(model, "kv_compress", prompt, params, RunSettings(max_new_tokens=tokens, chat=True, ignore_eos=True))
@@ -60,9 +67,10 @@ def run_setting(model: LoadedModel, setting: str, tokens: int, greedy: list[list
 def main(model: LoadedModel, settings: Sequence[str] = DEFAULT_SETTINGS, tokens: int = 32) -> list[Row]:
     from tqdm import tqdm
 
+    params = {setting: setting_params(setting) for setting in settings}  # every typo fails before a run
     greedy = [record(model, "greedy", p, settings=RunSettings(max_new_tokens=tokens, chat=True, ignore_eos=True))
               .output_token_ids for p in PROMPTS]
-    rows = [run_setting(model, s, tokens, greedy) for s in tqdm(settings, unit="setting", file=sys.stderr)]
+    rows = [run_setting(model, s, params[s], tokens, greedy) for s in tqdm(settings, unit="setting", file=sys.stderr)]
     print(f"{model.name}: {len(PROMPTS)} chat prompts x {tokens} greedy tokens, compressed cache beside the full one")
     print(f"{'setting':38} {'mean KL':>8} {'top-1':>6} {'1st diff':>8} {'kept':>6} {'= greedy':>8}")
     for row in rows:

@@ -498,8 +498,8 @@ def _bench_speculative(args: argparse.Namespace) -> None:
 
 def _bench_dllm(args: argparse.Namespace) -> None:
     from cli.bench_dllm import DEFAULT_SETTINGS, dllm
-    from engine.diffusion.parallelbench import BENCH_SEED
-    from engine.diffusion.waitline_data import OPERATIONS
+    from engine.offline.parallelbench import BENCH_SEED
+    from engine.offline.waitline_data import OPERATIONS
     from engine.models import load_model
 
     dllm(
@@ -518,8 +518,8 @@ def _bench_dllm(args: argparse.Namespace) -> None:
 
 def _eval_parallelbench(args: argparse.Namespace) -> int:
     from engine.decoders import get_decoder
-    from engine.diffusion.parallelbench import RunFailed, default_model, evaluate, read_rows
-    from engine.diffusion.waitline_data import operation_of
+    from engine.offline.parallelbench import RunFailed, default_model, evaluate, read_rows
+    from engine.offline.waitline_data import operation_of
     from engine.params import parse_assignments
 
     try:
@@ -552,7 +552,7 @@ def _eval_parallelbench(args: argparse.Namespace) -> int:
 
 
 def _data_waitline(args: argparse.Namespace) -> None:
-    from engine.diffusion.parallelbench import BENCH_SEED, write_task_files
+    from engine.offline.parallelbench import BENCH_SEED, write_task_files
 
     seed = BENCH_SEED if args.seed is None else args.seed
     for path in write_task_files(args.out, args.per_task, seed, max_people=args.max_people):

@@ -130,6 +130,19 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_setting(label: str) -> tuple[str, dict[str, str]]:
+    """``"fast_dllm:rule=factor:factor=1.0"`` -> ``("fast_dllm", {"rule": "factor", "factor": "1.0"})``, the
+    ``NAME:KEY=VALUE:...`` form the bench commands take; empty parts are skipped, so ``"h2o:"`` is ``("h2o", {})``."""
+    name, *parts = label.split(":")
+    if not name.strip():
+        raise ParamError(f"a setting is NAME:KEY=VALUE:..., got {shown(label)}")
+    assignments = [part for part in parts if part.strip()]
+    malformed = [part for part in assignments if not part.partition("=")[0].strip() or "=" not in part]
+    if malformed:
+        raise ParamError(f"setting {shown(label)}: {shown(malformed[0])} is not KEY=VALUE")
+    return name.strip(), parse_assignments(assignments)
+
+
 def check_text(text: Any, what: str) -> str:
     """Refuse what is not valid Unicode text: a lone surrogate (what undecodable bytes in argv or a bad JSON
     escape become) cannot be tokenized, stored or shown."""

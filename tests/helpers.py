@@ -17,7 +17,6 @@ from plotly.basedatatypes import BaseTraceType
 from scipy.stats import chisquare
 
 from engine import RunSettings, record
-from engine.diffusion.tokenizer import build_tokenizer
 from engine.events import (
     AttentionMap,
     BeamNode,
@@ -43,6 +42,7 @@ from engine.events import (
     TokenStep,
 )
 from engine.models.handle import LoadedModel
+from engine.offline.waitline_tokenizer import build_tokenizer
 from engine.recorder import Recorder
 from engine.trace import RunInfo, Trace, dumps, new_run_id
 from ui.figures.common import escape_token

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from engine import RunSettings, load_model, record
-from engine.adadec_threshold import (
-    CUTOFFS, balanced_split, best_cutoff, fit_logistic, learn, learned_threshold, resolve_threshold, teacher_force,
-    threshold_from, windows,
-)
+from engine.adadec_threshold import learned_threshold, resolve_threshold
 from engine.decoders.token.adadec import look_ahead
 from engine.decoders.token.momentum import RESISTANCES, TokenGraph, label_of, momentum_rerank
 from engine.events import Rerank, RunFinished, RunStarted, ScoredCandidate, TokenStep
+from engine.offline.adadec_fit import (
+    CUTOFFS, balanced_split, best_cutoff, fit_logistic, learn, teacher_force, threshold_from, windows,
+)
 from engine.params import ParamError
 from engine.processing import entropy
 from engine.recorder import Recorder
@@ -102,7 +102,7 @@ def test_look_ahead_stops_after_eos(tiny):
 
 def test_adadec_threshold_comes_from_the_learned_file(tmp_path):
     path = tmp_path / "thresholds.json"
-    with pytest.raises(ParamError, match="python -m engine.adadec_threshold --model tiny-random-llama"):
+    with pytest.raises(ParamError, match="python -m engine.offline.adadec_fit --model tiny-random-llama"):
         resolve_threshold("tiny-random-llama", 0.0, path)
     path.write_text(json.dumps({"tiny-random-llama": {"threshold": 1.25, "accuracy": 0.7}}))
     assert learned_threshold("tiny-random-llama", path) == 1.25
@@ -112,7 +112,7 @@ def test_adadec_threshold_comes_from_the_learned_file(tmp_path):
 
 def test_adadec_without_a_learned_threshold_fails_clearly(tiny):
     trace = record(tiny, "adadec", PROMPT, {}, RunSettings(max_new_tokens=3))
-    assert trace.status == "failed" and "engine.adadec_threshold" in trace.reason
+    assert trace.status == "failed" and "engine.offline.adadec_fit" in trace.reason
 
 
 # ---------------------------------------------------------------- threshold learning

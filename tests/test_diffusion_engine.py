@@ -16,7 +16,6 @@ from transformers import ModernBertConfig, ModernBertForMaskedLM
 from engine.decoders.base import DecodeContext
 from engine.decoders.diffusion.dream import ALG_CONFIDENCE, EPS, dream_rule
 from engine.decoders.diffusion.mask_predict import MaskPredict
-from engine.diffusion.tokenizer import build_tokenizer
 from engine.diffusion.unmask import (
     Denoised,
     FullForward,
@@ -34,6 +33,7 @@ from engine.diffusion.unmask import (
 from engine.events import DiffusionStep
 from engine.models.handle import LoadedModel, ModelError
 from engine.models.loading import load_model
+from engine.offline.waitline_tokenizer import build_tokenizer
 from engine.params import ParamError
 from engine.run import Run, RunSettings
 from tests.helpers import tiny_waitline_model

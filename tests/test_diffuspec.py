@@ -12,8 +12,8 @@ from engine import RunSettings, record
 from engine.decoders.diffusion.diffuspec import AdaptiveLength
 from engine.speculative.drafts import _DRAFT_MODELS
 from engine.diffusion.lattice_path import NgramProxy, build_lattice, search_path
-from engine.diffusion.tokenizer import build_tokenizer
 from engine.models.handle import LoadedModel
+from engine.offline.waitline_tokenizer import build_tokenizer
 from tests.helpers import (
     PROMPTS,
     assert_follows,

@@ -20,19 +20,13 @@ LAYERS = (
      "engine.shared_params", "engine.constraints", "engine.ngram"),
     ("engine.models", "engine.attention", "engine.processing"),
     ("engine.context", "engine.decoding", "engine.speculative", "engine.diffusion", "engine.kv_compress",
-     "engine.prompt_spans"),
+     "engine.prompt_spans", "engine.adadec_threshold"),
     ("engine.decoders",),
     ("engine", "engine.run", "engine.explore", "engine.reprocess"),
 )
-# Offline training, data generation and evaluation, still beside the decoding path: exempt both ways until they
-# move to their own package (issue 18, next step).
-OFFLINE = {
-    "engine.diffusion.train",
-    "engine.diffusion.learn2pd",  # its training half; the inference half (the filter) stays on the decoding path
-    "engine.adadec_threshold",  # its main fits the thresholds
-    "engine.diffusion.parallelbench",
-    "engine.diffusion.waitline_data",
-}
+# Offline training, data generation and evaluation: an entry point like the others (it may import any engine
+# module), beside the decoding path, which imports none of it.
+OFFLINE = "engine.offline"
 # Imports under TYPE_CHECKING count too (a type names its layer); these are the only upward ones: the limits
 # name the request they check in annotations, while their run guard sits below the models that call it.
 ANNOTATIONS_ONLY = {("engine.limits", "engine.decoders.base"), ("engine.limits", "engine.run")}
@@ -85,12 +79,22 @@ def test_engine_never_imports_a_front_end():
 def test_engine_modules_import_only_their_layer_or_lower_ones():
     upward = [
         f"{module} (layer {layer_of(module)}) imports {imported} (layer {layer_of(imported)})"
-        for module, path in ENGINE.items() if module not in OFFLINE
+        for module, path in ENGINE.items()
         for imported in sorted(imports_of(path))
-        if imported.split(".")[0] == "engine" and imported not in OFFLINE and layer_of(imported) > layer_of(module)
+        if imported.split(".")[0] == "engine" and layer_of(imported) > layer_of(module)
         and (module, imported) not in ANNOTATIONS_ONLY
     ]
     assert upward == []
+
+
+def is_offline(module: str) -> bool:
+    return module == OFFLINE or module.startswith(OFFLINE + ".")
+
+
+def test_the_decoding_path_never_imports_the_offline_package():
+    reaching = {module: sorted(i for i in imports_of(path) if is_offline(i))
+                for module, path in ENGINE.items() if not is_offline(module)}
+    assert {module: found for module, found in reaching.items() if found} == {}
 
 
 def test_no_decoder_imports_another_decoder_module():
@@ -107,6 +111,7 @@ def test_the_layer_walk_sees_upward_imports():
     assert "engine.context" in imports_of(ENGINE["engine.decoding"])
     assert "engine.decoders.token" in imports_of(ENGINE["engine.decoders"])
     assert "engine.run" in imports_of(ENGINE["engine.limits"])  # under TYPE_CHECKING
+    assert "engine.offline.waitline_data" in imports_of(ENGINE["engine.offline.train_dllm"])
 
 
 def test_importing_the_figures_loads_neither_torch_nor_a_decoder():

@@ -12,12 +12,13 @@ from engine.decoders import (
     get_decoder,  # before engine.diffusion: unmask.py imports engine.decoders.base
 )
 from engine.diffusion import learn2pd
-from engine.diffusion import train as waitline_train
-from engine.diffusion.tokenizer import build_tokenizer
 from engine.diffusion.unmask import StepView, predictor_for
 from engine.events import DiffusionStep
 from engine.models import load_model
 from engine.models.handle import LoadedModel
+from engine.offline import learn2pd_train
+from engine.offline import train_dllm as waitline_train
+from engine.offline.waitline_tokenizer import build_tokenizer
 from engine.params import ParamError
 from engine.run import Run, RunSettings
 from tests.helpers import tiny_waitline_model
@@ -96,12 +97,13 @@ def test_filter_commits_what_it_accepts_plus_the_step_quota():
 def test_labels_say_whether_each_proposal_already_equals_the_final_token():
     final = torch.tensor([5, 6, 7, 8, 9, 10])  # canvas 6, blocks (0, 4) and (4, 6), filter block 4
     features = torch.zeros(8)
+    step = learn2pd_train.StepRecord
     records = [
-        learn2pd.StepRecord((0, 4), features, torch.tensor([5, 0, 7, 0]), torch.tensor([True, True, True, True])),
-        learn2pd.StepRecord((0, 4), features, torch.tensor([5, 6, 7, 1]), torch.tensor([False, True, True, True])),
-        learn2pd.StepRecord((4, 6), features, torch.tensor([9, 3]), torch.tensor([True, True])),
+        step((0, 4), features, torch.tensor([5, 0, 7, 0]), torch.tensor([True, True, True, True])),
+        step((0, 4), features, torch.tensor([5, 6, 7, 1]), torch.tensor([False, True, True, True])),
+        step((4, 6), features, torch.tensor([9, 3]), torch.tensor([True, True])),
     ]
-    labels, counted = learn2pd.step_labels(records, final, block_length=4)
+    labels, counted = learn2pd_train.step_labels(records, final, block_length=4)
     assert labels.tolist() == [[1, 0, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
     assert counted.tolist() == [[True, True, True, True], [False, True, True, True], [True, True, False, False]]
 
@@ -110,7 +112,7 @@ def test_reference_decode_is_llada_one_token_per_step():
     model = tiny_mdlm()
     predictor = predictor_for(model)
     prompt = model.encode(PROMPT)
-    records, final = learn2pd.reference_decode(predictor, prompt, gen_length=12, block_length=8)
+    records, final = learn2pd_train.reference_decode(predictor, prompt, gen_length=12, block_length=8)
     assert len(records) == 12 and [r.block for r in records] == [(0, 8)] * 8 + [(8, 12)] * 4
     assert [int(r.masked.sum()) for r in records] == [8, 7, 6, 5, 4, 3, 2, 1, 4, 3, 2, 1]
     steps = learn2pd.one_token_per_step(12, 8)
@@ -154,7 +156,8 @@ def test_an_accepting_filter_fills_a_block_per_call_and_errors_are_param_errors(
     steps, _ = run_learn2pd(model, params)
     assert [s.block for s in steps] == [[0, 8], [8, 16]]  # one call fills each block
     _, missing = run_learn2pd(model, {**params, "filter": str(tmp_path / "absent")})
-    assert missing.status == "failed" and "python -m engine.diffusion.learn2pd --model waitline-mdlm" in missing.reason
+    assert missing.status == "failed"
+    assert "python -m engine.offline.learn2pd_train --model waitline-mdlm" in missing.reason
     _, too_long = run_learn2pd(model, {**params, "block_length": 16})
     assert too_long.status == "failed" and "block_length 16 is longer than the filter's 8" in too_long.reason
 
@@ -164,8 +167,8 @@ def test_training_script_runs_end_to_end_and_the_decoder_loads_its_output(tmp_pa
     tokenizer = build_tokenizer()
     shape = waitline_train.Shape(hidden=32, layers=1, heads=2, ffn=64)
     waitline_train.save(waitline_train.build_model("mdlm", tokenizer, shape, seed=0).eval(), tokenizer, folder, "#")
-    learn2pd.main(["--model", str(folder), "--examples", "3", "--gen-length", "12", "--block-length", "8",
-                   "--epochs", "2", "--log-every", "1", "--out", str(out)])
+    learn2pd_train.main(["--model", str(folder), "--examples", "3", "--gen-length", "12", "--block-length", "8",
+                         "--epochs", "2", "--log-every", "1", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "decoded 3/3 examples" in printed and f"saved {out}" in printed
     config = json.loads((out / "config.json").read_text())

@@ -8,15 +8,15 @@ import pytest
 
 from cli.bench_dllm import dllm, meets_goal
 from cli.main import main
-from engine.diffusion.parallelbench import (
+from engine.models.handle import LoadedModel
+from engine.offline.parallelbench import (
     evaluate,
     read_rows,
     task_rows,
     write_rows,
     write_task_files,
 )
-from engine.diffusion.waitline_data import OPERATIONS, WaitlineGenerator
-from engine.models.handle import LoadedModel
+from engine.offline.waitline_data import OPERATIONS, WaitlineGenerator
 from tests.helpers import tiny_waitline_model
 
 CANVAS = 16  # the tiny diffusion model's canvas (its config's diffusion_gen_length)

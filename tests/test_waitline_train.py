@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from engine.diffusion import train as waitline_train
-from engine.diffusion.names import FIRST_NAMES, LAST_NAMES
-from engine.diffusion.tokenizer import build_tokenizer
-from engine.diffusion.waitline_data import (
+from engine.models import BUILTIN_NAMES, load_model
+from engine.models.registry import asset_model_dir
+from engine.offline import train_dllm as waitline_train
+from engine.offline.names import FIRST_NAMES, LAST_NAMES
+from engine.offline.waitline_data import (
     OPEN_ENDED,
     OPERATIONS,
     WaitlineGenerator,
@@ -22,8 +23,7 @@ from engine.diffusion.waitline_data import (
     prompt_text,
     score,
 )
-from engine.models import BUILTIN_NAMES, load_model
-from engine.models.registry import asset_model_dir
+from engine.offline.waitline_tokenizer import build_tokenizer
 
 TINY = waitline_train.Shape(hidden=32, layers=1, heads=2, ffn=64)
 

@@ -1,1 +1,1 @@
-"""Diffusion language models: the built-in waiting-line data, its tokenizer and the training script."""
+"""Diffusion language models' decoding: the unmasking loop, its commit rules, caches and the Learn2PD filter."""

@@ -101,7 +101,7 @@ RANDOM_DESCRIPTIONS = {
     "tiny-random-gpt2": "tiny GPT-2 with random weights",
     "tiny-random-llava": "tiny LLaVA (CLIP vision tower + Llama) with random weights: prompts with an image",
 }
-# Small models trained by this project (engine/diffusion/train.py); their folders ship in the repository.
+# Small models trained by this project (engine/offline/train_dllm.py); their folders ship in the repository.
 ASSET_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"
 ASSET_DESCRIPTIONS = {
     "waitline-mdlm": "masked-diffusion LM (bidirectional Llama) trained on ParallelBench-style waiting-line tasks",
@@ -121,7 +121,7 @@ class PromptFormat:
 
 
 def _waitline_format(name: str) -> PromptFormat:
-    from engine.diffusion.waitline_data import render_prompt  # the training data's own wording
+    from engine.models.waitline_prompt import render_prompt  # the training data's own wording
 
     example = render_prompt("reverse", ["James Smith", "Mary Jones", "Robert Brown", "Linda Davis"])
     return PromptFormat(False, f"{name} was trained on plain ParallelBench waiting-line instructions (no chat "
@@ -140,7 +140,7 @@ def asset_model_dir(name: str) -> Path:
 
 def train_command(name: str) -> str:
     """How to (re)build a project-trained model's folder."""
-    return f"python -m engine.diffusion.train --model {name.removeprefix('waitline-')} --out {asset_model_dir(name)}"
+    return f"python -m engine.offline.train_dllm --model {name.removeprefix('waitline-')} --out {asset_model_dir(name)}"
 
 
 def list_models() -> list[ModelEntry]:

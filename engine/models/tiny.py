@@ -5,11 +5,13 @@ They exercise every code path (KV cache, attention weights, chat template, EOS) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = (PAD, BOS, EOS)  # ids 0, 1, 2; byte tokens follow, then merges
@@ -64,7 +66,7 @@ ARCHITECTURES = {"tiny-random-llama": LLAMA, "tiny-random-gemma3": GEMMA3, "tiny
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE: any text round-trips exactly, and common English pieces merge."""
-    to_unicode = _bytes_to_unicode()
+    to_unicode = bytes_to_unicode()  # GPT-2's byte -> printable character map, which ByteLevel uses
     vocab = {token: i for i, token in enumerate(SPECIALS)}
     for byte in range(256):
         vocab[to_unicode[byte]] = len(vocab)
@@ -73,20 +75,34 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         left, right = pair.replace("_", to_unicode[ord(" ")]).split("+")
         merges.append((left, right))
         vocab.setdefault(left + right, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    return wrap_byte_level(byte_level_bpe(models.BPE(vocab=vocab, merges=merges)), SPECIALS, CHAT_TEMPLATE)
+
+
+def byte_level_bpe(bpe: models.BPE) -> Tokenizer:
+    """A tokenizer over ``bpe`` that splits and joins text as bytes, so any text round-trips exactly."""
+    backend = Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
+    return backend
+
+
+def wrap_byte_level(
+    backend: Tokenizer, specials: Sequence[str], chat_template: str, **roles: str
+) -> PreTrainedTokenizerFast:
+    """``backend`` for transformers: ``specials`` (which include ``<pad>``, ``<s>``, ``</s>``) are special tokens,
+    ``<s>`` opens every text, and ``roles`` name further special tokens (``mask_token="<mask>"``)."""
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
+        **roles,
     )
 
 
@@ -110,14 +126,3 @@ def build_tiny(
     model.generation_config = GenerationConfig(**ids)
     return model.to(dtype).eval(), tokenizer
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, which the ByteLevel pre-tokenizer uses."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(256 + extra)
-            extra += 1
-    return mapping

@@ -11,13 +11,10 @@ attention module carries the new index, and its config lists k layers with their
 
 from __future__ import annotations
 
-import copy
-from typing import Iterable
-
-from torch import nn
+from collections.abc import Iterable
 
 from engine.models.handle import LoadedModel
-from engine.speculative.truncated import _shallow_module_copy
+from engine.speculative.truncated import layer_view
 
 
 def layer_skipped_model(model: LoadedModel, skip: Iterable[int]) -> LoadedModel:
@@ -29,33 +26,5 @@ def layer_skipped_model(model: LoadedModel, skip: Iterable[int]) -> LoadedModel:
     kept = [layer for layer in range(total) if layer not in skipped]
     if not kept:
         raise ValueError(f"skip_layers cannot skip all {total} layers of the target")
-    causal_lm = model.model
-    base = getattr(causal_lm, "model", None)
-    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
-        raise ValueError(
-            f"layer skipping needs a Llama- or Gemma-style model (model.model.layers); {type(causal_lm).__name__} has none"
-        )
-    config = copy.deepcopy(causal_lm.config)
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[layer] for layer in kept]
-    draft_base = _shallow_module_copy(base)
-    draft_base.config = config
-    draft_base._modules["layers"] = nn.ModuleList(_renumbered(base.layers[layer], index) for index, layer in enumerate(kept))
-    draft_lm = _shallow_module_copy(causal_lm)
-    draft_lm.config = config
-    draft_lm._modules["model"] = draft_base
-    label = ",".join(map(str, skipped))
-    details = {**model.details, "draft_of": model.name, "skipped_layers": skipped}
-    return LoadedModel(f"{model.name}[skip {label}]", draft_lm, model.tokenizer, model.source, details)
-
-
-def _renumbered(layer: nn.Module, index: int) -> nn.Module:
-    """A shallow copy of a decoder layer whose attention reads and writes cache layer ``index``."""
-    clone = _shallow_module_copy(layer)
-    attention = _shallow_module_copy(layer._modules["self_attn"])
-    attention.layer_idx = index
-    clone._modules["self_attn"] = attention
-    if hasattr(clone, "layer_idx"):  # Gemma 3 layers keep their own copy of the index
-        clone.layer_idx = index
-    return clone
+    name = f"{model.name}[skip {','.join(map(str, skipped))}]"
+    return layer_view(model, kept, name, {"skipped_layers": skipped}, purpose="layer skipping")

@@ -17,25 +17,12 @@ import re
 
 import torch
 from torch import Tensor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engine.models.handle import LoadedModel
 
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-in character -> byte, the alphabet byte-level BPE tokens are spelt in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    to_char = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in to_char:
-            to_char[byte] = chr(256 + extra)
-            extra += 1
-    return {char: byte for byte, char in to_char.items()}
-
-
-BYTE_OF = _byte_alphabet()
+BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}  # the alphabet byte-level BPE tokens are spelt in
 
 
 def space_sign(model: LoadedModel) -> str:

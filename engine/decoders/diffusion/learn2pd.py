@@ -1,9 +1,9 @@
 """Learn2PD (Bao et al. 2025, ims-kdks/Learning-to-Parallel-Decoding ``generate_learn2parallel``/``_l2p_eot``).
 
 Each step commits the schedule's most confident proposal(s), as LLaDA does, plus every masked position of the
-active block that a small learnt filter (engine/diffusion/learn2pd.py) judges already final: sigmoid of its
-logit above ``accept_threshold``. End-of-Text Prediction: once an end of text is committed, every position after
-it is end of text too, filled without model calls.
+active block that a small learnt filter (engine/diffusion/learn2pd.py, trained by engine/offline/learn2pd_train.py)
+judges already final: sigmoid of its logit above ``accept_threshold``. End-of-Text Prediction: once an end of text
+is committed, every position after it is end of text too, filled without model calls.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ SPEC = register(
         "top candidates and take the one with the best mean log-prob.",
         params=(
             Param("threshold", "float", 0.0, "Entropy threshold tau in nats: pause where H >= tau (0 = the threshold "
-                  "learned for this model by `python -m engine.adadec_threshold`).", 0.0, 1000.0),
+                  "learned for this model by `python -m engine.offline.adadec_fit`).", 0.0, 1000.0),
             Param("lookahead_beam_size", "int", 3, "Candidates looked ahead from at a paused step (B).", 1, 100, limit="beams"),
             Param("lookahead_length", "int", 5, "Greedy look-ahead tokens per candidate (L; fewer after an EOS).", 1, 100),
         ),

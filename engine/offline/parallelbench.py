@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.decoders import get_decoder
-from engine.diffusion.waitline_data import (
+from engine.models.handle import LoadedModel
+from engine.offline.waitline_data import (
     MAX_PEOPLE, OPEN_ENDED, OPERATIONS, TEMPLATES, WaitlineGenerator, prompt_text, score,
 )
-from engine.models.handle import LoadedModel
 from engine.run import Run, RunSettings
 
 DEFAULT_CANVAS = 72  # the waitline models' answer side; an AR model stops at end of text well before

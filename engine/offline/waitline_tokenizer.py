@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.diffusion.names import FIRST_NAMES, LAST_NAMES
-from engine.diffusion.waitline_data import OPERATIONS, PREAMBLE, TEMPLATES, WaitlineGenerator
+from engine.models.tiny import BOS, EOS, PAD, byte_level_bpe, wrap_byte_level
+from engine.offline.names import FIRST_NAMES, LAST_NAMES
+from engine.offline.waitline_data import OPERATIONS, PREAMBLE, TEMPLATES, WaitlineGenerator
 
-PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
+MASK = "<mask>"
 SPECIALS = (PAD, BOS, EOS, MASK)
 VOCAB_SIZE = 2048
 PHRASE_MIN_CHARS = 20  # shorter template fragments (":\n", '"') stay ordinary text
@@ -51,9 +52,7 @@ def instruction_phrases() -> list[str]:
 
 def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE on the seeded corpus (deterministic) and wrap it for transformers."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
+    backend = byte_level_bpe(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         special_tokens=list(SPECIALS),
@@ -61,17 +60,5 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     backend.train_from_iterator(training_corpus(seed), trainer=trainer)
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
     backend.add_tokens([AddedToken(phrase, special=False, normalized=False) for phrase in instruction_phrases()])
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        mask_token=MASK,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return wrap_byte_level(backend, SPECIALS, CHAT_TEMPLATE, mask_token=MASK)
