@@ -10,11 +10,12 @@ import os
 import pytest
 
 from cli.bench_ui import free_port
-from engine.trace import write_file
+from engine.trace import read_file, write_file
 from storage import TraceStore
-from ui.samples import SAMPLES_DIR, sample_run_ids
+from ui.samples import SAMPLES_DIR
 
 gradio_client = pytest.importorskip("gradio_client")
+SAMPLE_IDS = frozenset(read_file(path).run_id for path in SAMPLES_DIR.glob("*.json.gz"))
 AppError = gradio_client.exceptions.AppError
 
 
@@ -43,7 +44,7 @@ def test_a_session_sees_and_changes_its_own_runs_only(public_app, tmp_path):
     run_id = record(alice)["run_id"]
     assert run_id in {r["run_id"] for r in alice.predict(200, api_name="/list_runs")}
     listed = {r["run_id"] for r in mallory.predict(200, api_name="/list_runs")}
-    assert run_id not in listed and listed <= sample_run_ids()
+    assert run_id not in listed and listed <= SAMPLE_IDS
     for api_name, args in (("/delete_run", (run_id,)), ("/export_run", (run_id,)), ("/ask_delete", (run_id,)),
                            ("/open_run", (run_id, "probability"))):
         with pytest.raises(AppError, match="no run with id"):
@@ -62,7 +63,7 @@ def test_a_session_sees_and_changes_its_own_runs_only(public_app, tmp_path):
 
 def test_samples_open_for_everyone_and_change_for_no_one(public_app):
     url, _ = public_app
-    sample = sorted(sample_run_ids())[0]
+    sample = sorted(SAMPLE_IDS)[0]
     client = session(url)
     client.predict(sample, "probability", api_name="/open_run")
     with pytest.raises(AppError, match="no run with id"):
@@ -75,12 +76,10 @@ def test_an_import_belongs_to_the_importer(public_app, tmp_path):
     source = TraceStore(f"sqlite:///{tmp_path / 'src.db'}")
     sample = next(SAMPLES_DIR.glob("*.json.gz"))
     path = tmp_path / "mine.json.gz"
-    from engine.trace import read_file
-
     write_file(read_file(sample), path)
     source.close()
     run_id = importer.predict(gradio_client.handle_file(str(path)), api_name="/import_run")[0]
-    assert run_id not in sample_run_ids()
+    assert run_id not in SAMPLE_IDS
     assert run_id in {r["run_id"] for r in importer.predict(200, api_name="/list_runs")}
     assert run_id not in {r["run_id"] for r in other.predict(200, api_name="/list_runs")}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +23,12 @@ ALLOW_MODELS_ENV = "DECODING_EXPLORER_ALLOW_MODELS"  # comma-separated names a p
 class Access:
     public: bool = False
     allowed_models: frozenset[str] = frozenset()  # public mode: the only models it loads
-    shared_runs: Callable[[], set[str]] = set  # run ids every session may read (the samples)
+    shared_runs: frozenset[str] = frozenset()  # run ids every session may read (the samples)
     _owned: dict[str, set[str]] = field(default_factory=dict)  # session hash -> the runs it made or imported
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def for_mode(cls, public: bool, default_model: str, shared_runs: Callable[[], set[str]] = set,
+    def for_mode(cls, public: bool, default_model: str, shared_runs: frozenset[str] = frozenset(),
                  extra_models: Iterable[str] = ()) -> Access:
         """The access of a local or public app; a public one offers the built-ins, its default model, the names in
         ``extra_models`` and those in $DECODING_EXPLORER_ALLOW_MODELS."""
@@ -69,7 +69,7 @@ class Access:
 
     def readable(self, session: str) -> set[str] | None:
         """The runs ``session`` may list and open; None: all of them (local mode)."""
-        return self.owned(session) | self.shared_runs() if self.public else None
+        return self.owned(session) | self.shared_runs if self.public else None
 
     def resolve(self, store: TraceStore, session: str, ref: str, change: bool = False) -> str:
         """The full id of the run ``ref`` names (a full id or a unique prefix) among those ``session`` may open, or

@@ -22,7 +22,7 @@ from ui.context import AppContext, api_list_runs, api_record
 from ui.library_tab import build_library_tab
 from ui.pool import ModelPool
 from ui.run_tab import build_run_tab
-from ui.samples import WithSamples, sample_run_ids
+from ui.samples import WithSamples
 
 # Clicking a token (its data-step) or a point of a chart whose points carry a step (customdata) moves that panel's
 # step slider, which then redraws every view; a click on a node of the token tree picks that node; Enter in a step
@@ -85,7 +85,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
     pool = ModelPool()
     if not replay_only:
         pool.start(model_name)
-    access = Access.for_mode(public, model_name, shared_runs=sample_run_ids, extra_models=allow_models)
+    access = Access.for_mode(public, model_name, shared_runs=store.sample_ids, extra_models=allow_models)
     app = AppContext(store, pool, model_name, replay_only, access,
                      limits=Limits.from_env(public) if limits is None else limits)
     with gr.Blocks(title="Decoding Explorer") as demo:

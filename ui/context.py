@@ -210,16 +210,13 @@ def _progress(run: Run) -> Iterator[dict]:
     or disconnected call's generator at a yield, which stops the run (status cancelled) before its next model call."""
     live = LiveRun(run)
     last = time.monotonic()
-    try:
+    with live.abandoned_if_closed():
         for _ in live.play():
             if time.monotonic() - last >= CANCEL_POLL:
                 last = time.monotonic()
                 metrics = run.trace.metrics
                 yield {"run_id": run.trace.run_id, "status": run.trace.status,
                        "new_tokens": metrics.get("new_tokens", 0), "model_calls": metrics.get("model_calls", 0)}
-    except GeneratorExit:
-        live.abandon()
-        raise
 
 
 def api_list_runs(app: AppContext) -> Callable:

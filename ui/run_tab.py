@@ -41,9 +41,9 @@ def stream(live: LiveRun, color: str) -> Iterator[list[Any]]:
     seconds behind the engine (measured: ``decoding-explorer bench ui``), so the figures follow at Pause and end.
 
     Gradio closes this generator when its client cancels or goes away: the run is then stopped, before its next
-    model call, so it does not hold its memory and a queue slot for nobody."""
+    model call."""
     last_light = time.monotonic()
-    try:
+    with live.abandoned_if_closed():
         yield [*view_values(live.trace, None, color), status_html(live.trace)]
         for _ in live.play():
             now = time.monotonic()
@@ -53,9 +53,6 @@ def stream(live: LiveRun, color: str) -> Iterator[list[Any]]:
                 last_light = now
                 yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace)]
         yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused)]
-    except GeneratorExit:
-        live.abandon()
-        raise
 
 
 def build_run_tab(app: AppContext) -> RunTab:

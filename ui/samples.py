@@ -6,7 +6,6 @@ to the database, which may be read-only), so a replay-only app has runs to show.
 
 from __future__ import annotations
 
-import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -76,12 +75,6 @@ SAMPLES = [
 ]
 
 
-@functools.cache
-def sample_run_ids() -> frozenset[str]:
-    """The run ids of the shipped samples (a public app lets every session open them)."""
-    return frozenset(read_file(path).run_id for path in SAMPLES_DIR.glob("*.json.gz"))
-
-
 def import_samples(store: TraceStore) -> int:
     """Store every shipped sample the database does not have yet; returns how many were added."""
     added = 0
@@ -103,7 +96,8 @@ class WithSamples:
         self.store = store
         self._samples = TraceStore("sqlite://")
         self._lock = threading.Lock()  # the in-memory database is one connection: one transaction at a time
-        import_samples(self._samples)
+        added = import_samples(self._samples)  # a new, empty store: every sample is added
+        self.sample_ids = frozenset(run.run_id for run in self._samples.list_runs(limit=added))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from engine.events import Event, RunFinished
 from engine.run import Run
@@ -75,3 +76,13 @@ class LiveRun:
         its event loop): no model call starts after this returns; the end is recorded on a thread of its own."""
         self.run.cancel()
         threading.Thread(target=self.stop, daemon=True, name=f"stop {self.trace.run_id[:12]}").start()
+
+    @contextmanager
+    def abandoned_if_closed(self) -> Iterator[None]:
+        """Around a handler's generator that plays this run: when Gradio closes it (its client cancelled or went
+        away), :meth:`abandon` the run, so it holds neither its memory nor a queue slot for nobody."""
+        try:
+            yield
+        except GeneratorExit:
+            self.abandon()
+            raise
