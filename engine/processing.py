@@ -8,7 +8,6 @@ same way. Stages run in transformers' order; :func:`process` also records what e
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -21,7 +20,6 @@ from engine.shared_params import PIPELINE_PARAMS
 
 _NEG_INF = float("-inf")
 _TOP_H_CANDIDATES = 100  # transformers' TopHLogitsWarper.top_n: Top-H only looks at the 100 most likely tokens
-_SMALL_TEMPERATURE = 1e-3  # below it, logits are shifted before dividing (see _temperature)
 
 Rule = Callable[[Tensor, float, Tensor | None], tuple[Tensor, Tensor | None]]
 
@@ -47,11 +45,7 @@ def _repetition_penalty(x: Tensor, penalty: float, context_ids: Tensor | None) -
 
 
 def _temperature(x: Tensor, t: float, _: Tensor | None) -> tuple[Tensor, None]:
-    if t < _SMALL_TEMPERATURE:  # x / t would overflow to inf (nan probabilities): shifted by the row's max, the
-        # largest logit stays 0 and the others only fall towards -inf, the same distribution (greedy in the limit)
-        x = x - x.amax(dim=-1, keepdim=True)
-        t = max(t, torch.finfo(x.dtype).tiny)
-    return x / t, None
+    return x / t, None  # t >= the parameter's minimum 0.01: float32 logits cannot overflow
 
 
 def _top_h(x: Tensor, top_h: float, _: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -122,11 +116,9 @@ def _eta(x: Tensor, eps: float, _: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 class _Spec(NamedTuple):
-    param: Param  # the decoder parameter that switches the stage on; its default is the value meaning "no stage"
-    # The rule's own domain: wider than the parameter's range in places (speculative decoding samples at any
-    # temperature > 0), and without the off value where the rule would not be the identity there (top_k=0).
-    valid: Callable[[float], bool]
-    allowed: str  # for the error message
+    # The decoder parameter that switches the stage on: its range is the stage's domain, and its default is the
+    # value meaning "no stage" (a stage built at it passes the logits through).
+    param: Param
     rule: Rule
 
     @property
@@ -140,22 +132,19 @@ class _Spec(NamedTuple):
 
 _PARAMS = {p.name: p for p in PIPELINE_PARAMS}
 _STAGES = {
-    "repetition_penalty": _Spec(
-        _PARAMS["repetition_penalty"], lambda v: v > 0, "> 0 (> 1 penalises repeats, < 1 favours them)", _repetition_penalty
-    ),
-    "temperature": _Spec(
-        _PARAMS["temperature"], lambda v: v > 0, "> 0 (temperature 0 is greedy decoding, a separate decoder)", _temperature
-    ),
-    "top_h": _Spec(_PARAMS["top_h"], lambda v: 0 < v <= 1, "in (0, 1]", _top_h),
-    "top_k": _Spec(_PARAMS["top_k"], lambda v: v >= 1 and v.is_integer(), "a whole number >= 1", _top_k),
-    "top_p": _Spec(_PARAMS["top_p"], lambda v: 0 <= v <= 1, "in [0, 1]", _top_p),
-    "min_p": _Spec(_PARAMS["min_p"], lambda v: 0 <= v <= 1, "in [0, 1]", _min_p),
-    "typical": _Spec(_PARAMS["typical_p"], lambda v: 0 < v < 1, "in (0, 1)", _typical),
-    "epsilon": _Spec(_PARAMS["epsilon"], lambda v: 0 < v < 1, "in (0, 1)", _epsilon),
-    "eta": _Spec(_PARAMS["eta"], lambda v: 0 < v < 1, "in (0, 1)", _eta),
+    "repetition_penalty": _Spec(_PARAMS["repetition_penalty"], _repetition_penalty),
+    "temperature": _Spec(_PARAMS["temperature"], _temperature),
+    "top_h": _Spec(_PARAMS["top_h"], _top_h),
+    "top_k": _Spec(_PARAMS["top_k"], _top_k),
+    "top_p": _Spec(_PARAMS["top_p"], _top_p),
+    "min_p": _Spec(_PARAMS["min_p"], _min_p),
+    "typical": _Spec(_PARAMS["typical_p"], _typical),
+    "epsilon": _Spec(_PARAMS["epsilon"], _epsilon),
+    "eta": _Spec(_PARAMS["eta"], _eta),
 }
 PIPELINE_ORDER = tuple(_STAGES)  # transformers' order (repetition penalty, then the warpers of _get_logits_processor)
 OFF_VALUES: dict[str, float] = {spec.key: spec.off for spec in _STAGES.values()}  # parameter -> the value meaning "off"
+STAGE_PARAMS: dict[str, str] = {name: spec.key for name, spec in _STAGES.items()}  # stage -> its parameter
 
 
 def _batched(t: Tensor) -> tuple[Tensor, bool]:
@@ -167,7 +156,8 @@ def _batched(t: Tensor) -> tuple[Tensor, bool]:
 
 @dataclass(frozen=True)
 class Stage:
-    """One processing stage; ``value`` is its parameter (top_k's k too, as a float). Invalid values raise ValueError.
+    """One processing stage; ``value`` is its parameter (top_k's k too, as a float), checked against the parameter's
+    schema (ParamError, a ValueError, says what is allowed). At the parameter's off value the stage is the identity.
 
     The threshold :meth:`apply` reports per row: top_k the k-th probability, top_p the probability of the least
     likely kept token, min_p min_p * p_max, epsilon eps, eta the cut min(eps, sqrt(eps) e^-H), top_h tau in nats,
@@ -180,15 +170,7 @@ class Stage:
     def __post_init__(self) -> None:
         if self.name not in _STAGES:
             raise ValueError(f"unknown processing stage {self.name!r}; known: {', '.join(PIPELINE_ORDER)}")
-        spec = _STAGES[self.name]
-        try:
-            value = float(self.value)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not (math.isfinite(value) and spec.valid(value)):
-            raise ValueError(
-                f"{spec.key} must be {spec.allowed} ({spec.key}={spec.off:g} turns it off), got {self.value!r}"
-            )
+        value = float(_STAGES[self.name].param.parse(self.value))
         object.__setattr__(self, "value", value)
 
     def apply(self, logits: Tensor, context_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -197,7 +179,10 @@ class Stage:
         ``context_ids`` ([B, L], or [L] shared by all rows) is only read by repetition_penalty.
         """
         x, single = _batched(logits.float())
-        out, threshold = _STAGES[self.name].rule(x, self.value, context_ids)
+        spec = _STAGES[self.name]
+        if self.value == spec.off:
+            return x[0] if single else x, None
+        out, threshold = spec.rule(x, self.value, context_ids)
         if single:
             return out[0], None if threshold is None else threshold[0]
         return out, threshold

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from engine.events import StageReport
-from engine.processing import PIPELINE_ORDER, Stage, build_pipeline, entropy, process, sample, stage_reports
+from engine.processing import OFF_VALUES, PIPELINE_ORDER, STAGE_PARAMS, Stage, build_pipeline, entropy, process, sample, stage_reports
 
 NEG_INF = float("-inf")
 
@@ -42,8 +42,8 @@ VALUES = {
     "temperature": [0.1, 0.7, 2.5],
     "top_h": [0.01, 0.4, 0.9, 1.0],
     "top_k": [1, 2, 7, 50, 2000],
-    "top_p": [1e-6, 0.0, 0.3, 0.9, 0.99, 1.0],
-    "min_p": [0.0, 0.01, 0.1, 0.5, 1.0],
+    "top_p": [1e-6, 0.0, 0.3, 0.9, 0.99],
+    "min_p": [0.01, 0.1, 0.5, 1.0],
     "typical": [0.01, 0.2, 0.9, 0.999],
     "epsilon": [1e-4, 3e-3, 0.05, 0.5],
     "eta": [1e-4, 3e-3, 0.05, 0.9],
@@ -117,6 +117,15 @@ def test_stage_matches_transformers(name: str, value: float, key: str) -> None:
     assert torch.equal(Stage(name, value).apply(logits, context)[0], expected)
 
 
+@pytest.mark.parametrize("name", PIPELINE_ORDER)
+def test_a_stage_at_its_off_value_passes_the_logits_through(name: str) -> None:
+    """As generate() leaves such a warper out (transformers' own TopP at 1.0 would still drop zero-probability
+    tokens, and top_k=0 or top_h=0 would not be the identity at all)."""
+    logits = LOGITS["one-token"]
+    out, threshold = Stage(name, OFF_VALUES[STAGE_PARAMS[name]]).apply(logits, _context(2))
+    assert torch.equal(out, logits) and threshold is None
+
+
 def test_process_accepts_1d() -> None:
     logits = LOGITS["randn-1x50"][0]
     processed = process(logits, [Stage("top_k", 5), Stage("top_p", 0.8)])
@@ -181,12 +190,12 @@ def test_build_pipeline_skips_off_values_and_unknown_keys() -> None:
 @pytest.mark.parametrize(
     "params,message",
     [
-        ({"temperature": 0.0}, "greedy"),
+        ({"temperature": 0.0}, "temperature=0.0 is below the minimum 0.01"),
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": math.inf}, "temperature"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"top_k": -5}, "top_k"),
-        ({"top_k": 2.5}, "whole number"),
+        ({"top_k": 2.5}, "top_k expects int"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": math.nan}, "top_p"),
         ({"min_p": -0.1}, "min_p"),

@@ -10,7 +10,7 @@ path; and the drafter is shown the outcome (adaptive draft lengths, matrices upd
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -18,17 +18,20 @@ from torch import Tensor
 
 from engine.context import DecodeContext
 from engine.events import DraftNode, DraftRound
-from engine.params import Param
 from engine.processing import Processed, Stage, build_pipeline, process, sample
 from engine.shared_params import PIPELINE_PARAMS
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, node_depths, tree_forward
 from engine.speculative.verify import Verdict, verify_tree
 
-# Target and draft process their logits alike. Temperature is this family's own: here 0 means greedy verification.
+# Target and draft process their logits alike. Temperature is the pipeline's, with 0 added for greedy verification
+# (a value between 0 and the pipeline's minimum is refused when the run builds its pipeline).
+_PIPELINE = {p.name: p for p in PIPELINE_PARAMS}
 SAMPLING_PARAMS = (
-    Param("temperature", "float", 0.0, "0 = greedy verification; > 0 = speculative sampling at this temperature.", 0.0, 10.0),
-    *(p for p in PIPELINE_PARAMS if p.name in ("top_k", "top_p")),
+    replace(_PIPELINE["temperature"], default=0.0, min=0.0,
+            help="0 = greedy verification; > 0 = speculative sampling at this temperature."),
+    _PIPELINE["top_k"],
+    _PIPELINE["top_p"],
 )
 
 
