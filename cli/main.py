@@ -197,6 +197,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="base seed (default 30000: training uses 0.., held-out 10000)")
     p.add_argument("--max-people", type=int, default=15, help="longest list (ParallelBench's own files: 6)")
     p.set_defaults(handler=_data_waitline)
+
+    assets = sub.add_parser("assets", help="rebuild the shipped models, thresholds and sample traces").add_subparsers(
+        title="assets")
+    p = assets.add_parser("list", help="every asset's recipe: its stages and their commands")
+    p.set_defaults(handler=_assets_list)
+    p = assets.add_parser("rebuild", help="run an asset's recipe, seeded (the dLLMs take hours of one core)")
+    p.add_argument("name", help="waitline-ar, waitline-mdlm, learn2pd-filter, adadec-thresholds or samples")
+    p.add_argument("--out", help="folder to build into (default: the asset's shipped location)")
+    p.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the recipe runs "
+                   "(needs --out elsewhere than the shipped location)")
+    p.set_defaults(handler=_assets_rebuild)
     return parser
 
 
@@ -557,6 +568,21 @@ def _data_waitline(args: argparse.Namespace) -> None:
     seed = BENCH_SEED if args.seed is None else args.seed
     for path in write_task_files(args.out, args.per_task, seed, max_people=args.max_people):
         print(path)
+
+
+# ---------------------------------------------------------------- assets
+
+
+def _assets_list(args: argparse.Namespace) -> None:
+    from cli.assets import list_recipes
+
+    list_recipes(args)
+
+
+def _assets_rebuild(args: argparse.Namespace) -> None:
+    from cli.assets import rebuild_asset
+
+    rebuild_asset(args)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
-"""Steps shared by the token-level decoders: the autoregressive loop and the per-token event."""
+"""Steps shared by the token-level decoders: the autoregressive loop, its token-step hook and the per-token event."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from engine.attention import attention_hooks
+from engine.attention import AttentionHooks, attention_hooks
 from engine.context import DecodeContext
-from engine.events import Candidate, Event, TokenStep
-from engine.processing import Processed, Stage, entropy, process, stage_reports
-
-Chooser = Callable[[Processed], torch.Tensor]
+from engine.events import AttentionMap, Candidate, Event, TokenStep
+from engine.models.handle import ForwardResult
+from engine.processing import Processed, Stage, entropy, process, sample, stage_reports
+from engine.speculative.cache import PrefixCache
 
 
 def token_event(
@@ -47,37 +48,122 @@ def token_event(
     )
 
 
-def greedy_choice(processed: Processed) -> torch.Tensor:
-    return processed.logprobs.argmax(dim=-1)
+@dataclass
+class Step:
+    """One step of the shared loop as a hook sees it: ``context`` is prompt + output so far (the step's token not
+    yet appended), ``logits`` the forward's last-position logits [V], ``cache`` the cache that forward extended."""
+
+    position: int
+    context: list[int]
+    logits: torch.Tensor
+    processed: Processed
+    cache: PrefixCache
 
 
-def autoregressive(ctx: "DecodeContext", stages: Sequence[Stage], choose: Chooser) -> Iterator[Event]:
-    """Prefill, then one forward per token with a KV cache: the loop greedy and sampling share.
+class TokenHook:
+    """The token-step hook: what one autoregressive decoder changes in :func:`autoregressive`, the loop every
+    token-level decoder shares (as ``Drafter`` is for speculative decoding and ``CommitRule`` for diffusion).
+    Each default is plain greedy decoding, so a decoder overrides only what it changes."""
+
+    stages: Sequence[Stage] = ()  # the processing pipeline (engine.processing) applied to each step's logits
+    model_calls: int = 1  # model calls per step, counted on each TokenStep
+
+    def start(self, ctx: DecodeContext) -> Iterator[Event]:
+        """Before the first step: extra forwards and their events (GIFT's saliency pass)."""
+        return iter(())
+
+    def cache(self, own: PrefixCache) -> PrefixCache:
+        """The cache this step's forward extends; ``own`` is the loop's cache of ``ctx.model``."""
+        return own
+
+    def steer(self, length: int) -> AttentionHooks | None:
+        """Attention hooks on this step's forward over a context of ``length`` tokens (steering, hidden keys)."""
+        return None
+
+    def choose(self, step: Step) -> int:
+        return int(step.processed.logprobs[0].argmax())
+
+    def report(self, step: Step, token: int) -> Iterator[Event]:
+        """The step's own events, out before its TokenStep (a rerank, a cache comparison)."""
+        return iter(())
+
+    def fields(self) -> dict[str, Any]:
+        """Extra TokenStep fields of this step."""
+        return {}
+
+    def advance(self, event: TokenStep) -> None:
+        """After each token, before it goes out: the runner may stop the loop right after it."""
+
+
+class Sampled(TokenHook):
+    """Sampling from the processed distribution."""
+
+    def __init__(self, stages: Sequence[Stage], generator: torch.Generator) -> None:
+        self.stages, self.generator = stages, generator
+
+    def choose(self, step: Step) -> int:
+        return int(sample(step.processed.logprobs[0], self.generator))
+
+
+def captured_forward(
+    ctx: DecodeContext, forward: Callable[[], ForwardResult], *, step: int, queries: list[int],
+    steer: AttentionHooks | None = None,
+) -> tuple[ForwardResult, AttentionMap | None]:
+    """Run ``forward`` under the steering hooks and, when the run captures attention, the capture's: the result and
+    the map of its ``queries`` rows (None without capture or once its byte budget is spent)."""
+    capture = ctx.attention
+    if capture is not None:
+        ctx.model.use_explorer_attention()
+    with attention_hooks(steer, capture.hooks() if capture is not None else None):
+        out = forward()
+    return out, None if capture is None else capture.take(step=step, query_positions=queries)
+
+
+def autoregressive(ctx: DecodeContext, hook: TokenHook) -> Iterator[Event]:
+    """Prefill, then one forward per token on a KV cache that rolls back to whatever prefix a hook left valid.
 
     The runner stops the generator on EOS, stop strings or cancel; this loop only bounds the length.
     """
-    model = ctx.model
-    cache = model.new_cache()
-    context = torch.tensor([ctx.prompt_ids], dtype=torch.long)
-    new_ids = context
-    capture = ctx.attention
-    if capture is not None:
-        model.use_explorer_attention()
+    yield from hook.start(ctx)
+    own = PrefixCache(ctx.model)
+    context = list(ctx.prompt_ids)
     for position in range(ctx.max_new_tokens):
-        start = time.perf_counter()
-        with attention_hooks(capture.hooks() if capture is not None else None):
-            out = model.forward(new_ids, cache, inputs=ctx.prompt_inputs if position == 0 else None)
-        processed = process(out.logits[:, -1, :], stages, context_ids=context)
-        token = choose(processed)
-        seconds = time.perf_counter() - start
-        token_id = int(token[0])
-        if capture is not None:  # before the token: the runner may stop right after it
-            queries = list(range(context.shape[1] - new_ids.shape[1], context.shape[1]))
-            attention_map = capture.take(step=position, query_positions=queries)
-            if attention_map is not None:
-                yield attention_map
-        yield token_event(
-            processed, token_id, step=position, position=position, top_k=ctx.record_top_k, seconds=seconds
+        began = time.perf_counter()
+        cache = hook.cache(own)
+        feed = cache.sync(context)
+        out, attention_map = captured_forward(
+            ctx, lambda: cache.forward(feed, inputs=ctx.prompt_inputs if position == 0 else None), step=position,
+            queries=list(range(len(context) - len(feed), len(context))), steer=hook.steer(len(context)),
         )
-        new_ids = token.view(1, 1)
-        context = torch.cat([context, new_ids], dim=1)
+        context_ids = torch.tensor([context]) if hook.stages else None  # read by repetition_penalty only
+        step = Step(position, context, out.logits[0, -1], process(out.logits[:, -1, :], hook.stages, context_ids), cache)
+        seconds = time.perf_counter() - began  # a hook's own work (a look-ahead) is timed on its own events
+        token = hook.choose(step)
+        if attention_map is not None:  # before the token: the runner may stop right after it
+            yield attention_map
+        yield from hook.report(step, token)
+        event = token_event(step.processed, token, step=position, position=position, top_k=ctx.record_top_k,
+                            seconds=seconds, model_calls=hook.model_calls, **hook.fields())
+        hook.advance(event)
+        context.append(token)
+        yield event
+
+
+class Rows:
+    """N continuations of one prompt as the rows of one batch (best-of-N samples, SMC particles): the prompt runs
+    once, then one forward per step extends every row. ``logits`` are the rows' next-token logits [N, V]."""
+
+    def __init__(self, ctx: DecodeContext, n: int) -> None:
+        self.model, self.cache = ctx.model, ctx.model.new_cache()
+        self.logits = self.model.forward(torch.tensor([ctx.prompt_ids]), self.cache).logits[:, -1, :].expand(n, -1)
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)
+
+    def extend(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Run one token per row (a finished row idles on any token); the rows' next logits."""
+        self.logits = self.model.forward(torch.tensor(tokens)[:, None], self.cache).logits[:, -1, :]
+        return self.logits
+
+    def reorder(self, ancestors: Sequence[int]) -> None:
+        """Row i continues row ``ancestors[i]`` (a resampling)."""
+        self.cache.reorder_cache(torch.tensor(ancestors))

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch

@@ -157,7 +157,7 @@ def test_an_accepting_filter_fills_a_block_per_call_and_errors_are_param_errors(
     assert [s.block for s in steps] == [[0, 8], [8, 16]]  # one call fills each block
     _, missing = run_learn2pd(model, {**params, "filter": str(tmp_path / "absent")})
     assert missing.status == "failed"
-    assert "python -m engine.offline.learn2pd_train --model waitline-mdlm" in missing.reason
+    assert "decoding-explorer assets rebuild learn2pd-filter --out" in missing.reason
     _, too_long = run_learn2pd(model, {**params, "block_length": 16})
     assert too_long.status == "failed" and "block_length 16 is longer than the filter's 8" in too_long.reason
 

@@ -37,9 +37,8 @@ TRAINING_SEED = 20_000  # waiting-line lists unseen by the models' held-out scor
 
 
 def build_command(out: Path | str = "assets/models/learn2pd-filter") -> str:
-    """How to (re)build the filter folder."""
-    return (f"python -m engine.offline.learn2pd_train --model waitline-mdlm --examples 300 --seed {TRAINING_SEED} "
-            f"--out {out}")
+    """How to (re)build the filter folder: the shipped filter's recipe (engine/offline/recipes.py)."""
+    return f"decoding-explorer assets rebuild learn2pd-filter --out {out}"
 
 
 # --- the filter -----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from engine.diffusion.learn2pd import (
 from engine.diffusion.unmask import MaskPredictor, StepView, UnmaskSettings, predictor_for, top_k_rule, unmask
 from engine.events import DiffusionStep
 from engine.models import load_model
+from engine.offline.recipes import rebuild_command
 from engine.offline.waitline_data import OPERATIONS, WaitlineGenerator
 
 HELD_OUT_SHARE = 0.2  # of the examples (whole decodes, so no step of a held-out decode is trained on)
@@ -175,6 +176,7 @@ the active block, whether the current argmax proposal already equals the token t
   probabilities stay calibrated for the accept threshold).
 - **Training**: `{config['command']}`, {config['epochs']} epochs of Adam on {config['train_steps']} decode
   steps ({config['train_examples']} decodes), {config['seconds']} s on CPU.
+- **Rebuild** the shipped filter: `{rebuild_command("learn2pd-filter")}` (the command above, seeded).
 
 ## Held-out decodes ({config['held_out_examples']} examples), accept threshold {config['threshold']}
 

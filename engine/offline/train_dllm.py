@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from engine.offline.recipes import rebuild_command
 from engine.offline.waitline_data import OPERATIONS, Example, WaitlineGenerator, score
 from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer
 
@@ -432,6 +433,8 @@ built into Decoding Explorer. Weights stored in float16.
   3-{CURRICULUM_START} people first, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
   {record['seconds']} s on CPU.
+- **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` (every run of its chain, seeded,
+  with a fixed step count and no time cap: `engine/offline/recipes.py`).
 
 ## Held-out accuracy (fresh lists, one token per step: {decoding})
 

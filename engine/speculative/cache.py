@@ -36,16 +36,21 @@ class PrefixCache:
 
         At least the last token of ``context`` is left to run, so its forward yields the next distribution.
         """
-        keep = 0
-        limit = min(len(self.tokens), len(context) - 1)
-        while keep < limit and self.tokens[keep] == context[keep]:
-            keep += 1
+        held = len(self.tokens)
+        # The usual step holds a prefix (a tree forward leaves uncounted positions, which the crop removes): one
+        # comparison in C instead of a Python walk.
+        if held < len(context) and self.cache.get_seq_length() == held and context[:held] == self.tokens:
+            keep = held
+        else:
+            keep, limit = 0, min(held, len(context) - 1)
+            while keep < limit and self.tokens[keep] == context[keep]:
+                keep += 1
         crop_cache(self.cache, keep)
         del self.tokens[keep:]
         return context[keep:]
 
-    def forward(self, tokens: list[int]) -> ForwardResult:
-        """Run ``tokens`` after the cached ones, extending the cache."""
-        out = self.model.forward(torch.tensor([tokens], dtype=torch.long), self.cache)
+    def forward(self, tokens: list[int], inputs: dict[str, torch.Tensor] | None = None) -> ForwardResult:
+        """Run ``tokens`` after the cached ones, extending the cache; ``inputs`` as for LoadedModel.forward."""
+        out = self.model.forward(torch.tensor([tokens], dtype=torch.long), self.cache, inputs=inputs)
         self.tokens.extend(tokens)
         return out

@@ -14,16 +14,14 @@ alone: the large model continues the prompt greedily for as many tokens, after g
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import Iterator
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import token_event
-from engine.events import DecoderMetric, Event
+from engine.decoding import Step, TokenHook, autoregressive
+from engine.events import DecoderMetric, Event, TokenStep
 from engine.params import Param
-from engine.processing import process
 from engine.speculative.cache import PrefixCache
 from engine.speculative.drafts import same_tokenizer_model
 from engine.speculative.rounds import SAMPLING_PARAMS, Sampling
@@ -35,40 +33,51 @@ def choose_model(entropies: deque[float], tau: float) -> str:
     return "large" if mean > tau else "small"
 
 
+class EntropySwitch(TokenHook):
+    """Each step runs on the active model's cache; after a switch its sync is the catch-up prefill."""
+
+    def __init__(self, ctx: DecodeContext) -> None:
+        self.sampling = Sampling.of(ctx)
+        self.stages = self.sampling.stages
+        small = same_tokenizer_model(ctx, ctx.params["small_model"], ctx.params["small_layers"], "small_model", "small_layers")
+        self.caches = {"small": PrefixCache(small), "large": PrefixCache(ctx.model)}
+        self.tau = ctx.params["tau"]
+        self.entropies: deque[float] = deque(maxlen=ctx.params["window"])
+        self.sources: list[str] = []
+        self.output: list[int] = []
+        self.active = "large"
+
+    def cache(self, own: PrefixCache) -> PrefixCache:
+        self.active = choose_model(self.entropies, self.tau)
+        return self.caches[self.active]
+
+    def choose(self, step: Step) -> int:
+        return self.sampling.choose(step.processed.logprobs[0])
+
+    def fields(self) -> dict[str, str]:
+        return {"source": self.active}
+
+    def advance(self, event: TokenStep) -> None:
+        self.entropies.append(event.entropy_raw)
+        self.sources.append(self.active)
+        self.output.append(event.token_id)
+
+
 def ead(ctx: DecodeContext) -> Iterator[Event]:
-    sampling = Sampling.of(ctx)
-    caches = {"small": PrefixCache(same_tokenizer_model(ctx, ctx.params["small_model"], ctx.params["small_layers"], "small_model", "small_layers")), "large": PrefixCache(ctx.model)}
-    tau = ctx.params["tau"]
-    entropies: deque[float] = deque(maxlen=ctx.params["window"])
-    context = list(ctx.prompt_ids)
-    sources: list[str] = []
-    ctx.on_finish(lambda: _metrics(ctx, sources, context[len(ctx.prompt_ids) :], caches["large"], sampling))
-    for position in range(ctx.max_new_tokens):
-        start = time.perf_counter()
-        active = choose_model(entropies, tau)
-        cache = caches[active]
-        out = cache.forward(cache.sync(context))  # after a switch: the catch-up prefill, then the next token
-        processed = process(out.logits[:, -1, :], sampling.stages)
-        token = sampling.choose(processed.logprobs[0])
-        event = token_event(
-            processed, token, step=position, position=position, top_k=ctx.record_top_k,
-            seconds=time.perf_counter() - start, source=active,
-        )
-        entropies.append(event.entropy_raw)
-        context.append(token)
-        sources.append(active)
-        yield event
+    hook = EntropySwitch(ctx)
+    ctx.on_finish(lambda: _metrics(ctx, hook.sources, hook.output, hook.caches["large"], hook.sampling.greedy))
+    return autoregressive(ctx, hook)
 
 
 def _metrics(
-    ctx: DecodeContext, sources: list[str], output: list[int], large: PrefixCache, sampling: Sampling
+    ctx: DecodeContext, sources: list[str], output: list[int], large: PrefixCache, greedy: bool
 ) -> Iterator[DecoderMetric]:
     if not sources:
         return
     switches = sum(a != b for a, b in zip(sources, sources[1:]))
     yield DecoderMetric("large_model_share", sources.count("large") / len(sources), "share of tokens from the large model")
     yield DecoderMetric("switches", switches, "changes of the active model")
-    if not (sampling.greedy and ctx.params["compare_with_large"]):
+    if not (greedy and ctx.params["compare_with_large"]):
         return
     alone = _greedy_continuation(large, list(ctx.prompt_ids), len(output))
     same = [a == b for a, b in zip(output, alone)]

@@ -19,43 +19,49 @@ import torch
 from engine.adadec_threshold import resolve_threshold
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import token_event
+from engine.decoding import Step, TokenHook, autoregressive
 from engine.events import DecoderMetric, Event, Rerank, ScoredCandidate
 from engine.params import Param
-from engine.processing import entropy, process
+from engine.processing import entropy
 from engine.speculative.cache import PrefixCache
 
 PART_NAMES = ["log p", "look-ahead log p", "length"]
 
 
-def adadec(ctx: DecodeContext) -> Iterator[Event]:
-    tau = resolve_threshold(ctx.model.name, ctx.params["threshold"])
-    beam, length = ctx.params["lookahead_beam_size"], ctx.params["lookahead_length"]
-    cache = PrefixCache(ctx.model)
-    context = list(ctx.prompt_ids)
-    pauses = 0
+class AdaDec(TokenHook):
+    """Greedy; where the raw entropy reaches tau, a look-ahead on the loop's own cache (rolled back next step)."""
 
-    def summary() -> Iterator[DecoderMetric]:
-        yield DecoderMetric("paused_steps", pauses, "steps whose entropy reached the threshold (look-ahead run)")
-        yield DecoderMetric("threshold", tau, "entropy threshold tau in nats")
+    def __init__(self, ctx: DecodeContext) -> None:
+        self.tau = resolve_threshold(ctx.model.name, ctx.params["threshold"])
+        self.beam, self.length = ctx.params["lookahead_beam_size"], ctx.params["lookahead_length"]
+        self.eos = ctx.eos_token_ids
+        self.rerank: Rerank | None = None
+        self.pauses = 0
 
-    ctx.on_finish(summary)
-    for position in range(ctx.max_new_tokens):
-        start = time.perf_counter()
-        processed = process(cache.forward(cache.sync(context)).logits[:, -1, :], ())
-        logprobs = processed.raw_logprobs[0]
+    def choose(self, step: Step) -> int:
+        logprobs = step.processed.raw_logprobs[0]
         h = float(entropy(logprobs))
-        token = int(logprobs.argmax())
-        seconds = time.perf_counter() - start
-        if h >= tau:
-            rerank = Rerank(step=position, position=position, threshold=tau, value=h,
-                            **pause(cache, context, logprobs, beam=beam, length=length, eos=ctx.eos_token_ids))
-            yield rerank
-            token = rerank.candidates[rerank.chosen].token_id
-            pauses += 1
-        yield token_event(processed, token, step=position, position=position, top_k=ctx.record_top_k,
-                          seconds=seconds)
-        context.append(token)
+        self.rerank = None
+        if h < self.tau:
+            return int(logprobs.argmax())
+        self.rerank = Rerank(step=step.position, position=step.position, threshold=self.tau, value=h,
+                             **pause(step.cache, step.context, logprobs, beam=self.beam, length=self.length, eos=self.eos))
+        self.pauses += 1
+        return self.rerank.candidates[self.rerank.chosen].token_id
+
+    def report(self, step: Step, token: int) -> Iterator[Event]:
+        if self.rerank is not None:
+            yield self.rerank
+
+    def summary(self) -> Iterator[DecoderMetric]:
+        yield DecoderMetric("paused_steps", self.pauses, "steps whose entropy reached the threshold (look-ahead run)")
+        yield DecoderMetric("threshold", self.tau, "entropy threshold tau in nats")
+
+
+def adadec(ctx: DecodeContext) -> Iterator[Event]:
+    hook = AdaDec(ctx)
+    ctx.on_finish(hook.summary)
+    return autoregressive(ctx, hook)
 
 
 def pause(

@@ -29,6 +29,7 @@ import torch
 from engine.constraints import CONSTRAINT_TYPES, SHAPE_HELP, Constraint, allows, build_constraint
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
+from engine.decoding import Rows
 from engine.event_arrays import effective_sample_size
 from engine.events import ConstraintStep, DecoderMetric, Event, Output, Resampling
 from engine.models.handle import LoadedModel
@@ -192,12 +193,8 @@ def constrained_decode(ctx: DecodeContext, constraint: Constraint) -> Iterator[E
     stages = build_pipeline(params)
     checker = TokenChecker(model, constraint, set(ctx.eos_token_ids) | model.eos_token_ids)
     state = _Particles([[] for _ in range(n)], [0.0] * n, [False] * n, [False] * n)
-    cache = model.new_cache()
     start = time.perf_counter()
-    logits = model.forward(torch.tensor([ctx.prompt_ids]), cache).logits[:, -1, :]
-    if n > 1:  # the particles are rows of one batch: one forward extends them all
-        cache.batch_repeat_interleave(n)
-        logits = logits.expand(n, -1)
+    rows = Rows(ctx, n)  # the particles are rows of one batch: one forward extends them all
     checks, draws, z_values, resamplings = 0, 0, [], 0
     chosen: int | None = None  # the particle whose tokens are the output, once drawn
 
@@ -213,7 +210,7 @@ def constrained_decode(ctx: DecodeContext, constraint: Constraint) -> Iterator[E
 
     ctx.on_finish(summary)
     for step in range(ctx.max_new_tokens):
-        processed = process(logits, stages, context_ids=_contexts(ctx.prompt_ids, state.tokens))
+        processed = process(rows.logits, stages, context_ids=_contexts(ctx.prompt_ids, state.tokens))
         live = [i for i in range(n) if not state.done[i]]
         share = (time.perf_counter() - start) / len(live)
         for i in live:
@@ -238,13 +235,12 @@ def constrained_decode(ctx: DecodeContext, constraint: Constraint) -> Iterator[E
             ancestors = _draw_index(state.log_w, n, generator)
             yield Resampling(step=step, ess=ess, log_weights=list(state.log_w), ancestors=ancestors)
             state.reorder(ancestors)
-            cache.reorder_cache(torch.tensor(ancestors))
+            rows.reorder(ancestors)
             resamplings += 1
             if all(state.done):  # every ancestor had already stopped
                 break
         start = time.perf_counter()
-        feed = [[(tokens or ctx.prompt_ids)[-1]] for tokens in state.tokens]  # stopped particles idle on a token
-        logits = model.forward(torch.tensor(feed), cache).logits[:, -1, :]
+        rows.extend([(tokens or ctx.prompt_ids)[-1] for tokens in state.tokens])  # stopped particles idle
     chosen = state.winner(generator)
     yield Output(token_ids=list(state.tokens[chosen]), score=state.log_w[chosen])
 

@@ -7,10 +7,9 @@ from typing import Iterator
 
 import torch
 
-from engine.attention import attention_hooks
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import token_event
+from engine.decoding import captured_forward, token_event
 from engine.events import Event
 from engine.params import Param, ParamError
 from engine.processing import process
@@ -23,11 +22,8 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
         raise ParamError("forced decoding needs a non-empty continuation (--param continuation=TEXT)")
     start = time.perf_counter()
     ids = torch.tensor([ctx.prompt_ids + target])
-    capture = ctx.attention
-    if capture is not None:
-        ctx.model.use_explorer_attention()
-    with attention_hooks(capture.hooks() if capture is not None else None):
-        out = ctx.model.forward(ids, ctx.model.new_cache())
+    out, attention_map = captured_forward(ctx, lambda: ctx.model.forward(ids, ctx.model.new_cache()), step=0,
+                                          queries=list(range(ids.shape[1])))
     first = len(ctx.prompt_ids) - 1
     processed = process(out.logits[0, first : first + len(target), :], stages=())
     seconds = time.perf_counter() - start
@@ -43,10 +39,8 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
             model_calls=1 if position == 0 else 0,
             seconds=seconds if position == 0 else 0.0,
         )
-    if capture is not None:
-        attention_map = capture.take(step=0, query_positions=list(range(ids.shape[1])))
-        if attention_map is not None:
-            yield attention_map
+    if attention_map is not None:
+        yield attention_map
 
 
 SPEC = register(

@@ -27,12 +27,12 @@ from torch import Tensor
 from engine.attention import AttentionHooks, attention_hooks
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import greedy_choice, token_event
-from engine.events import AttentionMap, DecoderMetric, Event, Steering
+from engine.decoding import Step, TokenHook, autoregressive
+from engine.events import AttentionMap, DecoderMetric, Event, Steering, TokenStep
 from engine.models.handle import LoadedModel
 from engine.models.vision import image_token_id
 from engine.params import Param, ParamError
-from engine.processing import kl_divergence, process
+from engine.processing import kl_divergence
 from engine.prompt_spans import PromptSpans, marked_spans
 
 # Query words that carry no content (GIFT keeps nouns, verbs, adjectives, adverbs and numbers via spaCy; a stopword
@@ -150,62 +150,66 @@ def default_layers(num_layers: int) -> tuple[list[int], list[int]]:
     return [start - 1], list(range(start, stop))
 
 
-def gift(ctx: DecodeContext) -> Iterator[Event]:
-    params, model = ctx.params, ctx.model
-    spans = marked_spans(model, ctx.prompt_ids, params["context_marker"], params["query_marker"], image_token_id(model))
-    saliency_layers, enhance_layers = default_layers(model.num_layers)
-    saliency_layers = layer_list(params["saliency_layers"], model.num_layers, "saliency_layers") or saliency_layers
-    enhance_layers = layer_list(params["enhance_layers"], model.num_layers, "enhance_layers") or enhance_layers
-    query_tokens = content_positions(model, ctx.prompt_ids, spans.query) if params["content_words_only"] else []
-    query_tokens = query_tokens or list(spans.query)
-    model.use_explorer_attention()
+class Gift(TokenHook):
+    """Greedy with the enhancement layers' last row amplified; a plain run, teacher-forced on the same tokens,
+    beside it for the divergence and the KL."""
 
-    # The plain forward over the prompt: the gaze shift, and the prefill of the plain run it is compared with.
-    start = time.perf_counter()
-    prompt = torch.tensor([ctx.prompt_ids])
-    observed: dict[int, Tensor] = {}
-    observe = AttentionHooks(observe=lambda layer, w: observed.__setitem__(layer, w[0]) if layer in saliency_layers else None)
-    plain_cache = model.new_cache()
-    with attention_hooks(observe):
-        plain = model.forward(prompt, plain_cache, inputs=ctx.prompt_inputs)
-    saliency = gaze_shift_saliency(observed, spans, query_tokens, params["alpha"], len(ctx.prompt_ids))
-    yield _saliency_maps(saliency, saliency_layers, len(ctx.prompt_ids), time.perf_counter() - start)
+    model_calls = 2  # the steered forward and the plain one
 
-    cache, new_ids, context = model.new_cache(), prompt, prompt
-    plain_logits = plain.logits[:, -1, :]
-    divergence = -1
-    for position in range(ctx.max_new_tokens):
-        start = time.perf_counter()
-        edits = StepEdits()
-        enhance = AttentionHooks(
-            edit=lambda layer, w: amplify_last_row(w, saliency.scale, spans, edits, layer) if layer in enhance_layers else w
+    def __init__(self, ctx: DecodeContext) -> None:
+        params, model = ctx.params, ctx.model
+        self.model = model
+        self.spans = marked_spans(model, ctx.prompt_ids, params["context_marker"], params["query_marker"],
+                                  image_token_id(model))
+        saliency_layers, enhance_layers = default_layers(model.num_layers)
+        self.saliency_layers = layer_list(params["saliency_layers"], model.num_layers, "saliency_layers") or saliency_layers
+        self.enhance_layers = layer_list(params["enhance_layers"], model.num_layers, "enhance_layers") or enhance_layers
+        query_tokens = content_positions(model, ctx.prompt_ids, self.spans.query) if params["content_words_only"] else []
+        self.query_tokens = query_tokens or list(self.spans.query)
+        self.plain_cache = model.new_cache()
+        self.divergence = -1
+
+    def start(self, ctx: DecodeContext) -> Iterator[Event]:
+        """The plain forward over the prompt: the gaze shift, and the prefill of the plain run."""
+        self.model.use_explorer_attention()
+        began = time.perf_counter()
+        observed: dict[int, Tensor] = {}
+        layers = self.saliency_layers
+        observe = AttentionHooks(observe=lambda layer, w: observed.__setitem__(layer, w[0]) if layer in layers else None)
+        with attention_hooks(observe):
+            plain = self.model.forward(torch.tensor([ctx.prompt_ids]), self.plain_cache, inputs=ctx.prompt_inputs)
+        self.plain_logits = plain.logits[0, -1]
+        self.saliency = gaze_shift_saliency(observed, self.spans, self.query_tokens, ctx.params["alpha"],
+                                            len(ctx.prompt_ids))
+        yield _saliency_maps(self.saliency, layers, len(ctx.prompt_ids), time.perf_counter() - began)
+
+    def steer(self, length: int) -> AttentionHooks:
+        edits = self.edits = StepEdits()
+        scale, spans, layers = self.saliency.scale, self.spans, self.enhance_layers
+        return AttentionHooks(
+            edit=lambda layer, w: amplify_last_row(w, scale, spans, edits, layer) if layer in layers else w
         )
-        capture = ctx.attention
-        with attention_hooks(enhance, capture.hooks() if capture is not None else None):
-            out = model.forward(new_ids, cache, inputs=ctx.prompt_inputs if position == 0 else None)
-        processed = process(out.logits[:, -1, :], (), context_ids=context)
-        token = greedy_choice(processed)
-        token_id = int(token[0])
-        plain_top = int(plain_logits[0].argmax())
-        if position == 0 or (divergence < 0 and plain_top != token_id):
-            divergence = position if plain_top != token_id else divergence
-            yield DecoderMetric("first_divergence_from_plain", divergence,
+
+    def report(self, step: Step, token: int) -> Iterator[Event]:
+        plain_top = int(self.plain_logits.argmax())
+        if step.position == 0 or (self.divergence < 0 and plain_top != token):
+            self.divergence = step.position if plain_top != token else self.divergence
+            yield DecoderMetric("first_divergence_from_plain", self.divergence,
                                 "first step where plain greedy (same prefix) would take another token; -1 = none")
-        if capture is not None:
-            queries = list(range(context.shape[1] - new_ids.shape[1], context.shape[1]))
-            attention_map = capture.take(step=position, query_positions=queries)
-            if attention_map is not None:
-                yield attention_map
+        edits = self.edits
         yield Steering(
-            step=position, layers=edits.layers, context_heads=edits.context_heads, query_heads=edits.query_heads,
+            step=step.position, layers=edits.layers, context_heads=edits.context_heads, query_heads=edits.query_heads,
             ratios=edits.ratios, context_mass_before=edits.mass_before, context_mass_after=edits.mass_after,
-            plain_token_id=plain_top, kl_from_plain=kl_divergence(plain_logits[0], out.logits[0, -1]),
+            plain_token_id=plain_top, kl_from_plain=kl_divergence(self.plain_logits, step.logits),
         )
-        yield token_event(processed, token_id, step=position, position=position, top_k=ctx.record_top_k,
-                          seconds=time.perf_counter() - start, model_calls=2)
-        new_ids = token.view(1, 1)
-        context = torch.cat([context, new_ids], dim=1)
-        plain_logits = model.forward(new_ids, plain_cache).logits[:, -1, :]  # the plain run, teacher-forced
+
+    def advance(self, event: TokenStep) -> None:
+        # the plain run, teacher-forced on the steered run's token
+        self.plain_logits = self.model.forward(torch.tensor([[event.token_id]]), self.plain_cache).logits[0, -1]
+
+
+def gift(ctx: DecodeContext) -> Iterator[Event]:
+    return autoregressive(ctx, Gift(ctx))
 
 
 def _saliency_maps(saliency: Saliency, layers: list[int], prompt_length: int, seconds: float) -> AttentionMap:

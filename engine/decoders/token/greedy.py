@@ -6,12 +6,12 @@ from typing import Iterator
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import autoregressive, greedy_choice
+from engine.decoding import TokenHook, autoregressive
 from engine.events import Event
 
 
 def greedy(ctx: DecodeContext) -> Iterator[Event]:
-    return autoregressive(ctx, stages=(), choose=greedy_choice)
+    return autoregressive(ctx, TokenHook())
 
 
 SPEC = register(

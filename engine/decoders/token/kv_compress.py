@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import torch
-
-from engine.attention import attention_hooks
+from engine.attention import AttentionHooks
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import greedy_choice, token_event
+from engine.decoding import Step, TokenHook, autoregressive
 from engine.events import CacheStep, DecoderMetric, Event
 from engine.kv_compress import POLICIES, CacheShape, make_policy
 from engine.params import Param
-from engine.processing import build_pipeline, kl_divergence, process, sample
+from engine.processing import build_pipeline, kl_divergence, sample
+from engine.speculative.cache import PrefixCache
 
 PARAMS = (
     Param("policy", "choice", "h2o", "How the compressed cache is compressed: h2o (heavy hitters + recent), snapkv "
@@ -74,48 +73,56 @@ class Tally:
         ]
 
 
-def kv_compress(ctx: DecodeContext) -> Iterator[Event]:
-    params, model = ctx.params, ctx.model
-    policy = make_policy(params, CacheShape.of(model))
-    sampling = params["base"] == "sample"
-    stages = build_pipeline({"temperature": params["temperature"]}) if sampling else ()
-    model.use_explorer_attention()  # both runs: the same attention arithmetic, hooks only on the compressed one
-    compressed, reference = model.new_cache(), model.new_cache()
-    context = new_ids = torch.tensor([ctx.prompt_ids], dtype=torch.long)
-    capture, tally = ctx.attention, Tally()
-    ctx.on_finish(tally.metrics)
-    for position in range(ctx.max_new_tokens):
-        start = time.perf_counter()
-        length = context.shape[1]
-        with attention_hooks(policy.hooks(length), capture.hooks() if capture is not None else None):
-            out = model.forward(new_ids, compressed)
-        full = model.forward(new_ids, reference)
-        evicted = policy.evicted(length)
-        policy.update(compressed, length)
-        processed = process(out.logits[:, -1, :], stages, context_ids=context)
-        token = sample(processed.logprobs, ctx.generator) if sampling else greedy_choice(processed)
-        token_id = int(token[0])
-        kl = kl_divergence(full.logits[0, -1], out.logits[0, -1])
-        full_top = int(full.logits[0, -1].argmax())
-        agree = full_top == int(processed.raw_logprobs[0].argmax())
+class CompressedCache(TokenHook):
+    """The loop's cache is the compressed one (the policy's hooks hide or approximate its keys); a reference cache of
+    the same model, teacher-forced on the chosen tokens, gives each step's full distribution."""
+
+    def __init__(self, ctx: DecodeContext) -> None:
+        params = ctx.params
+        self.model = ctx.model
+        self.policy = make_policy(params, CacheShape.of(ctx.model))
+        self.sampling = params["base"] == "sample"
+        self.stages = build_pipeline({"temperature": params["temperature"]}) if self.sampling else ()
+        self.generator = ctx.generator
+        self.reference = PrefixCache(ctx.model)
+        self.tally = Tally()
+
+    def start(self, ctx: DecodeContext) -> Iterator[Event]:
+        self.model.use_explorer_attention()  # both runs: the same attention arithmetic, hooks only on the compressed one
+        return iter(())
+
+    def steer(self, length: int) -> AttentionHooks | None:
+        self.length = length
+        return self.policy.hooks(length)
+
+    def choose(self, step: Step) -> int:
+        return int(sample(step.processed.logprobs[0], self.generator)) if self.sampling else super().choose(step)
+
+    def report(self, step: Step, token: int) -> Iterator[Event]:
+        began = time.perf_counter()
+        policy, tally = self.policy, self.tally
+        evicted = policy.evicted(self.length)
+        policy.update(step.cache.cache, self.length)
+        full = self.reference.forward(self.reference.sync(step.context)).logits[0, -1]
+        kl = kl_divergence(full, step.logits)
+        full_top = int(full.argmax())
+        agree = full_top == int(step.processed.raw_logprobs[0].argmax())
         tally.kls.append(kl)
         tally.agree.append(agree)
         tally.kept.append(1.0 - float(evicted.mean()))
-        if tally.divergence < 0 and full_top != token_id:
-            tally.divergence = position
+        if tally.divergence < 0 and full_top != token:
+            tally.divergence = step.position
         yield CacheStep(
-            step=position, policy=policy.name, kl=kl, top1_agree=agree, kept_fraction=tally.kept[-1],
-            evicted=evicted.astype(np.float16).tobytes(), error=policy.error,
-            seconds=time.perf_counter() - start,
+            step=step.position, policy=policy.name, kl=kl, top1_agree=agree, kept_fraction=tally.kept[-1],
+            evicted=evicted.astype(np.float16).tobytes(), error=policy.error, model_calls=1,  # the reference forward
+            seconds=time.perf_counter() - began,
         )
-        if capture is not None:
-            attention_map = capture.take(step=position, query_positions=list(range(length - new_ids.shape[1], length)))
-            if attention_map is not None:
-                yield attention_map
-        # both forwards are counted on the CacheStep
-        yield token_event(processed, token_id, step=position, position=position, top_k=ctx.record_top_k, model_calls=0)
-        new_ids = token.view(1, 1)
-        context = torch.cat([context, new_ids], dim=1)
+
+
+def kv_compress(ctx: DecodeContext) -> Iterator[Event]:
+    hook = CompressedCache(ctx)
+    ctx.on_finish(hook.tally.metrics)
+    return autoregressive(ctx, hook)
 
 
 SPEC = register(

@@ -16,10 +16,9 @@ import torch
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import autoregressive
+from engine.decoding import Step, TokenHook, autoregressive
 from engine.events import DecoderMetric, Event, Rerank, ScoredCandidate, TokenStep
 from engine.params import Param
-from engine.processing import Processed
 
 PART_NAMES = ["p", "repetition length", "resistance"]
 
@@ -87,29 +86,35 @@ def momentum_rerank(
                   candidates=candidates, chosen=chosen, baseline=0, label=label_of(lengths[0], chosen))
 
 
-def momentum(ctx: DecodeContext) -> Iterator[Event]:
-    params = ctx.params
-    graph = TokenGraph(list(ctx.prompt_ids))
-    decided: list[Rerank] = []
-    overridden = 0
-    ctx.on_finish(lambda: _metrics(graph, overridden))
+class Momentum(TokenHook):
+    """Each step reranks the top-k raw tokens against the walk so far; the rerank goes out before its token."""
 
-    def choose(processed: Processed) -> torch.Tensor:
-        rerank = momentum_rerank(
-            processed.raw_logprobs[0], graph, top_k=params["top_k"], alpha=params["alpha"],
-            resistance=params["resistance"], max_n=params["max_n"], position=len(graph.tokens) - len(ctx.prompt_ids),
+    def __init__(self, ctx: DecodeContext) -> None:
+        self.params = ctx.params
+        self.graph = TokenGraph(list(ctx.prompt_ids))
+        self.rerank: Rerank | None = None
+        self.overridden = 0
+
+    def choose(self, step: Step) -> int:
+        params = self.params
+        self.rerank = momentum_rerank(
+            step.processed.raw_logprobs[0], self.graph, top_k=params["top_k"], alpha=params["alpha"],
+            resistance=params["resistance"], max_n=params["max_n"], position=step.position,
         )
-        decided.append(rerank)
-        return torch.tensor([rerank.candidates[rerank.chosen].token_id])
+        return self.rerank.candidates[self.rerank.chosen].token_id
 
-    # The shared loop runs the model (and any attention capture); each step's Rerank goes out before its token.
-    for event in autoregressive(ctx, stages=(), choose=choose):
-        if isinstance(event, TokenStep):
-            rerank = decided.pop()
-            overridden += rerank.label == "overridden"
-            graph.add(event.token_id)
-            yield rerank
-        yield event
+    def report(self, step: Step, token: int) -> Iterator[Event]:
+        yield self.rerank
+
+    def advance(self, event: TokenStep) -> None:
+        self.overridden += self.rerank.label == "overridden"
+        self.graph.add(event.token_id)
+
+
+def momentum(ctx: DecodeContext) -> Iterator[Event]:
+    hook = Momentum(ctx)
+    ctx.on_finish(lambda: _metrics(hook.graph, hook.overridden))
+    return autoregressive(ctx, hook)
 
 
 def _metrics(graph: TokenGraph, overridden: int) -> Iterator[DecoderMetric]:

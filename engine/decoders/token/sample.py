@@ -10,16 +10,15 @@ from typing import Iterator
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import autoregressive
+from engine.decoding import Sampled, autoregressive
 from engine.events import Event
 from engine.params import with_defaults
-from engine.processing import build_pipeline, sample
+from engine.processing import build_pipeline
 from engine.shared_params import PIPELINE_PARAMS
 
 
 def sample_decoder(ctx: DecodeContext) -> Iterator[Event]:
-    stages = build_pipeline(ctx.params)
-    return autoregressive(ctx, stages, choose=lambda processed: sample(processed.logprobs, ctx.generator))
+    return autoregressive(ctx, Sampled(build_pipeline(ctx.params), ctx.generator))
 
 
 _PRESETS = {

@@ -22,6 +22,7 @@ import torch
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
+from engine.decoding import Rows
 from engine.events import Event, Output, Rerank, ScoredCandidate
 from engine.params import Param, with_defaults
 from engine.processing import build_pipeline, process, sample
@@ -69,15 +70,13 @@ def choose(certainty: list[float], keys: list[str | None], votes: list[float], s
 def draw_samples(ctx: DecodeContext, n: int) -> tuple[list[list[int]], list[list[float]], int]:
     """N samples drawn in one batch; (tokens up to and including EOS, per-token certainty, model calls)."""
     stages = build_pipeline(ctx.params)
-    cache = ctx.model.new_cache()
-    logits = ctx.model.forward(torch.tensor([ctx.prompt_ids]), cache).logits[:, -1, :].expand(n, -1)
-    cache.batch_repeat_interleave(n)
+    rows = Rows(ctx, n)
     context = torch.tensor([ctx.prompt_ids]).expand(n, -1)
     tokens: list[list[int]] = [[] for _ in range(n)]
     certainty: list[list[float]] = [[] for _ in range(n)]
     done, calls = [False] * n, 1
     for position in range(ctx.max_new_tokens):
-        processed = process(logits, stages, context_ids=context)
+        processed = process(rows.logits, stages, context_ids=context)
         drawn = sample(processed.logprobs, ctx.generator)
         kl = token_certainty(processed.raw_logprobs).tolist()
         for i, token in enumerate(drawn.tolist()):
@@ -88,7 +87,7 @@ def draw_samples(ctx: DecodeContext, n: int) -> tuple[list[list[int]], list[list
         if all(done) or position + 1 == ctx.max_new_tokens or ctx.cancel.is_set():
             break
         context = torch.cat([context, drawn[:, None]], dim=1)  # finished rows run on; their tokens are dropped
-        logits = ctx.model.forward(drawn[:, None], cache).logits[:, -1, :]
+        rows.extend(drawn.tolist())
         calls += 1
     return tokens, certainty, calls
 

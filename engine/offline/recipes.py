@@ -1,0 +1,161 @@
+"""How every shipped asset is rebuilt, declared once as data: ``decoding-explorer assets rebuild NAME``.
+
+A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(argv)`` (the same arguments as
+``python -m <tool>``). Intermediate outputs go to a work folder under the output, removed once the recipe is done.
+
+The built-in dLLM and its AR twin were trained as chains of time-capped runs (``--minutes``), whose learning-rate
+schedule followed the clock. Their recipes fix each run at the step it actually reached and turn the cap off
+(``--minutes 0``: the schedule runs over the steps), so a rebuild follows the same recipe on any machine, though
+not bit for bit the shipped weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+
+from engine.params import ParamError
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = "work"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of an offline tool. ``{out}`` in an argument is the recipe's output folder, ``{work}`` its work
+    folder; ``output`` is where the stage writes; ``smoke`` arguments are appended for a few-steps run (argparse
+    keeps the last value of an option)."""
+
+    tool: str
+    args: tuple[str, ...]
+    output: str = "{out}"
+    smoke: tuple[str, ...] = ()
+
+    def argv(self, out: Path, smoke: bool = False) -> list[str]:
+        return [_filled(arg, out) for arg in (*self.args, *(self.smoke if smoke else ()))]
+
+    def command(self, out: Path, smoke: bool = False) -> str:
+        return " ".join(["python -m", self.tool, *self.argv(out, smoke)])
+
+    def output_path(self, out: Path) -> Path:
+        return Path(_filled(self.output, out))
+
+    def inputs(self, out: Path) -> list[Path]:
+        """The folders this stage continues from (``--init-from``)."""
+        argv = self.argv(out)
+        return [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == "--init-from"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    target: str  # the shipped location, relative to the repository root
+    summary: str
+    stages: tuple[Stage, ...]
+
+    @property
+    def command(self) -> str:
+        return rebuild_command(self.name)
+
+
+def rebuild_command(name: str) -> str:
+    """The one command that rebuilds a shipped asset: what its card states."""
+    return f"decoding-explorer assets rebuild {name}"
+
+
+def _filled(arg: str, out: Path) -> str:
+    return arg.format(out=out, work=out / WORK)
+
+
+# --- the built-in waiting-line models: chains of train_dllm runs ------------------------------------------------
+
+_TRAIN_SMOKE = ("--steps", "3", "--batch-size", "4", "--eval-per-task", "1")
+
+
+def _train(kind: str, run: str, steps: int, seed: int, lr: str, *extra: str, init: str = "",
+           final: bool = False) -> Stage:
+    """A train_dllm run of the waiting-line shape, ``steps`` long with no time cap; ``init`` names the earlier run
+    it continues from (in the work folder)."""
+    output = "{out}" if final else f"{{work}}/{run}"
+    args = ("--model", kind, "--steps", str(steps), "--minutes", "0", "--batch-size", "32", "--lr", lr,
+            "--grow-below", "1", "--seed", str(seed), "--hidden", "128", "--layers", "2", "--heads", "8",
+            "--ffn", "256", "--out", output, *(("--init-from", f"{{work}}/{init}") if init else ()), *extra)
+    return Stage("engine.offline.train_dllm", args, output, _TRAIN_SMOKE)
+
+
+_PREFIX = ("--prefix-share", "0.5")
+# The AR runs both models start from (the diffusion model was initialised from the twin's second run, war3).
+_AR_START = (
+    _train("ar", "war2", 11493, 0, "0.002"),
+    _train("ar", "war3", 6087, 1, "0.001", init="war2"),
+)
+
+RECIPES = (
+    Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: four train_dllm runs", (
+        *_AR_START,
+        _train("ar", "war4", 3104, 3, "0.0007", init="war3"),
+        _train("ar", "war5", 7864, 5, "0.0007", "--task-weight", "sort=6", init="war4", final=True),
+    )),
+    Recipe("waitline-mdlm", "assets/models/waitline-mdlm", "the built-in dLLM: two AR runs, then five diffusion runs", (
+        *_AR_START,
+        _train("mdlm", "wmdlm3", 4737, 2, "0.001", init="war3"),
+        _train("mdlm", "wmdlm5", 7634, 6, "0.0007", *_PREFIX, "--task-weight", "sort=6", init="wmdlm3"),
+        _train("mdlm", "wmdlm7", 5752, 8, "0.0005", *_PREFIX, "--task-weight", "sort=6", init="wmdlm5"),
+        _train("mdlm", "wmdlm8", 4896, 9, "0.0004", *_PREFIX, "--task-weight", "sort=6", init="wmdlm7"),
+        _train("mdlm", "wmdlm9", 7609, 10, "0.0004", *_PREFIX, "--task-weight", "sort=12", init="wmdlm8",
+               final=True),
+    )),
+    Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
+        Stage("engine.offline.learn2pd_train",
+              ("--model", "waitline-mdlm", "--examples", "100", "--seed", "20000", "--gen-length", "72",
+               "--block-length", "32", "--hidden", "64", "--epochs", "60", "--out", "{out}"),
+              smoke=("--examples", "2", "--epochs", "1", "--gen-length", "8", "--block-length", "8")),
+    )),
+    Recipe("adadec-thresholds", "assets/adadec", "AdaDec's entropy threshold for smollm2-135m-instruct", (
+        Stage("engine.offline.adadec_fit",
+              ("--model", "smollm2-135m-instruct", "--seed", "0", "--out", "{out}/thresholds.json"),
+              smoke=("--max-chars", "400")),
+    )),
+    Recipe("samples", "assets/samples", "the sample traces, re-recorded from assets/samples/recipes.json", (
+        Stage("engine.offline.sample_traces", ("--out", "{out}"), smoke=("--max-new-tokens", "3")),
+    )),
+)
+
+
+def get_recipe(name: str) -> Recipe:
+    for recipe in RECIPES:
+        if recipe.name == name:
+            return recipe
+    raise ParamError(f"no recipe {name!r}; one of {', '.join(recipe.name for recipe in RECIPES)}")
+
+
+def shipped_location(recipe: Recipe) -> Path:
+    return ROOT / recipe.target
+
+
+def display_path(path: Path) -> Path:
+    """A path inside the repository as the cards write it (relative to the root), any other path absolute."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def rebuild(recipe: Recipe, out: Path | None = None, smoke: bool = False,
+            log: Callable[[str], None] = print) -> Path:
+    """Run every stage of ``recipe`` into ``out`` (default: the shipped location), from the repository root so the
+    cards name paths as the repository does. ``smoke``: a few steps of each stage, never into the shipped location."""
+    shipped = shipped_location(recipe)
+    target = (out or shipped).resolve()
+    if smoke and (out is None or target == shipped.resolve()):
+        raise ParamError(f"--smoke writes a few-steps {recipe.name}: give --out a folder other than {recipe.target}")
+    relative = display_path(target)
+    with contextlib.chdir(ROOT):
+        for index, stage in enumerate(recipe.stages, 1):
+            log(f"[{index}/{len(recipe.stages)}] {stage.command(relative, smoke)}")
+            import_module(stage.tool).main(stage.argv(relative, smoke))
+    shutil.rmtree(target / WORK, ignore_errors=True)
+    log(f"{recipe.name} rebuilt in {relative}")
+    return target

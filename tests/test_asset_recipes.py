@@ -1,0 +1,114 @@
+"""Every shipped asset's recipe (engine/offline/recipes.py): its stage chain holds together, its card names the one
+rebuild command, and a few steps of every stage run and leave outputs the app loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli.main import main as cli
+from engine.diffusion.learn2pd import load_filter
+from engine.models import load_model
+from engine.offline.recipes import RECIPES, ROOT, WORK, get_recipe, rebuild
+from engine.offline.sample_traces import read_recipes, record_samples
+from engine.trace import read_file
+from storage import TraceStore
+
+OUT = Path("/rebuilt")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)
+def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_output(recipe):
+    written: list[Path] = []
+    for stage in recipe.stages:
+        assert set(stage.inputs(OUT)) <= set(written), stage.command(OUT)
+        assert "--minutes" not in stage.args or stage.args[stage.args.index("--minutes") + 1] == "0"
+        written.append(stage.output_path(OUT))
+    assert written[-1] == OUT
+    assert all(path.parent == OUT / WORK for path in written[:-1])
+    assert len(set(written)) == len(written)
+
+
+def test_the_dllm_starts_from_its_ar_twins_second_run():
+    ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
+    assert mdlm[:2] == ar[:2]
+    assert mdlm[2].inputs(OUT) == [ar[1].output_path(OUT)] == [OUT / WORK / "war3"]
+    steps = [int(stage.args[stage.args.index("--steps") + 1]) for stage in mdlm]
+    assert steps == [11493, 6087, 4737, 7634, 5752, 4896, 7609]  # where the shipped time-capped runs stopped
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)
+def test_the_card_names_the_rebuild_command(recipe):
+    card = (ROOT / recipe.target / "README.md").read_text()
+    assert f"`{recipe.command}`" in card
+
+
+def test_the_cli_lists_every_recipe_and_refuses_in_one_line(capsys, tmp_path):
+    assert cli(["assets", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(recipe.command in listed for recipe in RECIPES)
+    assert "--init-from assets/models/waitline-mdlm/work/wmdlm8" in listed
+    assert cli(["assets", "rebuild", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: no recipe 'nope'")
+    assert cli(["assets", "rebuild", "learn2pd-filter", "--smoke"]) == 2  # never a few-steps asset where it ships
+    assert cli(["assets", "rebuild", "learn2pd-filter", "--smoke", "--out", "assets/models/learn2pd-filter"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.startswith("error: --smoke")
+
+
+@pytest.mark.parametrize("name", ["waitline-ar", "waitline-mdlm"])
+def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
+    lines: list[str] = []
+    out = rebuild(get_recipe(name), tmp_path / name, smoke=True, log=lines.append)
+    model = load_model(str(out))
+    assert getattr(model.model.config, "is_causal", True) == (name == "waitline-ar")
+    log = json.loads((out / "training_log.json").read_text())
+    chain = 1
+    while log.get("continued_from"):
+        chain, log = chain + 1, log["continued_from"]
+    assert chain == len(get_recipe(name).stages)  # the card's history names every run of the recipe
+    assert "`decoding-explorer assets rebuild " + name + "`" in (out / "README.md").read_text()
+    assert not (out / WORK).exists()
+    assert lines[0].startswith(f"[1/{chain}] python -m engine.offline.train_dllm") and "--steps 3" in lines[0]
+
+
+def test_a_few_examples_of_the_learn2pd_recipe_leave_a_filter_that_loads(tmp_path):
+    out = rebuild(get_recipe("learn2pd-filter"), tmp_path / "filter", smoke=True, log=lambda line: None)
+    assert load_filter(out).block_length == 8
+    assert "`decoding-explorer assets rebuild learn2pd-filter`" in (out / "README.md").read_text()
+
+
+@pytest.mark.real_model
+def test_a_short_text_of_the_adadec_recipe_gives_the_model_a_threshold(tmp_path):
+    out = rebuild(get_recipe("adadec-thresholds"), tmp_path / "adadec", smoke=True, log=lambda line: None)
+    entry = json.loads((out / "thresholds.json").read_text())["smollm2-135m-instruct"]
+    assert entry["threshold"] > 0 and "400 characters" in entry["data"]
+
+
+def test_the_sample_recipes_are_the_shipped_samples_settings():
+    recipes = read_recipes()
+    shipped = {path.name.removesuffix(".json.gz") for path in (ROOT / "assets" / "samples").glob("*.json.gz")}
+    assert set(recipes) == shipped
+    trace = read_file(ROOT / "assets" / "samples" / "diffusion-llada.json.gz")
+    assert (recipes["diffusion-llada"]["params"], recipes["diffusion-llada"]["prompt"]) == (trace.info.params,
+                                                                                            trace.info.prompt)
+
+
+def test_every_sample_recorded_for_a_few_tokens_imports_and_opens_in_the_figures(smollm2, tmp_path):
+    from ui.views import view_values
+
+    loaded: list[str] = []
+
+    def load(name: str):
+        loaded.append(name)
+        return smollm2 if name == "smollm2-135m-instruct" else load_model(name)
+
+    paths = record_samples(read_recipes(), tmp_path, max_new_tokens=3, load=load, log=lambda line: None)
+    assert len(paths) == len(read_recipes()) and sorted(loaded) == sorted(set(loaded))  # each model loaded once
+    store = TraceStore("sqlite://")
+    for path in paths:
+        trace = store.load(store.import_file(path))
+        assert 1 <= len(trace.output_token_ids) <= 3, path
+        assert list(view_values(trace, 0, "probability")), path
