@@ -339,9 +339,12 @@ def test_reprocessing_a_step_matches_transformers_warpers(app, person):
     open_section(person, "live-reprocess-tab")
     type_into(person, "live-reprocess-temperature", "0.5")
     type_into(person, "live-reprocess-top_k", "5")
-    person.wait_for_function("document.querySelector('#live-reprocess .js-plotly-plot')?.layout?.title?.text?.includes('0.5')",
-                           timeout=30_000)
+    # both typed values drawn (the title escapes "_" as &#95;, so Markdown cannot take effect)
+    person.wait_for_function("(document.querySelector('#live-reprocess .js-plotly-plot')?.layout?.title?.text || '')"
+                             ".includes('temperature=0.5 · top&#95;k=5 ·')", timeout=30_000)
     shot(person, "reprocess")
+    # typed digit by digit, "0.5" passes through "0": no error may pop up on the way
+    assert person.locator("[data-testid=toast-body]").count() == 0
     data = _plot_data(person, "live-reprocess")
     processed = next(t for t in data if "processed" in t["name"].lower() and "raw" not in t["name"].lower())
     model = load_model("tiny-random-llama")  # the same seeded weights as the app's

@@ -11,6 +11,7 @@ from engine.models import LoadedModel
 from engine.params import ParamError
 from engine.processing import OFF_VALUES
 from engine.reprocess import recorded_settings, reprocess_step
+from engine.shared_params import PIPELINE_PARAMS
 from engine.run import BranchPoint, RunSettings, branch_point
 from engine.trace import Trace
 from ui import figures
@@ -20,15 +21,18 @@ from ui.figures.tokens import fmt_p, step_at
 from ui.form import decoder_choices
 
 SAME_DECODER = "(the run's own decoder)"
-# (setting, label, minimum, maximum, step): the stages a person moves to see a distribution change
+# (setting, label, maximum, step): the stages a person moves to see a distribution change. Every slider starts at
+# 0, so a value typed digit by digit ("0" on the way to "0.5") is not refused mid-word; a value below the stage's
+# own minimum (its Param) leaves the view as it was until the value is complete.
 REPROCESS_SLIDERS = (
-    ("temperature", "temperature", 0.05, 3.0, 0.05),
-    ("top_k", "top-k (0 = off)", 0, 200, 1),
-    ("top_p", "top-p (1 = off)", 0.0, 1.0, 0.01),
-    ("min_p", "min-p (0 = off)", 0.0, 1.0, 0.01),
-    ("typical_p", "typical-p (1 = off)", 0.01, 1.0, 0.01),
-    ("top_h", "top-H (0 = off)", 0.0, 1.0, 0.01),
+    ("temperature", "temperature (from 0.01)", 3.0, 0.05),
+    ("top_k", "top-k (0 = off)", 200, 1),
+    ("top_p", "top-p (1 = off)", 1.0, 0.01),
+    ("min_p", "min-p (0 = off)", 1.0, 0.01),
+    ("typical_p", "typical-p (1 = off)", 1.0, 0.01),
+    ("top_h", "top-H (0 = off)", 1.0, 0.01),
 )
+_MINIMUM = {p.name: p.min or 0.0 for p in PIPELINE_PARAMS}
 TraceSource = Callable[[gr.Request, Any], Trace | None]
 
 
@@ -81,9 +85,9 @@ def build_step_tools(name: str) -> StepTools:
             tree_state = gr.State(None)
         with gr.Accordion("Re-process this step", open=False, elem_id=f"{name}-reprocess-tab"):
             with gr.Row():
-                sliders = [gr.Slider(lo, hi, value=OFF_VALUES[key], step=step, label=label, interactive=True,
+                sliders = [gr.Slider(0, hi, value=OFF_VALUES[key], step=step, label=label, interactive=True,
                                      elem_id=f"{name}-reprocess-{key}")
-                           for key, label, lo, hi, step in REPROCESS_SLIDERS]
+                           for key, label, hi, step in REPROCESS_SLIDERS]
             reset = gr.Button("Reset to the run's own settings", elem_id=f"{name}-reprocess-reset")
             reprocess = gr.Plot(show_label=False, elem_id=f"{name}-reprocess")
     return StepTools(alternatives, typed, branch_decoder, branch_button, depth, children, min_prob, tree_button,
@@ -131,8 +135,10 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
         trace = source(request, state)
         if trace is None or step_at(trace, int(pos or 0)) is None:
             return None
-        return figures.reprocess_figure(reprocess_step(trace, int(pos or 0), settings_of(values),
-                                                       model_for(trace, load=False)))
+        settings = settings_of(values)
+        if any(value < _MINIMUM[key] for key, value in settings.items()):
+            return gr.skip()  # a value still being typed
+        return figures.reprocess_figure(reprocess_step(trace, int(pos or 0), settings, model_for(trace, load=False)))
 
     @user_errors
     def reset_processing(request: gr.Request, state: Any, pos: float) -> list[Any]:
