@@ -107,6 +107,7 @@ def test_views_for_draft_and_diffusion_traces():
     values = view_values(diffusion, 3, "probability")
     assert "▒" in values[0]  # the canvas at step 3 still has masked positions
     assert any(t.type == "heatmap" for t in values[2]["value"].data)  # the lattice, large
+    assert "proposals per masked position" in values[5]["value"].layout.title.text  # the step's lattice, full width
 
     drafts = make_trace(hand_rounds())
     values = view_values(drafts, 0, "probability")

@@ -190,9 +190,9 @@ def _diffusion_values(trace: Trace, position: int, slider: Any) -> list[Any]:
         branch_note_html(trace) + diffusion_canvas_html(trace, position),
         slider,
         _shown(figures.lattice_figure(trace, selected_step=steps[position].step)),
-        _shown(step_lattice_figure(trace, position)),
         _shown(committed_per_step_figure(trace, selected=position)),
         _shown(attention),
+        _shown(step_lattice_figure(trace, position)),  # full width: one cell per position of the active block
         _table(diffusion_step_table(trace, position), DIFFUSION_TABLE_HEADERS, DIFFUSION_TABLE_TYPES,
                label=f"Positions in play at {step_summary(steps[position], len(steps))}"),
     ]
