@@ -239,9 +239,9 @@ def test_views_walk_diffusion_steps(trace):
     assert values[0].count("▒") == 6  # positions 2 and 3 (remasked) and the second block are masked after step 1
     assert values[1].maximum == 3 and values[1].value == 1
     assert [s.y0 for s in values[2]["value"].layout.shapes if s.name == "selected step"] == [1]  # the overview lattice, large
-    assert outlined(values[3]["value"]) == {(0, 2)}  # the step's own lattice
-    assert by_name(values[4]["value"], "selected step").x == (1,)  # tokens committed per step
-    assert values[5]["value"] is None and not values[5]["visible"]  # no attention recorded: its panel stays hidden
+    assert by_name(values[3]["value"], "selected step").x == (1,)  # tokens committed per step
+    assert values[4]["value"] is None and not values[4]["visible"]  # no attention recorded: its panel stays hidden
+    assert outlined(values[5]["value"]) == {(0, 2)}  # the step's own lattice, full width
     table = values[6]
     assert table.value["headers"] == DIFFUSION_TABLE_HEADERS
     assert table.value["data"] == diffusion_step_table(trace, 1)
