@@ -166,6 +166,7 @@ class _SpecTally:
     target_calls: int = 0
     draft_calls: int = 0
     depths: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [accepted, tried]
+    memory: dict[str, float] = field(default_factory=dict)  # the largest of each run's memory metrics
 
     def add(self, trace: Trace, category: str, elapsed: float) -> None:
         from engine.events import DraftRound
@@ -175,6 +176,9 @@ class _SpecTally:
         self.tokens += len(trace.output_token_ids)
         self.target_calls += trace.metrics.get("model_calls", 0)
         self.draft_calls += trace.metrics.get("draft_calls", 0)
+        for name in SPEC_MEMORY_METRICS:
+            if name in trace.metrics:
+                self.memory[name] = max(self.memory.get(name, 0.0), trace.metrics[name])
         for rnd in (e for e in trace.events if isinstance(e, DraftRound)):
             for depth, accepted in depth_outcomes(rnd):
                 self.depths[depth][0] += accepted
@@ -196,9 +200,13 @@ class _SpecTally:
             "tokens": self.tokens,
             "target_calls": self.target_calls,
             "draft_calls": self.draft_calls,
+            **self.memory,
             **{f"speedup_{c}": greedy.seconds[c] / s for c, s in self.seconds.items()},
         }
 
+
+# The memory every run on the shared round loop records (engine/speculative/memory.py), largest over the prompts
+SPEC_MEMORY_METRICS = ("peak_rss_mb", "kv_cache_bytes_max")
 
 # transformers' own speculative generation, run on the same prompts for comparison (label -> generate kwargs)
 HF_VARIANTS = ("hf:greedy", "hf:prompt_lookup", "hf:assisted")
@@ -219,7 +227,8 @@ def speculative(
     (``prompt_lookup_num_tokens=10``) and assisted generation with the target's first ``hf_draft_layers``
     layers as ``assistant_model`` (the same draft as ``speculative:draft_layers=N``). Reports the wall-time
     ratio to our greedy (speedup), mean accepted tokens per target call (Spec-Bench MAT, bonus included), call
-    counts and acceptance by draft depth.
+    counts, the largest peak resident memory and KV cache (target + draft) of its runs, and acceptance by draft
+    depth.
     """
     from tqdm import tqdm
 
@@ -289,12 +298,17 @@ class _HFRunner:
 
 def _spec_print(results: dict[str, dict[str, float]], tallies: dict[str, _SpecTally], decoders: list[str]) -> None:
     width = max(map(len, results))
-    print(f"  {'decoder':{width}} {'speedup':>8} {'MAT':>6} {'tok/s':>7} {'tokens':>7} {'target':>7} {'draft':>7}  acceptance by depth")
+    print(
+        f"  {'decoder':{width}} {'speedup':>8} {'MAT':>6} {'tok/s':>7} {'tokens':>7} {'target':>7} {'draft':>7} "
+        f"{'peak MiB':>8} {'KV MiB':>7}  acceptance by depth"
+    )
     for label, r in results.items():
         depths = " ".join(f"{d}:{a / v:.2f}" for d, (a, v) in sorted(tallies[label].depths.items()))
+        peak = f"{r['peak_rss_mb']:8.0f}" if "peak_rss_mb" in r else f"{'-':>8}"
+        kv = f"{r['kv_cache_bytes_max'] / 2**20:7.2f}" if "kv_cache_bytes_max" in r else f"{'-':>7}"
         print(
             f"  {label:{width}} {r['speedup']:7.3f}x {r['mat']:6.2f} {r['tokens_per_second']:7.2f} {r['tokens']:7d} "
-            f"{r['target_calls']:7d} {r['draft_calls']:7d}  {depths or '-'}"
+            f"{r['target_calls']:7d} {r['draft_calls']:7d} {peak} {kv}  {depths or '-'}"
         )
     print("  speedup by category (wall-time ratio greedy / decoder):")
     print(f"  {'category':14}" + "".join(f" {label:>{len(label) + 1}}" for label in decoders))

@@ -197,6 +197,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="base seed (default 30000: training uses 0.., held-out 10000)")
     p.add_argument("--max-people", type=int, default=15, help="longest list (ParallelBench's own files: 6)")
     p.set_defaults(handler=_data_waitline)
+    p = data.add_parser("drafter", help="self-distilled drafter training data: the target's greedy answers to seeded "
+                        "prompts and its hidden states, as float16 shards (resumes an unfinished folder)")
+    _model_args(p)
+    p.add_argument("--out", help="folder (default: $DECODING_EXPLORER_HOME/drafter-data/<model>)")
+    p.add_argument("--sequences", type=int, default=600, help="prompts to answer in all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt set")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts answered together")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (it stops at end of turn)")
+    p.add_argument("--shard-size", type=int, default=64, help="sequences per shard (the checkpoint unit)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.set_defaults(handler=_data_drafter)
 
     assets = sub.add_parser("assets", help="rebuild the shipped models, thresholds and sample traces").add_subparsers(
         title="assets")
@@ -568,6 +579,25 @@ def _data_waitline(args: argparse.Namespace) -> None:
     seed = BENCH_SEED if args.seed is None else args.seed
     for path in write_task_files(args.out, args.per_task, seed, max_people=args.max_people):
         print(path)
+
+
+def _data_drafter(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from engine.offline.drafter_data import build_drafter_data, default_out
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    out = Path(args.out) if args.out else default_out(model.name)
+    manifest = build_drafter_data(
+        model, out, sequences=args.sequences, seed=args.seed, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(f"{out}: {manifest['sequences']} sequences, {manifest['tokens']} tokens in {len(manifest['shards'])} shards")
 
 
 # ---------------------------------------------------------------- assets

@@ -202,6 +202,8 @@ class DraftRound(Record):
     seconds: float = 0.0
     mode: str = ""  # a decoder's phase for this round (PEARL's pre/post-verify, a Jacobi warm-up, ...)
     simulated_seconds: float | None = None  # the round's time had drafting and verifying run in parallel
+    draft_depth_limit: int | None = None  # the cost-aware draft length's cap this round (None: the drafter's own)
+    kv_cache_bytes: int | None = None  # target + draft KV caches after the round (None: not measured)
 
 
 @dataclass(frozen=True)

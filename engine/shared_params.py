@@ -26,3 +26,11 @@ SCHEDULE_PARAMS = (
     Param("remasking", "choice", "low_confidence", "Which proposals stay: the most confident, or random ones.",
           choices=tuple(REMASKING)),
 )
+
+# How deep the shared draft-and-verify rounds (engine/speculative/rounds.py) let each round's draft go.
+DRAFT_LENGTHS = ("adaptive", "fixed")
+DRAFT_LENGTH_PARAMS = (
+    Param("draft_length", "choice", "adaptive", "adaptive: each round drafts only as deep as pays on this machine "
+          "(measured verify cost x acceptance by depth), down to no draft; fixed: the decoder's own length every "
+          "round. Decoders with their own round loop (PEARL, lookahead) ignore it.", choices=DRAFT_LENGTHS),
+)

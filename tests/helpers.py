@@ -3,17 +3,21 @@ the figures and storage tests, tiny models built from a config. Test modules imp
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import struct
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.basedatatypes import BaseTraceType
+from safetensors.torch import save_file
 from scipy.stats import chisquare
 
 from engine import RunSettings, record
@@ -85,6 +89,15 @@ def rounds_of(trace: Trace) -> list[DraftRound]:
     return [e for e in trace.events if isinstance(e, DraftRound)]
 
 
+def assert_round_totals(trace: Trace, rounds: list[DraftRound], tokens: int) -> None:
+    """The rounds commit the whole output, one target call each; the run's metrics add them up."""
+    assert sum(len(r.committed) for r in rounds) == len(trace.output_token_ids) == tokens
+    metrics = trace.metrics
+    assert metrics["model_calls"] == metrics["rounds"] == len(rounds)
+    assert metrics["mean_accepted_tokens"] == round(tokens / len(rounds), 4)
+    assert metrics["draft_calls"] == sum(r.draft_calls for r in rounds)
+
+
 def first_token_inside_a_draft(trace: Trace) -> int:
     """A token whose first occurrence in the output is an accepted draft with more committed tokens after it."""
     output: list[int] = []
@@ -102,6 +115,35 @@ def assert_follows(counts: np.ndarray, p: torch.Tensor) -> None:
     assert counts[expected == 0].sum() == 0, "a token outside p's support was emitted"
     keep = expected > 0
     assert chisquare(counts[keep], expected[keep] * counts[keep].sum() / expected[keep].sum()).pvalue > 1e-3
+
+
+def assert_first_two_tokens_follow_target(model: LoadedModel, decoder: str, params: dict, prompt: str,
+                                          draws: int = 1200, max_new_tokens: int = 3) -> None:
+    """For drafters whose first token comes from the prefill and the second from the first verified tree: over
+    ``draws`` seeds the pair follows the processed target's p(t1) p(t2 | t1) (temperature 0.9, top-k 6), and many
+    second tokens were accepted drafts."""
+    params = {**params, "temperature": 0.9, "top_k": 6}
+    ids = model.encode(prompt)
+
+    def law(context: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model.model(torch.tensor([context])).logits[0, -1].double() / 0.9
+        top = logits.topk(6)
+        p = torch.zeros(model.vocab_size, dtype=torch.float64)
+        p[top.indices] = torch.softmax(top.values, -1)
+        return p
+
+    first = law(ids)
+    traces = [record(model, decoder, prompt, params, RunSettings(max_new_tokens=max_new_tokens, seed=s, ignore_eos=True))
+              for s in range(draws)]
+    assert sum(bool(rounds_of(t)[1].accepted_path) for t in traces) > draws / 10  # many second tokens were drafts
+    pairs = Counter(tuple(t.output_token_ids[:2]) for t in traces)
+    support = first.nonzero().flatten().tolist()
+    expected = torch.cat([first[t] * law(ids + [t]) for t in support])
+    observed = np.zeros(len(expected))
+    for (t1, t2), n in pairs.items():
+        observed[support.index(t1) * model.vocab_size + t2] += n
+    assert_follows(observed, expected)
 
 
 def first_token_law(model: LoadedModel, decoder: str, params: dict, prompt: str, draws: int = 300,
@@ -427,3 +469,70 @@ def every_kind_trace() -> Trace:
         output_text="日本\n",
         metrics={"model_calls": 5, "decode_seconds": 0.05, "odd": NAN},
     )
+
+
+# ---------------------------------------------------------------- drafter heads
+
+
+@functools.cache
+def random_eagle_head(model_name: str = "tiny-random-llama") -> Path:
+    """A folder holding an untrained EAGLE head for a tiny model, so the `eagle` decoder runs without a trained one."""
+    from engine.speculative.feature_head import FeatureHead
+
+    return _untrained_head(FeatureHead, model_name)
+
+
+def random_medusa_head(model_name: str = "tiny-random-llama") -> Path:
+    """A folder holding untrained Medusa heads for a tiny model, so the `medusa` decoders run without trained ones."""
+    from engine.speculative.medusa_heads import MedusaHeads
+
+    return _untrained_head(MedusaHeads, model_name)
+
+
+def _untrained_head(kind: type, model_name: str) -> Path:
+    from engine.models import load_model
+    from engine.speculative.feature_head import save_head
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{kind.kind}-head-"))
+    torch.manual_seed(0)
+    save_head(kind(load_model(model_name)), folder, {}, f"# an untrained {kind.title} head for tests")
+    return folder
+
+
+# ---------------------------------------------------------------- drafter training data (tests of trained heads)
+
+ANSWER_TOKENS = 40
+TRAIN_PROMPTS = [*PROMPTS, "Hello there", "Once upon a time", "The weather today is", "In the beginning",
+                 "My favourite colour", "Numbers: 1 2 3", "The cat sat on", "Why is the sky blue?"]
+
+
+def hidden_states(model: LoadedModel, ids: list[int]) -> list[torch.Tensor]:
+    """Every layer's hidden states for ``ids`` (transformers' ``output_hidden_states``: embeddings first)."""
+    with torch.inference_mode():
+        return list(model.model(torch.tensor([ids]), output_hidden_states=True).hidden_states)
+
+
+def write_shards(model: LoadedModel, folder: Path, per_shard: int = 4) -> Path:
+    """A drafter data folder in the shard format: each prompt with its greedy answer and the target's hidden states."""
+    records = []
+    for prompt in TRAIN_PROMPTS:
+        ids = model.encode(prompt)
+        answer = run_ignoring_eos(model, "greedy", prompt, max_new_tokens=ANSWER_TOKENS).output_token_ids
+        states = hidden_states(model, ids + answer)
+        records.append((ids + answer, len(ids), {"low": states[1], "mid": states[1], "last": states[-1]}))
+    names = []
+    for start in range(0, len(records), per_shard):
+        chunk = records[start: start + per_shard]
+        lengths = torch.tensor([len(r[0]) for r in chunk])
+        tensors = {
+            "input_ids": torch.tensor([t for r in chunk for t in r[0]], dtype=torch.int32),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+            "answer_start": torch.tensor([r[1] for r in chunk], dtype=torch.long),
+            **{f"hidden_{k}": torch.cat([r[2][k][0] for r in chunk]).half() for k in ("low", "mid", "last")},
+        }
+        names.append(f"shard-{len(names):05d}.safetensors")
+        save_file(tensors, str(folder / names[-1]))
+    manifest = {"model": model.name, "hidden_size": model.model.config.hidden_size,
+                "layers": {"low": 1, "mid": 1, "last": 2}, "shards": names, "sequences": len(records)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

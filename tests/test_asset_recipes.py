@@ -112,3 +112,16 @@ def test_every_sample_recorded_for_a_few_tokens_imports_and_opens_in_the_figures
         trace = store.load(store.import_file(path))
         assert 1 <= len(trace.output_token_ids) <= 3, path
         assert list(view_values(trace, 0, "probability")), path
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name,head", [("eagle-smollm2", "FeatureHead"), ("medusa-smollm2", "MedusaHeads")])
+def test_a_few_steps_of_the_drafter_recipes_leave_a_head_the_decoder_loads(tmp_path, name, head):
+    from engine.speculative.feature_head import FeatureHead, load_head
+    from engine.speculative.medusa_heads import MedusaHeads
+
+    out = rebuild(get_recipe(name), tmp_path / name, smoke=True, log=lambda line: None)
+    kind = {"FeatureHead": FeatureHead, "MedusaHeads": MedusaHeads}[head]
+    assert isinstance(load_head(out, load_model("smollm2-135m-instruct"), kind), kind)
+    assert f"`decoding-explorer assets rebuild {name}`" in (out / "README.md").read_text()
+    assert not (out / WORK).exists()

@@ -28,7 +28,7 @@ from engine.events import (
 )
 from engine.params import Param, with_defaults
 from engine.processing import OFF_VALUES
-from engine.shared_params import PIPELINE_PARAMS
+from engine.shared_params import DRAFT_LENGTH_PARAMS, PIPELINE_PARAMS
 from engine.speculative.rounds import SAMPLING_PARAMS
 
 LONG = 0.123456789123
@@ -131,7 +131,7 @@ def test_off_values_are_the_pipeline_parameters_defaults() -> None:
 
 
 def test_speculative_sampling_shares_the_pipeline_declarations() -> None:
-    shared = {p.name: p for p in PIPELINE_PARAMS}
+    shared = {p.name: p for p in (*PIPELINE_PARAMS, *DRAFT_LENGTH_PARAMS)}  # and the round loop's draft length
     for p in SAMPLING_PARAMS:
         if p.name != "temperature":  # its own: 0 means greedy verification
             assert p is shared[p.name]

@@ -66,6 +66,9 @@ class Oracle(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
+FIXED = {"draft_length": "fixed"}  # the drafts as DiffuSpec sizes them, not capped by the cost-aware draft length
+
+
 @pytest.fixture(scope="module")
 def target() -> LoadedModel:
     return _llama("tiny-ar-diffuspec", causal=True, seed=0)
@@ -123,7 +126,7 @@ def test_eos_inside_a_draft_stops_like_greedy(drafters):
 
 @pytest.mark.parametrize("cps", [True, False])
 def test_a_perfect_drafter_is_accepted_whole(target, drafters, cps):
-    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle"], "adl": False, "k_max": 5, "cps": cps},
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle"], "adl": False, "k_max": 5, "cps": cps, **FIXED},
                  max_new_tokens=24)
     rounds = rounds_of(trace)
     assert [len(r.nodes) for r in rounds] == [5, 5, 5, 5]
@@ -134,7 +137,7 @@ def test_a_perfect_drafter_is_accepted_whole(target, drafters, cps):
 
 
 def test_a_drafter_right_twice_commits_three_per_round(target, drafters):
-    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle_right2"], "adl": False, "k_max": 6},
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafters["oracle_right2"], "adl": False, "k_max": 6, **FIXED},
                  max_new_tokens=24)
     rounds = rounds_of(trace)
     assert [len(r.accepted_path) for r in rounds] == [2] * 8
@@ -144,7 +147,7 @@ def test_a_drafter_right_twice_commits_three_per_round(target, drafters):
 
 def test_adl_follows_the_drafts_end_of_text(target, drafters):
     """The drafter ends every draft with EOS after 3 right tokens: L_gen = L_acc = 3, so k = 3 + delta after round 1."""
-    params = {"drafter": drafters["oracle_eos3"], "k_min": 2, "k_max": 8, "delta": 2, "rho": 0.5}
+    params = {"drafter": drafters["oracle_eos3"], "k_min": 2, "k_max": 8, "delta": 2, "rho": 0.5, **FIXED}
     trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], params, max_new_tokens=20)
     rounds = rounds_of(trace)
     # the last round has 4 tokens of budget left: a draft of at most 3, cut before the drafter's EOS

@@ -14,14 +14,19 @@ from engine.events import DecoderMetric, RunFinished, RunStarted
 from engine.models.handle import LoadedModel
 from engine.trace import Trace, trace_to_dict
 from storage import TraceStore
-from tests.helpers import tiny_waitline_model
+from tests.helpers import random_eagle_head, random_medusa_head, tiny_waitline_model
 
 BUDGET = 6
+MEDUSA_HEAD = random_medusa_head()
 PROMPTS = {"gift": "Context: the fox lives in the mill. Question: where?",
            "exact_extract": "Context: the fox lives in the mill. Question: where?"}
 PARAMS = {"assisted_cross_tokenizer": {"draft_model": "tiny-random-llama"},
           "adadec": {"threshold": 1.0},  # no learned threshold for the tiny model
-          "forced": {"continuation": " and then the fox ran away"}}
+          "forced": {"continuation": " and then the fox ran away"},
+          "eagle": {"drafter": str(random_eagle_head())},  # no head is shipped for the tiny model
+          "medusa": {"drafter": str(MEDUSA_HEAD)},
+          "medusa_typical": {"drafter": str(MEDUSA_HEAD)},
+          "token_recycling": {"reset_matrix": True}}  # not what earlier tests in this process taught the matrix
 DECODERS = sorted(spec.name for spec in all_decoders())
 
 # Decoders whose output is chosen among whole candidates (beams, samples, spans): an EOS in one candidate does not
@@ -40,7 +45,9 @@ def tiny_model(spec: DecoderSpec) -> LoadedModel:
 
 
 def run(spec: DecoderSpec, model: LoadedModel, **settings: object) -> Trace:
-    return record(model, spec.name, PROMPTS.get(spec.name, "Hello there"), PARAMS.get(spec.name),
+    # the cost-aware draft length follows the machine's timing: fixed drafts make two runs of a decoder comparable
+    pinned = {"draft_length": "fixed"} if any(p.name == "draft_length" for p in spec.params) else {}
+    return record(model, spec.name, PROMPTS.get(spec.name, "Hello there"), {**pinned, **PARAMS.get(spec.name, {})},
                   RunSettings(max_new_tokens=BUDGET, **settings))
 
 

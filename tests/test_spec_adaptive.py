@@ -33,6 +33,7 @@ SETTINGS = [
     ("pearl", {"draft_layers": 1, "gamma": 1}),
 ]
 SAMPLED = {"temperature": 0.9, "top_k": 6}
+FIXED = {"draft_length": "fixed"}  # the drafter's own length rule, not capped by the cost-aware draft length
 
 
 _greedy = greedy_ids
@@ -77,7 +78,7 @@ def _assert_heuristic_schedule(rounds, k: int, max_new_tokens: int) -> list[int]
 
 
 def test_heuristic_schedule_grows_while_everything_is_accepted(llama):
-    params = {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 1}
+    params = {"schedule": "heuristic", "draft_layers": 2, "num_draft_tokens": 1, **FIXED}
     rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], params, max_new_tokens=45))
     assert all(len(r.accepted_path) == len(r.nodes) for r in rounds)
     lengths = _assert_heuristic_schedule(rounds, 1, 45)
@@ -85,7 +86,7 @@ def test_heuristic_schedule_grows_while_everything_is_accepted(llama):
 
 
 def test_heuristic_schedule_shrinks_to_one_while_everything_is_rejected(llama):
-    params = {"schedule": "heuristic", "draft_model": "tiny-random-llama:seed=1", "num_draft_tokens": 5}
+    params = {"schedule": "heuristic", "draft_model": "tiny-random-llama:seed=1", "num_draft_tokens": 5, **FIXED}
     rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[1], params, max_new_tokens=12))
     assert all(not r.accepted_path for r in rounds)
     assert _assert_heuristic_schedule(rounds, 5, 12)[:7] == [5, 4, 3, 2, 1, 1, 1]
@@ -93,7 +94,7 @@ def test_heuristic_schedule_shrinks_to_one_while_everything_is_rejected(llama):
 
 def test_confidence_schedule_stops_after_the_first_unconfident_draft(llama):
     threshold, k, budget = 0.1, 8, 45
-    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], {**SETTINGS[3][1], "confidence_threshold": threshold}, max_new_tokens=budget))
+    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], {**SETTINGS[3][1], "confidence_threshold": threshold, **FIXED}, max_new_tokens=budget))
     generated = 0
     for r in rounds:
         probs = [n.draft_prob for n in r.nodes]
@@ -113,7 +114,7 @@ def test_confidence_schedule_stops_after_the_first_unconfident_draft(llama):
 def test_specdec_pp_lengths_follow_the_stop_rule(llama, params, min_draft, max_draft, threshold):
     """Recomputed from the recorded draft probs: never stop before min_draft or while 1 - cum <= threshold."""
     budget = 45
-    rounds = rounds_of(run_ignoring_eos(llama, "specdec_pp", PROMPTS[0], params, max_new_tokens=budget))
+    rounds = rounds_of(run_ignoring_eos(llama, "specdec_pp", PROMPTS[0], {**params, **FIXED}, max_new_tokens=budget))
     generated = 0
     for r in rounds:
         probs = [n.draft_prob for n in r.nodes]

@@ -166,7 +166,8 @@ def test_greedy_rsd_equals_greedy_gemma3(params):
 @pytest.mark.parametrize("params", [{"branching": "3,2,2"}, {"tree": "beam", "beam_width": 1, "beam_depth": 3}])
 def test_the_target_as_its_own_draft_accepts_every_level(llama, params):
     """Greedy drafts always hold the target's argmax path when the draft is the target (a beam of width 1 is it)."""
-    rounds = rounds_of(run_ignoring_eos(llama, "rsd", PROMPTS[0], {**params, "draft_layers": 2}, max_new_tokens=32))
+    params = {**params, "draft_layers": 2, "draft_length": "fixed"}  # the whole tree every round
+    rounds = rounds_of(run_ignoring_eos(llama, "rsd", PROMPTS[0], params, max_new_tokens=32))
     assert [len(r.accepted_path) for r in rounds] == [3] * 8 and not any(r.bonus_is_correction for r in rounds)
 
 
@@ -210,7 +211,7 @@ def test_gumbel_with_maximum_peaks_at_the_given_maximum():
     ],
 )
 def test_draft_round_contents(llama, params, max_nodes):
-    trace = run_ignoring_eos(llama, "rsd", PROMPTS[2], {**params, "draft_layers": 1}, max_new_tokens=30)
+    trace = run_ignoring_eos(llama, "rsd", PROMPTS[2], {**params, "draft_layers": 1, "draft_length": "fixed"}, max_new_tokens=30)
     rounds = rounds_of(trace)
     source = f"rsd-{params.get('tree', 'gumbel')}:draft_layers:1"
     generated = 0

@@ -18,6 +18,7 @@ from tests.helpers import (
     LONG_PROMPT,
     PROMPTS,
     assert_follows,
+    assert_round_totals,
     first_token_inside_a_draft,
     first_token_law,
     rounds_of,
@@ -90,6 +91,7 @@ EOS_INSIDE_A_DRAFT = [
     ("tiny-random-llama:seed=2", "prompt_lookup", {}, PROMPTS[1], 60),  # this seed copies a prompt span mid-output
     ("tiny-random-llama", "specdec_pp", {"draft_layers": 2}, PROMPTS[0], 40),
     ("tiny-random-llama", "pearl", {"draft_layers": 2}, PROMPTS[0], 40),
+    ("tiny-random-llama", "easyspec", {"draft_layers": 2, "num_draft_tokens": 8}, PROMPTS[0], 60),
     ("tiny-random-llama", "rsd", {"draft_layers": 2, "branching": "2,2,2,2"}, PROMPTS[0], 40),
     ("tiny-random-llama", "rsd", {"draft_layers": 2, "tree": "beam"}, PROMPTS[0], 40),
     ("tiny-random-llama", "lookahead", {"window": 3, "ngram": 4, "pool_from_prompt": True}, PROMPTS[1], 60),
@@ -109,6 +111,7 @@ EOS_INSIDE_A_DRAFT = [
                          ids=[f"{case[1]}-{i}" for i, case in enumerate(EOS_INSIDE_A_DRAFT)])
 def test_eos_inside_a_draft_stops_like_greedy(spec, decoder, params, prompt, max_new_tokens):
     model = load_model(spec)  # a private copy: its generation config is changed below
+    params = {**params, "draft_length": "fixed"}  # both runs draft alike: the cost-aware length depends on timing
     eos = first_token_inside_a_draft(run_ignoring_eos(model, decoder, prompt, params, max_new_tokens=max_new_tokens))
     model.model.generation_config.eos_token_id = [eos]
     expected = record(model, "greedy", prompt, settings=RunSettings(max_new_tokens=max_new_tokens))
@@ -302,11 +305,7 @@ def test_draft_round_contents(llama, decoder, params):
         else:
             assert r.residual_top == []
         assert event_from_dict(event_to_dict(r)) == r
-    assert sum(len(r.committed) for r in rounds) == len(trace.output_token_ids) == 40
-    metrics = trace.metrics
-    assert metrics["model_calls"] == metrics["rounds"] == len(rounds)
-    assert metrics["mean_accepted_tokens"] == round(40 / len(rounds), 4)
-    assert metrics["draft_calls"] == sum(r.draft_calls for r in rounds)
+    assert_round_totals(trace, rounds, 40)
     # a chain tries depths 1..n+1 (the first rejection included, never past the draft) and accepts 1..n
     tried, accepted = Counter(), Counter()
     for r in rounds:
@@ -315,13 +314,14 @@ def test_draft_round_contents(llama, decoder, params):
             tried[depth] += 1
             accepted[depth] += depth <= n
     for depth in tried:
-        assert metrics[f"acceptance_depth_{depth}"] == round(accepted[depth] / tried[depth], 4)
+        assert trace.metrics[f"acceptance_depth_{depth}"] == round(accepted[depth] / tried[depth], 4)
     if tried:
-        assert metrics["acceptance_rate"] == round(sum(accepted.values()) / sum(tried.values()), 4)
+        assert trace.metrics["acceptance_rate"] == round(sum(accepted.values()) / sum(tried.values()), 4)
 
 
 def test_rounds_accept_everything_when_the_draft_is_the_target(llama):
-    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], {"draft_layers": 2, "num_draft_tokens": 5}, max_new_tokens=36))
+    params = {"draft_layers": 2, "num_draft_tokens": 5, "draft_length": "fixed"}  # drafting with the target never pays
+    rounds = rounds_of(run_ignoring_eos(llama, "speculative", PROMPTS[0], params, max_new_tokens=36))
     assert all(len(r.accepted_path) == len(r.nodes) == 5 and not r.bonus_is_correction for r in rounds)
     assert len(rounds) == 6
 

@@ -9,7 +9,7 @@ from engine import load_model
 from engine.events import event_from_dict, event_to_dict
 from engine.speculative.cache import PrefixCache
 from engine.speculative.tree import keep_path, node_depths, tree_forward
-from tests.helpers import PROMPTS, rounds_of, run_ignoring_eos
+from tests.helpers import PROMPTS, assert_round_totals, rounds_of, run_ignoring_eos
 
 #        root ─┬─ 0 ─┬─ 2 ── 5 ─┬─ 7
 #              │     └─ 3       └─ 6 (duplicate token of 5)
@@ -128,7 +128,8 @@ def test_dyspec_with_a_separate_draft_model_equals_greedy(llama):
     ],
 )
 def test_draft_round_contents(llama, params):
-    trace = run_ignoring_eos(llama, "dyspec", PROMPTS[2], params, max_new_tokens=40)
+    # the tree as DySpec grows it every round (the cost-aware draft length would skip some rounds' drafts)
+    trace = run_ignoring_eos(llama, "dyspec", PROMPTS[2], {**params, "draft_length": "fixed"}, max_new_tokens=40)
     rounds = rounds_of(trace)
     sampling = params.get("temperature", 0) > 0
     past = len(trace.prompt_token_ids)
@@ -155,10 +156,6 @@ def test_draft_round_contents(llama, params):
         if not sampling:
             assert r.residual_top == []
         assert event_from_dict(event_to_dict(r)) == r
-    assert sum(len(r.committed) for r in rounds) == len(trace.output_token_ids) == 40
-    metrics = trace.metrics
-    assert metrics["model_calls"] == metrics["rounds"] == len(rounds)
-    assert metrics["mean_accepted_tokens"] == round(40 / len(rounds), 4)
-    assert metrics["draft_calls"] == sum(r.draft_calls for r in rounds)
+    assert_round_totals(trace, rounds, 40)
     if params["draft_layers"] == 2 and not sampling:  # the draft is the target: its top-ranked chain always passes
         assert not any(r.bonus_is_correction for r in rounds)

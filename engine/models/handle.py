@@ -17,6 +17,7 @@ from engine.limits import check_run
 class ForwardResult:
     logits: torch.Tensor  # float32, [batch, tokens, vocab]
     attentions: tuple[torch.Tensor, ...] | None  # per layer [batch, heads, tokens, keys] when asked for
+    hidden: torch.Tensor | None = None  # [batch, tokens, hidden]: what the LM head read, when asked for
 
 
 @dataclass
@@ -111,11 +112,13 @@ class LoadedModel:
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs: dict[str, torch.Tensor] | None = None,
+        hidden: bool = False,
     ) -> ForwardResult:
         """Run new tokens through the model, extending ``cache`` in place.
 
-        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values). Inside a run that was
-        cancelled or used its time, raises engine.limits.RunStopped instead of calling the model.
+        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values). ``hidden`` also returns
+        the last hidden states (after the final norm), from the same forward. Inside a run that was cancelled or
+        used its time, raises engine.limits.RunStopped instead of calling the model.
         """
         check_run()
         if attention:
@@ -127,10 +130,12 @@ class LoadedModel:
             position_ids=position_ids,
             attention_mask=attention_mask,
             output_attentions=attention,
+            output_hidden_states=hidden,
             return_dict=True,
             **(inputs or {}),
         )
-        return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None)
+        return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None,
+                             hidden=out.hidden_states[-1] if hidden else None)
 
     def info(self) -> dict[str, Any]:
         cfg = self.model.config

@@ -94,6 +94,23 @@ _AR_START = (
     _train("ar", "war3", 6087, 1, "0.001", init="war2"),
 )
 
+def _drafter_data(sequences: int) -> Stage:
+    """SmolLM2's own greedy answers to the seeded prompt set, with its hidden states (a longer run with the same seed
+    extends a shorter one)."""
+    return Stage("cli.main", ("data", "drafter", "--sequences", str(sequences), "--max-new-tokens", "128",
+                              "--batch-size", "16", "--shard-size", "64", "--seed", "0", "--threads", "1",
+                              "--out", "{work}/drafter-data"),
+                 "{work}/drafter-data", ("--sequences", "2", "--max-new-tokens", "4", "--shard-size", "2"))
+
+
+def _train_head(head: str, *args: str) -> Stage:
+    return Stage("engine.offline.train_drafter",
+                 ("--head", head, "--data", "{work}/drafter-data", "--out", "{out}", "--minutes", "0",
+                  "--batch-size", "8", "--checkpoint-every", "100", "--threads", "1", "--seed", "0", *args),
+                 smoke=("--steps", "2", "--warmup", "1", "--draft-vocab", "64", "--eval", "1", "--eval-tokens", "4",
+                        "--held-out", "0.5"))
+
+
 RECIPES = (
     Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: four train_dllm runs", (
         *_AR_START,
@@ -120,6 +137,15 @@ RECIPES = (
               ("--model", "smollm2-135m-instruct", "--seed", "0", "--out", "{out}/thresholds.json"),
               smoke=("--max-chars", "400")),
     )),
+    Recipe("eagle-smollm2", "assets/models/eagle-smollm2", "the eagle decoder's feature head for SmolLM2", (
+        _drafter_data(576),
+        _train_head("eagle", "--steps", "900", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
+    ),
+    Recipe("medusa-smollm2", "assets/models/medusa-smollm2", "the medusa decoders' heads for SmolLM2", (
+        _drafter_data(384),
+        _train_head("medusa", "--heads", "4", "--steps", "800", "--lr", "3e-3", "--warmup", "30", "--draft-vocab",
+                    "4096", "--eval", "16")),
+    ),
     Recipe("samples", "assets/samples", "the sample traces, re-recorded from assets/samples/recipes.json", (
         Stage("engine.offline.sample_traces", ("--out", "{out}"), smoke=("--max-new-tokens", "3")),
     )),
@@ -155,7 +181,9 @@ def rebuild(recipe: Recipe, out: Path | None = None, smoke: bool = False,
     with contextlib.chdir(ROOT):
         for index, stage in enumerate(recipe.stages, 1):
             log(f"[{index}/{len(recipe.stages)}] {stage.command(relative, smoke)}")
-            import_module(stage.tool).main(stage.argv(relative, smoke))
+            status = import_module(stage.tool).main(stage.argv(relative, smoke))
+            if isinstance(status, int) and status:  # the command line reports its own errors and returns a code
+                raise ParamError(f"{recipe.name}: stage {index} ({stage.tool}) failed with exit status {status}")
     shutil.rmtree(target / WORK, ignore_errors=True)
     log(f"{recipe.name} rebuilt in {relative}")
     return target

@@ -30,6 +30,9 @@ class PrefixCache:
         # Sliding-window layers (Gemma 3) otherwise drop states past the window that a rollback needs back.
         self.cache.activate_past_recording()
         self.tokens: list[int] = []
+        # Set by a drafter that reads the target's features (EAGLE): every forward then keeps its last hidden states.
+        self.record_hidden = False
+        self.last_hidden: torch.Tensor | None = None  # [tokens, hidden] of the last forward, when recorded
 
     def sync(self, context: list[int]) -> list[int]:
         """Crop to the longest cached prefix of ``context`` and return the tokens still to run.
@@ -51,6 +54,8 @@ class PrefixCache:
 
     def forward(self, tokens: list[int], inputs: dict[str, torch.Tensor] | None = None) -> ForwardResult:
         """Run ``tokens`` after the cached ones, extending the cache; ``inputs`` as for LoadedModel.forward."""
-        out = self.model.forward(torch.tensor([tokens], dtype=torch.long), self.cache, inputs=inputs)
+        out = self.model.forward(torch.tensor([tokens], dtype=torch.long), self.cache, inputs=inputs,
+                                 hidden=self.record_hidden)
         self.tokens.extend(tokens)
+        self.last_hidden = out.hidden[0] if out.hidden is not None else None
         return out

@@ -5,13 +5,15 @@ budget allows; the target runs ONE forward over the tokens it has not seen (the 
 prompt in the first round) followed by the draft (a plain causal forward for a chain, tree attention for a tree);
 the verifier picks the accepted path and the bonus/correction token; the target's cache keeps only the accepted
 path; and the drafter is shown the outcome (adaptive draft lengths, matrices updated from the target's logits).
+Unless a decoder's ``draft_length`` is fixed, the cost-aware draft length (engine/speculative/draft_length.py) caps
+each round's depth at what pays on this machine; each round also records the KV-cache bytes held.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -19,19 +21,23 @@ from torch import Tensor
 from engine.context import DecodeContext
 from engine.events import DraftNode, DraftRound
 from engine.processing import Processed, Stage, build_pipeline, process, sample
-from engine.shared_params import PIPELINE_PARAMS
+from engine.shared_params import DRAFT_LENGTH_PARAMS, PIPELINE_PARAMS
 from engine.speculative.cache import PrefixCache
+from engine.speculative.draft_length import DraftLengthController
+from engine.speculative.memory import MemoryMeter
 from engine.speculative.tree import keep_path, node_depths, tree_forward
 from engine.speculative.verify import Verdict, verify_tree
 
 # Target and draft process their logits alike. Temperature is the pipeline's, with 0 added for greedy verification
-# (a value between 0 and the pipeline's minimum is refused when the run builds its pipeline).
+# (a value between 0 and the pipeline's minimum is refused when the run builds its pipeline). Every speculative
+# decoder declares these, so the round loop's own setting, the draft length, rides along.
 _PIPELINE = {p.name: p for p in PIPELINE_PARAMS}
 SAMPLING_PARAMS = (
     replace(_PIPELINE["temperature"], default=0.0, min=0.0,
             help="0 = greedy verification; > 0 = speculative sampling at this temperature."),
     _PIPELINE["top_k"],
     _PIPELINE["top_p"],
+    *DRAFT_LENGTH_PARAMS,
 )
 
 
@@ -121,23 +127,38 @@ class Sampling:
         return int(sample(logprobs, self.generator))
 
 
+# A verification rule other than the shared lossless one: (parents, tokens, processed target log-probs) -> verdict
+# (Medusa's typical acceptance, which is lossy).
+VerifyRule = Callable[[list[int], list[int], Tensor], Verdict]
+
+
 def speculative_rounds(
-    ctx: "DecodeContext", drafter: Drafter, sampling: Sampling, target: PrefixCache | None = None
+    ctx: "DecodeContext", drafter: Drafter, sampling: Sampling, target: PrefixCache | None = None,
+    rule: VerifyRule | None = None,
 ) -> Iterator[DraftRound]:
-    """Draft-and-verify rounds until ``max_new_tokens`` are committed (the runner stops earlier on EOS)."""
+    """Draft-and-verify rounds until ``max_new_tokens`` are committed (the runner stops earlier on EOS).
+
+    With ``draft_length`` adaptive (the default of every decoder declaring SAMPLING_PARAMS) each round's draft is
+    capped at the depth that pays (engine/speculative/draft_length.py); the run's memory is summed up at its end.
+    """
     target = target or PrefixCache(ctx.model)
+    controller = DraftLengthController() if ctx.params.get("draft_length") == "adaptive" else None
+    memory = MemoryMeter(target, drafter)
+    ctx.on_finish(memory.summary)
     context = list(ctx.prompt_ids)
     generated = 0
     step = 0
     while generated < ctx.max_new_tokens:
-        start = time.perf_counter()
         # A round commits at most its accepted depth + 1 tokens: never draft deeper than the budget.
-        draft = drafter.propose(context, ctx.max_new_tokens - generated - 1)
+        budget = ctx.max_new_tokens - generated - 1
+        limit = controller.limit(budget) if controller else None
+        start = time.perf_counter()
+        draft = drafter.propose(context, budget if limit is None else limit)
         draft_seconds = time.perf_counter() - start
-        outcome, slots = verify_round(target, context, draft, sampling, ctx.record_top_k)
+        outcome, slots = verify_round(target, context, draft, sampling, ctx.record_top_k, rule=rule)
         drafter.observe(outcome)
         context += outcome.committed
-        yield draft_round(
+        event = draft_round(
             step,
             draft=draft,
             source=drafter.source,
@@ -146,20 +167,26 @@ def speculative_rounds(
             draft_seconds=draft_seconds,
             seconds=time.perf_counter() - start,
             mode=draft.mode,
+            draft_depth_limit=limit,
+            kv_cache_bytes=memory.sample(),
         )
+        if controller:
+            controller.observe(event, start, limit)
+        yield event
         generated += len(outcome.committed)
         step += 1
 
 
 def verify_round(
-    target: PrefixCache, context: list[int], draft: Draft, sampling: Sampling, top_k: int = 20, bonus: bool = True
+    target: PrefixCache, context: list[int], draft: Draft, sampling: Sampling, top_k: int = 20, bonus: bool = True,
+    rule: VerifyRule | None = None,
 ) -> tuple[Outcome, list[int]]:
     """One target forward over ``draft`` after ``context``, its verdict, and the target cache cut to the accepted path.
 
     Returns the outcome and the cache slots the accepted nodes occupied. The target cache then holds
     ``context`` plus the accepted drafts (the bonus/correction token is run by the next forward). Without
     ``bonus`` a fully accepted chain commits no extra token (PEARL: the next drafts are already pending), and
-    its last draft is left for the next forward to run.
+    its last draft is left for the next forward to run. ``rule`` replaces the lossless verifier.
     """
     parents = draft.tree_parents
     if draft.is_chain:
@@ -167,7 +194,7 @@ def verify_round(
     else:
         logits = tree_forward(target, context, parents, draft.tokens)
     target_logprobs = sampling.process(logits).logprobs
-    verdict = verify_tree(
+    verdict = rule(parents, draft.tokens, target_logprobs) if rule else verify_tree(
         parents, draft.tokens, target_logprobs, draft.logprobs, sampling.generator, top_k, draft.without_replacement
     )
     committed = [draft.tokens[node] for node in verdict.accepted_path]
@@ -193,6 +220,8 @@ def draft_round(
     model_calls: int = 1,
     mode: str = "",
     simulated_seconds: float | None = None,
+    draft_depth_limit: int | None = None,
+    kv_cache_bytes: int | None = None,
 ) -> DraftRound:
     """The DraftRound event of one verified round (chain or tree): its draft, the verdict and what it cost."""
     parents = draft.tree_parents
@@ -225,4 +254,6 @@ def draft_round(
         seconds=seconds,
         mode=mode,
         simulated_seconds=simulated_seconds,
+        draft_depth_limit=draft_depth_limit,
+        kv_cache_bytes=kv_cache_bytes,
     )

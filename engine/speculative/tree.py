@@ -79,8 +79,10 @@ def tree_forward(
         target.cache,
         position_ids=positions[None].to(target.model.device),
         attention_mask=mask,
+        hidden=target.record_hidden,
     )
     target.tokens = list(context)  # the n node slots after them are not a sequence: keep_path resolves them
+    target.last_hidden = out.hidden[0] if out.hidden is not None else None
     return out.logits[0, len(unseen) - 1 :]
 
 

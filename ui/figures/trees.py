@@ -647,6 +647,7 @@ def _round_stats(trace: Trace, rnd: DraftRound) -> str:
         f"accepted {len(rnd.accepted_path)} of {len(rnd.nodes)} drafts ({verified} verified) · "
         f"committed {len(rnd.committed)}: “{escape_token(trace.text_of(rnd.committed))}” · "
         f"target calls {rnd.model_calls}, draft calls {rnd.draft_calls}"
+        + ("" if rnd.draft_depth_limit is None else f" · draft depth limited to {rnd.draft_depth_limit} (cost-aware)")
     )
 
 

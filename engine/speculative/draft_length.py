@@ -1,0 +1,163 @@
+"""Cost-aware draft length for the shared round loop: each round, the draft depth that pays most on this machine.
+
+A round that drafts to depth d and verifies its n(d) nodes commits 1 + E[accepted(d)] tokens in t_draft(d) +
+t_verify(1 + n(d)) seconds; a round without a draft (d = 0) is a plain one-token target step. On a CPU a forward of
+11 tokens costs about 1.5x a forward of one, so long drafts rejected at depth 1 make decoding slower than greedy
+(BENCHMARKS.md). The controller measures both sides online and caps each round's draft at the depth that maximises
+expected tokens per second:
+
+* cost: t_verify(n) ~ a + b n, least squares over the rounds seen (everything a round costs besides drafting,
+  recording included), its slope shrunk towards ``PRIOR_SLOPE`` x the one-token cost while few sizes were seen;
+  t_draft(d) ~ (measured draft seconds per drafted level) x d;
+* gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
+  acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
+  untried depths at ``PRIOR_ACCEPTANCE``; recent rounds weigh more (``MEMORY``);
+* probing: while no draft pays, every ``probe_every`` rounds drafts one level (the interval doubling while probes
+  keep failing), so the run notices when drafting starts to pay again.
+
+The cap only ever shortens drafts (the drafter's own schedule, SpecDec++'s stop rule, a tree template, still
+decide within it), and when the deepest depth seen pays best the drafter drafts uncapped, so its own growing
+schedules keep working. What is drafted never changes what is committed: lossless decoders stay lossless.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.events import DraftRound
+from engine.recorder import depth_outcomes
+
+PRIOR_SLOPE = 0.05  # extra cost of one more verified token, as a share of a one-token forward (2 CPU cores)
+SLOPE_PRIOR_WEIGHT = 50.0  # in tokens squared: about two rounds five tokens away from the mean size
+PRIOR_ACCEPTANCE = 0.5  # an untried depth: as likely accepted as not
+ACCEPTANCE_PRIOR_WEIGHT = 1.0  # rounds' worth of evidence the prior counts for
+MEMORY = 0.9  # each new observation of a depth keeps this share of the old evidence
+PROBE_EVERY = 4  # rounds without a draft before a one-level probe
+MAX_PROBE_EVERY = 32
+
+
+@dataclass
+class _Decayed:
+    """A decayed sum of values over a decayed count of observations."""
+
+    total: float = 0.0
+    count: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.total = self.total * MEMORY + value
+        self.count = self.count * MEMORY + 1.0
+
+    def mean(self, prior: float = 0.0, weight: float = 0.0) -> float:
+        return (self.total + prior * weight) / (self.count + weight)
+
+
+class LinearCost:
+    """t(n) ~ a + b n from (n, seconds) observations, the slope shrunk towards ``PRIOR_SLOPE`` x t(1)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum_n = self.sum_t = self.sum_nn = self.sum_nt = 0.0
+
+    def add(self, n: int, seconds: float) -> None:
+        self.count += 1
+        self.sum_n += n
+        self.sum_t += seconds
+        self.sum_nn += n * n
+        self.sum_nt += n * seconds
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b); (0, 0) before any observation."""
+        if not self.count:
+            return 0.0, 0.0
+        mean_n, mean_t = self.sum_n / self.count, self.sum_t / self.count
+        spread = self.sum_nn - self.count * mean_n * mean_n
+        covariance = self.sum_nt - self.count * mean_n * mean_t
+        prior_slope = PRIOR_SLOPE * mean_t / (1 + PRIOR_SLOPE * mean_n)
+        slope = max(0.0, (covariance + SLOPE_PRIOR_WEIGHT * prior_slope) / (spread + SLOPE_PRIOR_WEIGHT))
+        return max(0.0, mean_t - slope * mean_n), slope
+
+    def __call__(self, n: float) -> float:
+        a, b = self.coefficients()
+        return a + b * n
+
+
+class DraftLengthController:
+    """Picks each round's draft depth limit (:meth:`limit`) and learns from each recorded round (:meth:`observe`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # the one the round loop times its rounds with
+        self.verify_cost = LinearCost()
+        self.draft_seconds = 0.0
+        self.drafted_levels = 0
+        # Per depth - 1, from the rounds whose limit allowed that depth and whose draft was not empty:
+        self.accepted: list[_Decayed] = []  # accepted when the verifier tried it
+        self.present: list[_Decayed] = []  # the draft had a node there
+        self.sizes: list[_Decayed] = []  # how many nodes it had there
+        self.deepest = 0  # the deepest level any draft has had: deeper limits change nothing
+        self.rounds = 0
+        self.rounds_without_draft = 0
+        self.probe_every = PROBE_EVERY
+        self._pending: tuple[float, int, float] | None = None  # the last round's start, nodes and draft seconds
+
+    def limit(self, budget: int) -> int | None:
+        """The deepest draft this round may have; None: the drafter's own length (uncapped).
+
+        Called at the start of a round: it also closes the previous round's timing (a round lasts until the next
+        one starts, so the recording of its event counts too).
+        """
+        if self._pending is not None:
+            start, nodes, draft_seconds = self._pending
+            self.verify_cost.add(1 + nodes, self.clock() - start - draft_seconds)
+            self._pending = None
+        if not self.deepest or not self.verify_cost.count:
+            return None  # nothing to weigh yet: the first rounds draft as the drafter would
+        best = self.best_depth(min(budget, self.deepest))
+        if best > 0:
+            self.rounds_without_draft = 0
+            self.probe_every = PROBE_EVERY
+            return None if best >= self.deepest else best
+        self.rounds_without_draft += 1
+        if self.rounds_without_draft < self.probe_every or not budget:
+            return 0
+        self.rounds_without_draft = 0
+        self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
+        return 1
+
+    def best_depth(self, deepest: int) -> int:
+        """The depth in 0..deepest with the most expected committed tokens per second (the shallowest on ties)."""
+        draft_rate = self.draft_seconds / self.drafted_levels if self.drafted_levels else 0.0
+        best, best_rate = 0, 1.0 / max(self.verify_cost(1), 1e-9)
+        tokens, reach, nodes = 1.0, 1.0, 0.0
+        for depth in range(1, deepest + 1):
+            level = depth - 1
+            reach *= self.present[level].mean() * self.accepted[level].mean(PRIOR_ACCEPTANCE, ACCEPTANCE_PRIOR_WEIGHT)
+            tokens += reach
+            nodes += self.sizes[level].mean()
+            rate = tokens / max(self.verify_cost(1 + nodes) + draft_rate * depth, 1e-9)
+            if rate > best_rate:
+                best, best_rate = depth, rate
+        return best
+
+    def observe(self, rnd: DraftRound, started: float, limit: int | None) -> None:
+        """Learn from a verified round that started at ``started`` (on ``clock``) under ``limit``."""
+        if self.rounds:  # the first round runs the prompt too: not a draft-sized forward
+            self._pending = (started, len(rnd.nodes), rnd.draft_seconds)
+        self.rounds += 1
+        depths = [node.depth for node in rnd.nodes]
+        if not depths:
+            return
+        self.draft_seconds += rnd.draft_seconds
+        self.drafted_levels += max(depths)
+        self.deepest = max(self.deepest, *depths)
+        for stats in (self.accepted, self.present, self.sizes):
+            stats.extend(_Decayed() for _ in range(self.deepest - len(stats)))
+        # Every level down to the deepest seen has data: the round that first reached a level had all above it.
+        allowed = self.deepest if limit is None else min(limit, self.deepest)
+        for depth in range(1, allowed + 1):
+            count = depths.count(depth)
+            self.present[depth - 1].add(float(count > 0))
+            self.sizes[depth - 1].add(float(count))
+        for depth, accepted in depth_outcomes(rnd):
+            self.accepted[depth - 1].add(float(accepted))
