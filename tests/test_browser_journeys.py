@@ -12,12 +12,14 @@ from engine.decoders import all_decoders
 from engine.params import Param
 from storage import TraceStore
 from ui.figures.tokens import step_at
+from tests.helpers import random_eagle_head, random_medusa_head
 from tests.browser import (chromium, drag_to_end, field, open_page, open_section, open_tab, pick, settled, shot, start_app,
                            type_into, wait_text)
 
 # The model each family runs on in these journeys: tiny random models for the mechanics, the shipped waiting-line
 # models where a decoder needs a masked-diffusion model (or a diffusion drafter with the same tokenizer).
 DIFFUSION_MODEL, DRAFTER_TARGET = "waitline-mdlm", "waitline-ar"
+MEDUSA_HEAD = random_medusa_head()
 # Values typed where "another valid value" is not derivable from the schema alone (a regex, a layer list...).
 TYPED = {
     ("awrs", "constraint"): "(yes|no|maybe)",
@@ -32,6 +34,10 @@ TYPED = {
     ("rsd", "branching"): "2,2,1",
     ("assisted_cross_tokenizer", "draft_model"): "tiny-random-gpt2",
     ("speculative", "draft_model"): "",
+    ("easyspec", "draft_model"): "",
+    ("eagle", "drafter"): str(random_eagle_head()),  # untrained heads for the tiny model, typed as a folder path
+    ("medusa", "drafter"): str(MEDUSA_HEAD),
+    ("medusa_typical", "drafter"): str(MEDUSA_HEAD),
     ("kv_compress", "kernel"): 7,  # SnapKV's pooling kernel is odd
     ("superposed", "n_token_sample"): 16,  # at least n_drafts
 }
