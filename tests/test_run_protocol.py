@@ -29,7 +29,8 @@ CASES = [
     ("pearl", {"draft_layers": 1, "gamma": 2}, "llama", {"simulated_seconds", "simulated_to_measured"}),
     ("lookahead", {}, "llama", {"ngram_pool_size"}),
     ("llada", {"block_length": 3}, "mdlm", {"order_kendall_tau"}),
-    ("diffuspec", {"k_max": 3, "k_min": 2}, "ar", {"diffuspec_mean_k", "diffuspec_mean_lattice_width"}),
+    ("diffuspec", {"k_max": 3, "k_min": 2}, "ar",
+     {"diffuspec_mean_k", "diffuspec_mean_lattice_width", "peak_rss_mb", "kv_cache_bytes_max"}),  # + the round loop's
     ("superposed", {"n_drafts": 2}, "llama", {"draft_1_score", "draft_2_score"}),
     ("awrs", {"constraint": "[ab]{20}", "particles": 2}, "llama",
      {"constraint_checks", "checks_per_token", "mean_z_hat", "resamplings", "constraint_satisfied"}),
