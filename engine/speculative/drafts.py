@@ -14,7 +14,7 @@ import torch
 from engine.context import DecodeContext
 from engine.events import r7
 from engine.models import canonical_name, load_model
-from engine.models.handle import LoadedModel, ModelError
+from engine.models.handle import ForwardResult, LoadedModel, ModelError
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
 from engine.speculative.rounds import Draft, Drafter, Outcome, Sampling
@@ -70,7 +70,7 @@ class DraftModelDrafter(Drafter):
         rows: list[torch.Tensor] = []
         feed = self.cache.sync(context) if k else []
         while len(tokens) < k and not (tokens and self._stops(probs)):
-            out = self.cache.forward(feed)
+            out = self._forward(feed, first=not tokens)
             logprobs = self.sampling.process(out.logits[0, -1]).logprobs
             token = self.sampling.choose(logprobs)
             tokens.append(token)
@@ -78,6 +78,10 @@ class DraftModelDrafter(Drafter):
             rows.append(logprobs)
             feed = [token]
         return Draft(tokens, probs, torch.stack(rows) if rows else None, calls=len(tokens))
+
+    def _forward(self, feed: list[int], first: bool) -> ForwardResult:
+        """One draft forward extending the cache: the context's new tokens (``first``), then each drafted token."""
+        return self.cache.forward(feed)
 
     def observe(self, outcome: Outcome) -> None:
         drafted = len(outcome.draft.tokens)

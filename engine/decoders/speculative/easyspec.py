@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.events import DecoderMetric, Event, r7
+from engine.events import DecoderMetric, Event
+from engine.models.handle import ForwardResult
 from engine.params import Param
 from engine.speculative.drafts import DRAFTER_PARAMS, DraftModelDrafter, same_tokenizer_model
 from engine.speculative.fuzzy import LayerClock, fuzzy_view
@@ -41,30 +43,23 @@ class LayerParallelDrafter(DraftModelDrafter):
         self.measured = self.parallel = 0.0
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
-        k = min(self.num_draft_tokens, max_depth)
-        if not k:
-            return Draft([], [], None)
         began, clock = time.perf_counter(), LayerClock(self.clock.sequential, self.clock.parallel)
-        out = self.cache.forward(self.cache.sync(context))  # exact; the next sync crops the fuzzy positions
-        tokens: list[int] = []
-        probs: list[float] = []
-        rows: list[torch.Tensor] = []
-        while True:
-            logprobs = self.sampling.process(out.logits[0, -1]).logprobs
-            token = self.sampling.choose(logprobs)
-            tokens.append(token)
-            probs.append(r7(logprobs[token].exp()))
-            rows.append(logprobs)
-            if len(tokens) == k:
-                break
-            out = self.fuzzy.forward(torch.tensor([[token]]), self.cache.cache)
+        draft = super().propose(context, max_depth)
+        if not draft.tokens:
+            return draft
         measured = time.perf_counter() - began
         # the layers of a group would run side by side: only the slowest of each counts
         parallel = measured - (self.clock.sequential - clock.sequential) + (self.clock.parallel - clock.parallel)
         self.measured += measured
         self.parallel += parallel
+        k = len(draft.tokens)
         mode = f"{k - 1} fuzzy forwards; {parallel * 1e3:.1f} ms with parallel layers ({measured * 1e3:.1f} ms measured)"
-        return Draft(tokens, probs, torch.stack(rows), calls=len(tokens), mode=mode)
+        return replace(draft, mode=mode)
+
+    def _forward(self, feed: list[int], first: bool) -> ForwardResult:
+        if first:  # exact; the next sync crops the fuzzy positions, which the cache does not count as its tokens
+            return super()._forward(feed, first)
+        return self.fuzzy.forward(torch.tensor([feed]), self.cache.cache)
 
     def summary(self) -> Iterator[DecoderMetric]:
         if not self.measured:
