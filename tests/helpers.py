@@ -536,3 +536,14 @@ def write_shards(model: LoadedModel, folder: Path, per_shard: int = 4) -> Path:
                 "layers": {"low": 1, "mid": 1, "last": 2}, "shards": names, "sequences": len(records)}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def train_tiny_head(head: str, model: LoadedModel, tmp: Path, steps: int, lr: float, out: str = "out",
+                    **options: Any) -> tuple[Any, dict]:
+    """A ``head`` ("eagle" or "medusa") trained quietly on the shards in ``tmp / "data"``: the module and its run."""
+    from engine.offline.drafter_data import DrafterShards
+    from engine.offline.train_drafter import Settings, train
+
+    settings = Settings(head, str(tmp / "data"), steps=steps, minutes=0, batch_size=4, lr=lr, warmup=5,
+                        held_out=0.1, log_every=10, **options)
+    return train(settings, DrafterShards(settings.data), model, tmp / out, log=lambda _: None)

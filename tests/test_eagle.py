@@ -16,6 +16,7 @@ from engine.speculative.cache import PrefixCache
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.tree import tree_forward
 from tests.helpers import (
+    train_tiny_head,
     assert_first_two_tokens_follow_target,
     TRAIN_PROMPTS,
     hidden_states,
@@ -28,10 +29,8 @@ from tests.helpers import (
 
 
 
-def train_head(llama, tmp: Path, steps: int, out: str = "out", **options) -> tuple[FeatureHead, dict]:
-    settings = Settings("eagle", str(tmp / "data"), steps=steps, minutes=0, batch_size=4, lr=3e-3, warmup=5,
-                        held_out=0.1, log_every=10, **options)
-    return train(settings, DrafterShards(settings.data), llama, tmp / out, log=lambda _: None)
+def train_head(llama, tmp: Path, steps: int, out: str = "out", **options):
+    return train_tiny_head("eagle", llama, tmp, steps, 3e-3, out, **options)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,14 @@ from engine.decoders.speculative.medusa import (
     static_tree,
     typical_verdict,
 )
-from engine.offline.drafter_data import DrafterSequence, DrafterShards
-from engine.offline.train_drafter import Settings, main, medusa_targets, train
+from engine.offline.drafter_data import DrafterSequence
+from engine.offline.train_drafter import main, medusa_targets
 from engine.params import ParamError
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.medusa_heads import MedusaHeads
 from engine.speculative.rounds import Sampling
 from tests.helpers import (
+    train_tiny_head,
     assert_first_two_tokens_follow_target,
     PROMPTS,
     first_token_inside_a_draft,
@@ -36,10 +37,8 @@ from tests.helpers import (
 FIXED = {"draft_length": "fixed"}  # every round drafts the whole static tree its settings allow
 
 
-def train_heads(llama, tmp: Path, steps: int, out: str = "out", **options) -> tuple[MedusaHeads, dict]:
-    settings = Settings("medusa", str(tmp / "data"), steps=steps, minutes=0, batch_size=4, lr=1e-2, warmup=5,
-                        held_out=0.1, log_every=10, **options)
-    return train(settings, DrafterShards(settings.data), llama, tmp / out, log=lambda _: None)
+def train_heads(llama, tmp: Path, steps: int, out: str = "out", **options):
+    return train_tiny_head("medusa", llama, tmp, steps, 1e-2, out, **options)
 
 
 @pytest.fixture(scope="module")
