@@ -10,7 +10,7 @@ import torch
 
 from engine import RunSettings, load_model, record
 from engine.offline.drafter_data import DrafterShards
-from engine.offline.train_drafter import Settings, train
+from engine.offline.train_drafter import Settings, train, ttt_visible
 from engine.params import ParamError
 from engine.speculative.cache import PrefixCache
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
@@ -205,3 +205,58 @@ def test_the_first_two_sampled_tokens_follow_the_processed_target(llama, trained
     seeds is the processed target's p(t1) p(t2 | t1) (temperature 0.9, top-k 6)."""
     assert_first_two_tokens_follow_target(llama, "eagle", {"drafter": str(trained[0]), **FIXED}, PROMPTS[0],
                                           max_new_tokens=6)
+
+
+# ---------------------------------------------------------------- EAGLE-3: fused features, training-time test
+
+
+def test_the_training_time_test_mask_is_each_draft_steps_view():
+    """Step j's query at t sees the true context up to t - j and, at step i <= j, its own path's node at t - (j - i)."""
+    n = 6
+    for step in range(4):
+        visible = ttt_visible(n, step)
+        assert visible.shape == (n, (step + 1) * n)
+        for t in range(n):
+            for block in range(step + 1):
+                for s in range(n):
+                    seen = s <= t - step if block == 0 else s == t - (step - block)
+                    assert bool(visible[t, block * n + s]) == seen, (step, t, block, s)
+
+
+def test_a_forward_records_the_named_layers_side_by_side(llama):
+    ids = llama.encode("The quick brown fox")
+    out = llama.forward(torch.tensor([ids]), hidden=(1, 2))
+    states = hidden_states(llama, ids)
+    torch.testing.assert_close(out.hidden[0], torch.cat([states[1][0], states[2][0]], dim=-1), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def eagle3(llama, data) -> tuple[Path, dict]:
+    head, run = train_tiny_head("eagle3", llama, data.parent, 300, 3e-3, "out-eagle3", ttt_steps=3)
+    save_head(head, data.parent / "eagle3", {}, "# tiny EAGLE-3 head")
+    return data.parent / "eagle3", run
+
+
+def test_eagle3_training_teaches_every_unrolled_draft_step(eagle3):
+    curve = eagle3[1]["curve"]
+    assert curve[-1]["loss"] < 0.5 * curve[0]["loss"]
+    for step in (1, 2, 3):  # the later steps read the head's own outputs, as drafting does
+        assert curve[-1][f"accuracy{step}"] > curve[0][f"accuracy{step}"] + 0.2
+
+
+def test_an_eagle3_head_saves_its_layers_and_drafts_from_the_fused_features(llama, eagle3):
+    head = load_head(eagle3[0], llama)
+    assert head.fused_layers == (1, 1, 2) and head.target_features == (1, 1, 2)
+    assert json.loads((eagle3[0] / "config.json").read_text())["fused_layers"] == [1, 1, 2]
+    trace = run_ignoring_eos(llama, "eagle", PROMPTS[0], {"drafter": str(eagle3[0]), **FIXED}, max_new_tokens=45)
+    assert trace.metrics["mean_accepted_tokens"] > 1.5
+    assert max(len(r.accepted_path) for r in rounds_of(trace)) >= 3
+
+
+@pytest.mark.parametrize("params", [SETTINGS[1], SETTINGS[2], SETTINGS[4]])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_eagle3_equals_greedy(llama, eagle3, params, prompt):
+    params = {**params, "drafter": str(eagle3[0])}
+    trace = run_ignoring_eos(llama, "eagle", prompt, params, max_new_tokens=23)
+    assert trace.status == "finished", trace.reason
+    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=23).output_token_ids

@@ -112,12 +112,13 @@ class LoadedModel:
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs: dict[str, torch.Tensor] | None = None,
-        hidden: bool = False,
+        hidden: bool | tuple[int, ...] = False,
     ) -> ForwardResult:
         """Run new tokens through the model, extending ``cache`` in place.
 
         ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values). ``hidden`` also returns
-        the last hidden states (after the final norm), from the same forward. Inside a run that was cancelled or
+        the last hidden states (after the final norm), from the same forward; a tuple of ``hidden_states`` indices returns
+        those layers' states concatenated along the last dimension instead (EAGLE-3's fused features). Inside a run that was cancelled or
         used its time, raises engine.limits.RunStopped instead of calling the model.
         """
         check_run()
@@ -130,12 +131,12 @@ class LoadedModel:
             position_ids=position_ids,
             attention_mask=attention_mask,
             output_attentions=attention,
-            output_hidden_states=hidden,
+            output_hidden_states=bool(hidden),
             return_dict=True,
             **(inputs or {}),
         )
         return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None,
-                             hidden=out.hidden_states[-1] if hidden else None)
+                             hidden=_hidden_of(out.hidden_states, hidden))
 
     def info(self) -> dict[str, Any]:
         cfg = self.model.config
@@ -150,3 +151,12 @@ class LoadedModel:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             **self.details,
         }
+
+
+def _hidden_of(states: tuple[torch.Tensor, ...] | None, hidden: bool | tuple[int, ...]) -> torch.Tensor | None:
+    """The states a forward was asked for: the last, or the named layers' side by side."""
+    if not hidden:
+        return None
+    if hidden is True:
+        return states[-1]
+    return torch.cat([states[index] for index in hidden], dim=-1)

@@ -14,6 +14,12 @@ a checkpoint every ``--checkpoint-every`` steps that a re-run with the same ``--
 Medusa-1's objective (Cai et al. 2024): at every position whose next token is an answer token, head k reads the
 true feature ``f_t`` and pays ``0.8^(k-1)`` times the cross-entropy of the frozen LM head on its output against the
 target's own token ``x_{t+k+1}`` (``--heads`` heads).
+
+EAGLE-3's objective (Li et al. 2025): the head reads the target's low, mid and last features fused (the data's three
+layers) and pays the LM head's cross-entropy only (no feature regression), under a training-time test: ``--ttt-steps``
+unrolled draft steps, step j reading at position t the head's own step-(j-1) output at t - 1 (what drafting feeds it
+past the committed context) and attending to the true context up to t - j plus its own earlier steps' outputs on
+its path, with weight ``0.8^(j-1)``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import get_cosine_schedule_with_warmup
+from transformers import DynamicCache, get_cosine_schedule_with_warmup
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec
@@ -39,8 +45,8 @@ from engine.decoders.speculative.medusa import SPEC as MEDUSA_SPEC
 from engine.events import DraftRound
 from engine.models import load_model
 from engine.models.handle import LoadedModel
+from engine.offline.drafter_data import DrafterSequence, DrafterShards, layer_indices
 from engine.offline.recipes import RECIPES
-from engine.offline.drafter_data import DrafterSequence, DrafterShards
 from engine.speculative.feature_head import FeatureHead, LMHeadDrafter, save_head
 from engine.speculative.medusa_heads import MedusaHeads
 
@@ -61,6 +67,7 @@ class Settings:
     noise: float = 0.1  # features get U(-noise, noise)
     draft_vocab: int = 0  # 0 = the whole vocabulary
     heads: int = 4  # medusa: heads (tokens drafted past the target's own next one)
+    ttt_steps: int = 3  # eagle3: draft steps unrolled by the training-time test
     held_out: float = 0.05  # share of the sequences (the last ones) kept for evaluation
     seed: int = 0
     checkpoint_every: int = 200
@@ -70,24 +77,26 @@ class Settings:
 @dataclass(frozen=True)
 class Batch:
     tokens: Tensor  # [B, n] x_{t+1}
-    features: Tensor  # [B, n, H] f_t
+    features: Tensor  # [B, n, H] f_t (fused: [B, n, 3H], the low, mid and last features side by side)
     next_features: Tensor  # [B, n, H] f_{t+1}
     next_tokens: Tensor  # [B, n] x_{t+2}
     scored: Tensor  # [B, n] bool: answer positions
 
 
-def make_batch(sequences: list[DrafterSequence]) -> Batch:
+def make_batch(sequences: list[DrafterSequence], fused: bool = False) -> Batch:
     """Head inputs for positions t = 0 .. n-3 of each sequence, right-padded (a causal head never reads the pads)."""
     width = max(len(s.input_ids) for s in sequences) - 2
     hidden = sequences[0].hidden_last.shape[-1]
-    batch = Batch(torch.zeros(len(sequences), width, dtype=torch.long), torch.zeros(len(sequences), width, hidden),
+    batch = Batch(torch.zeros(len(sequences), width, dtype=torch.long),
+                  torch.zeros(len(sequences), width, hidden * (3 if fused else 1)),
                   torch.zeros(len(sequences), width, hidden), torch.zeros(len(sequences), width, dtype=torch.long),
                   torch.zeros(len(sequences), width, dtype=torch.bool))
     for row, s in enumerate(sequences):
         n = len(s.input_ids) - 2
         features = s.hidden_last.float()
+        read = torch.cat([s.hidden_low, s.hidden_mid, s.hidden_last], dim=-1).float() if fused else features
         batch.tokens[row, :n] = s.input_ids[1:-1]
-        batch.features[row, :n] = features[:-2]
+        batch.features[row, :n] = read[:-2]
         batch.next_features[row, :n] = features[1:-1]
         batch.next_tokens[row, :n] = s.input_ids[2:]
         batch.scored[row, max(0, s.answer_start - 2): n] = True  # the positions that predict an answer token
@@ -110,6 +119,37 @@ def eagle_loss(head: FeatureHead, batch: Batch, w_cls: float, noise: float,
     loss = regression + w_cls * classification
     return loss, {"loss": loss.item(), "regression": regression.item(), "cls": classification.item(),
                   "accuracy": accuracy.item()}
+
+
+def ttt_visible(n: int, step: int) -> Tensor:
+    """Which keys a training-time-test query sees at draft step ``step`` (0-based) [n, (step + 1) n]: step 0's keys
+    (the true context) up to position t - step, and step i's (1 <= i <= step) key at position t - (step - i)."""
+    queries, keys = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    blocks = [keys <= queries - step] + [keys == queries - (step - i) for i in range(1, step + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+def eagle3_loss(head: FeatureHead, batch: Batch, steps: int) -> tuple[Tensor, dict[str, float]]:
+    """EAGLE-3's loss on a (fused) batch: each unrolled draft step's cross-entropy, weighted 0.8^j, and its accuracy."""
+    size, n = batch.tokens.shape
+    positions = torch.arange(n)[None].expand(size, -1)
+    labels = head.draft_indices(batch.next_tokens)
+    cache, features = DynamicCache(), batch.features
+    loss = torch.zeros(())
+    parts: dict[str, float] = {}
+    for step in range(steps):
+        visible = ttt_visible(n, step)
+        mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
+        out = head(batch.tokens, features, positions, mask[None, None].expand(size, -1, -1, -1), cache)
+        scored = batch.scored.clone()
+        scored[:, :step] = False  # fewer than ``step`` positions before: no draft reaches this far
+        logits, target = head.logits(out[scored]), labels[scored]
+        ce = F.cross_entropy(logits, target, ignore_index=-1)
+        loss = loss + MEDUSA_DECAY**step * ce
+        parts[f"cls{step + 1}"] = ce.item()
+        parts[f"accuracy{step + 1}"] = (logits.argmax(-1) == target).float().mean().item()
+        features = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # step j + 1 at t reads out_j(t - 1)
+    return loss, {"loss": loss.item(), **parts}
 
 
 def medusa_targets(sequences: list[DrafterSequence], heads: int) -> tuple[Tensor, Tensor]:
@@ -163,6 +203,17 @@ HEADS = {
 drafted as an EAGLE-2 dynamic tree.""",
         objective=lambda s: f"""smooth-L1 on the predicted feature + {s.w_cls} x cross-entropy of the LM head
   against the target's next token, over answer positions; U(-{s.noise}, {s.noise}) noise on the input features.""",
+    ),
+    "eagle3": HeadKind(
+        build=lambda target, vocab, _: FeatureHead(target, vocab, tuple(layer_indices(target.num_layers).values())),
+        loss=lambda head, sequences, s, _g: eagle3_loss(head, make_batch(sequences, fused=True), s.ttt_steps),
+        decoder=EAGLE_SPEC,
+        architecture=lambda model: f"""EAGLE-3's head (one {model} decoder layer fed
+`FC([embed(x_(t+1)); W [l_t; m_t; h_t]])`, the target's low, mid and last features fused; tokens through the
+target's frozen LM head), drafted as an EAGLE-2 dynamic tree.""",
+        objective=lambda s: f"""cross-entropy of the LM head against the target's next token over answer positions,
+  under a training-time test of {s.ttt_steps} unrolled draft steps (step j reads the head's own step j - 1
+  outputs), weighted {MEDUSA_DECAY}^(j-1).""",
     ),
     "medusa": HeadKind(
         build=lambda target, vocab, s: MedusaHeads(target, vocab, s.heads),
@@ -313,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="a drafter data folder (decoding-explorer data drafter)")
     parser.add_argument("--out", type=Path, required=True)
     defaults = Settings("eagle", "")
-    for name in ("steps", "minutes", "batch_size", "lr", "warmup", "w_cls", "noise", "draft_vocab", "heads", "held_out",
-                 "seed", "checkpoint_every", "log_every"):
+    for name in ("steps", "minutes", "batch_size", "lr", "warmup", "w_cls", "noise", "draft_vocab", "heads", "ttt_steps",
+                 "held_out", "seed", "checkpoint_every", "log_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     parser.add_argument("--eval", type=int, default=0, help="measure acceptance on N held-out prompts at the end")

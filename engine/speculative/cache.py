@@ -30,8 +30,9 @@ class PrefixCache:
         # Sliding-window layers (Gemma 3) otherwise drop states past the window that a rollback needs back.
         self.cache.activate_past_recording()
         self.tokens: list[int] = []
-        # Set by a drafter that reads the target's features (EAGLE): every forward then keeps its last hidden states.
-        self.record_hidden = False
+        # Set by a drafter that reads the target's features (EAGLE): every forward then keeps its last hidden states
+        # (True), or those of the named ``hidden_states`` layers side by side (EAGLE-3's fusion).
+        self.record_hidden: bool | tuple[int, ...] = False
         self.last_hidden: torch.Tensor | None = None  # [tokens, hidden] of the last forward, when recorded
 
     def sync(self, context: list[int]) -> list[int]:

@@ -107,11 +107,17 @@ class LMHeadDrafter(nn.Module):
 
 
 class FeatureHead(LMHeadDrafter):
-    """EAGLE-1's head for ``target``; ``draft_vocab`` (target ids) restricts its logits to those tokens."""
+    """EAGLE's head for ``target``; ``draft_vocab`` (target ids) restricts its logits to those tokens.
+
+    With ``fused_layers`` (``hidden_states`` indices, low to high) it is EAGLE-3's head: the target features it reads
+    are those layers' states side by side, fused by one linear map (kH -> H) before the FC; its own outputs, which
+    it reads at drafted positions, are already H wide and skip the fusion.
+    """
 
     kind, title = "eagle", "EAGLE"
 
-    def __init__(self, target: LoadedModel, draft_vocab: Tensor | None = None) -> None:
+    def __init__(self, target: LoadedModel, draft_vocab: Tensor | None = None,
+                 fused_layers: tuple[int, ...] | None = None) -> None:
         super().__init__(target, draft_vocab)
         backbone = target.model.get_decoder()
         layer_class = type(backbone.layers[0])
@@ -120,20 +126,37 @@ class FeatureHead(LMHeadDrafter):
         config = copy.deepcopy(target.model.config.get_text_config())
         config.num_hidden_layers = 1
         config._attn_implementation = "sdpa"  # the head's own attention, whatever the target's runs
+        self.fused_layers = tuple(fused_layers) if fused_layers else None
+        if self.fused_layers:
+            self.fuse = nn.Linear(len(self.fused_layers) * self.hidden_size, self.hidden_size, bias=False)
         self.fc = nn.Linear(2 * self.hidden_size, self.hidden_size)
         self.layer = layer_class(config, layer_idx=0)
         self.rotary = type(backbone.rotary_emb)(config=config)
         self.match_target(target)
 
+    @classmethod
+    def from_config(cls, target: LoadedModel, config: dict[str, Any], draft_vocab: Tensor | None) -> FeatureHead:
+        return cls(target, draft_vocab, config.get("fused_layers"))
+
+    def shape(self) -> dict[str, Any]:
+        return {"fused_layers": list(self.fused_layers)} if self.fused_layers else {}
+
+    @property
+    def target_features(self) -> bool | tuple[int, ...]:
+        """What the target's forwards must record for this head (PrefixCache.record_hidden)."""
+        return self.fused_layers or True
+
     def forward(
         self, token_ids: Tensor, features: Tensor, position_ids: Tensor, mask: Tensor | None = None,
         cache: DynamicCache | None = None,
     ) -> Tensor:
-        """Predicted next features [B, n, H] from tokens x_{t+1} [B, n] and features f_t [B, n, H].
+        """Predicted next features [B, n, H] from tokens x_{t+1} [B, n] and features f_t [B, n, H or kH].
 
         ``mask`` is an additive [B, 1, n, keys] mask over the cached positions then these (None: causal over
         these n alone).
         """
+        if features.shape[-1] != self.hidden_size:  # the target's fused layers, not the head's own output
+            features = self.fuse(features)
         embedded = self._frozen[0](token_ids).to(features.dtype)
         x = self.fc(torch.cat([embedded, features], dim=-1))
         return self.layer(x, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None,

@@ -63,7 +63,7 @@ class EagleDrafter(Drafter):
                  branching: int) -> None:
         self.head, self.target, self.sampling = head, target, sampling
         self.tree_size, self.depth, self.branching = tree_size, depth, branching
-        target.record_hidden = True
+        target.record_hidden = head.target_features
         self.features: Tensor | None = None  # the target's feature at every committed position but the last
         self.cache = DynamicCache()  # the head's KV, one entry per committed head position
         self.cached = 0
