@@ -132,7 +132,7 @@ def autoregressive(ctx: DecodeContext, hook: TokenHook) -> Iterator[Event]:
         cache = hook.cache(own)
         feed = cache.sync(context)
         out, attention_map = captured_forward(
-            ctx, lambda: cache.forward(feed, inputs=ctx.prompt_inputs if position == 0 else None), step=position,
+            ctx, lambda: cache.forward(feed, inputs=ctx.prompt_inputs if position == 0 else None, keep=1), step=position,
             queries=list(range(len(context) - len(feed), len(context))), steer=hook.steer(len(context)),
         )
         context_ids = torch.tensor([context]) if hook.stages else None  # read by repetition_penalty only
@@ -155,7 +155,7 @@ class Rows:
 
     def __init__(self, ctx: DecodeContext, n: int) -> None:
         self.model, self.cache = ctx.model, ctx.model.new_cache()
-        self.logits = self.model.forward(torch.tensor([ctx.prompt_ids]), self.cache).logits[:, -1, :].expand(n, -1)
+        self.logits = self.model.forward(torch.tensor([ctx.prompt_ids]), self.cache, keep=1).logits[:, -1, :].expand(n, -1)
         if n > 1:
             self.cache.batch_repeat_interleave(n)
 

@@ -81,7 +81,7 @@ def expand_token_tree(
             break
         contexts = torch.tensor([context for _, context in frontier])
         # Only the last position's logits: a level may hold a thousand paths.
-        logits = model.forward(contexts, inputs={"logits_to_keep": 1}).logits[:, -1, :]
+        logits = model.forward(contexts, keep=1).logits[:, -1, :]
         probs = process(logits, stages, context_ids=contexts).logprobs.exp()
         tree.model_calls += 1
         frontier = [

@@ -127,7 +127,7 @@ def _exact_logits(trace: Trace, step: TokenStep, model: LoadedModel) -> torch.Te
     ):
         return None
     context = trace.prompt_token_ids + trace.output_token_ids[: step.position]
-    logits = model.forward(torch.tensor([context])).logits[0, -1]
+    logits = model.forward(torch.tensor([context]), keep=1).logits[0, -1]
     recomputed = logits.double().softmax(-1)[ids]
     recorded = torch.tensor([c.raw_prob for c in step.candidates], dtype=torch.float64)
     return logits if torch.allclose(recomputed, recorded, rtol=0, atol=_RECOMPUTE_TOLERANCE) else None

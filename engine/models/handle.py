@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -41,6 +43,11 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @cached_property
+    def keeps_logits(self) -> bool:
+        """Whether the model's forward can compute the logits of its last positions only (``logits_to_keep``)."""
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @property
     def num_layers(self) -> int:
@@ -113,19 +120,23 @@ class LoadedModel:
         attention_mask: torch.Tensor | None = None,
         inputs: dict[str, torch.Tensor] | None = None,
         hidden: bool | tuple[int, ...] = False,
+        keep: int = 0,
     ) -> ForwardResult:
         """Run new tokens through the model, extending ``cache`` in place.
 
-        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values). ``hidden`` also returns
+        ``inputs`` are extra model inputs of this forward (a VLM prefill's pixel values; ``inputs_embeds`` runs
+        instead of ``input_ids``, which then only count the positions: PPD's trained prompt tokens). ``hidden`` also returns
         the last hidden states (after the final norm), from the same forward; a tuple of ``hidden_states`` indices returns
-        those layers' states concatenated along the last dimension instead (EAGLE-3's fused features). Inside a run that was cancelled or
+        those layers' states concatenated along the last dimension instead (EAGLE-3's fused features). ``keep`` > 0
+        returns the logits of the last ``keep`` positions only, where the model allows it (the LM head over every
+        position of a long prompt costs a prefill as much as a few layers). Inside a run that was cancelled or
         used its time, raises engine.limits.RunStopped instead of calling the model.
         """
         check_run()
         if attention:
             self.use_explorer_attention()
         out = self.model(
-            input_ids=input_ids.to(self.device),
+            input_ids=None if "inputs_embeds" in (inputs or {}) else input_ids.to(self.device),
             past_key_values=cache,
             use_cache=cache is not None,
             position_ids=position_ids,
@@ -133,6 +144,7 @@ class LoadedModel:
             output_attentions=attention,
             output_hidden_states=bool(hidden),
             return_dict=True,
+            **({"logits_to_keep": keep} if keep and self.keeps_logits else {}),
             **(inputs or {}),
         )
         return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None,

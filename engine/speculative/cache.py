@@ -53,10 +53,11 @@ class PrefixCache:
         del self.tokens[keep:]
         return context[keep:]
 
-    def forward(self, tokens: list[int], inputs: dict[str, torch.Tensor] | None = None) -> ForwardResult:
-        """Run ``tokens`` after the cached ones, extending the cache; ``inputs`` as for LoadedModel.forward."""
+    def forward(self, tokens: list[int], inputs: dict[str, torch.Tensor] | None = None, keep: int = 0) -> ForwardResult:
+        """Run ``tokens`` after the cached ones, extending the cache; ``inputs`` and ``keep`` (logits of the last
+        positions only) as for LoadedModel.forward."""
         out = self.model.forward(torch.tensor([tokens], dtype=torch.long), self.cache, inputs=inputs,
-                                 hidden=self.record_hidden)
+                                 hidden=self.record_hidden, keep=keep)
         self.tokens.extend(tokens)
         self.last_hidden = out.hidden[0] if out.hidden is not None else None
         return out

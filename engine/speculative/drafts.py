@@ -81,7 +81,7 @@ class DraftModelDrafter(Drafter):
 
     def _forward(self, feed: list[int], first: bool) -> ForwardResult:
         """One draft forward extending the cache: the context's new tokens (``first``), then each drafted token."""
-        return self.cache.forward(feed)
+        return self.cache.forward(feed, keep=1)
 
     def observe(self, outcome: Outcome) -> None:
         drafted = len(outcome.draft.tokens)

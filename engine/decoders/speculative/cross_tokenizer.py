@@ -67,7 +67,7 @@ class CrossTokenizerDrafter(Drafter):
         feed = self.cache.sync(draft_context)
         drafted: list[int] = []
         for _ in range(k):
-            token = int(self.cache.forward(feed).logits[0, -1].argmax())
+            token = int(self.cache.forward(feed, keep=1).logits[0, -1].argmax())
             if token in self.draft_eos:  # the draft's end of text has no spelling the target could verify
                 break
             drafted.append(token)
@@ -84,7 +84,7 @@ class CrossTokenizerDrafter(Drafter):
         probs: list[float] = []
         rows: list[torch.Tensor] = []
         for _ in range(k):
-            logits = self.vocab_map.suppress_absent(self.cache.forward(feed).logits[0, -1])
+            logits = self.vocab_map.suppress_absent(self.cache.forward(feed, keep=1).logits[0, -1])
             logprobs = self.sampling.process(logits).logprobs
             token = self.sampling.choose(logprobs)
             q = self.vocab_map.to_target(logprobs)

@@ -90,7 +90,7 @@ def _greedy_continuation(cache: PrefixCache, context: list[int], length: int) ->
     """``length`` tokens the cached model alone picks greedily after ``context``."""
     feed = cache.sync(context)
     for _ in range(length):
-        token = int(cache.forward(feed).logits[0, -1].argmax())
+        token = int(cache.forward(feed, keep=1).logits[0, -1].argmax())
         context.append(token)
         feed = [token]
     return context[-length:]

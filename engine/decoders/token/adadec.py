@@ -96,7 +96,7 @@ def look_ahead(
         return tokens, token_logprobs
     feed = cache.sync(context + [first])  # the cache holds the context: only `first` runs
     while len(tokens) < length:
-        logp = torch.log_softmax(cache.forward(feed).logits[0, -1], dim=-1)
+        logp = torch.log_softmax(cache.forward(feed, keep=1).logits[0, -1], dim=-1)
         token = int(logp.argmax())
         tokens.append(token)
         token_logprobs.append(float(logp[token]))

@@ -38,7 +38,7 @@ def beam_search(ctx: DecodeContext) -> Iterator[Event]:
 
     start = time.perf_counter()
     cache = model.new_cache()
-    logits = model.forward(torch.tensor([ctx.prompt_ids]), cache).logits[:, -1, :]
+    logits = model.forward(torch.tensor([ctx.prompt_ids]), cache, keep=1).logits[:, -1, :]
     cache.batch_repeat_interleave(num_beams)
     logits = logits.expand(num_beams, -1)
     running = [Hypothesis([], 0.0 if b == 0 else DEAD, -1) for b in range(num_beams)]

@@ -109,7 +109,7 @@ def exact_extract(ctx: DecodeContext) -> Iterator[Event]:
     stop = terminator_ids(ctx, ctx.params["terminator"])
     cache = ctx.model.new_cache()
     cache.activate_past_recording()  # sliding-window layers must keep what the crops roll back to
-    first = ctx.model.forward(torch.tensor([ctx.prompt_ids]), cache).logits[0, -1]
+    first = ctx.model.forward(torch.tensor([ctx.prompt_ids]), cache, keep=1).logits[0, -1]
     greedy, greedy_calls = greedy_answer(ctx, cache, first, set(stop) | ctx.eos_token_ids, min(2 * length, ctx.max_new_tokens))
     crop_cache(cache, len(ctx.prompt_ids))
     nll, calls = score_spans(ctx, cache, first.log_softmax(-1), passage, length, stop)

@@ -103,7 +103,7 @@ class CompressedCache(TokenHook):
         policy, tally = self.policy, self.tally
         evicted = policy.evicted(self.length)
         policy.update(step.cache.cache, self.length)
-        full = self.reference.forward(self.reference.sync(step.context)).logits[0, -1]
+        full = self.reference.forward(self.reference.sync(step.context), keep=1).logits[0, -1]
         kl = kl_divergence(full, step.logits)
         full_top = int(full.argmax())
         agree = full_top == int(step.processed.raw_logprobs[0].argmax())

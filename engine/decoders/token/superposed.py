@@ -121,7 +121,7 @@ def superposed(ctx: DecodeContext) -> Iterator[Event]:
     start = time.perf_counter()
     ngrams = ngram_model(ctx, ctx.params["ngram_source"])
     hf, cache = ctx.model.model, ctx.model.new_cache()
-    logits = ctx.model.forward(torch.tensor([ctx.prompt_ids]), cache).logits[0, -1]
+    logits = ctx.model.forward(torch.tensor([ctx.prompt_ids]), cache, keep=1).logits[0, -1]
     drafts, finished = [Draft([], 0.0)], []
     weights = draft_weights(drafts)
 
