@@ -148,7 +148,7 @@ class LoadedModel:
             **(inputs or {}),
         )
         return ForwardResult(logits=out.logits.float(), attentions=out.attentions if attention else None,
-                             hidden=_hidden_of(out.hidden_states, hidden))
+                             hidden=_hidden_of(out, hidden))
 
     def info(self) -> dict[str, Any]:
         cfg = self.model.config
@@ -165,10 +165,11 @@ class LoadedModel:
         }
 
 
-def _hidden_of(states: tuple[torch.Tensor, ...] | None, hidden: bool | tuple[int, ...]) -> torch.Tensor | None:
-    """The states a forward was asked for: the last, or the named layers' side by side."""
+def _hidden_of(out: Any, hidden: bool | tuple[int, ...]) -> torch.Tensor | None:
+    """The states a forward was asked for: the last, or the named layers' side by side (read only when asked:
+    a model without hidden states, such as a test's oracle, still serves every other forward)."""
     if not hidden:
         return None
     if hidden is True:
-        return states[-1]
-    return torch.cat([states[index] for index in hidden], dim=-1)
+        return out.hidden_states[-1]
+    return torch.cat([out.hidden_states[index] for index in hidden], dim=-1)
