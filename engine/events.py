@@ -181,6 +181,7 @@ class DraftNode(Record):
     draw: float | None = None
     ratio: float | None = None
     score: float | None = None  # the drafter's own ranking score (MCTS visits, Gumbel key, ...), when it has one
+    block: int | None = None  # the drafter forward that drafted it, for block drafters (Falcon: 1 = the first)
 
 
 @dataclass(frozen=True)

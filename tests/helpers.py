@@ -482,11 +482,33 @@ def random_eagle_head(model_name: str = "tiny-random-llama") -> Path:
     return _untrained_head(FeatureHead, model_name)
 
 
+@functools.cache
+def random_fspad_head(model_name: str = "tiny-random-llama") -> Path:
+    """A folder holding an untrained FSPAD head for a tiny model, so the `fspad` decoder runs without a trained one."""
+    from engine.speculative.fspad_head import FspadHead
+
+    return _untrained_head(FspadHead, model_name)
+
+
 def random_medusa_head(model_name: str = "tiny-random-llama") -> Path:
     """A folder holding untrained Medusa heads for a tiny model, so the `medusa` decoders run without trained ones."""
     from engine.speculative.medusa_heads import MedusaHeads
 
     return _untrained_head(MedusaHeads, model_name)
+
+
+def random_ppd_head(model_name: str = "tiny-random-llama") -> Path:
+    """A folder holding untrained PPD prompt tokens for a tiny model, so the `ppd` decoder runs without trained ones."""
+    from engine.speculative.ppd_prompts import PromptTokens
+
+    return _untrained_head(PromptTokens, model_name)
+
+
+def random_falcon_head(model_name: str = "tiny-random-llama") -> Path:
+    """A folder holding an untrained Falcon head for a tiny model, so the `falcon` decoder runs without a trained one."""
+    from engine.speculative.falcon_head import FalconHead
+
+    return _untrained_head(FalconHead, model_name)
 
 
 def _untrained_head(kind: type, model_name: str) -> Path:
@@ -540,7 +562,7 @@ def write_shards(model: LoadedModel, folder: Path, per_shard: int = 4) -> Path:
 
 def train_tiny_head(head: str, model: LoadedModel, tmp: Path, steps: int, lr: float, out: str = "out",
                     **options: Any) -> tuple[Any, dict]:
-    """A ``head`` ("eagle" or "medusa") trained quietly on the shards in ``tmp / "data"``: the module and its run."""
+    """A ``head`` (a train_drafter HEADS kind) trained quietly on the shards in ``tmp / "data"``: the module and its run."""
     from engine.offline.drafter_data import DrafterShards
     from engine.offline.train_drafter import Settings, train
 

@@ -11,10 +11,22 @@ import pytest
 from engine.decoders import all_decoders
 from engine.params import Param
 from storage import TraceStore
+from tests.browser import (
+    chromium,
+    drag_to_end,
+    field,
+    open_page,
+    open_section,
+    open_tab,
+    pick,
+    settled,
+    shot,
+    start_app,
+    type_into,
+    wait_text,
+)
+from tests.helpers import random_eagle_head, random_fspad_head, random_medusa_head
 from ui.figures.tokens import step_at
-from tests.helpers import random_eagle_head, random_medusa_head
-from tests.browser import (chromium, drag_to_end, field, open_page, open_section, open_tab, pick, settled, shot, start_app,
-                           type_into, wait_text)
 
 # The model each family runs on in these journeys: tiny random models for the mechanics, the shipped waiting-line
 # models where a decoder needs a masked-diffusion model (or a diffusion drafter with the same tokenizer).
@@ -36,6 +48,7 @@ TYPED = {
     ("speculative", "draft_model"): "",
     ("easyspec", "draft_model"): "",
     ("eagle", "drafter"): str(random_eagle_head()),  # untrained heads for the tiny model, typed as a folder path
+    ("fspad", "drafter"): str(random_fspad_head()),
     ("medusa", "drafter"): str(MEDUSA_HEAD),
     ("medusa_typical", "drafter"): str(MEDUSA_HEAD),
     ("kv_compress", "kernel"): 7,  # SnapKV's pooling kernel is odd
@@ -334,7 +347,10 @@ def test_token_tree_explorer_expands_and_continues_a_node(app, person):
 
 def test_reprocessing_a_step_matches_transformers_warpers(app, person):
     import torch
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
 
     from engine import load_model
 

@@ -14,7 +14,14 @@ from engine.events import DecoderMetric, RunFinished, RunStarted
 from engine.models.handle import LoadedModel
 from engine.trace import Trace, trace_to_dict
 from storage import TraceStore
-from tests.helpers import random_eagle_head, random_medusa_head, tiny_waitline_model
+from tests.helpers import (
+    random_eagle_head,
+    random_falcon_head,
+    random_fspad_head,
+    random_medusa_head,
+    random_ppd_head,
+    tiny_waitline_model,
+)
 
 BUDGET = 6
 MEDUSA_HEAD = random_medusa_head()
@@ -24,8 +31,11 @@ PARAMS = {"assisted_cross_tokenizer": {"draft_model": "tiny-random-llama"},
           "adadec": {"threshold": 1.0},  # no learned threshold for the tiny model
           "forced": {"continuation": " and then the fox ran away"},
           "eagle": {"drafter": str(random_eagle_head())},  # no head is shipped for the tiny model
+          "falcon": {"drafter": str(random_falcon_head())},
+          "fspad": {"drafter": str(random_fspad_head())},
           "medusa": {"drafter": str(MEDUSA_HEAD)},
           "medusa_typical": {"drafter": str(MEDUSA_HEAD)},
+          "ppd": {"drafter": str(random_ppd_head())},
           "token_recycling": {"reset_matrix": True}}  # not what earlier tests in this process taught the matrix
 DECODERS = sorted(spec.name for spec in all_decoders())
 

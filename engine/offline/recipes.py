@@ -98,7 +98,7 @@ def _drafter_data(sequences: int) -> Stage:
     """SmolLM2's own greedy answers to the seeded prompt set, with its hidden states (a longer run with the same seed
     extends a shorter one)."""
     return Stage("cli.main", ("data", "drafter", "--sequences", str(sequences), "--max-new-tokens", "128",
-                              "--batch-size", "16", "--shard-size", "64", "--seed", "0", "--threads", "1",
+                              "--batch-size", "48", "--shard-size", "96", "--seed", "0", "--threads", "2",
                               "--out", "{work}/drafter-data"),
                  "{work}/drafter-data", ("--sequences", "2", "--max-new-tokens", "4", "--shard-size", "2"))
 

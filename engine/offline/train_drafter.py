@@ -20,6 +20,12 @@ layers) and pays the LM head's cross-entropy only (no feature regression), under
 unrolled draft steps, step j reading at position t the head's own step-(j-1) output at t - 1 (what drafting feeds it
 past the committed context) and attending to the true context up to t - j plus its own earlier steps' outputs on
 its path, with weight ``0.8^(j-1)``.
+
+FSPAD's objective (Gui et al. 2024): EAGLE-1's, on a head whose output has two halves (engine.speculative.fspad_head):
+the regression on the feature half only, the cross-entropy on the logit half only (partial alignment distillation).
+
+Falcon's objective (Gao et al. 2025): EAGLE-1's, for the feature ``--block`` places ahead, under coupled sequential
+glancing distillation (``--glance``; engine.speculative.falcon_head).
 """
 
 from __future__ import annotations
@@ -41,14 +47,22 @@ from transformers import DynamicCache, get_cosine_schedule_with_warmup
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec
 from engine.decoders.speculative.eagle import SPEC as EAGLE_SPEC
+from engine.decoders.speculative.falcon import SPEC as FALCON_SPEC
+from engine.decoders.speculative.fspad import SPEC as FSPAD_SPEC
 from engine.decoders.speculative.medusa import SPEC as MEDUSA_SPEC
+from engine.decoders.speculative.ppd import SPEC as PPD_SPEC
 from engine.events import DraftRound
 from engine.models import load_model
 from engine.models.handle import LoadedModel
 from engine.offline.drafter_data import DrafterSequence, DrafterShards, layer_indices
 from engine.offline.recipes import RECIPES
+from engine.speculative.falcon_head import FalconHead, falcon_loss
 from engine.speculative.feature_head import FeatureHead, LMHeadDrafter, save_head
+from engine.speculative.fspad_head import FspadHead
 from engine.speculative.medusa_heads import MedusaHeads
+from engine.speculative.ppd_prompts import DECAY as PPD_DECAY
+from engine.speculative.ppd_prompts import WINDOW as PPD_WINDOW
+from engine.speculative.ppd_prompts import PromptTokens, ppd_loss
 
 CHECKPOINT = "checkpoint.pt"
 MEDUSA_DECAY = 0.8  # Medusa's lambda_k = 0.8^(k-1) for head k
@@ -68,6 +82,8 @@ class Settings:
     draft_vocab: int = 0  # 0 = the whole vocabulary
     heads: int = 4  # medusa: heads (tokens drafted past the target's own next one)
     ttt_steps: int = 3  # eagle3: draft steps unrolled by the training-time test
+    block: int = 2  # falcon: tokens drafted per head forward (k)
+    glance: float = 0.3  # falcon: CSGD's glancing ratio (glanced inputs per wrongly predicted token)
     held_out: float = 0.05  # share of the sequences (the last ones) kept for evaluation
     seed: int = 0
     checkpoint_every: int = 200
@@ -105,13 +121,14 @@ def make_batch(sequences: list[DrafterSequence], fused: bool = False) -> Batch:
 
 def eagle_loss(head: FeatureHead, batch: Batch, w_cls: float, noise: float,
                generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
-    """EAGLE-1's loss on a batch and its parts (regression, classification, top-1 accuracy of the drafted token)."""
+    """EAGLE-1's loss on a batch and its parts (regression, classification, top-1 accuracy of the drafted token); on
+    FSPAD's head, whose output has a feature part and a logit part, its partial alignment distillation."""
     features = batch.features
     if noise:
         features = features + (torch.rand(features.shape, generator=generator) * 2 - 1) * noise
     positions = torch.arange(features.shape[1])[None].expand(features.shape[0], -1)
     predicted = head(batch.tokens, features, positions)[batch.scored]
-    regression = F.smooth_l1_loss(predicted, batch.next_features[batch.scored])
+    regression = F.smooth_l1_loss(head.next_feature(predicted), batch.next_features[batch.scored])
     labels = head.draft_indices(batch.next_tokens[batch.scored])
     logits = head.logits(predicted)
     classification = F.cross_entropy(logits, labels, ignore_index=-1)
@@ -215,6 +232,32 @@ target's frozen LM head), drafted as an EAGLE-2 dynamic tree.""",
   under a training-time test of {s.ttt_steps} unrolled draft steps (step j reads the head's own step j - 1
   outputs), weighted {MEDUSA_DECAY}^(j-1).""",
     ),
+    "fspad": HeadKind(
+        build=lambda target, vocab, _: FspadHead(target, vocab),
+        loss=lambda head, sequences, s, generator: eagle_loss(head, make_batch(sequences), s.w_cls, s.noise, generator),
+        decoder=FSPAD_SPEC,
+        architecture=lambda model: f"""FSPAD's head: EAGLE-1's (one {model} decoder layer fed
+`FC([embed(x_(t+1)); f_t])`) with feature sampling (the FC's output passed through a residual MLP whose gate reads
+the token embedding, `x + down(act(gate(e)) * up(norm(x)))`) and the layer's MLP projecting to two halves over a
+shared residual: a logit half for the target's frozen LM head and a feature half predicting the next last-layer
+feature; drafted as an EAGLE-2 dynamic tree.""",
+        objective=lambda s: f"""partial alignment distillation: smooth-L1 of the feature half against the target's
+  next feature + {s.w_cls} x cross-entropy of the LM head on the logit half against the target's next token, over
+  answer positions; U(-{s.noise}, {s.noise}) noise on the input features.""",
+    ),
+    "falcon": HeadKind(
+        build=lambda target, vocab, s: FalconHead(target, vocab, s.block),
+        loss=lambda head, sequences, s, generator: falcon_loss(head, make_batch(sequences), s.w_cls, s.noise, s.glance,
+                                                               generator),
+        decoder=FALCON_SPEC,
+        architecture=lambda model: f"""Falcon's semi-autoregressive head (two {model} decoder layers fed
+`FC([embed(x_(t+1)); f_t])`, position t predicting the last-layer feature k places ahead, so one forward drafts a
+block of k tokens; tokens through the target's frozen LM head), drafted as Falcon's tree of block forwards.""",
+        objective=lambda s: f"""coupled sequential glancing distillation with k = {s.block}: smooth-L1 on the
+  feature k places ahead + {s.w_cls} x cross-entropy of the LM head against the target's token there, over answer
+  positions not glanced, after {s.glance} x (wrong first-pass tokens) inputs per sequence, block prefixes, were
+  replaced by their targets' true feature and token; U(-{s.noise}, {s.noise}) noise on the input features.""",
+    ),
     "medusa": HeadKind(
         build=lambda target, vocab, s: MedusaHeads(target, vocab, s.heads),
         loss=lambda heads, sequences, _s, _g: medusa_loss(heads, sequences),
@@ -224,6 +267,17 @@ last hidden state, then the target's frozen LM head; head k proposes the token k
 Medusa's static tree of top-i choices.""",
         objective=lambda s: f"""sum over heads k = 1..{s.heads} of {MEDUSA_DECAY}^(k-1) x cross-entropy of the
   LM head on head k's output against the target's token k + 1 places ahead, over answer positions.""",
+    ),
+    "ppd": HeadKind(
+        build=lambda target, vocab, s: PromptTokens(target, vocab, s.heads),
+        loss=lambda prompts, sequences, _s, generator: ppd_loss(prompts, sequences, generator),
+        decoder=PPD_SPEC,
+        architecture=lambda model: f"""parallel prompt decoding's prompt tokens (trained input embeddings; appended
+after a position of the frozen {model}, prompt token i's output guesses the token i + 1 places ahead), riding along
+the verify forward and drafted as PPD's dynamic sparse tree of their top choices.""",
+        objective=lambda s: f"""sum over prompt tokens i = 1..{s.heads} (`--heads`) of {PPD_DECAY}^(i-1) x
+  KL(target || prompt token i) against the target's own distribution i places on, over answer positions of
+  {PPD_WINDOW}-token windows, divided by {s.heads}; only the embeddings are trained.""",
     ),
 }
 
@@ -365,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     defaults = Settings("eagle", "")
     for name in ("steps", "minutes", "batch_size", "lr", "warmup", "w_cls", "noise", "draft_vocab", "heads", "ttt_steps",
-                 "held_out", "seed", "checkpoint_every", "log_every"):
+                 "block", "glance", "held_out", "seed", "checkpoint_every", "log_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     parser.add_argument("--eval", type=int, default=0, help="measure acceptance on N held-out prompts at the end")

@@ -146,6 +146,11 @@ class FeatureHead(LMHeadDrafter):
         """What the target's forwards must record for this head (PrefixCache.record_hidden)."""
         return self.fused_layers or True
 
+    def next_feature(self, output: Tensor) -> Tensor:
+        """The part of the head's output that predicts the target's next feature (regressed in training, read back
+        at drafted positions): all of it here; FSPAD's head keeps another part for the logits."""
+        return output
+
     def forward(
         self, token_ids: Tensor, features: Tensor, position_ids: Tensor, mask: Tensor | None = None,
         cache: DynamicCache | None = None,

@@ -25,7 +25,7 @@ from engine.shared_params import DRAFT_LENGTH_PARAMS, PIPELINE_PARAMS
 from engine.speculative.cache import PrefixCache
 from engine.speculative.draft_length import DraftLengthController
 from engine.speculative.memory import MemoryMeter
-from engine.speculative.tree import keep_path, node_depths, tree_forward
+from engine.speculative.tree import Riders, keep_path, node_depths, tree_forward
 from engine.speculative.verify import Verdict, verify_tree
 
 # Target and draft process their logits alike. Temperature is the pipeline's, with 0 added for greedy verification
@@ -49,7 +49,8 @@ class Draft:
     ``logprobs`` row ``parent + 1`` is the processed distribution a node was drawn from (a chain's row i belongs
     to node i); None for deterministic drafts. ``without_replacement``: siblings were drawn without replacement
     (Gumbel-top-k, stochastic beam search), which the verifier must know. ``scores`` are the drafter's own
-    per-node ranking scores, ``sources`` per-node drafter names (default: the drafter's ``source``).
+    per-node ranking scores, ``sources`` per-node drafter names (default: the drafter's ``source``). ``riders``
+    ride along the verify forward (PPD's prompt tokens); their outputs come back in the Outcome.
     """
 
     tokens: list[int]
@@ -61,6 +62,8 @@ class Draft:
     scores: list[float] | None = None
     sources: list[str] | None = None
     mode: str = ""  # the drafter's phase this round, shown with the round (e.g. how many Jacobi guesses were refined)
+    riders: Riders | None = None
+    blocks: list[int] | None = None  # per node: the drafter forward (block) that drafted it (Falcon)
 
     @property
     def is_chain(self) -> bool:
@@ -77,7 +80,8 @@ class Outcome:
 
     ``target_logits`` [n+1, V] are the target's raw logits (row 0 after the committed context, row u+1 after node
     u), ``target_logprobs`` the processed ones the verifier used; ``context`` is the committed context before the
-    round and ``committed`` what the round appended to it.
+    round and ``committed`` what the round appended to it. ``rider_logits`` [chains, k, V] are the target's raw
+    logits at the draft's riders (None without riders).
     """
 
     context: list[int]
@@ -86,6 +90,7 @@ class Outcome:
     target_logprobs: Tensor
     verdict: Verdict
     committed: list[int]
+    rider_logits: Tensor | None = None
 
 
 class Drafter:
@@ -186,13 +191,21 @@ def verify_round(
     Returns the outcome and the cache slots the accepted nodes occupied. The target cache then holds
     ``context`` plus the accepted drafts (the bonus/correction token is run by the next forward). Without
     ``bonus`` a fully accepted chain commits no extra token (PEARL: the next drafts are already pending), and
-    its last draft is left for the next forward to run. ``rule`` replaces the lossless verifier.
+    its last draft is left for the next forward to run. ``rule`` replaces the lossless verifier. The draft's riders
+    run in the same forward (a chain with riders runs as a tree); the cache drops them with the rejected nodes.
     """
     parents = draft.tree_parents
-    if draft.is_chain:
-        logits = target.forward(target.sync(context) + draft.tokens).logits[0, -(len(draft.tokens) + 1) :]
+    riders = draft.riders.nodes(len(context), parents) if draft.riders else None
+    chain = draft.is_chain and riders is None
+    rider_logits = None
+    if chain:
+        rows = len(draft.tokens) + 1
+        logits = target.forward(target.sync(context) + draft.tokens, keep=rows).logits[0, -rows:]
     else:
-        logits = tree_forward(target, context, parents, draft.tokens)
+        logits = tree_forward(target, context, parents, draft.tokens, riders)
+    if draft.riders:
+        rider_logits = logits[len(draft.tokens) + 1 :].unflatten(0, draft.riders.embeddings.shape[:2])
+        logits = logits[: len(draft.tokens) + 1]
     target_logprobs = sampling.process(logits).logprobs
     verdict = rule(parents, draft.tokens, target_logprobs) if rule else verify_tree(
         parents, draft.tokens, target_logprobs, draft.logprobs, sampling.generator, top_k, draft.without_replacement
@@ -200,12 +213,12 @@ def verify_round(
     committed = [draft.tokens[node] for node in verdict.accepted_path]
     if bonus or verdict.is_correction or not draft.tokens:
         committed.append(verdict.next_token)
-    if draft.is_chain:
+    if chain:
         slots = list(range(len(context), len(context) + verdict.accepted))
         target.sync(context + committed)
     else:
-        slots = keep_path(target, draft.tokens, verdict.accepted_path)
-    return Outcome(list(context), draft, logits, target_logprobs, verdict, committed), slots
+        slots = keep_path(target, draft.tokens + (riders.tokens if riders else []), verdict.accepted_path)
+    return Outcome(list(context), draft, logits, target_logprobs, verdict, committed, rider_logits), slots
 
 
 def draft_round(
@@ -235,6 +248,7 @@ def draft_round(
             draft_prob=draft.probs[node],
             source=draft.sources[node] if draft.sources else source,
             score=draft.scores[node] if draft.scores else None,
+            block=draft.blocks[node] if draft.blocks else None,
             **(asdict(verdict.checks[node]) if node in verdict.checks else {}),  # NodeCheck's fields are DraftNode's
         )
         for node, token in enumerate(draft.tokens)

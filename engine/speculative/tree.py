@@ -8,6 +8,8 @@ window is applied here: models with several layer types (Gemma 3) get one mask p
 
 The same forward can carry extra nodes that are not verified (lookahead decoding's 2-D Jacobi window): they get
 explicit positions and an explicit visibility pattern over the tree nodes and each other, after all tree nodes.
+Extra nodes may be input embeddings rather than tokens: :class:`Riders` (PPD's trained prompt tokens) ride after
+given tree nodes, seeing their path, so their outputs come from the verify forward itself.
 
 After verification, :func:`keep_path` moves the accepted nodes' cache slots (scattered over the flattened tree)
 right after the context and crops everything else, in every layer.
@@ -46,6 +48,35 @@ class ExtraNodes:
     tokens: list[int]
     positions: list[int]
     visible: Tensor
+    embeddings: Tensor | None = None  # [m, H]: run instead of the tokens' embeddings (the tokens are placeholders)
+
+
+@dataclass(frozen=True)
+class Riders:
+    """Input embeddings that ride along a tree's verify forward, never verified and never kept in the cache.
+
+    Chain c, ``embeddings[c]`` ([k, H]), follows ``anchors[c]`` (a tree node id; -1: the root, the last committed
+    token): its rider j (0-based) sits at the anchor's position + j + 1 and sees the committed context, the anchor's
+    path and the riders of its own chain up to itself. Several chains may share an anchor (PPD's ensemble).
+    """
+
+    anchors: list[int]
+    embeddings: Tensor  # [chains, k, H]
+
+    def nodes(self, context_length: int, parents: list[int]) -> ExtraNodes:
+        """The riders as extra nodes after the tree ``parents`` that follows ``context_length`` committed tokens."""
+        chains, k = self.embeddings.shape[:2]
+        n, depths, paths = len(parents), node_depths(parents), _ancestor_or_self(parents)
+        visible = torch.zeros(chains * k, n + chains * k, dtype=torch.bool)
+        positions: list[int] = []
+        for c, anchor in enumerate(self.anchors):
+            rows = slice(c * k, (c + 1) * k)
+            if anchor >= 0:
+                visible[rows, :n] = paths[anchor]
+            visible[rows, n + c * k: n + (c + 1) * k] = torch.ones(k, k, dtype=torch.bool).tril()
+            start = context_length + (depths[anchor] if anchor >= 0 else 0)  # the anchor's position + 1
+            positions += range(start, start + k)
+        return ExtraNodes([-1] * (chains * k), positions, visible, self.embeddings.flatten(0, 1))
 
 
 def tree_forward(
@@ -74,16 +105,28 @@ def tree_forward(
     if extra:
         visible[n:] = extra.visible
     mask = _tree_masks(target, len(context), visible, positions)
+    ids = torch.tensor([unseen + tokens + (extra.tokens if extra else [])], dtype=torch.long)
     out = target.model.forward(
-        torch.tensor([unseen + tokens + (extra.tokens if extra else [])], dtype=torch.long),
+        ids,
         target.cache,
         position_ids=positions[None].to(target.model.device),
         attention_mask=mask,
+        inputs=_embedded(target, ids[:, : len(ids[0]) - m], extra.embeddings) if extra else None,
         hidden=target.record_hidden,
+        keep=n + m + 1,
     )
     target.tokens = list(context)  # the n node slots after them are not a sequence: keep_path resolves them
     target.last_hidden = out.hidden[0] if out.hidden is not None else None
-    return out.logits[0, len(unseen) - 1 :]
+    return out.logits[0, -(n + m + 1) :]
+
+
+def _embedded(target: PrefixCache, ids: Tensor, extra: Tensor | None) -> dict[str, Tensor] | None:
+    """``inputs_embeds`` of ``ids`` followed by the ``extra`` embeddings (None when there are none)."""
+    if extra is None:
+        return None
+    with torch.inference_mode():
+        embedded = target.model.model.get_input_embeddings()(ids.to(target.model.device))
+        return {"inputs_embeds": torch.cat([embedded, extra[None].to(embedded)], dim=1)}
 
 
 def keep_path(target: PrefixCache, tokens: list[int], path: list[int]) -> list[int]:

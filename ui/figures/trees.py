@@ -622,7 +622,8 @@ def _draft_hover(trace: Trace, node: DraftNode, outcome: str) -> str:
         ratio = node.target_prob / node.draft_prob
     return "<br>".join([
         f"token {_quoted(trace, node.token_id)}",
-        f"depth {node.depth} · drafted by {escape_token(node.source)}",
+        f"depth {node.depth} · drafted by {escape_token(node.source)}"
+        + ("" if node.block is None else f" · block {node.block}"),
         f"draft q: {_prob(node.draft_prob)} · target p: {_prob(node.target_prob)}",
         f"ratio p/q: {_num(ratio)} · draw r: {_num(node.draw)}",
         outcome,

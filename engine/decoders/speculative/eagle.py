@@ -57,11 +57,10 @@ class _Node:
 class EagleDrafter(Drafter):
     """Grows EAGLE-2 trees with ``head``; reads the target's features from ``target`` (the verifier's cache)."""
 
-    source = "eagle"
-
     def __init__(self, head: FeatureHead, target: PrefixCache, sampling: Sampling, tree_size: int, depth: int,
                  branching: int) -> None:
         self.head, self.target, self.sampling = head, target, sampling
+        self.source = head.kind  # "eagle", or the kind of a head built on EAGLE's ("fspad")
         self.tree_size, self.depth, self.branching = tree_size, depth, branching
         target.record_hidden = head.target_features
         self.features: Tensor | None = None  # the target's feature at every committed position but the last
@@ -125,7 +124,7 @@ class EagleDrafter(Drafter):
                     node = pool[node].parent
             tokens = torch.tensor([[pool[n].token for n in frontier]], device=root.device)
             positions = torch.full((1, len(frontier)), self.cached + level - 1, device=root.device)
-            inputs = torch.stack([outputs[pool[n].parent] for n in frontier])[None]
+            inputs = torch.stack([self.head.next_feature(outputs[pool[n].parent]) for n in frontier])[None]
             out = self.head(tokens, inputs, positions, self._mask(visible), self.cache)[0]
             outputs.update(zip(frontier, out))
             children = self._children(pool, frontier, out)
@@ -157,9 +156,13 @@ def head_folder(ctx: DecodeContext) -> Path:
 
 
 def eagle(ctx: DecodeContext) -> Iterator[Event]:
+    return tree_rounds(ctx, load_head(head_folder(ctx), ctx.model))
+
+
+def tree_rounds(ctx: DecodeContext, head: FeatureHead) -> Iterator[Event]:
+    """EAGLE-2 rounds drafted by ``head`` (EAGLE's, or a head built on it) with the decoder's tree parameters."""
     sampling = Sampling.of(ctx)
     target = PrefixCache(ctx.model)
-    head = load_head(head_folder(ctx), ctx.model)
     drafter = EagleDrafter(head, target, sampling, ctx.params["tree_size"], ctx.params["depth"], ctx.params["branching"])
     return speculative_rounds(ctx, drafter, sampling, target)
 

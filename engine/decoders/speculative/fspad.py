@@ -1,0 +1,47 @@
+"""FSPAD (Gui et al. 2024, arXiv 2408.15562): EAGLE-2's dynamic draft tree drafted by FSPAD's head.
+
+The head (:mod:`engine.speculative.fspad_head`) is EAGLE's with feature sampling (the token embedding gates the
+target's feature before the decoder layer) and partial alignment (its output's logit half feeds the LM head, its
+feature half is what a drafted node's children read). Everything else is the `eagle` decoder's: the same tree growth
+(:class:`~engine.decoders.speculative.eagle.EagleDrafter`), parameters and shared verifier, so greedy output equals
+greedy decoding and sampling follows the processed target exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from engine.context import DecodeContext
+from engine.decoders.base import DecoderSpec, register
+from engine.decoders.speculative.eagle import SPEC as EAGLE_SPEC
+from engine.decoders.speculative.eagle import tree_rounds
+from engine.events import Event
+from engine.models.registry import ASSET_MODELS_DIR
+from engine.params import Param
+from engine.speculative.feature_head import head_folder, load_head
+from engine.speculative.fspad_head import FspadHead
+
+# The heads shipped in assets/, by the target model they were trained for.
+SHIPPED_HEADS = {"smollm2-135m-instruct": ASSET_MODELS_DIR / "fspad-smollm2"}
+
+
+def fspad(ctx: DecodeContext) -> Iterator[Event]:
+    folder = head_folder(ctx.params["drafter"], ctx.model.name, SHIPPED_HEADS, FspadHead)
+    return tree_rounds(ctx, load_head(folder, ctx.model, FspadHead))
+
+
+SPEC = register(
+    DecoderSpec(
+        name="fspad",
+        family="speculative",
+        summary="FSPAD: EAGLE-2's dynamic tree drafted by a head trained with feature sampling (the token embedding "
+        "gates the target's feature) and partial alignment distillation; verified in one tree-attention forward.",
+        params=(
+            Param("drafter", "str", "", "Folder of a trained FSPAD head (engine.offline.train_drafter --head fspad); "
+                  "empty = the head shipped for the model.", loads_files=True),
+            *(param for param in EAGLE_SPEC.params if param.name != "drafter"),  # the tree's and sampling's
+        ),
+        run=fspad,
+        lossless=True,
+    )
+)
