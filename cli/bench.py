@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.decoders import DecodeContext, get_decoder
+from engine.events import TokenStep
 from engine.models.handle import LoadedModel
 from engine.run import Run, RunSettings
 from engine.trace import Trace
@@ -242,17 +243,18 @@ def speculative(
         hf_runner.run(label, prompts[0]["turns"][0], 4)
     mismatches = 0
     for prompt in tqdm(prompts, desc="prompts", unit="prompt", file=sys.stderr, disable=None, leave=False):
-        reference: list[int] | None = None
+        reference: Trace | None = None
         for label, (name, params) in variants.items():
             trace, elapsed = _spec_run(model, name, params, prompt["turns"][0], tokens)
-            reference = reference if reference is not None else trace.output_token_ids
-            if trace.output_token_ids != reference or trace.status != "finished":
+            reference = reference or trace
+            if trace.output_token_ids != reference.output_token_ids or trace.status != "finished":
                 mismatches += 1
-                print(f"MISMATCH: {label} differs from greedy on question {prompt['question_id']} ({trace.status}: {trace.reason})")
+                print(f"MISMATCH: {label} differs from greedy on question {prompt['question_id']} ({trace.status}: "
+                      f"{trace.reason}){_divergence(reference, trace)}")
             tallies[label].add(trace, prompt["category"], elapsed)
         for label in hf:
             output, elapsed, calls = hf_runner.run(label, prompt["turns"][0], tokens)
-            if output != reference:
+            if output != reference.output_token_ids:
                 print(f"note: transformers' {label} differs from our greedy on question {prompt['question_id']}")
             tallies[label].add_counts(prompt["category"], elapsed, len(output), *calls)
     results = {label: tally.summary(tallies["greedy"]) for label, tally in tallies.items()}
@@ -261,8 +263,42 @@ def speculative(
         f"({per_category} per category), variants interleaved per prompt, torch threads {torch.get_num_threads()}"
     )
     _spec_print(results, tallies, [*decoders, *hf])
+    costs = verify_costs(model)
+    print("  verify cost, one forward of n new tokens over a 200-token context, as a multiple of one token's: "
+          + " ".join(f"{n}:{ratio:.2f}" for n, ratio in costs.items()))
+    results["verify_cost"] = {str(n): ratio for n, ratio in costs.items()}
     print(f"  greedy-equality mismatches: {mismatches}" + ("  <-- LOSSLESSNESS BROKEN" if mismatches else ""))
     return results
+
+
+def _divergence(greedy: Trace, other: Trace) -> str:
+    """Where ``other`` first leaves greedy's tokens, with greedy's own probabilities of both tokens there: equal ones
+    are a tie that the dtype's rounding decides (a bfloat16 forward of many tokens rounds unlike one of one)."""
+    ours, theirs = greedy.output_token_ids, other.output_token_ids
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if step is None:
+        return ""
+    steps = [event for event in greedy.events if isinstance(event, TokenStep)]
+    raw = {c.token_id: c.raw_prob for c in steps[step].candidates}
+    theirs_p = f"{raw[theirs[step]]:.4g}" if theirs[step] in raw else "below its top-k"
+    return f"; token {step}: greedy's p {raw.get(ours[step], float('nan')):.4g} for its token, {theirs_p} for this one"
+
+
+def verify_costs(model: LoadedModel, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 64), context: int = 200,
+                 repeats: int = 5) -> dict[int, float]:
+    """Wall time of one forward of n new tokens after ``context`` cached ones, over that of one token (the fastest of
+    ``repeats``): what a speculative round's verify costs on this machine and dtype, the controller's t(n)."""
+    from engine.speculative.cache import PrefixCache
+
+    cache, prefix = PrefixCache(model), [i % model.vocab_size for i in range(context)]
+    best: dict[int, float] = {}
+    for n in sizes:
+        for _ in range(repeats):
+            cache.forward(cache.sync(prefix))  # back to the context alone (the next sync drops the n tokens)
+            start = time.perf_counter()
+            cache.forward([(7 * i) % model.vocab_size for i in range(n)], keep=n)
+            best[n] = min(best.get(n, float("inf")), time.perf_counter() - start)
+    return {n: best[n] / best[sizes[0]] for n in sizes}
 
 
 class _HFRunner:

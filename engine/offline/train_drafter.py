@@ -407,7 +407,8 @@ def _shipped_recipe(head: str, model: str) -> str:
     """The sentence naming the recipe that rebuilds the shipped head of this kind for ``model``, if one ships."""
     for recipe in RECIPES:
         trains = [stage for stage in recipe.stages if stage.tool == __spec__.name]
-        if trains and trains[-1].args[1] == head and recipe.target.endswith(f"{head}-{model.split('-')[0]}"):
+        shipped_as = f"{HEADS[head].decoder.name}-{model.split('-')[0]}"  # an eagle3 head ships as eagle's
+        if trains and trains[-1].args[1] == head and recipe.target.endswith(shipped_as):
             return f"; the shipped head, data included: `{recipe.command}`"
     return ""
 
