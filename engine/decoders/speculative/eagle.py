@@ -77,7 +77,17 @@ class EagleDrafter(Drafter):
             root = self._run_committed(context)
             pool, calls = self._grow(root, depth)
         crop_cache(self.cache, self.cached)
-        kept = sorted(sorted(range(len(pool)), key=lambda n: -pool[n].score)[: self.tree_size])  # stable: parents first
+        return self._best_tree(pool, self._kept(pool, depth), calls)
+
+    def _kept(self, pool: list[_Node], depth: int) -> list[int]:
+        """The best-scored nodes of ``pool``, parents first: ``tree_size`` of them for a full-depth tree, and as many
+        per level for one the draft length cut (a tree cut to 2 of 6 levels keeps a third of the nodes, the
+        per-level sizes the cost-aware length learned from full trees, not all of its top two levels)."""
+        size = max(1, round(self.tree_size * depth / self.depth))
+        return sorted(sorted(range(len(pool)), key=lambda n: -pool[n].score)[:size])  # stable: parents first
+
+    @staticmethod
+    def _best_tree(pool: list[_Node], kept: list[int], calls: int, **extra: object) -> Draft:
         new_id = {node: i for i, node in enumerate(kept)}
         return Draft(
             tokens=[pool[n].token for n in kept],
@@ -85,6 +95,7 @@ class EagleDrafter(Drafter):
             parents=[new_id[pool[n].parent] if pool[n].parent >= 0 else -1 for n in kept],
             calls=calls,
             scores=[round(pool[n].score, 4) for n in kept],
+            **extra,
         )
 
     def observe(self, outcome: Outcome) -> None:

@@ -77,16 +77,8 @@ class FalconDrafter(EagleDrafter):
             first = _Group(self._run_committed(context), [])
             pool, calls = self._grow_blocks(first, depth)
         crop_cache(self.cache, self.cached)
-        kept = sorted(sorted(range(len(pool)), key=lambda n: -pool[n].score)[: self.tree_size])  # stable: parents first
-        new_id = {node: i for i, node in enumerate(kept)}
-        return Draft(
-            tokens=[pool[n].token for n in kept],
-            probs=[pool[n].prob for n in kept],
-            parents=[new_id[pool[n].parent] if pool[n].parent >= 0 else -1 for n in kept],
-            calls=calls,
-            scores=[round(pool[n].score, 4) for n in kept],
-            blocks=[self.node_block[n] for n in kept],
-        )
+        kept = self._kept(pool, depth)
+        return self._best_tree(pool, kept, calls, blocks=[self.node_block[n] for n in kept])
 
     def _run_committed(self, context: list[int]) -> Tensor:
         """Run the head over the committed positions it has not seen and the last k again; the k predicted features
