@@ -97,7 +97,9 @@ class PPDDrafter(Drafter):
         ranks: list[int] = []
         scores: list[float] = []
         if self.guesses is not None and max_depth > 0:
-            indices, parents, ranks, scores = sparse_tree(self.guesses[:max_depth], self.tree_size)
+            depth = min(max_depth, len(self.guesses))  # a tree cut to fewer levels keeps as many nodes per level
+            size = max(1, round(self.tree_size * depth / len(self.guesses)))
+            indices, parents, ranks, scores = sparse_tree(self.guesses[:depth], size)
             tokens = self.prompts.target_ids(torch.tensor(indices, dtype=torch.long)).tolist()
         carriers = sorted(range(len(tokens)), key=lambda node: -scores[node])[: self.prompt_nodes]
         anchors = [anchor for anchor in [-1, *sorted(carriers)] for _ in range(self.prompts.ensemble)]
