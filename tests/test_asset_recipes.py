@@ -115,13 +115,18 @@ def test_every_sample_recorded_for_a_few_tokens_imports_and_opens_in_the_figures
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name,head", [("eagle-smollm2", "FeatureHead"), ("medusa-smollm2", "MedusaHeads")])
+@pytest.mark.parametrize("name,head", [("eagle-smollm2", "FeatureHead"), ("fspad-smollm2", "FspadHead"),
+                                       ("falcon-smollm2", "FalconHead"), ("medusa-smollm2", "MedusaHeads"),
+                                       ("ppd-smollm2", "PromptTokens")])
 def test_a_few_steps_of_the_drafter_recipes_leave_a_head_the_decoder_loads(tmp_path, name, head):
+    from engine.speculative.falcon_head import FalconHead
     from engine.speculative.feature_head import FeatureHead, load_head
+    from engine.speculative.fspad_head import FspadHead
     from engine.speculative.medusa_heads import MedusaHeads
+    from engine.speculative.ppd_prompts import PromptTokens
 
     out = rebuild(get_recipe(name), tmp_path / name, smoke=True, log=lambda line: None)
-    kind = {"FeatureHead": FeatureHead, "MedusaHeads": MedusaHeads}[head]
+    kind = {kind.__name__: kind for kind in (FeatureHead, FspadHead, FalconHead, MedusaHeads, PromptTokens)}[head]
     assert isinstance(load_head(out, load_model("smollm2-135m-instruct"), kind), kind)
     assert f"`decoding-explorer assets rebuild {name}`" in (out / "README.md").read_text()
     assert not (out / WORK).exists()

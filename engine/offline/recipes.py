@@ -94,6 +94,9 @@ _AR_START = (
     _train("ar", "war3", 6087, 1, "0.001", init="war2"),
 )
 
+DRAFTER_SEQUENCES = 2500  # the drafter recipes share one data set (the same command; a rebuild makes it once each)
+
+
 def _drafter_data(sequences: int) -> Stage:
     """SmolLM2's own greedy answers to the seeded prompt set, with its hidden states (a longer run with the same seed
     extends a shorter one)."""
@@ -138,13 +141,26 @@ RECIPES = (
               smoke=("--max-chars", "400")),
     )),
     Recipe("eagle-smollm2", "assets/models/eagle-smollm2", "the eagle decoder's feature head for SmolLM2", (
-        _drafter_data(576),
-        _train_head("eagle", "--steps", "900", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
+        _drafter_data(DRAFTER_SEQUENCES),
+        _train_head("eagle", "--steps", "3000", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
+    ),
+    Recipe("fspad-smollm2", "assets/models/fspad-smollm2", "the fspad decoder's feature head for SmolLM2", (
+        _drafter_data(DRAFTER_SEQUENCES),
+        _train_head("fspad", "--steps", "2400", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
+    ),
+    Recipe("falcon-smollm2", "assets/models/falcon-smollm2", "the falcon decoder's semi-autoregressive head for SmolLM2", (
+        _drafter_data(DRAFTER_SEQUENCES),
+        _train_head("falcon", "--steps", "1500", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
     ),
     Recipe("medusa-smollm2", "assets/models/medusa-smollm2", "the medusa decoders' heads for SmolLM2", (
-        _drafter_data(384),
-        _train_head("medusa", "--heads", "4", "--steps", "800", "--lr", "3e-3", "--warmup", "30", "--draft-vocab",
+        _drafter_data(DRAFTER_SEQUENCES),
+        _train_head("medusa", "--heads", "4", "--steps", "3000", "--lr", "3e-3", "--warmup", "30", "--draft-vocab",
                     "4096", "--eval", "16")),
+    ),
+    Recipe("ppd-smollm2", "assets/models/ppd-smollm2", "the ppd decoder's prompt tokens for SmolLM2", (
+        _drafter_data(DRAFTER_SEQUENCES),
+        _train_head("ppd", "--heads", "3", "--steps", "400", "--batch-size", "2", "--lr", "1e-2", "--warmup", "20",
+                    "--eval", "12")),
     ),
     Recipe("samples", "assets/samples", "the sample traces, re-recorded from assets/samples/recipes.json", (
         Stage("engine.offline.sample_traces", ("--out", "{out}"), smoke=("--max-new-tokens", "3")),
