@@ -16,17 +16,17 @@ from engine.speculative.cache import PrefixCache
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.tree import tree_forward
 from tests.helpers import (
-    train_tiny_head,
-    assert_first_two_tokens_follow_target,
-    TRAIN_PROMPTS,
-    hidden_states,
-    write_shards,
     PROMPTS,
+    TRAIN_PROMPTS,
+    assert_first_two_tokens_follow_target,
     first_token_inside_a_draft,
+    greedy_ids,
+    hidden_states,
     rounds_of,
     run_ignoring_eos,
+    train_tiny_head,
+    write_shards,
 )
-
 
 
 def train_head(llama, tmp: Path, steps: int, out: str = "out", **options):
@@ -168,7 +168,7 @@ def test_greedy_eagle_equals_greedy(llama, trained, params, prompt, max_new_toke
     params = {**params, "drafter": str(trained[0])}
     trace = run_ignoring_eos(llama, "eagle", prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
-    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    assert trace.output_token_ids == greedy_ids(llama, prompt, max_new_tokens)
 
 
 def test_a_trained_head_gets_deep_drafts_accepted(llama, trained):

@@ -21,6 +21,7 @@ from tests.helpers import (
     PROMPTS,
     assert_first_two_tokens_follow_target,
     first_token_inside_a_draft,
+    greedy_ids,
     random_eagle_head,
     rounds_of,
     run_ignoring_eos,
@@ -158,7 +159,7 @@ def test_greedy_fspad_equals_greedy(llama, trained, params, prompt, max_new_toke
     params = {**params, "drafter": str(trained[0])}
     trace = run_ignoring_eos(llama, "fspad", prompt, params, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
-    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    assert trace.output_token_ids == greedy_ids(llama, prompt, max_new_tokens)
 
 
 def test_a_trained_head_gets_deep_drafts_accepted(llama, trained):

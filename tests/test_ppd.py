@@ -23,6 +23,7 @@ from tests.helpers import (
     PROMPTS,
     assert_first_two_tokens_follow_target,
     first_token_inside_a_draft,
+    greedy_ids,
     rounds_of,
     run_ignoring_eos,
     train_tiny_head,
@@ -124,7 +125,7 @@ def test_a_rider_sees_its_anchors_path_at_the_position_after_it(llama):
 def test_greedy_ppd_equals_greedy(llama, trained, params, prompt, max_new_tokens):
     trace = run_ignoring_eos(llama, "ppd", prompt, {**params, "drafter": str(trained[0])}, max_new_tokens=max_new_tokens)
     assert trace.status == "finished", trace.reason
-    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", prompt, max_new_tokens=max_new_tokens).output_token_ids
+    assert trace.output_token_ids == greedy_ids(llama, prompt, max_new_tokens)
 
 
 def test_rounds_draft_from_the_prompt_tokens_without_a_draft_call(llama, trained):
