@@ -25,7 +25,13 @@ from tests.browser import (
     type_into,
     wait_text,
 )
-from tests.helpers import random_eagle_head, random_fspad_head, random_medusa_head
+from tests.helpers import (
+    random_eagle_head,
+    random_falcon_head,
+    random_fspad_head,
+    random_medusa_head,
+    random_ppd_head,
+)
 from ui.figures.tokens import step_at
 
 # The model each family runs on in these journeys: tiny random models for the mechanics, the shipped waiting-line
@@ -49,6 +55,8 @@ TYPED = {
     ("easyspec", "draft_model"): "",
     ("eagle", "drafter"): str(random_eagle_head()),  # untrained heads for the tiny model, typed as a folder path
     ("fspad", "drafter"): str(random_fspad_head()),
+    ("falcon", "drafter"): str(random_falcon_head()),
+    ("ppd", "drafter"): str(random_ppd_head()),
     ("medusa", "drafter"): str(MEDUSA_HEAD),
     ("medusa_typical", "drafter"): str(MEDUSA_HEAD),
     ("kv_compress", "kernel"): 7,  # SnapKV's pooling kernel is odd

@@ -10,7 +10,8 @@ import torch
 
 from engine import RunSettings, load_model, record
 from engine.offline.drafter_data import DrafterShards
-from engine.offline.train_drafter import Settings, train, ttt_visible
+from engine.offline.drafter_losses import ttt_visible
+from engine.offline.train_drafter import Settings, train
 from engine.params import ParamError
 from engine.speculative.cache import PrefixCache
 from engine.speculative.feature_head import FeatureHead, load_head, save_head

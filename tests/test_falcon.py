@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine import RunSettings, load_model, record
+from engine.offline.drafter_losses import block_visible, glancing_mask
 from engine.params import ParamError
-from engine.speculative.falcon_head import FalconHead, block_visible, glancing_mask
+from engine.speculative.falcon_head import FalconHead
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from tests.helpers import (
     PROMPTS,

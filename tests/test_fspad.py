@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from engine import RunSettings, load_model, record
 from engine.offline.drafter_data import DrafterShards
-from engine.offline.train_drafter import eagle_loss, make_batch
+from engine.offline.drafter_losses import eagle_loss, make_batch
 from engine.params import ParamError
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.fspad_head import FspadHead

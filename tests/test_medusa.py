@@ -19,18 +19,19 @@ from engine.decoders.speculative.medusa import (
     typical_verdict,
 )
 from engine.offline.drafter_data import DrafterSequence
-from engine.offline.train_drafter import main, medusa_targets
+from engine.offline.drafter_losses import medusa_targets
+from engine.offline.train_drafter import main
 from engine.params import ParamError
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.medusa_heads import MedusaHeads
 from engine.speculative.rounds import Sampling
 from tests.helpers import (
-    train_tiny_head,
-    assert_first_two_tokens_follow_target,
     PROMPTS,
+    assert_first_two_tokens_follow_target,
     first_token_inside_a_draft,
     rounds_of,
     run_ignoring_eos,
+    train_tiny_head,
     write_shards,
 )
 

@@ -4,28 +4,9 @@
 
 Every head shares the loop below; a :class:`HeadKind` says what differs (module, loss, decoder, card).
 
-EAGLE-1's objective (Li et al. 2024, speculative.md §10): at every answer position the head reads the true feature
-``f_t`` (with U(-0.1, 0.1) noise, as the paper's training adds) and the next token, predicts ``f_{t+1}``, and pays
-smooth-L1 against the target's true ``f_{t+1}`` plus ``w_cls`` (0.1) times the cross-entropy of the frozen LM head
-on its prediction against the target's own next token. AdamW, linear warm-up then cosine decay, a step cap and a
-time cap, seeded batches (the batch of step s depends on the seed and s only, so a resumed run draws the same ones),
-a checkpoint every ``--checkpoint-every`` steps that a re-run with the same ``--out`` continues from.
-
-Medusa-1's objective (Cai et al. 2024): at every position whose next token is an answer token, head k reads the
-true feature ``f_t`` and pays ``0.8^(k-1)`` times the cross-entropy of the frozen LM head on its output against the
-target's own token ``x_{t+k+1}`` (``--heads`` heads).
-
-EAGLE-3's objective (Li et al. 2025): the head reads the target's low, mid and last features fused (the data's three
-layers) and pays the LM head's cross-entropy only (no feature regression), under a training-time test: ``--ttt-steps``
-unrolled draft steps, step j reading at position t the head's own step-(j-1) output at t - 1 (what drafting feeds it
-past the committed context) and attending to the true context up to t - j plus its own earlier steps' outputs on
-its path, with weight ``0.8^(j-1)``.
-
-FSPAD's objective (Gui et al. 2024): EAGLE-1's, on a head whose output has two halves (engine.speculative.fspad_head):
-the regression on the feature half only, the cross-entropy on the logit half only (partial alignment distillation).
-
-Falcon's objective (Gao et al. 2025): EAGLE-1's, for the feature ``--block`` places ahead, under coupled sequential
-glancing distillation (``--glance``; engine.speculative.falcon_head).
+The heads' losses are ``engine.offline.drafter_losses``'s. The loop: AdamW, linear warm-up then cosine decay, a step
+cap and a time cap, seeded batches (the batch of step s depends on the seed and s only, so a resumed run draws the
+same ones), a checkpoint every ``--checkpoint-every`` steps that a re-run with the same ``--out`` continues from.
 """
 
 from __future__ import annotations
@@ -40,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec
@@ -55,17 +35,25 @@ from engine.events import DraftRound
 from engine.models import load_model
 from engine.models.handle import LoadedModel
 from engine.offline.drafter_data import DrafterSequence, DrafterShards, layer_indices
+from engine.offline.drafter_losses import (
+    MEDUSA_DECAY,
+    PPD_DECAY,
+    PPD_WINDOW,
+    eagle3_loss,
+    eagle_loss,
+    falcon_loss,
+    make_batch,
+    medusa_loss,
+    ppd_loss,
+)
 from engine.offline.recipes import RECIPES
-from engine.speculative.falcon_head import FalconHead, falcon_loss
+from engine.speculative.falcon_head import FalconHead
 from engine.speculative.feature_head import FeatureHead, LMHeadDrafter, save_head
 from engine.speculative.fspad_head import FspadHead
 from engine.speculative.medusa_heads import MedusaHeads
-from engine.speculative.ppd_prompts import DECAY as PPD_DECAY
-from engine.speculative.ppd_prompts import WINDOW as PPD_WINDOW
-from engine.speculative.ppd_prompts import PromptTokens, ppd_loss
+from engine.speculative.ppd_prompts import PromptTokens
 
 CHECKPOINT = "checkpoint.pt"
-MEDUSA_DECAY = 0.8  # Medusa's lambda_k = 0.8^(k-1) for head k
 
 
 @dataclass(frozen=True)
@@ -88,115 +76,6 @@ class Settings:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 20
-
-
-@dataclass(frozen=True)
-class Batch:
-    tokens: Tensor  # [B, n] x_{t+1}
-    features: Tensor  # [B, n, H] f_t (fused: [B, n, 3H], the low, mid and last features side by side)
-    next_features: Tensor  # [B, n, H] f_{t+1}
-    next_tokens: Tensor  # [B, n] x_{t+2}
-    scored: Tensor  # [B, n] bool: answer positions
-
-
-def make_batch(sequences: list[DrafterSequence], fused: bool = False) -> Batch:
-    """Head inputs for positions t = 0 .. n-3 of each sequence, right-padded (a causal head never reads the pads)."""
-    width = max(len(s.input_ids) for s in sequences) - 2
-    hidden = sequences[0].hidden_last.shape[-1]
-    batch = Batch(torch.zeros(len(sequences), width, dtype=torch.long),
-                  torch.zeros(len(sequences), width, hidden * (3 if fused else 1)),
-                  torch.zeros(len(sequences), width, hidden), torch.zeros(len(sequences), width, dtype=torch.long),
-                  torch.zeros(len(sequences), width, dtype=torch.bool))
-    for row, s in enumerate(sequences):
-        n = len(s.input_ids) - 2
-        features = s.hidden_last.float()
-        read = torch.cat([s.hidden_low, s.hidden_mid, s.hidden_last], dim=-1).float() if fused else features
-        batch.tokens[row, :n] = s.input_ids[1:-1]
-        batch.features[row, :n] = read[:-2]
-        batch.next_features[row, :n] = features[1:-1]
-        batch.next_tokens[row, :n] = s.input_ids[2:]
-        batch.scored[row, max(0, s.answer_start - 2): n] = True  # the positions that predict an answer token
-    return batch
-
-
-def eagle_loss(head: FeatureHead, batch: Batch, w_cls: float, noise: float,
-               generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
-    """EAGLE-1's loss on a batch and its parts (regression, classification, top-1 accuracy of the drafted token); on
-    FSPAD's head, whose output has a feature part and a logit part, its partial alignment distillation."""
-    features = batch.features
-    if noise:
-        features = features + (torch.rand(features.shape, generator=generator) * 2 - 1) * noise
-    positions = torch.arange(features.shape[1])[None].expand(features.shape[0], -1)
-    predicted = head(batch.tokens, features, positions)[batch.scored]
-    regression = F.smooth_l1_loss(head.next_feature(predicted), batch.next_features[batch.scored])
-    labels = head.draft_indices(batch.next_tokens[batch.scored])
-    logits = head.logits(predicted)
-    classification = F.cross_entropy(logits, labels, ignore_index=-1)
-    accuracy = (logits.argmax(-1) == labels).float().mean()
-    loss = regression + w_cls * classification
-    return loss, {"loss": loss.item(), "regression": regression.item(), "cls": classification.item(),
-                  "accuracy": accuracy.item()}
-
-
-def ttt_visible(n: int, step: int) -> Tensor:
-    """Which keys a training-time-test query sees at draft step ``step`` (0-based) [n, (step + 1) n]: step 0's keys
-    (the true context) up to position t - step, and step i's (1 <= i <= step) key at position t - (step - i)."""
-    queries, keys = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    blocks = [keys <= queries - step] + [keys == queries - (step - i) for i in range(1, step + 1)]
-    return torch.cat(blocks, dim=1)
-
-
-def eagle3_loss(head: FeatureHead, batch: Batch, steps: int) -> tuple[Tensor, dict[str, float]]:
-    """EAGLE-3's loss on a (fused) batch: each unrolled draft step's cross-entropy, weighted 0.8^j, and its accuracy."""
-    size, n = batch.tokens.shape
-    positions = torch.arange(n)[None].expand(size, -1)
-    labels = head.draft_indices(batch.next_tokens)
-    cache, features = DynamicCache(), batch.features
-    loss = torch.zeros(())
-    parts: dict[str, float] = {}
-    for step in range(steps):
-        visible = ttt_visible(n, step)
-        mask = torch.zeros(visible.shape).masked_fill_(~visible, torch.finfo(torch.float32).min)
-        out = head(batch.tokens, features, positions, mask[None, None].expand(size, -1, -1, -1), cache)
-        scored = batch.scored.clone()
-        scored[:, :step] = False  # fewer than ``step`` positions before: no draft reaches this far
-        logits, target = head.logits(out[scored]), labels[scored]
-        ce = F.cross_entropy(logits, target, ignore_index=-1)
-        loss = loss + MEDUSA_DECAY**step * ce
-        parts[f"cls{step + 1}"] = ce.item()
-        parts[f"accuracy{step + 1}"] = (logits.argmax(-1) == target).float().mean().item()
-        features = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # step j + 1 at t reads out_j(t - 1)
-    return loss, {"loss": loss.item(), **parts}
-
-
-def medusa_targets(sequences: list[DrafterSequence], heads: int) -> tuple[Tensor, Tensor]:
-    """Features ``f_t`` [N, H] of every position whose next token is an answer token (and has one after it), and the
-    tokens ``x_{t+k+1}`` [N, heads] that head k predicts there (-1 past the sequence's end)."""
-    features, labels = [], []
-    for s in sequences:
-        n = len(s.input_ids)
-        positions = torch.arange(max(0, s.answer_start - 1), n - 2)
-        ahead = positions[:, None] + torch.arange(2, heads + 2)[None]
-        labels.append(torch.where(ahead < n, s.input_ids[ahead.clamp(max=n - 1)], -1))
-        features.append(s.hidden_last[positions].float())
-    return torch.cat(features), torch.cat(labels)
-
-
-def medusa_loss(heads: MedusaHeads, sequences: list[DrafterSequence]) -> tuple[Tensor, dict[str, float]]:
-    """Medusa-1's loss on ``sequences`` and its parts (each head's cross-entropy and top-1 accuracy)."""
-    features, labels = medusa_targets(sequences, heads.heads)
-    predicted = heads(features)
-    loss = torch.zeros(())
-    parts: dict[str, float] = {}
-    for k in range(heads.heads):
-        target = torch.where(labels[:, k] >= 0, heads.draft_indices(labels[:, k].clamp(min=0)), -1)
-        logits = heads.logits(predicted[k])
-        ce = F.cross_entropy(logits, target, ignore_index=-1)
-        loss = loss + MEDUSA_DECAY**k * ce
-        scored = target >= 0
-        parts[f"cls{k + 1}"] = ce.item()
-        parts[f"accuracy{k + 1}"] = (logits.argmax(-1)[scored] == target[scored]).float().mean().item()
-    return loss, {"loss": loss.item(), **parts}
 
 
 @dataclass(frozen=True)

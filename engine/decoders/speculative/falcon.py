@@ -29,12 +29,11 @@ from torch import Tensor
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoders.speculative.eagle import SPEC as EAGLE_SPEC
-from engine.decoders.speculative.eagle import EagleDrafter
 from engine.events import Event
 from engine.models.registry import ASSET_MODELS_DIR
 from engine.params import Param
 from engine.speculative.cache import PrefixCache, crop_cache
+from engine.speculative.eagle_tree import BRANCHING, TREE_SIZE, EagleDrafter
 from engine.speculative.falcon_head import FalconHead
 from engine.speculative.feature_head import head_folder, load_head
 from engine.speculative.rounds import (
@@ -168,7 +167,8 @@ SPEC = register(
         params=(
             Param("drafter", "str", "", "Folder of a trained Falcon head (engine.offline.train_drafter --head "
                   "falcon); empty = the head shipped for the model.", loads_files=True),
-            *(param for param in EAGLE_SPEC.params if param.name in ("tree_size", "branching")),
+            TREE_SIZE,
+            BRANCHING,
             Param("blocks", "int", 3, "Head forwards per round, each drafting a block of the head's k levels (its "
                   "block size, 2 by default).", 1, 16),
             *SAMPLING_PARAMS,

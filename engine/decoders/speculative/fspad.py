@@ -3,7 +3,7 @@
 The head (:mod:`engine.speculative.fspad_head`) is EAGLE's with feature sampling (the token embedding gates the
 target's feature before the decoder layer) and partial alignment (its output's logit half feeds the LM head, its
 feature half is what a drafted node's children read). Everything else is the `eagle` decoder's: the same tree growth
-(:class:`~engine.decoders.speculative.eagle.EagleDrafter`), parameters and shared verifier, so greedy output equals
+(:class:`~engine.speculative.eagle_tree.EagleDrafter`), parameters and shared verifier, so greedy output equals
 greedy decoding and sampling follows the processed target exactly.
 """
 
@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoders.speculative.eagle import SPEC as EAGLE_SPEC
-from engine.decoders.speculative.eagle import tree_rounds
 from engine.events import Event
 from engine.models.registry import ASSET_MODELS_DIR
 from engine.params import Param
+from engine.speculative.eagle_tree import BRANCHING, DEPTH, TREE_SIZE, tree_rounds
 from engine.speculative.feature_head import head_folder, load_head
 from engine.speculative.fspad_head import FspadHead
+from engine.speculative.rounds import SAMPLING_PARAMS
 
 # The heads shipped in assets/, by the target model they were trained for.
 SHIPPED_HEADS = {"smollm2-135m-instruct": ASSET_MODELS_DIR / "fspad-smollm2"}
@@ -39,7 +39,10 @@ SPEC = register(
         params=(
             Param("drafter", "str", "", "Folder of a trained FSPAD head (engine.offline.train_drafter --head fspad); "
                   "empty = the head shipped for the model.", loads_files=True),
-            *(param for param in EAGLE_SPEC.params if param.name != "drafter"),  # the tree's and sampling's
+            TREE_SIZE,
+            DEPTH,
+            BRANCHING,
+            *SAMPLING_PARAMS,
         ),
         run=fspad,
         lossless=True,
