@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from engine.attention import AttentionHooks, attention_hooks
 from engine.context import DecodeContext
-from engine.events import AttentionMap, Candidate, Event, TokenStep
+from engine.events import AttentionMap, Candidate, DecoderMetric, Event, TokenStep
 from engine.models.handle import ForwardResult
-from engine.processing import Processed, Stage, entropy, process, sample, stage_reports
+from engine.processing import (
+    Processed,
+    Stage,
+    entropy,
+    kl_divergence,
+    process,
+    sample,
+    stage_reports,
+)
 from engine.speculative.cache import PrefixCache
 
 
@@ -39,13 +47,18 @@ def token_event(
         token_id=token_id,
         logprob=final[token_id],
         raw_logprob=raw[token_id],
-        rank=int((raw > raw[token_id]).sum()) + 1,
+        rank=rank_of(raw, token_id),
         entropy_raw=h_raw,
         entropy=h_raw if processed.logprobs is processed.raw_logprobs else entropy(final),
         candidates=[Candidate(i, pr, p) for i, pr, p in zip(ids, probs_raw, probs)],
         stages=stage_reports(processed, ids, row=row),
         **extra,
     )
+
+
+def rank_of(scores: torch.Tensor, token_id: int) -> int:
+    """The 1-based rank of ``token_id`` under ``scores`` [V] (logits or log-probs); ties rank first."""
+    return int((scores > scores[token_id]).sum()) + 1
 
 
 @dataclass
@@ -147,6 +160,50 @@ def autoregressive(ctx: DecodeContext, hook: TokenHook) -> Iterator[Event]:
         hook.advance(event)
         context.append(token)
         yield event
+
+
+@dataclass
+class Tally:
+    """A run compared step by step with a teacher-forced companion on the same tokens (the full cache beside a
+    compressed one, a base model beside its variant): each step's KL and top-1 agreement, and the run's summary.
+
+    ``prefix`` names the metrics; ``reference`` and ``compared`` name the two distributions in their descriptions
+    (p_reference is the companion's), ``who`` the companion in words."""
+
+    prefix: str
+    reference: str
+    compared: str
+    who: str
+    kls: list[float] = field(default_factory=list)
+    agree: list[bool] = field(default_factory=list)
+    divergence: int = -1
+
+    def add(
+        self, position: int, reference_logits: torch.Tensor, logits: torch.Tensor, token: int
+    ) -> tuple[float, int, bool]:
+        """Compare one step's next-token logits [V] (the companion's, then the run's own, which chose ``token``):
+        KL(p_reference || p_compared) in nats, the companion's top-1 token, and whether both top-1 tokens agree."""
+        kl = kl_divergence(reference_logits, logits)
+        top = int(reference_logits.argmax())
+        agree = top == int(logits.argmax())
+        self.kls.append(kl)
+        self.agree.append(agree)
+        if self.divergence < 0 and top != token:
+            self.divergence = position
+        return kl, top, agree
+
+    def metrics(self) -> list[DecoderMetric]:
+        """The run's summary (none before the first step has been compared)."""
+        if not self.kls:
+            return []
+        return [
+            DecoderMetric(f"{self.prefix}_mean_kl", sum(self.kls) / len(self.kls),
+                          f"mean KL(p_{self.reference} || p_{self.compared}) per step, nats"),
+            DecoderMetric(f"{self.prefix}_top1_agreement", sum(self.agree) / len(self.agree),
+                          "share of steps where both top-1 tokens agree"),
+            DecoderMetric(f"{self.prefix}_first_divergence", self.divergence,
+                          f"first step where the {self.who}'s top-1 differs from the chosen token (-1: none)"),
+        ]
 
 
 class Rows:

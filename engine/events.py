@@ -407,6 +407,32 @@ class Steering(Record):
 
 
 @dataclass(frozen=True)
+class VariantStep(Record):
+    """A model variant (quantised, pruned, searched, ...) beside its base at one decoding step: the variant chose the
+    token, the base read the same tokens teacher-forced with its own cache.
+
+    ``kl`` = KL(p_base || p_variant) of the raw next-token distributions, in nats. Ranks count from 1 over a raw
+    distribution, ties ranking first: ``base_top_rank`` is the rank of the base's top-1 token under the variant (1: the
+    variant's top-1 too), ``token_base_rank`` the rank of the chosen token under the base (1: the base's greedy choice).
+    """
+
+    kind: ClassVar[str] = "variant"
+    step: int
+    variant: str
+    kl: float
+    top1_agree: bool
+    base_top: TokenId
+    variant_top: TokenId
+    base_top_rank: int
+    token_base_rank: int
+    token_base_logprob: float  # log p_base(chosen token): its mean negated is the base's cross-entropy on the text
+    base_entropy: float  # nats, raw distributions
+    variant_entropy: float
+    model_calls: int = 1  # the base's forward
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class RunFinished(Record):
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
@@ -415,7 +441,7 @@ class RunFinished(Record):
 
 Event = Union[
     RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, Rerank,
-    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, RunFinished,
+    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, VariantStep, RunFinished,
 ]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 

@@ -23,6 +23,7 @@ from engine.speculative.truncated import truncated_model
 # Draft models by (name, dtype, device), kept so repeated runs (benchmarks, the app) do not reload them.
 _DRAFT_MODELS: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
 MAX_DRAFT_MODELS = 8  # the least recently used is dropped: names typed per request do not pile up in memory
+TOKENIZER_PROBES = 1024  # token ids compared to tell another tokenizer of the same size (it differs at most ids)
 
 
 SCHEDULES = ("constant", "heuristic", "confidence")
@@ -115,18 +116,36 @@ def same_tokenizer_model(ctx: DecodeContext, name: str, layers: int, name_param:
             return truncated_model(ctx.model, layers)
         except ValueError as error:
             raise ParamError(str(error).replace("num_layers", layers_param)) from None
-    model = load_draft_model(name, ctx.model)
-    if model.vocab_size != ctx.model.vocab_size:
+    return tokenizer_twin(name, ctx.model, name_param)
+
+
+def tokenizer_twin(name: str, target: LoadedModel, name_param: str) -> LoadedModel:
+    """The model ``name`` loaded beside ``target`` (:func:`load_draft_model`), refused unless its token ids mean the
+    target's tokens: the same vocabulary size, and the same tokens at TOKENIZER_PROBES ids spread over it."""
+    model = load_draft_model(name, target, role=name_param)
+    if model.vocab_size != target.vocab_size:
         raise ParamError(
-            f"{name_param} {name!r} has a vocabulary of {model.vocab_size}, the target {ctx.model.vocab_size}: "
+            f"{name_param} {name!r} has a vocabulary of {model.vocab_size}, the target {target.vocab_size}: "
             "it needs the target's tokenizer"
+        )
+    if model.tokenizer is not target.tokenizer and _probed_tokens(model) != _probed_tokens(target):
+        raise ParamError(
+            f"{name_param} {name!r} has the target's vocabulary size but another tokenizer (its token ids stand for "
+            "other tokens): it needs the target's tokenizer"
         )
     return model
 
 
-def load_draft_model(name: str, target: LoadedModel) -> LoadedModel:
+def _probed_tokens(model: LoadedModel) -> tuple[int, list[str]]:
+    """The tokenizer's length and its tokens at TOKENIZER_PROBES ids spread evenly (comparing all ~0.1 s per 50k)."""
+    size = len(model.tokenizer)
+    return size, model.tokenizer.convert_ids_to_tokens(list(range(0, size, max(1, size // TOKENIZER_PROBES))))
+
+
+def load_draft_model(name: str, target: LoadedModel, role: str = "draft model") -> LoadedModel:
     """The model ``name`` in ``target``'s dtype and on its device (a draft's forwards run beside the target's), kept
-    loaded while it is among the MAX_DRAFT_MODELS used last (runs reuse it round after round)."""
+    loaded while it is among the MAX_DRAFT_MODELS used last (runs reuse it round after round); ``role`` names it in
+    errors."""
     if not name:
         raise ParamError("draft_model must name a model: a built-in, a local folder or a Hub id")
     key = (canonical_name(name), target.dtype_name, str(target.device))
@@ -135,7 +154,7 @@ def load_draft_model(name: str, target: LoadedModel) -> LoadedModel:
         try:
             model = load_model(key[0], dtype=key[1], device=key[2])
         except ModelError as error:
-            raise ParamError(f"cannot load draft model {name!r}: {error}") from None
+            raise ParamError(f"cannot load {role} {name!r}: {error}") from None
     _DRAFT_MODELS[key] = model
     _DRAFT_MODELS.move_to_end(key)
     while len(_DRAFT_MODELS) > MAX_DRAFT_MODELS:  # a run still drafting keeps its model: only the cache lets go

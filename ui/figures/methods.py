@@ -1,7 +1,8 @@
 """The method-specific views: which figures a run's own events call for, at the step the slider is on.
 
-Token-level runs (GIFT, AdaDec, momentum, KV-cache compression) walk their output positions; superposed decoding
-and constrained sampling walk their own steps; best-of-N and exact-extract have one decision per run.
+Token-level runs (GIFT, AdaDec, momentum, KV-cache compression, a model variant beside its base) walk their output
+positions; superposed decoding and constrained sampling walk their own steps; best-of-N and exact-extract have one
+decision per run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ui.figures.rerank import rerank_figure, rerank_timeline_figure
 from ui.figures.spans import spans_figure
 from ui.figures.steering import saliency_figure, steering_figure
 from ui.figures.superposed import candidates_figure, drafts_figure
+from ui.figures.variants import variant_entropy_figure, variant_kl_figure
 
 Figures = tuple[go.Figure | None, go.Figure | None]
 
@@ -34,6 +36,8 @@ def method_figures(trace: Trace, position: int) -> Figures:
         return saliency_figure(trace), steering_figure(trace, position)
     if "cache" in kinds:
         return eviction_map_figure(trace, position), cache_kl_figure(trace, position)
+    if "variant" in kinds:
+        return variant_kl_figure(trace, position), variant_entropy_figure(trace, position)
     if "superposed" in kinds:
         return drafts_figure(trace), candidates_figure(trace, position)
     if "constraint" in kinds:

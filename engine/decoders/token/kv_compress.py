@@ -9,18 +9,18 @@ policies live in :mod:`engine.kv_compress`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+
 from engine.attention import AttentionHooks
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
-from engine.decoding import Step, TokenHook, autoregressive
+from engine.decoding import Step, Tally, TokenHook, autoregressive
 from engine.events import CacheStep, DecoderMetric, Event
 from engine.kv_compress import POLICIES, CacheShape, make_policy
 from engine.params import Param
-from engine.processing import build_pipeline, kl_divergence, sample
+from engine.processing import build_pipeline, sample
 from engine.speculative.cache import PrefixCache
 
 PARAMS = (
@@ -51,28 +51,6 @@ PARAMS = (
 )
 
 
-@dataclass
-class Tally:
-    """Running comparison with the full cache, for the run's metrics."""
-
-    kls: list[float] = field(default_factory=list)
-    agree: list[bool] = field(default_factory=list)
-    kept: list[float] = field(default_factory=list)
-    divergence: int = -1
-
-    def metrics(self) -> list[DecoderMetric]:
-        """The run's summary (none before the first step has been compared)."""
-        if not self.kls:
-            return []
-        return [
-            DecoderMetric("cache_mean_kl", np.mean(self.kls), "mean KL(p_full || p_compressed) per step, nats"),
-            DecoderMetric("cache_top1_agreement", np.mean(self.agree), "share of steps where both top-1 tokens agree"),
-            DecoderMetric("cache_first_divergence", self.divergence,
-                          "first step where the full cache's top-1 differs from the chosen token (-1: none)"),
-            DecoderMetric("cache_mean_kept_fraction", np.mean(self.kept), "mean share of the cache kept exact"),
-        ]
-
-
 class CompressedCache(TokenHook):
     """The loop's cache is the compressed one (the policy's hooks hide or approximate its keys); a reference cache of
     the same model, teacher-forced on the chosen tokens, gives each step's full distribution."""
@@ -85,7 +63,8 @@ class CompressedCache(TokenHook):
         self.stages = build_pipeline({"temperature": params["temperature"]}) if self.sampling else ()
         self.generator = ctx.generator
         self.reference = PrefixCache(ctx.model)
-        self.tally = Tally()
+        self.tally = Tally("cache", "full", "compressed", "full cache")
+        self.kept: list[float] = []
 
     def start(self, ctx: DecodeContext) -> Iterator[Event]:
         self.model.use_explorer_attention()  # both runs: the same attention arithmetic, hooks only on the compressed one
@@ -100,28 +79,29 @@ class CompressedCache(TokenHook):
 
     def report(self, step: Step, token: int) -> Iterator[Event]:
         began = time.perf_counter()
-        policy, tally = self.policy, self.tally
+        policy = self.policy
         evicted = policy.evicted(self.length)
         policy.update(step.cache.cache, self.length)
         full = self.reference.forward(self.reference.sync(step.context), keep=1).logits[0, -1]
-        kl = kl_divergence(full, step.logits)
-        full_top = int(full.argmax())
-        agree = full_top == int(step.processed.raw_logprobs[0].argmax())
-        tally.kls.append(kl)
-        tally.agree.append(agree)
-        tally.kept.append(1.0 - float(evicted.mean()))
-        if tally.divergence < 0 and full_top != token:
-            tally.divergence = step.position
+        kl, _, agree = self.tally.add(step.position, full, step.logits, token)
+        self.kept.append(1.0 - float(evicted.mean()))
         yield CacheStep(
-            step=step.position, policy=policy.name, kl=kl, top1_agree=agree, kept_fraction=tally.kept[-1],
+            step=step.position, policy=policy.name, kl=kl, top1_agree=agree, kept_fraction=self.kept[-1],
             evicted=evicted.astype(np.float16).tobytes(), error=policy.error, model_calls=1,  # the reference forward
             seconds=time.perf_counter() - began,
         )
 
+    def metrics(self) -> list[DecoderMetric]:
+        """The comparison's summary and the mean share of the cache kept exact."""
+        if not self.kept:
+            return []
+        kept = DecoderMetric("cache_mean_kept_fraction", np.mean(self.kept), "mean share of the cache kept exact")
+        return [*self.tally.metrics(), kept]
+
 
 def kv_compress(ctx: DecodeContext) -> Iterator[Event]:
     hook = CompressedCache(ctx)
-    ctx.on_finish(hook.tally.metrics)
+    ctx.on_finish(hook.metrics)
     return autoregressive(ctx, hook)
 
 
