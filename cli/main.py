@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="an image file for a vision-language model's prompt (greedy, sampling, gift)")
     p.add_argument("--attention-max-mb", type=_checked(ATTENTION_MAX_MB), default=ATTENTION_MAX_MB.default,
                    help="attention storage budget of the run")
+    p.add_argument("--ffn-sparsity", action="store_true",
+                   help="record each layer's FFN activation sparsity per token (token level, and chunk level)")
+    p.add_argument("--ffn-threshold", type=float, help="a neuron is inactive when |activation| <= this share of the "
+                   "token's largest in its layer (default 0.01; 0: exact zeros only)")
+    p.add_argument("--ffn-absolute", action="store_true", help="--ffn-threshold in activation units, not a share")
+    p.add_argument("--ffn-chunk", type=int, help="tokens per chunk of the chunk-level sparsity (default 8)")
     p.add_argument("--db", help="SQLAlchemy URL (default: $DECODING_EXPLORER_DB or a SQLite file in the user data dir)")
     p.add_argument("--no-save", action="store_true", help="do not store the trace")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -306,6 +312,18 @@ def _decoders_list(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- record
 
 
+def _ffn_capture(args: argparse.Namespace) -> Any:
+    """The FFN sparsity capture the record flags ask for (None without --ffn-sparsity), checked by its schema."""
+    from engine.ffn import FfnCapture
+
+    given = {"threshold": args.ffn_threshold, "chunk": args.ffn_chunk}
+    if not args.ffn_sparsity:
+        if any(v is not None for v in given.values()) or args.ffn_absolute:
+            raise ParamError("--ffn-threshold, --ffn-absolute and --ffn-chunk need --ffn-sparsity")
+        return None
+    return FfnCapture(relative=not args.ffn_absolute, **{k: v for k, v in given.items() if v is not None})
+
+
 def _record(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -328,6 +346,7 @@ def _record(args: argparse.Namespace) -> int:
         stop=args.stop,
         record_top_k=args.record_top_k,
         attention=capture,
+        ffn=_ffn_capture(args),
         image=args.image,
         branch=branch,
     )

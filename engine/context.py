@@ -14,6 +14,7 @@ import torch
 
 from engine.attention import AttentionCapture
 from engine.events import DecoderMetric
+from engine.ffn import FfnCapture
 from engine.models.handle import LoadedModel
 
 Summary = Callable[[], Iterable[DecoderMetric]]
@@ -31,6 +32,7 @@ class DecodeContext:
     generator: torch.Generator
     record_top_k: int = 20
     attention: AttentionCapture | None = None
+    ffn: FfnCapture | None = None  # FFN activation sparsity per token (engine/ffn.py)
     cancel: threading.Event = field(default_factory=threading.Event)
     prompt_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra inputs of the prefill (VLM pixels)
     summaries: list[Summary] = field(default_factory=list)  # called by the runner at the end, see on_finish

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -10,7 +11,14 @@ import torch
 
 from engine.attention import AttentionHooks, attention_hooks
 from engine.context import DecodeContext
-from engine.events import AttentionMap, Candidate, DecoderMetric, Event, TokenStep
+from engine.events import (
+    AttentionMap,
+    Candidate,
+    DecoderMetric,
+    Event,
+    FfnSparsity,
+    TokenStep,
+)
 from engine.models.handle import ForwardResult
 from engine.processing import (
     Processed,
@@ -120,16 +128,23 @@ class Sampled(TokenHook):
 
 def captured_forward(
     ctx: DecodeContext, forward: Callable[[], ForwardResult], *, step: int, queries: list[int],
-    steer: AttentionHooks | None = None,
-) -> tuple[ForwardResult, AttentionMap | None]:
-    """Run ``forward`` under the steering hooks and, when the run captures attention, the capture's: the result and
-    the map of its ``queries`` rows (None without capture or once its byte budget is spent)."""
-    capture = ctx.attention
+    steer: AttentionHooks | None = None, outputs: Sequence[int] | None = None,
+) -> tuple[ForwardResult, list[AttentionMap | FfnSparsity]]:
+    """Run ``forward`` under the steering hooks and the run's captures: the result and the captured events, the
+    attention map of its ``queries`` rows (absolute positions, the forward's last rows) and the FFN sparsity of the
+    rows predicting the output positions ``outputs`` (default: the one its last row predicts). No event without a
+    capture or once its budget is spent."""
+    capture, ffn = ctx.attention, ctx.ffn
     if capture is not None:
         ctx.model.use_explorer_attention()
-    with attention_hooks(steer, capture.hooks() if capture is not None else None):
+    if outputs is None:
+        outputs = [queries[-1] - len(ctx.prompt_ids) + 1]
+    rows_back = [queries[-1] - (len(ctx.prompt_ids) - 1 + position) for position in outputs]
+    with attention_hooks(steer, capture.hooks() if capture is not None else None), \
+            ffn.observing(ctx.model.model, rows_back) if ffn is not None else nullcontext():
         out = forward()
-    return out, None if capture is None else capture.take(step=step, query_positions=queries)
+    attention_map = None if capture is None else capture.take(step=step, query_positions=queries)
+    return out, ([] if attention_map is None else [attention_map]) + ([] if ffn is None else ffn.take(step, outputs))
 
 
 def autoregressive(ctx: DecodeContext, hook: TokenHook) -> Iterator[Event]:
@@ -144,7 +159,7 @@ def autoregressive(ctx: DecodeContext, hook: TokenHook) -> Iterator[Event]:
         began = time.perf_counter()
         cache = hook.cache(own)
         feed = cache.sync(context)
-        out, attention_map = captured_forward(
+        out, captured = captured_forward(
             ctx, lambda: cache.forward(feed, inputs=ctx.prompt_inputs if position == 0 else None, keep=1), step=position,
             queries=list(range(len(context) - len(feed), len(context))), steer=hook.steer(len(context)),
         )
@@ -152,8 +167,7 @@ def autoregressive(ctx: DecodeContext, hook: TokenHook) -> Iterator[Event]:
         step = Step(position, context, out.logits[0, -1], process(out.logits[:, -1, :], hook.stages, context_ids), cache)
         seconds = time.perf_counter() - began  # a hook's own work (a look-ahead) is timed on its own events
         token = hook.choose(step)
-        if attention_map is not None:  # before the token: the runner may stop right after it
-            yield attention_map
+        yield from captured  # before the token: the runner may stop right after it
         yield from hook.report(step, token)
         event = token_event(step.processed, token, step=position, position=position, top_k=ctx.record_top_k,
                             seconds=seconds, model_calls=hook.model_calls, **hook.fields())

@@ -433,6 +433,23 @@ class VariantStep(Record):
 
 
 @dataclass(frozen=True)
+class FfnSparsity(Record):
+    """FFN activation sparsity of one output token, per decoder layer (BlockFFN's measures; see engine/ffn.py).
+
+    ``token_level[l]``: the share of layer l's FFN neurons inactive for the token. ``chunk_level[l]``: the share
+    inactive for every token of the chunk this token completes (fixed chunks of ``chunk`` output positions, as in
+    the run's settings), None at a token that completes none. ``step`` is the decoder step, ``position`` the output
+    position whose token the activations predicted.
+    """
+
+    kind: ClassVar[str] = "ffn_sparsity"
+    step: int
+    position: int
+    token_level: list[float]
+    chunk_level: list[float] | None = None
+
+
+@dataclass(frozen=True)
 class RunFinished(Record):
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
@@ -441,7 +458,7 @@ class RunFinished(Record):
 
 Event = Union[
     RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, Rerank,
-    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, VariantStep, RunFinished,
+    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, VariantStep, FfnSparsity, RunFinished,
 ]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 

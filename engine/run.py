@@ -14,6 +14,7 @@ from engine.attention import AttentionCapture
 from engine.context import DecodeContext, Summary
 from engine.decoders import all_decoders, get_decoder
 from engine.events import Event, RunFinished, RunStarted
+from engine.ffn import FfnCapture
 from engine.limits import Limits, RunGuard, RunStopped, check_request
 from engine.models.handle import LoadedModel
 from engine.models.vision import encode_with_image
@@ -63,6 +64,7 @@ class RunSettings:
     record_top_k: int = 20
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     attention: AttentionCapture | None = None
+    ffn: FfnCapture | None = None  # FFN activation sparsity per token
     image: str | None = None  # an image file for a vision-language model's prompt
     branch: BranchPoint | None = None  # start from a token of a stored run instead of the prompt text
     extra: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +119,8 @@ class Run:
         _check_context(model, len(self.prompt_ids), self.settings.max_new_tokens)
         if self.settings.attention is not None:
             self.settings.attention.check(model.num_layers, model.model.config.get_text_config().num_attention_heads)
+        if self.settings.ffn is not None:
+            self.settings.ffn.check(model.model)
         if limits is not None:  # the operator's caps, before any model work
             check_request(self.spec, self.params, self.settings, len(self.prompt_ids), limits)
         # checked before every model call: a cancel or a spent time budget stops the run within one call
@@ -194,6 +198,7 @@ class Run:
             generator=generator,
             record_top_k=self.settings.record_top_k,
             attention=self.settings.attention,
+            ffn=self.settings.ffn,
             cancel=self.cancel_event,
             prompt_inputs=self.prompt_inputs,
             summaries=self._summaries,
@@ -308,6 +313,7 @@ def _settings_dict(settings: RunSettings) -> dict[str, Any]:
         "stop": list(settings.stop),
         "record_top_k": settings.record_top_k,
         "attention": None if capture is None else {"layers": capture.layers, "heads": capture.heads, "max_bytes": capture.max_bytes},
+        "ffn": None if settings.ffn is None else settings.ffn.settings(),
         "image": Path(settings.image).name if settings.image else None,
         **settings.extra,
     }

@@ -9,6 +9,7 @@ import gradio as gr
 
 from engine.attention import AttentionCapture
 from engine.decoders import all_decoders, get_decoder
+from engine.ffn import FfnCapture
 from engine.params import Param, ParamError
 from engine.run import BranchPoint, RunSettings
 
@@ -28,6 +29,7 @@ class RunForm:
     seed: Any = 0  # as the page sent it: RunSettings.check types and checks it
     max_new_tokens: Any = 64
     attention: str = "none"
+    ffn: bool = False  # capture FFN activation sparsity, with the capture's default rule
     image: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -36,7 +38,8 @@ class RunForm:
             raise ParamError("type a prompt first")
         capture = None if self.attention in ("", "none") else AttentionCapture(layers=self.attention)
         return RunSettings(max_new_tokens=self.max_new_tokens, seed=self.seed, chat=bool(self.chat),
-                           attention=capture, image=self.image or None, branch=branch)
+                           attention=capture, ffn=FfnCapture() if self.ffn else None, image=self.image or None,
+                           branch=branch)
 
 
 def family_rank(family: str) -> int:

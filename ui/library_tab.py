@@ -18,7 +18,7 @@ from ui.context import AppContext, status_html, user_errors
 from ui.form import decoder_choices
 from ui.run_tab import RunTab
 from ui.step_tools import build_step_tools, step_outputs, wire_step_tools
-from ui.views import COLOR_CHOICES, Views, build_views, light_values, selected_step_values, step_count, view_values
+from ui.views import COLOR_CHOICES, HEAVY_OUTPUTS, Views, build_views, light_values, selected_step_values, step_count, view_values
 
 RUN_TABLE_LIMIT = 200
 RUN_ID_CHARS = 12  # the table shows an id prefix (the store resolves prefixes); the whole id is in the run box
@@ -126,7 +126,7 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
                 next_full = time.monotonic() + REPLAY_FULL_INTERVAL
                 yield view_values(trace, pos, color)
             else:
-                yield [*light_values(trace, pos, color), *[gr.skip()] * 5]
+                yield [*light_values(trace, pos, color), *[gr.skip()] * HEAVY_OUTPUTS]
         if paused.is_set():
             yield view_values(trace, pos, color)
 

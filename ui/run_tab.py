@@ -16,7 +16,7 @@ from ui.session import LiveRun
 from engine.run import BranchPoint
 from engine.trace import Trace
 from ui.step_tools import StepTools, branch_settings, build_step_tools, wire_step_tools
-from ui.views import COLOR_CHOICES, Views, build_views, light_values, selected_step_values, view_values
+from ui.views import COLOR_CHOICES, HEAVY_OUTPUTS, Views, build_views, light_values, selected_step_values, view_values
 
 DEFAULT_DECODER = "top_p"
 DEFAULT_PROMPT = "Explain entropy in one sentence."
@@ -51,7 +51,7 @@ def stream(live: LiveRun, color: str) -> Iterator[list[Any]]:
                 break  # the final update below says how it ended: no earlier message may claim it
             if now - last_light >= LIGHT_INTERVAL:
                 last_light = now
-                yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * 5, status_html(live.trace)]
+                yield [*light_values(live.trace, None, color, live=True), *[gr.skip()] * HEAVY_OUTPUTS, status_html(live.trace)]
         yield [*view_values(live.trace, None, color), status_html(live.trace, live.paused)]
 
 
@@ -76,6 +76,8 @@ def build_run_tab(app: AppContext) -> RunTab:
                                            elem_id="max-new-tokens")
                     attention = gr.Dropdown(ATTENTION_CHOICES, value="none", label="Attention capture (layers)",
                                             interactive=True, elem_id="attention")
+                    ffn = gr.Checkbox(value=False, label="FFN sparsity capture", interactive=True, elem_id="ffn-capture",
+                                      info="each layer's share of inactive FFN neurons, per token and per chunk of tokens")
                 with gr.Accordion("Image (vision-language models)", open=False):
                     image = gr.Image(type="filepath", label="Image (decoders greedy, sampling, gift)", height=160,
                                      interactive=True, elem_id="image")
@@ -96,7 +98,7 @@ def build_run_tab(app: AppContext) -> RunTab:
         tools = build_step_tools("live")
         model_timer = gr.Timer(1.0, active=not app.replay_only)
     tab = RunTab(views, run_status, color_by, tools)
-    form_inputs = {model_box, decoder, prompt, chat, seed, max_tokens, attention, image, color_by}
+    form_inputs = {model_box, decoder, prompt, chat, seed, max_tokens, attention, ffn, image, color_by}
 
     def live_or_new(request: gr.Request, form: RunForm) -> LiveRun:
         live = app.live.get(request.session_hash)
@@ -121,7 +123,7 @@ def build_run_tab(app: AppContext) -> RunTab:
             def read(values: dict) -> RunForm:
                 return RunForm(model=values[model_box], decoder=name, prompt=values[prompt], chat=values[chat],
                                seed=values[seed] or 0, max_new_tokens=values[max_tokens],
-                               attention=values[attention], image=values[image],
+                               attention=values[attention], ffn=values[ffn], image=values[image],
                                params={p.name: values[w] for p, w in zip(spec.params, widgets)})
 
             @user_errors

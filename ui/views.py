@@ -20,6 +20,7 @@ from ui.figures.diffusion import (
     DIFFUSION_TABLE_HEADERS, DIFFUSION_TABLE_TYPES, committed_per_step_figure, diffusion_canvas_html,
     diffusion_step_table, step_lattice_figure, step_summary,
 )
+from ui.figures.ffn import ffn_events, ffn_sparsity_figure
 from ui.figures.methods import method_figures, method_step_count
 from ui.figures.rounds import ROUND_TABLE_HEADERS, ROUND_TABLE_TYPES, round_probs_figure, round_table, rounds_stream_html
 
@@ -40,9 +41,13 @@ class Views:
     detail: gr.Plot
     extra: gr.Plot
     table: gr.Dataframe
+    ffn: gr.Plot  # FFN activation sparsity, for runs that captured it
 
     def outputs(self) -> list[Any]:
-        return [self.stream, self.position, self.primary, self.secondary, self.detail, self.extra, self.table]
+        return [self.stream, self.position, self.primary, self.secondary, self.detail, self.extra, self.table, self.ffn]
+
+
+HEAVY_OUTPUTS = 6  # the outputs after the stream and the slider: skipped by a light update
 
 
 def build_views(name: str) -> Views:
@@ -53,9 +58,10 @@ def build_views(name: str) -> Views:
         secondary = gr.Plot(show_label=False, elem_id=f"{name}-timeline", visible=False)
         detail = gr.Plot(show_label=False, elem_id=f"{name}-detail", visible=False)
     extra = gr.Plot(show_label=False, elem_id=f"{name}-extra", visible=False)
+    ffn = gr.Plot(show_label=False, elem_id=f"{name}-ffn", visible=False)
     table = gr.Dataframe(headers=figures.STEP_TABLE_HEADERS, datatype=STEP_TABLE_TYPES, label=CANDIDATES_LABEL,
                          interactive=False, wrap=True, elem_id=f"{name}-table")
-    return Views(stream, position, primary, secondary, detail, extra, table)
+    return Views(stream, position, primary, secondary, detail, extra, table, ffn)
 
 
 def step_count(trace: Trace) -> int:
@@ -71,9 +77,15 @@ def view_values(trace: Trace | None, position: int | None, color_by: str) -> lis
     if trace is None:
         return ["<p><i>No run selected.</i></p>", gr.Slider(0, 1, value=0), _shown(None), _shown(None), _shown(None),
                 _shown(None),
-                _table([], figures.STEP_TABLE_HEADERS, STEP_TABLE_TYPES)]
+                _table([], figures.STEP_TABLE_HEADERS, STEP_TABLE_TYPES), _shown(None)]
     position, last = _clamp(trace, position)
     slider = gr.Slider(0, max(last, 1), value=position, step=1)
+    ffn = ffn_sparsity_figure(trace, selected=position) if ffn_events(trace) else None
+    return [*_kind_values(trace, position, slider, color_by), _shown(ffn)]
+
+
+def _kind_values(trace: Trace, position: int, slider: Any, color_by: str) -> list[Any]:
+    """The run kind's views: the first seven of :meth:`Views.outputs`."""
     if not figures.token_steps(trace):
         if figures.draft_rounds(trace):
             return _round_values(trace, position, slider)

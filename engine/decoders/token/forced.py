@@ -22,11 +22,12 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
         raise ParamError("forced decoding needs a non-empty continuation (--param continuation=TEXT)")
     start = time.perf_counter()
     ids = torch.tensor([ctx.prompt_ids + target])
-    out, attention_map = captured_forward(ctx, lambda: ctx.model.forward(ids, ctx.model.new_cache()), step=0,
-                                          queries=list(range(ids.shape[1])))
+    out, captured = captured_forward(ctx, lambda: ctx.model.forward(ids, ctx.model.new_cache()), step=0,
+                                     queries=list(range(ids.shape[1])), outputs=range(len(target)))
     first = len(ctx.prompt_ids) - 1
     processed = process(out.logits[0, first : first + len(target), :], stages=())
     seconds = time.perf_counter() - start
+    yield from captured  # before the tokens: the runner stops right after the last one
     for position, token_id in enumerate(target):
         yield token_event(
             processed,
@@ -39,8 +40,6 @@ def forced(ctx: DecodeContext) -> Iterator[Event]:
             model_calls=1 if position == 0 else 0,
             seconds=seconds if position == 0 else 0.0,
         )
-    if attention_map is not None:
-        yield attention_map
 
 
 SPEC = register(
