@@ -106,7 +106,7 @@ def variant_kl_figure(trace: Trace, selected_step: int | None = None) -> go.Figu
         fig.add_shape(type="line", x0=selected_step, x1=selected_step, xref="x", y0=0, y1=1, yref="paper",
                       name="selected", line={"color": TEXT_COLOR, "width": 2})
     fig.update_yaxes(title_text="KL (nats)", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(title_text="rank (1 = top)", type="log", row=2, col=1)
+    fig.update_yaxes(title_text="rank (1 = top)", type="log", dtick=1, row=2, col=1)  # ticks at 1, 10, 100, ...
     fig.update_xaxes(title_text="decode step", row=2, col=1)
     agreement = sum(s.top1_agree for s in steps) / len(steps)
     where = f"first divergence at step {diverge} (dashed)" if diverge is not None else "no divergence"
