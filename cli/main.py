@@ -181,6 +181,13 @@ def _parser() -> argparse.ArgumentParser:
                          "each check in its own process")
     p.add_argument("--events", type=int, default=1_000_000, help="events of the long trace")
     p.add_argument("--workdir", help="folder for the inputs and databases, kept to reuse the long trace "
+    p = bench.add_parser("hyperfit", help="a model against its hyperfitted variant: greedy repetition and entropy, "
+                         "one run")
+    _model_args(p)
+    p.add_argument("--variant", default="assets/models/hyperfit-smollm2", help="the hyperfitted variant's folder")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts (half reference text, half answers)")
+    p.add_argument("--tokens", type=int, default=192, help="greedy tokens per prompt")
+    p.set_defaults(handler=_bench_hyperfit)
                    "(default: a temporary folder)")
     p.add_argument("--check", action="append", default=[], help="run only this check (repeatable; default: all)")
     p.set_defaults(handler=_bench_reliability)
@@ -509,6 +516,15 @@ def _bench_kv(args: argparse.Namespace) -> None:
 
     settings = [s for s in args.settings.split(",") if s] or bench_kv.DEFAULT_SETTINGS
     bench_kv.main(_load(args), settings=settings, tokens=args.tokens)
+
+def _bench_hyperfit(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cli import bench_hyperfit
+
+    variant = argparse.Namespace(**{**vars(args), "model": args.variant})
+    bench_hyperfit.main(_load(args), _load(variant), Path(args.variant), count=args.prompts, tokens=args.tokens)
+
 
 
 def _bench_reliability(args: argparse.Namespace) -> None:

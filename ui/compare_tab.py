@@ -24,6 +24,7 @@ def build_compare_tab(app: AppContext, library: LibraryTab) -> None:
         note = gr.HTML(elem_id="compare-note")
         aligned = gr.HTML(elem_id="compare-aligned")
         divergence = gr.Plot(show_label=False, elem_id="compare-divergence")
+        sharpness = gr.Plot(show_label=False, elem_id="compare-sharpness")
         costs = gr.Dataframe(label="Speed and cost", interactive=False, elem_id="compare-costs")
 
     def labelled_runs(session: str) -> list[tuple[str, str]]:
@@ -54,16 +55,17 @@ def build_compare_tab(app: AppContext, library: LibraryTab) -> None:
         return [picker, note, *_compared([parent_view, branch]), gr.Tabs(selected="compare")]
 
     library.runs_table.change(choices, None, compare_ids)
-    compare_button.click(compare, compare_ids, [note, aligned, divergence, costs])
+    compare_button.click(compare, compare_ids, [note, aligned, divergence, sharpness, costs])
     library.compare_parent.click(compare_with_parent, library.run_id,
-                                 [compare_ids, note, aligned, divergence, costs, app.tabs])
+                                 [compare_ids, note, aligned, divergence, sharpness, costs, app.tabs])
 
 
 def _compared(traces: list[Trace]) -> list[Any]:
     defaults = param_defaults()
     rows = figures.cost_table(traces, defaults)
     table = gr.Dataframe(value=[list(r.values()) for r in rows], headers=list(rows[0])) if rows else None
-    return [figures.aligned_tokens_html(traces, defaults=defaults), figures.divergence_figure(traces, defaults), table]
+    return [figures.aligned_tokens_html(traces, defaults=defaults), figures.divergence_figure(traces, defaults),
+            figures.sharpness_figure(traces, defaults), table]
 
 
 def aligned_at_branch(parent: Trace, branch: Trace) -> tuple[Trace, int, int]:

@@ -6,6 +6,7 @@ from ui.figures.distribution import distribution_figure
 from ui.figures.timeline import entropy_figure, entropy_sparkline_html
 from ui.figures.attention import attention_figure, attention_layers, attention_steps
 from ui.figures.compare import aligned_tokens_html, cost_table, divergence_figure, first_divergence
+from ui.figures.sharpness import sharpness_figure
 from ui.figures.trees import (
     BEAM_HYPOTHESES_HEADERS, BEAM_HYPOTHESES_TYPES, acceptance_by_depth, acceptance_figure, beam_final_text,
     beam_hypotheses, beam_tree_figure, best_hypothesis, draft_rounds, draft_tree_figure,
