@@ -34,6 +34,7 @@ from engine.models.registry import (
     unknown_model_message,
 )
 from engine.models.tiny import ARCHITECTURES, build_tiny
+from engine.models.variant_store import find_variant
 from engine.models.vision import TINY_VLM, build_tiny_vlm, is_vision_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +59,12 @@ def load_model(
     torch_dtype = _torch_dtype(dtype)
     report = progress or _to_stderr
     name, _, options = spec.partition(":")
-    if name == TINY_VLM:
+    variant = find_variant(spec)
+    if variant is not None:
+        from engine.models.variants import load_variant  # it loads its base through this function
+
+        loaded = load_variant(variant, dtype, attn_implementation, report)
+    elif name == TINY_VLM:
         seed = _seed(spec, options)
         model, processor = build_tiny_vlm(seed, torch_dtype)
         loaded = LoadedModel(spec, model, processor.tokenizer, "random", {"seed": seed}, processor=processor)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.models.cache import is_cached
 from engine.models.errors import ModelError
+from engine.models.variant_store import saved_variants
 
 
 @dataclass
@@ -144,7 +145,7 @@ def train_command(name: str) -> str:
 
 
 def list_models() -> list[ModelEntry]:
-    """Every built-in model, and whether it can be loaded without a network right now."""
+    """Every built-in model and saved variant, and whether it can be loaded without a network right now."""
     return [_gguf_entry(entry) for entry in GGUF_BUILTINS.values()] + [
         ModelEntry(name, RANDOM_DESCRIPTIONS[name], "random", True, False, "≈0.1M parameters", "built in")
         for name in RANDOM_DESCRIPTIONS
@@ -152,7 +153,16 @@ def list_models() -> list[ModelEntry]:
         ModelEntry(name, description, "asset", (asset_model_dir(name) / "config.json").is_file(), False,
                    "≈0.56M parameters, 1.1 MB", train_command(name))
         for name, description in ASSET_DESCRIPTIONS.items()
+    ] + [
+        ModelEntry(record["name"], f"{record['method']} variant of {record['base']}", "variant", True, True,
+                   f"{record['size_bytes'] / 1e6:.1f} MB beside its base", f"saved at {record['path']}")
+        for record in saved_variants()
     ]
+
+
+def model_names() -> list[str]:
+    """The names a model picker offers: the built-ins, then the saved variants."""
+    return [*BUILTIN_NAMES, *(record["name"] for record in saved_variants())]
 
 
 def _gguf_entry(entry: GgufBuiltin) -> ModelEntry:
