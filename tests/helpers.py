@@ -34,6 +34,7 @@ from engine.events import (
     DraftRound,
     Event,
     Output,
+    PromptPassages,
     Rerank,
     Resampling,
     RunFinished,
@@ -44,6 +45,7 @@ from engine.events import (
     Steering,
     SuperposedStep,
     TokenStep,
+    VariantStep,
 )
 from engine.models.handle import LoadedModel
 from engine.offline.waitline_tokenizer import build_tokenizer
@@ -451,8 +453,11 @@ def every_kind_trace() -> Trace:
                        log_weight_increment=-0.25, log_weight=-INF),
         Resampling(step=8, ess=1.5, log_weights=[-0.1, -INF], ancestors=[0, 0]),
         CacheStep(step=9, policy="h2o", kl=0.01, top1_agree=False, kept_fraction=0.5, evicted=b"\x00\x3c\x00\x00"),
+        VariantStep(step=9, variant="<b>v</b>", kl=INF, top1_agree=False, base_top=3, variant_top=2**40, base_top_rank=2,
+                    token_base_rank=314, token_base_logprob=-INF, base_entropy=NAN, variant_entropy=0.5),
         Steering(step=10, layers=[1], context_heads=[[0, 1]], query_heads=[[2]], ratios=[1.5],
                  context_mass_before=[0.2], context_mass_after=[0.4], plain_token_id=9, kl_from_plain=0.05),
+        PromptPassages(passages=[[0, 1], [1, 2]], question=[2, 3], passage_marker="<b>P", question_marker="Q:"),
         ATTENTION,
         Output(token_ids=[5, 7], score=-INF),
         RunFinished(status="finished", reason="end of sequence"),
