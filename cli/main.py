@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="an image file for a vision-language model's prompt (greedy, sampling, gift)")
     p.add_argument("--attention-max-mb", type=_checked(ATTENTION_MAX_MB), default=ATTENTION_MAX_MB.default,
                    help="attention storage budget of the run")
+    p.add_argument("--attention-passage-marker", default="Passage",
+                   help="lines starting with this mark retrieved passages (before the question), whose cross-passage "
+                        "attention the app shows; empty: off")
+    p.add_argument("--attention-question-marker", default="Question:", help="marks the question after the passages")
     p.add_argument("--ffn-sparsity", action="store_true",
                    help="record each layer's FFN activation sparsity per token (token level, and chunk level)")
     p.add_argument("--ffn-threshold", type=float, help="a neuron is inactive when |activation| <= this share of the "
@@ -345,7 +349,9 @@ def _record(args: argparse.Namespace) -> int:
         raise ParamError("record needs --prompt TEXT (or --branch-from RUN to continue a stored run)")
     capture = None
     if args.attention != "none":
-        capture = AttentionCapture(layers=args.attention, heads=args.attention_heads, max_bytes=int(args.attention_max_mb * 2**20))
+        capture = AttentionCapture(layers=args.attention, heads=args.attention_heads, max_bytes=int(args.attention_max_mb * 2**20),
+                                   passage_marker=args.attention_passage_marker,
+                                   question_marker=args.attention_question_marker)
     settings = RunSettings(
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,

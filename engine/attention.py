@@ -113,12 +113,16 @@ class AttentionCapture:
 
     ``layers``: "last", "mean" (over layers), "all", or comma-separated layer indices ("0,5,11"). ``heads``: "mean",
     "max", or one head's index. The budget bounds a run's attention storage whatever its length: the prompt's full
-    matrix is captured first, then one row per generated token while the budget lasts.
+    matrix is captured first, then one row per generated token while the budget lasts. A prompt with lines that
+    start with ``passage_marker`` before a ``question_marker`` gets its passages recorded (a ``PromptPassages``
+    event), so the views can show how much attention stays within a passage; an empty marker turns that off.
     """
 
     layers: str = "last"
     heads: str = "mean"
     max_bytes: int = 8 * 2**20
+    passage_marker: str = "Passage"
+    question_marker: str = "Question:"
     used_bytes: int = 0
     _rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
 

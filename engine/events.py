@@ -450,6 +450,18 @@ class FfnSparsity(Record):
 
 
 @dataclass(frozen=True)
+class PromptPassages(Record):
+    """The prompt's marked passages and question as token index ranges [start, stop), found with the tokenizer when
+    a run that captures attention starts: the attention each part gets then reads from the trace alone."""
+
+    kind: ClassVar[str] = "passages"
+    passages: list[list[int]]
+    question: list[int]  # empty (start == stop) when the prompt has no question marker
+    passage_marker: str
+    question_marker: str
+
+
+@dataclass(frozen=True)
 class RunFinished(Record):
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
@@ -458,7 +470,8 @@ class RunFinished(Record):
 
 Event = Union[
     RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, Rerank,
-    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, VariantStep, FfnSparsity, RunFinished,
+    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, VariantStep, FfnSparsity, PromptPassages,
+    RunFinished,
 ]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 

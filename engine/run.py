@@ -19,6 +19,7 @@ from engine.limits import Limits, RunGuard, RunStopped, check_request
 from engine.models.handle import LoadedModel
 from engine.models.vision import encode_with_image
 from engine.params import INT64_MAX, Param, ParamError, check_text
+from engine.prompt_spans import prompt_passages
 from engine.recorder import Recorder, TraceSink
 from engine.trace import RunInfo, Trace, new_run_id
 
@@ -188,6 +189,12 @@ class Run:
         started = RunStarted(prompt_token_ids=list(self.prompt_ids))
         self.recorder.record(started)
         yield started
+        capture = self.settings.attention
+        passages = None if capture is None else prompt_passages(self.model, self.prompt_ids, capture.passage_marker,
+                                                                capture.question_marker)
+        if passages is not None:
+            self.recorder.record(passages)
+            yield passages
         generator = torch.Generator().manual_seed(self.seed)
         ctx = DecodeContext(
             model=self.model,
@@ -312,7 +319,9 @@ def _settings_dict(settings: RunSettings) -> dict[str, Any]:
     return {
         "stop": list(settings.stop),
         "record_top_k": settings.record_top_k,
-        "attention": None if capture is None else {"layers": capture.layers, "heads": capture.heads, "max_bytes": capture.max_bytes},
+        "attention": None if capture is None else {"layers": capture.layers, "heads": capture.heads, "max_bytes": capture.max_bytes,
+                                                   "passage_marker": capture.passage_marker,
+                                                   "question_marker": capture.question_marker},
         "ffn": None if settings.ffn is None else settings.ffn.settings(),
         "image": Path(settings.image).name if settings.image else None,
         **settings.extra,

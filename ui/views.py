@@ -22,6 +22,7 @@ from ui.figures.diffusion import (
 )
 from ui.figures.ffn import ffn_events, ffn_sparsity_figure
 from ui.figures.methods import method_figures, method_step_count
+from ui.figures.passages import has_passage_attention, passages_figure
 from ui.figures.rounds import ROUND_TABLE_HEADERS, ROUND_TABLE_TYPES, round_probs_figure, round_table, rounds_stream_html
 
 COLOR_CHOICES = ["probability", "entropy", "rank"]
@@ -161,8 +162,9 @@ def _token_values(trace: Trace, position: int, slider: Any, color_by: str) -> li
     candidates = figures.distribution_figure(trace, position) if has_tokens else None
     timeline = figures.entropy_figure(trace, selected_step=position) if has_tokens else None
     attention = figures.attention_figure(trace, position) if position in figures.attention_steps(trace) else None
-    if main is None:
-        primary, secondary, detail, extra = candidates, timeline, attention, None
+    if main is None:  # a prompt of marked passages adds its cross-passage attention below, full width
+        passages = passages_figure(trace, position) if has_passage_attention(trace) else None
+        primary, secondary, detail, extra = candidates, timeline, attention, passages
     else:
         primary, secondary, detail, extra = main, side if not has_tokens else timeline, candidates, side if has_tokens else attention
     rows = figures.step_table(trace, position) if has_tokens else []

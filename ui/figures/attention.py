@@ -34,7 +34,7 @@ def attention_steps(trace: Trace) -> list[int]:
 def attention_layers(trace: Trace, step: int) -> list[str]:
     """Names of the layers kept in the step's map (``layer_index`` picks one of them), e.g. for a dropdown."""
     event = _map_at(trace, step)
-    return [] if event is None else [_layer_name(layer) for layer in event.layers]
+    return [] if event is None else [layer_name(layer) for layer in event.layers]
 
 
 def attention_figure(trace: Trace, step: int, layer_index: int = 0) -> go.Figure:
@@ -73,7 +73,7 @@ def attention_figure(trace: Trace, step: int, layer_index: int = 0) -> go.Figure
     note = window_note(first, len(event.query_positions), len(event.query_positions), noun="query rows")
     title = (
         f"Attention ({escape_token(event.name)}) at step {event.step}: which earlier tokens each query attends to<br>"
-        f"{_layer_name(event.layers[layer_index])} · heads: {escape_token(event.head_reduction)}"
+        f"{layer_name(event.layers[layer_index])} · heads: {escape_token(event.head_reduction)}"
         + (f" · {note}" if note else "")
     )
     style_figure(fig, title, height=150 + 18 * len(queries))
@@ -88,7 +88,7 @@ def _map_at(trace: Trace, step: int) -> AttentionMap | None:
     return next((m for m in attention_maps(trace) if m.step == step), None)
 
 
-def _layer_name(layer: int) -> str:
+def layer_name(layer: int) -> str:
     return "mean of all layers" if layer == -1 else f"layer {layer}"
 
 
