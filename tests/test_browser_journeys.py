@@ -280,6 +280,24 @@ def test_typed_step_and_colour_redraw_the_run_tab(app, person):
     person.locator("#live-color").get_by_text("probability").click()
 
 
+def test_marked_passages_show_their_cross_passage_attention(app, person):
+    """Type two passages and a question, capture every layer's attention, run four tokens: the stored run holds the
+    passages found, and the cross-passage view shows its three panels below the attention map."""
+    pick(person, "attention", "all")
+    _greedy_run(person, tokens=4, prompt="Passage 1: The fox lives in the mill.\nPassage 2: Paris is in France.\n"
+                                         "Question: where does the fox live?")
+    trace = TraceStore(app.db_url).load(newest_run(app).run_id)
+    passages = next(e for e in trace.events if e.kind == "passages")
+    assert [trace.text_of(trace.prompt_token_ids[a:b]) for a, b in passages.passages] == [
+        "Passage 1: The fox lives in the mill.\n", "Passage 2: Paris is in France.\n"]
+    person.wait_for_function("(document.querySelector('#live-extra .js-plotly-plot')?.layout?.title?.text || '')"
+                             ".includes('Cross-passage attention')", timeout=30_000)
+    kinds = [t["type"] for t in _plot_data(person, "live-extra")]
+    assert kinds.count("bar") == 5 and kinds.count("heatmap") == 3  # the parts; layer x step; one block per layer
+    person.locator("#live-extra").scroll_into_view_if_needed()
+    shot(person, "cross-passage-attention")
+
+
 def test_pause_says_paused_and_stops_within_a_step(app, person):
     pick(person, "decoder", "greedy", option="· greedy —")
     type_into(person, "max-new-tokens", "600")
