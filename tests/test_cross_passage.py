@@ -125,3 +125,25 @@ def test_the_token_views_show_it_only_for_marked_prompts(llama, marked):
     assert view_values(marked, 1, "probability")[extra]["visible"] is True
     plain = _run(llama, prompt="Tell me about the fox and the mill.")
     assert view_values(plain, 1, "probability")[extra]["visible"] is False
+
+
+RAG_PROMPT = """Answer the question using the passages.
+Passage 1: The red fox is a small carnivore found across the Northern Hemisphere. It lives in forests, grasslands and \
+towns, and it eats rodents, birds, fruit and insects. Foxes dig dens in the ground, where they raise their cubs in spring.
+Passage 2: Paris is the capital of France. It sits on the Seine river and is known for the Eiffel Tower, the Louvre \
+museum and its cafes. About two million people live in the city itself.
+Passage 3: Water boils at 100 degrees Celsius at sea level. At higher altitudes the air pressure is lower, so water \
+boils at a lower temperature, which makes cooking pasta take longer in the mountains.
+Question: Where do red foxes raise their cubs?"""
+
+
+@pytest.mark.real_model
+def test_a_real_model_keeps_passage_attention_block_diagonal(real_model):
+    """REFRAG's premise on SmolLM2: a later passage's tokens keep far more of their passage attention in their own
+    passage than uniform attention would (measured 64% over layers against 23%, printed for BENCHMARKS-style notes)."""
+    settings = RunSettings(max_new_tokens=1, chat=True, attention=AttentionCapture(layers="all"))
+    data = passage_attention(record(real_model, "greedy", RAG_PROMPT, settings=settings))
+    assert len(data.passages.passages) == 3 and data.block.shape[0] == real_model.num_layers
+    within = float(np.mean(data.within_prefill))
+    print(f"prefill own-passage share {within:.3f} (layers averaged), uniform {data.uniform_prefill:.3f}")
+    assert within > 2 * data.uniform_prefill
