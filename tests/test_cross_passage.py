@@ -110,6 +110,8 @@ def test_a_stored_trace_replays_the_same_figure(marked, tmp_path):
         assert passages_figure(replayed, step).to_dict() == passages_figure(marked, step).to_dict()
     bars = [t for t in passages_figure(replayed, 1).data if t.type == "bar"]
     assert [t.name for t in bars] == list(PARTS)
+    with pytest.raises(ValueError, match="out of range"):  # the tiny model keeps layers 0 and 1
+        passages_figure(replayed, 0, layer_index=2)
 
 
 def test_the_figure_escapes_passage_text(llama):

@@ -152,7 +152,9 @@ def passages_figure(trace: Trace, step: int, layer_index: int = -1) -> go.Figure
     if data is None:
         return empty_figure(NO_PASSAGES)
     names = [layer_name(layer) for layer in data.layers]
-    chosen = range(len(names))[layer_index]
+    if not -len(names) <= layer_index < len(names):
+        raise ValueError(f"layer_index {layer_index} is out of range: the maps keep {len(names)} layer(s)")
+    chosen = layer_index % len(names)
     labels = passage_labels(trace, data.passages)
     short = [f"P{i + 1}" for i in range(len(labels))]
     fig = make_subplots(rows=1, cols=3, column_widths=[0.28, 0.42, 0.30], horizontal_spacing=0.09, subplot_titles=(
