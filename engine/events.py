@@ -407,6 +407,39 @@ class Steering(Record):
 
 
 @dataclass(frozen=True)
+class SearchGeneration(Record):
+    """One generation of an evolutionary search over per-layer compression levels (EvoPress).
+
+    ``profile`` is the best individual's level (sparsity) per decoder layer and ``best_fitness`` its fitness (mean
+    per-token KL to the base model on the whole calibration set, lower is better). Per selection stage,
+    ``stage_tokens`` counts the calibration tokens it scored on and ``stage_fitnesses`` holds each candidate's
+    fitness there; the last stage is the whole set. Generation 0 is the starting (uniform) profile.
+    """
+
+    kind: ClassVar[str] = "search_generation"
+    generation: int
+    best_fitness: float
+    profile: list[float]
+    mean_sparsity: float
+    stage_tokens: list[int]
+    stage_fitnesses: list[list[float]]
+    accepted: bool = False  # an offspring replaced the parent
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromptPassages(Record):
+    """The prompt's marked passages and question as token index ranges [start, stop), found with the tokenizer when
+    a run that captures attention starts: the attention each part gets then reads from the trace alone."""
+
+    kind: ClassVar[str] = "passages"
+    passages: list[list[int]]
+    question: list[int]  # empty (start == stop) when the prompt has no question marker
+    passage_marker: str
+    question_marker: str
+
+
+@dataclass(frozen=True)
 class VariantStep(Record):
     """A model variant (quantised, pruned, searched, ...) beside its base at one decoding step: the variant chose the
     token, the base read the same tokens teacher-forced with its own cache.
@@ -450,18 +483,6 @@ class FfnSparsity(Record):
 
 
 @dataclass(frozen=True)
-class PromptPassages(Record):
-    """The prompt's marked passages and question as token index ranges [start, stop), found with the tokenizer when
-    a run that captures attention starts: the attention each part gets then reads from the trace alone."""
-
-    kind: ClassVar[str] = "passages"
-    passages: list[list[int]]
-    question: list[int]  # empty (start == stop) when the prompt has no question marker
-    passage_marker: str
-    question_marker: str
-
-
-@dataclass(frozen=True)
 class RunFinished(Record):
     kind: ClassVar[str] = "run_finished"
     status: RunStatus
@@ -470,8 +491,8 @@ class RunFinished(Record):
 
 Event = Union[
     RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, Rerank,
-    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, VariantStep, FfnSparsity, PromptPassages,
-    RunFinished,
+    SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, SearchGeneration, PromptPassages,
+    VariantStep, FfnSparsity, RunFinished,
 ]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from engine.events import ConstraintStep, SuperposedStep
+from engine.events import ConstraintStep, SearchGeneration, SuperposedStep
 from engine.trace import Trace
 from ui.figures.cache import cache_kl_figure, eviction_map_figure
 from ui.figures.constraint import checks_figure, particle_count, tries_figure, weights_figure
 from ui.figures.rerank import rerank_figure, rerank_timeline_figure
+from ui.figures.search import fitness_figure, profile_figure
 from ui.figures.spans import spans_figure
 from ui.figures.steering import saliency_figure, steering_figure
 from ui.figures.superposed import candidates_figure, drafts_figure
@@ -23,15 +24,19 @@ Figures = tuple[go.Figure | None, go.Figure | None]
 
 
 def method_step_count(trace: Trace) -> int:
-    """Steps of the runs whose slider walks their own events (superposed drafts, constrained particles)."""
+    """Steps of the runs whose slider walks their own events (superposed drafts, constrained particles, search
+    generations)."""
     superposed = sum(isinstance(e, SuperposedStep) for e in trace.events)
     constrained = len({e.step for e in trace.events if isinstance(e, ConstraintStep)})
-    return superposed + constrained
+    generations = sum(isinstance(e, SearchGeneration) for e in trace.events)
+    return superposed + constrained + generations
 
 
 def method_figures(trace: Trace, position: int) -> Figures:
     """(main, side) figures for the run's method events at slider ``position``; (None, None) if it has none."""
     kinds = {event.kind for event in trace.events}
+    if "search_generation" in kinds:
+        return fitness_figure(trace, position), profile_figure(trace, position)
     if "steering" in kinds:
         return saliency_figure(trace), steering_figure(trace, position)
     if "cache" in kinds:
