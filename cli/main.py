@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(handler=_models_fetch)
 
+    p = sub.add_parser("evopress", help="search each layer's sparsity (EvoPress) at a fixed mean sparsity; store the "
+                       "search, write the profile for models derive --layer-profile")
+    _evopress_args(p)
+
     decoders = sub.add_parser("decoders", help="list decoders and their parameter schemas").add_subparsers(title="decoders")
     p = decoders.add_parser("list")
     p.add_argument("--json", action="store_true", help="every decoder with its parameter schema, as JSON")
@@ -333,6 +337,13 @@ def _ffn_capture(args: argparse.Namespace) -> Any:
             raise ParamError("--ffn-threshold, --ffn-absolute and --ffn-chunk need --ffn-sparsity")
         return None
     return FfnCapture(relative=not args.ffn_absolute, **{k: v for k, v in given.items() if v is not None})
+
+
+def _evopress_args(p: argparse.ArgumentParser) -> None:
+    from cli.evopress import add_arguments, evopress_command
+
+    add_arguments(p)
+    p.set_defaults(handler=evopress_command)
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -239,3 +239,28 @@ def test_the_library_views_show_the_search_and_escape_its_names(searched):
     assert primary["visible"] and secondary["visible"]
     for figure in (primary["value"], secondary["value"]):
         assert "<script>" not in figure.layout.title.text and "&lt;script&gt;" in figure.layout.title.text
+
+
+def test_command_writes_a_derivable_profile_and_stores_the_search(capsys, tmp_path):
+    import json
+
+    from cli.main import main
+    from engine.models.variant_spec import spec_from_profile
+    from storage import TraceStore
+
+    db, out = f"sqlite:///{tmp_path / 'runs.db'}", tmp_path / "profile.json"
+    argv = ["evopress", "tiny-random-llama", "--method", "magnitude", "--sparsity", "0.4", "--generations", "3",
+            "--offspring", "3", "--rows", "4", "--row-tokens", "16", "--heldout-rows", "2", "--stages", "2:16",
+            "--db", db, "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    document = json.loads(out.read_text())
+    assert document["method"] == "magnitude" and sum(document["levels"].values()) / 2 == pytest.approx(0.4)
+    assert spec_from_profile(document).layer_profile == {0: document["levels"]["0"], 1: document["levels"]["1"]}
+    assert "calibration" in printed and "held-out" in printed
+    run_id = printed.split("run ")[-1].split()[0]
+    with TraceStore(db) as store:
+        trace = store.load(run_id)
+    assert trace.info.decoder == "evopress" and trace.info.params["method"] == "magnitude"
+    assert main(argv[:2] + ["--sparsity", "0.45", "--db", db]) == 2  # not a level: one clear error
+    assert "not one of the levels" in capsys.readouterr().err

@@ -402,9 +402,9 @@ def record_search(
     if len(ids) < settings.rows + settings.heldout_rows:
         raise ParamError(f"the calibration text makes {len(ids)} rows of {settings.row_tokens} tokens; "
                          f"{settings.rows} calibration and {settings.heldout_rows} held-out rows need more")
+    uniform = uniform_profile(settings.sparsity, model.num_layers, settings.levels)
     calibration = calibrate(model, ids[: settings.rows])
     heldout = calibrate(model, ids[settings.rows:]) if settings.heldout_rows else None
-    uniform = uniform_profile(settings.sparsity, model.num_layers, settings.levels)
     dense_measures = measures(model) if measures else {}
     database = build_database(model, settings.method, settings.levels)
     prompt = (f"EvoPress: {settings.method} pruning of {model.name} at mean sparsity {settings.sparsity}, searched per "
