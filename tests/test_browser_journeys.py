@@ -205,8 +205,8 @@ def test_every_parameter_typed_is_the_parameter_stored(app, page, decoder):
     pick(page, "model", model)
     pick(page, "decoder", decoder.name, option=f"· {decoder.name} —")
     expected = {}
-    if decoder.params:
-        page.wait_for_selector(f"#param-{decoder.params[-1].name}")
+    if decoder.params:  # this decoder's form, not the last one's (they share parameter names)
+        page.wait_for_selector(f"#params-of-{decoder.name} #param-{decoder.params[-1].name}")
     for param in decoder.params:
         if (decoder.name, param.name) in KEPT:
             continue

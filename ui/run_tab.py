@@ -76,8 +76,7 @@ def build_run_tab(app: AppContext) -> RunTab:
                                            elem_id="max-new-tokens")
                     attention = gr.Dropdown(ATTENTION_CHOICES, value="none", label="Attention capture (layers)",
                                             interactive=True, elem_id="attention")
-                    ffn = gr.Checkbox(value=False, label="FFN sparsity capture", interactive=True, elem_id="ffn-capture",
-                                      info="each layer's share of inactive FFN neurons, per token and per chunk of tokens")
+                    ffn = gr.Checkbox(value=False, label="FFN sparsity capture", interactive=True, elem_id="ffn-capture")
                 with gr.Accordion("Image (vision-language models)", open=False):
                     image = gr.Image(type="filepath", label="Image (decoders greedy, sampling, gift)", height=160,
                                      interactive=True, elem_id="image")
@@ -116,9 +115,10 @@ def build_run_tab(app: AppContext) -> RunTab:
         def parameter_form(name: str) -> None:  # the decoder's parameter form, built from its schema
             spec = get_decoder(name)
             widgets = []
-            for pair in range(0, len(spec.params), 2):  # two per row: long forms stay on screen
-                with gr.Row(equal_height=False):
-                    widgets += [param_component(p) for p in spec.params[pair:pair + 2]]
+            with gr.Column(elem_id=f"params-of-{name}"):  # tells the page's form apart from the last decoder's
+                for pair in range(0, len(spec.params), 2):  # two per row: long forms stay on screen
+                    with gr.Row(equal_height=False):
+                        widgets += [param_component(p) for p in spec.params[pair:pair + 2]]
 
             def read(values: dict) -> RunForm:
                 return RunForm(model=values[model_box], decoder=name, prompt=values[prompt], chat=values[chat],

@@ -207,12 +207,12 @@ def load_head(folder: Path | str, target: LoadedModel, kind: type[H] = FeatureHe
     return head.eval()
 
 
-def head_folder(drafter: str, model_name: str, shipped: dict[str, Path], kind: type[LMHeadDrafter]) -> Path:
-    """The folder a decoder's ``drafter`` parameter names, else the ``kind`` head shipped for the model."""
+def shipped_or_named_head(drafter: str, target: LoadedModel, shipped: dict[str, Path], kind: type[H]) -> H:
+    """The ``kind`` head in the folder a decoder's ``drafter`` parameter names, else the one shipped for ``target``."""
     if drafter:
-        return Path(drafter)
-    folder = shipped.get(model_name)
+        return load_head(drafter, target, kind)
+    folder = shipped.get(target.name)
     if folder is None or not folder.is_dir():
-        raise ParamError(f"no {kind.title} head is shipped for {model_name}: train one with "
+        raise ParamError(f"no {kind.title} head is shipped for {target.name}: train one with "
                          f"`{train_command(kind.kind)}` and pass its folder as drafter")
-    return folder
+    return load_head(folder, target, kind)

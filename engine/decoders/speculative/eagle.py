@@ -12,7 +12,6 @@ target verifies it with tree attention; greedy output equals greedy decoding.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
@@ -20,21 +19,15 @@ from engine.events import Event
 from engine.models.registry import ASSET_MODELS_DIR
 from engine.params import Param
 from engine.speculative.eagle_tree import BRANCHING, DEPTH, TREE_SIZE, tree_rounds
-from engine.speculative.feature_head import FeatureHead, load_head
-from engine.speculative.feature_head import head_folder as find_head
+from engine.speculative.feature_head import FeatureHead, shipped_or_named_head
 from engine.speculative.rounds import SAMPLING_PARAMS
 
 # The heads shipped in assets/, by the target model they were trained for.
 SHIPPED_HEADS = {"smollm2-135m-instruct": ASSET_MODELS_DIR / "eagle-smollm2"}
 
 
-def head_folder(ctx: DecodeContext) -> Path:
-    """The head the ``drafter`` parameter names, else the one shipped for the target model."""
-    return find_head(ctx.params["drafter"], ctx.model.name, SHIPPED_HEADS, FeatureHead)
-
-
 def eagle(ctx: DecodeContext) -> Iterator[Event]:
-    return tree_rounds(ctx, load_head(head_folder(ctx), ctx.model))
+    return tree_rounds(ctx, shipped_or_named_head(ctx.params["drafter"], ctx.model, SHIPPED_HEADS, FeatureHead))
 
 
 SPEC = register(

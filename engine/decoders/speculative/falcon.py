@@ -35,7 +35,7 @@ from engine.params import Param
 from engine.speculative.cache import PrefixCache, crop_cache
 from engine.speculative.eagle_tree import BRANCHING, TREE_SIZE, EagleDrafter
 from engine.speculative.falcon_head import FalconHead
-from engine.speculative.feature_head import head_folder, load_head
+from engine.speculative.feature_head import shipped_or_named_head
 from engine.speculative.rounds import (
     SAMPLING_PARAMS,
     Draft,
@@ -151,8 +151,7 @@ class FalconDrafter(EagleDrafter):
 def falcon(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
     target = PrefixCache(ctx.model)
-    head = load_head(head_folder(ctx.params["drafter"], ctx.model.name, SHIPPED_HEADS, FalconHead), ctx.model,
-                     FalconHead)
+    head = shipped_or_named_head(ctx.params["drafter"], ctx.model, SHIPPED_HEADS, FalconHead)
     drafter = FalconDrafter(head, target, sampling, ctx.params["tree_size"], ctx.params["blocks"],
                             ctx.params["branching"])
     return speculative_rounds(ctx, drafter, sampling, target)

@@ -17,7 +17,7 @@ from engine.events import Event
 from engine.models.registry import ASSET_MODELS_DIR
 from engine.params import Param
 from engine.speculative.eagle_tree import BRANCHING, DEPTH, TREE_SIZE, tree_rounds
-from engine.speculative.feature_head import head_folder, load_head
+from engine.speculative.feature_head import shipped_or_named_head
 from engine.speculative.fspad_head import FspadHead
 from engine.speculative.rounds import SAMPLING_PARAMS
 
@@ -26,8 +26,7 @@ SHIPPED_HEADS = {"smollm2-135m-instruct": ASSET_MODELS_DIR / "fspad-smollm2"}
 
 
 def fspad(ctx: DecodeContext) -> Iterator[Event]:
-    folder = head_folder(ctx.params["drafter"], ctx.model.name, SHIPPED_HEADS, FspadHead)
-    return tree_rounds(ctx, load_head(folder, ctx.model, FspadHead))
+    return tree_rounds(ctx, shipped_or_named_head(ctx.params["drafter"], ctx.model, SHIPPED_HEADS, FspadHead))
 
 
 SPEC = register(

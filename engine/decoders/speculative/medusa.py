@@ -35,7 +35,7 @@ from engine.events import Event
 from engine.models.registry import ASSET_MODELS_DIR
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
-from engine.speculative.feature_head import head_folder, load_head
+from engine.speculative.feature_head import shipped_or_named_head
 from engine.speculative.medusa_heads import MedusaHeads
 from engine.speculative.rounds import (
     SAMPLING_PARAMS,
@@ -142,8 +142,7 @@ def typical_verdict(parents: list[int], tokens: list[int], target_logprobs: Tens
 def medusa(ctx: DecodeContext, typical: bool = False) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
     target = PrefixCache(ctx.model)
-    heads = load_head(head_folder(ctx.params["drafter"], ctx.model.name, SHIPPED_HEADS, MedusaHeads), ctx.model,
-                      MedusaHeads)
+    heads = shipped_or_named_head(ctx.params["drafter"], ctx.model, SHIPPED_HEADS, MedusaHeads)
     drafter = MedusaDrafter(heads, target, sampling, ctx.params["tree_size"])
     rule = None
     if typical:

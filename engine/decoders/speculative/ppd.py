@@ -34,7 +34,7 @@ from engine.decoders.base import DecoderSpec, register
 from engine.events import Event
 from engine.models.registry import ASSET_MODELS_DIR
 from engine.params import Param
-from engine.speculative.feature_head import head_folder, load_head
+from engine.speculative.feature_head import shipped_or_named_head
 from engine.speculative.ppd_prompts import PromptTokens
 from engine.speculative.rounds import (
     SAMPLING_PARAMS,
@@ -128,8 +128,7 @@ class PPDDrafter(Drafter):
 
 def ppd(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
-    prompts = load_head(head_folder(ctx.params["drafter"], ctx.model.name, SHIPPED_HEADS, PromptTokens), ctx.model,
-                        PromptTokens)
+    prompts = shipped_or_named_head(ctx.params["drafter"], ctx.model, SHIPPED_HEADS, PromptTokens)
     drafter = PPDDrafter(prompts, sampling, ctx.params["tree_size"], ctx.params["prompt_nodes"])
     return speculative_rounds(ctx, drafter, sampling)
 
