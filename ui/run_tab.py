@@ -8,7 +8,8 @@ from typing import Any, Iterator
 import gradio as gr
 
 from engine.decoders import get_decoder
-from engine.models import BUILTIN_NAMES, ModelError, prompt_format
+from engine.models import ModelError, prompt_format
+from engine.models.registry import model_names
 from ui.figures.common import escape_text
 from ui.context import AppContext, status_html, user_errors
 from ui.form import ATTENTION_CHOICES, RunForm, decoder_choices, decoder_description, param_component
@@ -63,7 +64,7 @@ def build_run_tab(app: AppContext) -> RunTab:
         live_trace = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
-                model_box = gr.Dropdown(sorted(app.access.allowed_models) if app.access.public else BUILTIN_NAMES,
+                model_box = gr.Dropdown(sorted(app.access.allowed_models) if app.access.public else model_names(),
                                         value=app.default_model, allow_custom_value=not app.access.public,
                                         interactive=True, elem_id="model", label="Model" if app.access.public else
                                         "Model (built-in name, local folder or Hub id)")

@@ -122,8 +122,8 @@ def input_norms(model: LoadedModel, texts: list[str], max_tokens: int = 512) -> 
 
     def hook(key: str):
         def accumulate(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            squares[key] = squares.get(key, 0) + (x * x).sum(dim=0).cpu()
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            squares[key] = squares.get(key, 0) + (x * x).sum(dim=0).double().cpu()
         return accumulate
 
     handles = [module.register_forward_pre_hook(hook(f"{index}.{name}"))
@@ -131,7 +131,9 @@ def input_norms(model: LoadedModel, texts: list[str], max_tokens: int = 512) -> 
     try:
         for text in texts:
             ids = model.tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
-            model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
+            # the LM head over every position would cost more than the layers; one position is enough
+            model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False,
+                        **({"logits_to_keep": 1} if model.keeps_logits else {}))
     finally:
         for handle in handles:
             handle.remove()
