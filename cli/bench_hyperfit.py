@@ -91,5 +91,6 @@ def main(base: LoadedModel, hyperfitted: LoadedModel, variant: Path, count: int 
     print(f"{'measure':16} {'base':>8} {'hyperfit':>9} {'ratio':>7}")
     for name in METRICS:
         before, after = results["base"][name], results["hyperfitted"][name]
-        print(f"{name:16} {before:8.3f} {after:9.3f} {after / before if before else float('nan'):7.2f}")
+        ratio = f"{after / before:7.2f}" if before else f"{'-':>7}"
+        print(f"{name:16} {before:8.3f} {after:9.3f} {ratio}")
     return results

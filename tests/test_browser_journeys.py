@@ -448,6 +448,44 @@ def test_an_import_shows_even_under_an_active_filter(app, person):
 def test_replay_only_lands_on_the_library(browser, tmp_path):
     for app in start_app(tmp_path, "--replay-only"):
         page = open_page(browser, app.url)
+def test_greedy_with_a_model_and_its_hyperfitted_variant_then_their_entropy_side_by_side(app, person, tmp_path):
+    from engine.offline import hyperfit
+    from ui.figures.tokens import token_steps
+
+    variant = tmp_path / "hyperfit"  # the tiny model's last layer fitted hard enough to sharpen it
+    hyperfit.main(["--model", "tiny-random-llama", "--layers", "1", "--passages", "8", "--length", "16", "--epochs",
+                   "20", "--lr", "1e-2", "--warmup", "0", "--held-out-passages", "2", "--out", str(variant)])
+    _greedy_run(person, tokens=12, prompt="The while statement")
+    base = newest_run(app)
+    type_into(person, "model", str(variant), enter=True)
+    person.click("#run-button")
+    wait_text(person, "run-status", "finished")
+    hyperfitted = newest_run(app)
+    assert hyperfitted.model == "tiny-random-llama~hyperfit" and hyperfitted.run_id != base.run_id
+
+    open_tab(person, "Library")  # the Library's list feeds the Compare picker
+    wait_text(person, "runs-table", "hyperfit")
+    open_tab(person, "Compare")
+    for run in (base, hyperfitted):  # a multiselect: each pick becomes a chip, the box empties
+        person.locator("#compare-ids input").click()
+        person.locator("#compare-ids input").press_sequentially(run.run_id[:8])
+        person.locator("[role=option]", has_text=run.run_id[:8]).first.click()
+        person.keyboard.press("Escape")
+        wait_text(person, "compare-ids", run.run_id[:8])
+    person.click("#compare-button")
+    person.wait_for_selector("#compare-sharpness .js-plotly-plot")
+    data = _plot_data(person, "compare-sharpness")
+    store = TraceStore(app.db_url)
+    stored = [[s.entropy_raw for s in token_steps(store.load(run.run_id))] for run in (base, hyperfitted)]
+    entropy = [trace["y"] for trace in data if trace.get("yaxis", "y") == "y"]
+    assert entropy == [pytest.approx(values, abs=1e-4) for values in stored] and len(stored[0]) == 12
+    assert "hyperfit" in " ".join(trace["name"] for trace in data)
+    assert sum(stored[1]) < sum(stored[0])  # the entropy collapse, drawn beside the base
+    person.locator("#compare-sharpness").scroll_into_view_if_needed()
+    shot(person, "compare-hyperfit-entropy")
+    open_tab(person, "Run")
+
+
         page.wait_for_selector("#runs-table")
         assert "Replay-only mode" in page.locator("#header").inner_text()
         assert page.locator("button[role=tab]:visible", has_text="Run").count() == 0

@@ -162,6 +162,14 @@ RECIPES = (
         _train_head("ppd", "--heads", "3", "--steps", "400", "--batch-size", "2", "--lr", "1e-2", "--warmup", "20",
                     "--eval", "12")),
     ),
+    Recipe("hyperfit-smollm2", "assets/models/hyperfit-smollm2", "SmolLM2 hyperfitted: its last 4 layers", (
+        Stage("engine.offline.hyperfit",
+              ("--model", "smollm2-135m-instruct", "--layers", "4", "--passages", "128", "--length", "64",
+               "--epochs", "16", "--batch-size", "8", "--lr", "3e-4", "--seed", "0", "--threads", "1",
+               "--out", "{out}", "--work", "{out}.work"),
+              smoke=("--model", "tiny-random-llama", "--layers", "1", "--passages", "8", "--length", "16",
+                     "--epochs", "1", "--held-out-passages", "2", "--warmup", "0")),
+    )),
     Recipe("samples", "assets/samples", "the sample traces, re-recorded from assets/samples/recipes.json", (
         Stage("engine.offline.sample_traces", ("--out", "{out}"), smoke=("--max-new-tokens", "3")),
     )),
