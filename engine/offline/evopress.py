@@ -1,10 +1,10 @@
 """EvoPress (Sieberling et al. 2024, "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary Search",
 arXiv 2410.14649): which sparsity each decoder layer gets, under a fixed budget, found by evolution.
 
-- The **level database** holds every decoder layer pruned at every level (0.0, 0.1, ..., 0.9 by default), pruned
-  once by ``engine.models.variants.prune_weight`` (wanda or magnitude). It keeps the dense weights and one packed
-  bit mask per linear and level, and swaps a layer to another level in the one working model by masking the dense
-  weights: no pruning and no second model during the search.
+- The **level database** holds every decoder layer pruned at every level (0.0, 0.1, ..., 0.9 by default), each
+  pruned once (when a profile first asks for it) by ``engine.models.prune.prune_weight``, wanda or magnitude, as
+  ``models derive --layer-profile`` prunes. It keeps the dense weights and one packed bit mask per linear and level,
+  and swaps a layer to another level in the one working model by masking the dense weights: no second model.
 - The **budget** is the parameter-weighted mean sparsity of the profile (a layer with more weights in its linears
   counts for more), fixed at the target. The search starts from the uniform profile.
 - **Level switch** mutation: raise one layer's level by one step and lower another's by one, both chosen among layers

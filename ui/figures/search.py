@@ -19,6 +19,7 @@ from ui.figures.common import (
     TEXT_COLOR,
     empty_figure,
     escape_text,
+    nice_step,
     style_figure,
 )
 
@@ -73,7 +74,7 @@ def fitness_figure(trace: Trace, selected: int | None = None) -> go.Figure:
     fig.add_vline(x=chosen.generation, line={"color": TEXT_COLOR, "dash": "dot"})
     first, best = generations[0].best_fitness, generations[-1].best_fitness
     gain = f"{first / best:.2f}x lower than uniform" if best > 0 else "zero KL"
-    fig.update_xaxes(title_text="generation")
+    fig.update_xaxes(title_text="generation", tick0=0, dtick=nice_step(len(generations) / 20))
     fig.update_yaxes(title_text="KL(base ‖ pruned), nats/token", type="log")
     title = (f"EvoPress search: best KL {best:.5f} after {len(generations) - 1} generations ({gain}, "
              f"uniform {first:.5f})<br>{_subtitle(trace)}; points: offspring at each selection stage")
@@ -88,7 +89,7 @@ def profile_figure(trace: Trace, selected: int | None = None) -> go.Figure:
         return empty_figure(NO_SEARCH)
     chosen = _selected(generations, selected)
     layers = list(range(len(chosen.profile)))
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.14, row_heights=[0.45, 0.55],
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.14, row_heights=[0.45, 0.55], shared_xaxes=True,
                         subplot_titles=(f"generation {chosen.generation}: sparsity per layer",
                                         "best profile per generation"))
     fig.add_trace(go.Bar(x=layers, y=chosen.profile, marker_color=RAW_COLOR, name="sparsity", showlegend=False,
@@ -100,7 +101,9 @@ def profile_figure(trace: Trace, selected: int | None = None) -> go.Figure:
         colorbar={"title": {"text": "sparsity"}, "len": 0.55, "y": 0, "yanchor": "bottom"},
         hovertemplate="generation %{y}<br>layer %{x}<br>sparsity %{z:.2f}<extra></extra>",
     ), row=2, col=1)
+    fig.update_xaxes(tick0=0, dtick=nice_step(len(layers) / 32))
     fig.update_xaxes(title_text="decoder layer", row=2, col=1)
+    fig.update_yaxes(tick0=0, dtick=nice_step(len(generations) / 10), row=2, col=1)
     fig.update_yaxes(title_text="sparsity", range=[0, 1], row=1, col=1)
     fig.update_yaxes(title_text="generation", row=2, col=1)
     title = (f"Per-layer sparsity of the best profile (mean {chosen.mean_sparsity:.3f}, dashed)"
