@@ -188,10 +188,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default="", help="comma-separated POLICY:PARAM=VALUE:... (default: the set in "
                    "cli/bench_kv.py)")
     p.set_defaults(handler=_bench_kv)
-    p = bench.add_parser("reliability", help="hostile and huge inputs (a gzip bomb, a long trace): time and peak memory, "
-                         "each check in its own process")
-    p.add_argument("--events", type=int, default=1_000_000, help="events of the long trace")
-    p.add_argument("--workdir", help="folder for the inputs and databases, kept to reuse the long trace "
+    p = bench.add_parser("variants", help="LLM-KICK: perplexity against one-word knowledge questions, base and "
+                         "compressed variants, one run")
+    _model_args(p)
+    p.add_argument("--variants", default="", help="comma-separated short names (int8, int4-g32, magnitude-25, wanda-50, "
+                   "wanda-2:4) or saved variants' names or folders (default: the set in cli/bench_variants.py)")
+    p.add_argument("--open-book", action="store_true", help="also ask each question with its fact in the prompt")
+    p.set_defaults(handler=_bench_variants)
+    p = bench.add_parser("ffn", help="FFN activation sparsity (BlockFFN's token and chunk level) per threshold and "
+                         "chunk length, and the capture's cost, one run")
+    _model_args(p)
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
+    p.set_defaults(handler=_bench_ffn)
     p = bench.add_parser("quantizers", help="torchao, optimum-quanto and hqq on the CPU: quantise time, forward, "
                          "dequantisation error and size, one run")
     _model_args(p)
@@ -205,6 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts (half reference text, half answers)")
     p.add_argument("--tokens", type=int, default=192, help="greedy tokens per prompt")
     p.set_defaults(handler=_bench_hyperfit)
+    p = bench.add_parser("reliability", help="hostile and huge inputs (a gzip bomb, a long trace): time and peak memory, "
+                         "each check in its own process")
+    p.add_argument("--events", type=int, default=1_000_000, help="events of the long trace")
+    p.add_argument("--workdir", help="folder for the inputs and databases, kept to reuse the long trace "
                    "(default: a temporary folder)")
     p.add_argument("--check", action="append", default=[], help="run only this check (repeatable; default: all)")
     p.set_defaults(handler=_bench_reliability)
@@ -550,12 +562,6 @@ def _bench_awrs(args: argparse.Namespace) -> None:
     bench_awrs.main(_load(args), seeds=range(args.seeds))
 
 
-def _bench_kv(args: argparse.Namespace) -> None:
-    from cli import bench_kv
-
-    settings = [s for s in args.settings.split(",") if s] or bench_kv.DEFAULT_SETTINGS
-    bench_kv.main(_load(args), settings=settings, tokens=args.tokens)
-
 def _bench_hyperfit(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -564,6 +570,25 @@ def _bench_hyperfit(args: argparse.Namespace) -> None:
     variant = argparse.Namespace(**{**vars(args), "model": args.variant})
     bench_hyperfit.main(_load(args), _load(variant), Path(args.variant), count=args.prompts, tokens=args.tokens)
 
+
+def _bench_ffn(args: argparse.Namespace) -> None:
+    from cli import bench_ffn
+
+    bench_ffn.main(_load(args), tokens=args.tokens)
+
+
+def _bench_kv(args: argparse.Namespace) -> None:
+    from cli import bench_kv
+
+    settings = [s for s in args.settings.split(",") if s] or bench_kv.DEFAULT_SETTINGS
+    bench_kv.main(_load(args), settings=settings, tokens=args.tokens)
+
+
+def _bench_variants(args: argparse.Namespace) -> None:
+    from cli import bench_variants
+
+    names = bench_variants.parse_variants(args.variants) if args.variants else bench_variants.DEFAULT_VARIANTS
+    bench_variants.main(_load(args), names, open_book=args.open_book)
 
 
 def _bench_reliability(args: argparse.Namespace) -> None:
