@@ -20,7 +20,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from engine.events import FfnSparsity
@@ -78,7 +77,7 @@ class FfnCapture:
     recorded: int = 0
     _active: dict[int, Tensor] = field(default_factory=dict, repr=False)  # layer -> [rows, neurons] of one forward
     _rows_back: list[int] = field(default_factory=list, repr=False)  # the rows the hooks keep, from the last
-    _union: Tensor | None = field(default=None, repr=False)  # [layers, neurons]: active somewhere in the chunk
+    _union: list[Tensor] | None = field(default=None, repr=False)  # per layer: active somewhere in the chunk
     _chunk_tokens: list[int] = field(default_factory=list, repr=False)  # output positions in the current chunk
 
     def __post_init__(self) -> None:
@@ -96,7 +95,7 @@ class FfnCapture:
 
     @contextmanager
     def observing(self, model: nn.Module, rows_back: Sequence[int]) -> Iterator[None]:
-        """Keep the inactive masks of the forward run inside the block (batch row 0) at the rows ``rows_back``
+        """Keep which neurons are active in the forward run inside the block (batch row 0) at the rows ``rows_back``
         counted from its last (0 = the last row).
 
         The hooks are installed for the block only and act for this capture's context only: a concurrent run in
@@ -121,32 +120,35 @@ class FfnCapture:
 
     def take(self, step: int, positions: Sequence[int]) -> list[FfnSparsity]:
         """The events of the forward last observed, one per output position of ``positions`` (ascending, one per
-        observed row). None once ``max_steps`` tokens were recorded, or when the forward ran another model."""
-        if not self._active:
-            return []
-        active = torch.stack([self._active[layer] for layer in sorted(self._active)])  # [layers, rows, neurons]
+        observed row). No event once ``max_steps`` tokens were recorded, or when the forward ran another model."""
+        layers = [self._active[layer] for layer in sorted(self._active)]  # [rows, neurons] each: widths may differ
         self._active = {}
         events = []
-        for row, position in enumerate(positions):
+        for row, position in enumerate(positions if layers else ()):
             if self.recorded >= self.max_steps:
                 break
             self.recorded += 1
-            events.append(FfnSparsity(step=step, position=position,
-                                      token_level=(1.0 - active[:, row].float().mean(dim=-1)).tolist(),
-                                      chunk_level=self._chunk_level(position, active[:, row])))
+            active = [mask[row] for mask in layers]
+            events.append(FfnSparsity(step=step, position=position, token_level=_inactive_shares(active),
+                                      chunk_level=self._chunk_level(position, active)))
         return events
 
-    def _chunk_level(self, position: int, active: Tensor) -> list[float] | None:
+    def _chunk_level(self, position: int, active: list[Tensor]) -> list[float] | None:
         """Fold one token into its chunk; the chunk's sparsity per layer when the token completes it."""
         if self._chunk_tokens and position // self.chunk != self._chunk_tokens[0] // self.chunk:
             self._union, self._chunk_tokens = None, []  # a token of another chunk: the unfinished one is dropped
-        self._union = active.clone() if self._union is None else self._union | active
+        self._union = active if self._union is None else [u | a for u, a in zip(self._union, active, strict=True)]
         self._chunk_tokens.append(position)
         if len(self._chunk_tokens) < self.chunk:
             return None
         union, self._union, self._chunk_tokens = self._union, None, []
-        return (1.0 - union.float().mean(dim=-1)).tolist()
+        return _inactive_shares(union)
 
     def settings(self) -> dict[str, float | int | bool]:
         """What a trace's settings say about the capture."""
         return {"threshold": self.threshold, "relative": self.relative, "chunk": self.chunk, "max_steps": self.max_steps}
+
+
+def _inactive_shares(active: list[Tensor]) -> list[float]:
+    """Per layer, the share of neurons not active."""
+    return [1.0 - float(mask.float().mean()) for mask in active]

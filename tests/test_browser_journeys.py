@@ -280,6 +280,23 @@ def test_typed_step_and_colour_redraw_the_run_tab(app, person):
     person.locator("#live-color").get_by_text("probability").click()
 
 
+def test_ffn_capture_draws_its_heatmap_and_stores_its_events(app, person):
+    """Tick the FFN capture and run ten tokens: the token- and chunk-level sparsity heatmaps show below the run, and
+    the stored run holds one event per token, the first 8-token chunk's at position 7."""
+    person.locator("#ffn-capture input[type=checkbox]").check()
+    _greedy_run(person, tokens=10, prompt="Sparse thoughts")
+    trace = TraceStore(app.db_url).load(newest_run(app).run_id)
+    events = [e for e in trace.events if e.kind == "ffn_sparsity"]
+    assert len(trace.output_token_ids) == 10 and [e.position for e in events] == list(range(10))
+    assert [e.position for e in events if e.chunk_level is not None] == [7]
+    person.wait_for_function("(document.querySelector('#live-ffn .js-plotly-plot')?.layout?.title?.text || '')"
+                             ".includes('FFN activation sparsity')", timeout=30_000)
+    heatmaps = [t for t in _plot_data(person, "live-ffn") if t["type"] == "heatmap"]
+    assert len(heatmaps) == 2 and len(heatmaps[0]["x"]) == 10
+    person.locator("#live-ffn").scroll_into_view_if_needed()
+    shot(person, "ffn-sparsity")
+
+
 def test_marked_passages_show_their_cross_passage_attention(app, person):
     """Type two passages and a question, capture every layer's attention, run four tokens: the stored run holds the
     passages found, and the cross-passage view shows its three panels below the attention map."""
