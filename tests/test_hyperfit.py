@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cli.bench_hyperfit import METRICS
 from engine.models import ModelError, load_model
 from engine.offline.hyperfit import Settings, TrainedTop, passages, save, train
 from engine.offline.recipes import get_recipe, rebuild
@@ -80,12 +81,19 @@ def test_a_changed_setting_refuses_to_resume_but_more_epochs_continue(tmp_path):
         train(replace(shorter, lr=1e-3), load_model(TINY.model), tmp_path, log=lambda line: None, bar=False)
 
 
-def test_the_recipe_smoke_run_leaves_a_variant_that_loads(tmp_path):
+def test_the_recipe_smoke_run_leaves_a_variant_the_bench_compares_with_its_base(tmp_path, capsys):
+    from cli.main import main as cli
+
     out = rebuild(get_recipe("hyperfit-smollm2"), tmp_path / "hyperfit", smoke=True, log=lambda line: None)
-    assert load_model(str(out)).info()["vocab_size"] > 0
     assert not (tmp_path / "hyperfit.work").exists()
     log = json.loads((out / "training_log.json").read_text())
     assert log["passages"] == 8 and log["curve"]
+    capsys.readouterr()
+    assert cli(["bench", "hyperfit", "--model", "tiny-random-llama", "--variant", str(out), "--prompts", "2",
+                "--tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-random-llama vs tiny-random-llama~hyperfit: 2 held-out prompts x 6 greedy tokens" in printed
+    assert [line.split()[0] for line in printed.splitlines()[2:10]] == list(METRICS)
 
 
 def test_repetition_measures_match_hand_counts():
