@@ -49,7 +49,10 @@ def main(model: LoadedModel, tokens: int = 64) -> None:
     settings = [(t, 8) for t in THRESHOLDS] + [(default.threshold, k) for k in CHUNKS if k != 8]
     _run(model, PROMPTS[0], 4, None)  # warm-up
     plain = [_run(model, prompt, tokens, None)[0] for prompt in PROMPTS]
-    rows, ratios = [], []
+    print(f"FFN activation sparsity of {model.name}: greedy, {len(PROMPTS)} chat prompts x {tokens} tokens, "
+          f"{model.num_layers} layers")
+    print(f"{'threshold':>10} {'chunk':>6} {'TLS':>7} {'CLS':>7}", flush=True)
+    ratios = []
     for threshold, chunk in tqdm(settings, desc="settings", file=sys.stderr, disable=None, leave=False):
         traces = []
         for prompt, reference in zip(PROMPTS, plain, strict=True):
@@ -60,11 +63,8 @@ def main(model: LoadedModel, tokens: int = 64) -> None:
             traces.append(trace)
             if bare:  # the default setting's runs are timed against a plain run right before each
                 ratios.append(seconds / bare)
-        rows.append((threshold, chunk, *_measures(traces)))
-    print(f"FFN activation sparsity of {model.name}: greedy, {len(PROMPTS)} chat prompts x {tokens} tokens, "
-          f"{model.num_layers} layers")
-    print(f"{'threshold':>10} {'chunk':>6} {'TLS':>7} {'CLS':>7}")
-    for threshold, chunk, tls, cls in rows:
-        print(f"{threshold:>10g} {chunk:>6} {tls:>7.3f} {'—' if np.isnan(cls) else f'{cls:.3f}':>7}")  # —: no chunk
+        tls, cls = _measures(traces)
+        shown = "—" if np.isnan(cls) else f"{cls:.3f}"  # —: no chunk of this length completed
+        print(f"{threshold:>10g} {chunk:>6} {tls:>7.3f} {shown:>7}", flush=True)
     print(f"capture cost: {np.mean(ratios):.2f}x the wall time of a plain run of the same prompt (default setting, "
           "tokens identical)")

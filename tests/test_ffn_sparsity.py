@@ -121,6 +121,41 @@ def test_the_token_budget_bounds_the_events(llama):
     assert [e.position for e in trace.events if isinstance(e, FfnSparsity)] == [0, 1, 2, 3]
 
 
+class _Layer(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.down_proj = torch.nn.Linear(width, 2)
+
+
+class _Model(torch.nn.Module):
+    """Two layers whose FFNs differ in width, found as a transformers model's are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = torch.nn.Module()
+        self.decoder.layers = torch.nn.ModuleList([_Layer(4), _Layer(6)])
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.decoder
+
+
+def test_hand_counted_token_and_chunk_sparsity_on_layers_of_different_widths():
+    model, capture = _Model(), FfnCapture(threshold=0.5, chunk=2)
+    capture.check(model)
+    tokens = [([1.0, 0.1, -0.6, -0.2], [1.0, 0, 0, 0, 0, 0]), ([0.1, -1.0, 0.2, 0.9], [0, 2.0, 0, 0, 0.5, 0])]
+    events = []
+    for position, activations in enumerate(tokens):
+        with capture.observing(model, [0]):
+            for layer, values in zip(model.decoder.layers, activations):
+                layer.mlp.down_proj(torch.tensor([[values]]))
+        events += capture.take(position, [position])
+    assert events[0].token_level == pytest.approx([2 / 4, 5 / 6]) and events[0].chunk_level is None
+    assert events[1].token_level == pytest.approx([2 / 4, 5 / 6])  # |a| <= half the token's largest is inactive
+    assert events[1].chunk_level == pytest.approx([0.0, 4 / 6])  # active in either token: all four; two of six
+    assert all(not down._forward_pre_hooks for down in ffn_projections(model))
+
+
 def test_bad_settings_and_models_are_refused():
     with pytest.raises(ParamError, match="share of the largest"):
         FfnCapture(threshold=2.0)
