@@ -448,23 +448,6 @@ def test_library_delete_asks_first_and_compare_lists_labelled_runs(app, person):
     open_tab(person, "Run")
 
 
-def test_an_import_shows_even_under_an_active_filter(app, person):
-    from tests.test_e2e import SAMPLE
-
-    open_tab(person, "Library")
-    type_into(person, "filter-text", "no run matches this", enter=True)
-    open_section(person, "export-import")
-    person.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
-    wait_text(person, "library-status", "Imported as run")
-    imported = person.locator("#run-id textarea, #run-id input").first.input_value()
-    assert field(person, "filter-text").input_value() == ""  # the filter that would hide it is cleared
-    wait_text(person, "library-status", f"· run {imported[:12]}")  # and the imported run is open
-    assert imported in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=1000)}
-    open_tab(person, "Run")
-
-def test_replay_only_lands_on_the_library(browser, tmp_path):
-    for app in start_app(tmp_path, "--replay-only"):
-        page = open_page(browser, app.url)
 def test_greedy_with_a_model_and_its_hyperfitted_variant_then_their_entropy_side_by_side(app, person, tmp_path):
     from engine.offline import hyperfit
     from ui.figures.tokens import token_steps
@@ -503,6 +486,24 @@ def test_greedy_with_a_model_and_its_hyperfitted_variant_then_their_entropy_side
     open_tab(person, "Run")
 
 
+def test_an_import_shows_even_under_an_active_filter(app, person):
+    from tests.test_e2e import SAMPLE
+
+    open_tab(person, "Library")
+    type_into(person, "filter-text", "no run matches this", enter=True)
+    open_section(person, "export-import")
+    person.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
+    wait_text(person, "library-status", "Imported as run")
+    imported = person.locator("#run-id textarea, #run-id input").first.input_value()
+    assert field(person, "filter-text").input_value() == ""  # the filter that would hide it is cleared
+    wait_text(person, "library-status", f"· run {imported[:12]}")  # and the imported run is open
+    assert imported in {r.run_id for r in TraceStore(app.db_url).list_runs(limit=1000)}
+    open_tab(person, "Run")
+
+
+def test_replay_only_lands_on_the_library(browser, tmp_path):
+    for app in start_app(tmp_path, "--replay-only"):
+        page = open_page(browser, app.url)
         page.wait_for_selector("#runs-table")
         assert "Replay-only mode" in page.locator("#header").inner_text()
         assert page.locator("button[role=tab]:visible", has_text="Run").count() == 0
