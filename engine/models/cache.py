@@ -17,6 +17,10 @@ HOME_ENV = "DECODING_EXPLORER_HOME"
 MARKER = "decoding_explorer.json"  # written last inside a build: what was converted, and how long it took
 
 
+# Small models trained by this project; their folders ship in the repository.
+ASSET_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"
+
+
 def data_dir() -> Path:
     env = os.environ.get(HOME_ENV)
     return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("decoding-explorer"))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.models.cache import is_cached
+from engine.models.cache import ASSET_MODELS_DIR, is_cached
 from engine.models.errors import ModelError
 from engine.models.variant_store import saved_variants
 
@@ -102,8 +102,6 @@ RANDOM_DESCRIPTIONS = {
     "tiny-random-gpt2": "tiny GPT-2 with random weights",
     "tiny-random-llava": "tiny LLaVA (CLIP vision tower + Llama) with random weights: prompts with an image",
 }
-# Small models trained by this project (engine/offline/train_dllm.py); their folders ship in the repository.
-ASSET_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"
 ASSET_DESCRIPTIONS = {
     "waitline-mdlm": "masked-diffusion LM (bidirectional Llama) trained on ParallelBench-style waiting-line tasks",
     "waitline-ar": "autoregressive twin of waitline-mdlm: same size, tokenizer and data",

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.models.cache import data_dir
+from engine.models.cache import ASSET_MODELS_DIR, data_dir
 
 RECORD = "variant.json"
 DELTA = "delta.safetensors"
@@ -48,18 +48,25 @@ def read_record(folder: Path) -> dict[str, Any]:
 
 
 def saved_variant(name: str) -> Path | None:
-    """The folder of the saved variant called ``name``, or None (only names with ``~`` are looked up)."""
+    """The folder of the saved or shipped variant called ``name``, or None (only names with ``~`` are looked up)."""
     if SEPARATOR not in name or folder_name(name) != name:
         return None
     folder = variants_dir() / name
-    return folder if is_variant_folder(folder) else None
+    if is_variant_folder(folder):
+        return folder
+    return next((Path(record["path"]) for record in _records(ASSET_MODELS_DIR) if record.get("name") == name), None)
 
 
 def saved_variants() -> list[dict[str, Any]]:
-    """The records of every saved variant (a damaged folder is skipped), by name."""
-    root = variants_dir()
+    """The records of every saved variant, then of those shipped in assets/models (a damaged folder is skipped)."""
+    return _records(variants_dir()) + _records(ASSET_MODELS_DIR)
+
+
+def _records(root: Path) -> list[dict[str, Any]]:
     records = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not is_variant_folder(folder):
+            continue
         try:
             records.append({**read_record(folder), "path": str(folder)})
         except (OSError, ValueError):
