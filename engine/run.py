@@ -139,7 +139,7 @@ class Run:
             chat=self.settings.chat,
             max_new_tokens=self.settings.max_new_tokens,
             model_info=model.info(),
-            versions=_versions(),
+            versions=software_versions(),
             settings=_settings_dict(self.settings),
             parent=_parent_dict(self.settings.branch),
         )
@@ -303,7 +303,7 @@ def _parent_dict(branch: BranchPoint | None) -> dict[str, Any] | None:
     return {"run_id": branch.parent_run_id, "step": branch.step, "token_id": branch.token_id}
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
     from engine import __version__
 
     return {

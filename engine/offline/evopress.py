@@ -45,7 +45,7 @@ from engine.models.variants import (
 from engine.params import ParamError
 from engine.processing import kl_divergence
 from engine.recorder import Recorder, TraceSink
-from engine.run import _versions
+from engine.run import software_versions
 from engine.trace import RunInfo, Trace, new_run_id
 
 Profile = tuple[int, ...]  # per decoder layer, the index of its level
@@ -410,7 +410,7 @@ def record_search(
     prompt = (f"EvoPress: {settings.method} pruning of {model.name} at mean sparsity {settings.sparsity}, searched per "
               f"layer on {settings.rows * settings.row_tokens} calibration tokens")
     info = RunInfo(model=model.name, decoder="evopress", params=settings.params(), prompt=prompt, seed=settings.seed,
-                   model_info=model.info(), versions=_versions())
+                   model_info=model.info(), versions=software_versions())
     trace = Trace(run_id=new_run_id(), info=info)
     recorder = Recorder(trace, model.token_text, sinks, decode=model.decode)
     recorder.record(RunStarted(prompt_token_ids=[]))
