@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 from engine.models import BUILTIN_NAMES, load_model
 from engine.models.registry import asset_model_dir
 from engine.offline import train_dllm as waitline_train
-from engine.offline.names import FIRST_NAMES, LAST_NAMES
+from engine.offline.names import FIRST_NAMES, LAST_NAMES, split_of
 from engine.offline.waitline_data import (
     OPEN_ENDED,
     OPERATIONS,
@@ -86,8 +86,11 @@ def test_tokenizer_handles_any_text_and_names_are_single_tokens(tokenizer):
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
     specials = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id]
     assert specials == [0, 1, 2, 3]
-    people = [f"{first} {last}" for first, last in zip(FIRST_NAMES, LAST_NAMES, strict=False)]
+    firsts, lasts = ([n for n in names if split_of(n) == "train"] for names in (FIRST_NAMES, LAST_NAMES))
+    people = [f"{first} {last}" for first, last in zip(firsts, lasts, strict=False)]
     assert len(tokenizer(format_list(people), add_special_tokens=False)["input_ids"]) == 4 * len(people)
+    held_out = [n for n in FIRST_NAMES if split_of(n) == "held_out"]  # never merged: no untrained name tokens
+    assert held_out and all(len(tokenizer(f" {n}", add_special_tokens=False)["input_ids"]) > 1 for n in held_out)
     assert build_tokenizer().get_vocab() == tokenizer.get_vocab()  # the trained merges are deterministic
     invented = WaitlineGenerator(0, invented_rate=1.0).people(5)  # names from syllables: several tokens each
     ids = tokenizer(format_list(invented), add_special_tokens=False)["input_ids"]

@@ -102,7 +102,7 @@ def collect(predictor: MaskPredictor, prompts: list[list[int]], gen_length: int,
 
 def waitline_prompts(model_encode: Callable[[str], list[int]], count: int, seed: int) -> list[list[int]]:
     """``count`` waiting-line prompts cycling through every operation, from a seeded generator."""
-    generator = WaitlineGenerator(seed)
+    generator = WaitlineGenerator(seed, split="train")
     return [model_encode(generator.example(OPERATIONS[i % len(OPERATIONS)]).prompt) for i in range(count)]
 
 

@@ -1,4 +1,20 @@
-"""Person names for the waiting-line data: common English first and last names, listed by hand for this project."""
+"""Person names: common English names listed by hand (the drafter prompts' slots and the waitline tokenizer's merges),
+and the waiting-line data's large, varied pool with a fixed train / held-out split.
+
+The pool is the hand lists plus the first and last names of Faker's person providers in several Latin-script locales,
+read from the providers' lists (not from Faker's random calls, so it depends on the installed Faker's lists only),
+accents stripped and kept only when plain ASCII letters with inner hyphens or apostrophes remain. A name's split is a
+hash of the name itself: adding locales or names never moves a name from one split to the other, and a name that is
+both a first and a last name has one split in both roles.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import re
+import unicodedata
 
 FIRST_NAMES = """
 Aaron Abigail Adam Adrian Aiden Alan Albert Alex Alexander Alexis Alice Alicia Allison Amanda Amber Amy Andrea Andrew
@@ -36,3 +52,46 @@ Rose Ross Russell Ryan Sanchez Sanders Schmidt Scott Shaw Simmons Simpson Smith 
 Stewart Stone Sullivan Sutton Taylor Thomas Thompson Torres Tran Tucker Turner Wagner Walker Wallace Walsh Ward Warren
 Washington Watkins Watson Weaver Webb Wells West Wheeler White Williams Willis Wilson Wood Woods Wright Young
 """.split()
+
+FAKER_LOCALES = (
+    "en_US", "en_GB", "en_IE", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "pl_PL", "sv_SE", "da_DK", "no_NO",
+    "fi_FI", "tr_TR", "id_ID",
+)
+KINDS = ("first", "last")
+SPLITS = ("train", "held_out")
+HELD_OUT_PERCENT = 12
+PLAIN_NAME = re.compile(r"[A-Z][A-Za-z]*(?:['-][A-Za-z]+)*[a-z]")  # a space would split a person into three names
+
+
+def plain(name: str) -> str | None:
+    """``name`` with its accents stripped, or None when anything but ASCII letters, hyphens and apostrophes is left."""
+    stripped = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    return stripped if PLAIN_NAME.fullmatch(stripped) else None
+
+
+def split_of(name: str) -> str:
+    """The split a name belongs to: a hash of the name, so it never depends on which lists are loaded."""
+    bucket = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") % 100
+    return "held_out" if bucket < HELD_OUT_PERCENT else "train"
+
+
+@functools.cache
+def faker_names(locale: str, kind: str) -> tuple[str, ...]:
+    """A locale's plain first or last names (male, female and neutral lists together), sorted."""
+    provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
+    found: set[str] = set()
+    for attribute in (f"{kind}_names", f"{kind}_names_male", f"{kind}_names_female", f"male_{kind}_names",
+                      f"female_{kind}_names", f"unisex_{kind}_names"):  # pl_PL spells its lists the second way
+        found.update(getattr(provider, attribute, ()))  # a sequence, or a dict of name -> weight
+    return tuple(sorted({name for name in map(plain, found) if name}))
+
+
+@functools.cache
+def name_pool(kind: str, split: str) -> tuple[str, ...]:
+    """Every first (``kind`` "first") or last name of ``split`` ("train" or "held_out"), sorted and distinct."""
+    if kind not in KINDS or split not in SPLITS:
+        raise ValueError(f"kind must be one of {KINDS} and split one of {SPLITS}, not {kind!r} and {split!r}")
+    names = set(FIRST_NAMES if kind == "first" else LAST_NAMES)
+    for locale in FAKER_LOCALES:
+        names.update(faker_names(locale, kind))
+    return tuple(sorted(name for name in names if split_of(name) == split))

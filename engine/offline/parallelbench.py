@@ -62,9 +62,9 @@ class EvalResult:
 
 
 def task_rows(operation: str, count: int, seed: int, max_people: int = MAX_PEOPLE) -> list[dict[str, Any]]:
-    """``count`` seeded rows of one task in ParallelBench's format (one in-context example each, as theirs);
-    ``max_people`` 6 gives the list lengths of ParallelBench's own files (3-6)."""
-    generator = WaitlineGenerator(seed, max_people=max_people)
+    """``count`` seeded rows of one task in ParallelBench's format (one in-context example each, as theirs), people
+    drawn from the held-out names only; ``max_people`` 6 gives the list lengths of ParallelBench's own files (3-6)."""
+    generator = WaitlineGenerator(seed, max_people=max_people, split="held_out")
     return [generator.row(operation) for _ in range(count)]
 
 

@@ -1,4 +1,9 @@
-"""The "waiting line" task family of ParallelBench (Kim et al., ICLR'26), generated from this project's own names.
+"""The "waiting line" task family of ParallelBench (Kim et al., ICLR'26), generated from a large pool of names.
+
+People are drawn from one split of ``engine.offline.names`` (Faker's names in several locales plus the hand lists,
+and names invented from syllables): training uses the "train" names, held-out test files the "held_out" names, so a
+score on held-out files measures the task, not memorised names. A share of examples may carry one in-context
+example, as ParallelBench's files do; ``Example.messages`` renders it as their chat turns.
 
 A row has ParallelBench's test-file layout (``dataset/parallel_bench/data/output/test/waiting_line*/<task>.jsonl``):
 
@@ -16,13 +21,14 @@ multiset and a different order; random insert/remove/replace = the input with ex
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from engine.models.waitline_prompt import OPERATIONS, PREAMBLE, TEMPLATES, format_list, render_prompt
-from engine.offline.names import FIRST_NAMES, LAST_NAMES
+from engine.offline.names import SPLITS, name_pool, split_of
 
 # Tasks with many valid answers: scored by validity, and their rows carry the input instead of one answer.
 OPEN_ENDED = ("shuffle", "insert_random", "remove_random", "replace_random")
@@ -40,6 +46,14 @@ class Example:
     answer: tuple[str, ...]
     word: str | None = None
     index: int | None = None
+    icl: tuple[Example, ...] = ()  # in-context examples shown before the prompt
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as ParallelBench's chat turns: each in-context example's prompt and answer, then the prompt."""
+        turns = [turn for example in self.icl for turn in (
+            {"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer_text})]
+        return turns + [{"role": "user", "content": self.prompt}]
 
     @property
     def prompt(self) -> str:
@@ -49,8 +63,9 @@ class Example:
     def answer_text(self) -> str:
         return format_list(self.answer)
 
-    def row(self, icl_examples: list[Example] = ()) -> dict[str, Any]:
-        """This example as a ParallelBench test-file row."""
+    def row(self, icl_examples: list[Example] | tuple[Example, ...] | None = None) -> dict[str, Any]:
+        """This example as a ParallelBench test-file row (its own in-context examples unless others are given)."""
+        icl_examples = self.icl if icl_examples is None else icl_examples
         inputs: dict[str, Any] = {"context": format_list(self.people)}
         if self.word is not None:
             inputs["word"] = self.word
@@ -85,24 +100,33 @@ def operation_of(path: str) -> str:
 class WaitlineGenerator:
     """Seeded source of examples: the same seed always yields the same sequence.
 
+    ``split`` ("train" or "held_out") is the part of the name pool people come from; invented names obey it too.
     ``invented_rate`` is the chance that a first or last name is made up from syllables instead of drawn from the
-    lists: such names take several tokens, so a model trained with them also copes with names it never saw.
+    pool: such names take several tokens, so a model trained with them also copes with names it never saw.
+    ``icl_share`` is the chance that an example carries one in-context example of its operation.
     """
 
     def __init__(
-        self, seed: int, min_people: int = MIN_PEOPLE, max_people: int = MAX_PEOPLE, invented_rate: float = 0.0
+        self, seed: int, min_people: int = MIN_PEOPLE, max_people: int = MAX_PEOPLE, invented_rate: float = 0.0,
+        split: str = "train", icl_share: float = 0.0,
     ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         self.rng = random.Random(seed)
         self.min_people, self.max_people = min_people, max_people
-        self.invented_rate = invented_rate
+        self.invented_rate, self.split, self.icl_share = invented_rate, split, icl_share
+        self.first_names, self.last_names = name_pool("first", split), name_pool("last", split)
 
     def person(self) -> str:
-        return f"{self.name(FIRST_NAMES)} {self.name(LAST_NAMES)}"
+        return f"{self.name(self.first_names)} {self.name(self.last_names)}"
 
-    def name(self, names: list[str]) -> str:
+    def name(self, names: tuple[str, ...]) -> str:
         if self.invented_rate and self.rng.random() < self.invented_rate:
-            syllables = self.rng.randint(2, 3)
-            return "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)).capitalize()
+            while True:  # about one draw in eight lands in the held-out split: draw again until it is this split's
+                syllables = self.rng.randint(2, 3)
+                name = "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)).capitalize()
+                if split_of(name) == self.split:
+                    return name
         return self.rng.choice(names)
 
     def people(self, count: int) -> list[str]:
@@ -114,14 +138,20 @@ class WaitlineGenerator:
         return chosen
 
     def example(self, operation: str, count: int | None = None) -> Example:
+        """An example of ``operation`` (``count`` people, else a random length), with an in-context example for a
+        share ``icl_share`` of them."""
+        icl = (self.example_without_icl(operation),) if self.icl_share and self.rng.random() < self.icl_share else ()
+        return dataclasses.replace(self.example_without_icl(operation, count), icl=icl)
+
+    def example_without_icl(self, operation: str, count: int | None = None) -> Example:
         count = count if count is not None else self.rng.randint(self.min_people, self.max_people)
         people = self.people(count + 1)
         newcomer, people = people[-1], people[:-1]
         return apply_operation(operation, people, newcomer, self.rng)
 
     def row(self, operation: str, count: int | None = None, icl_count: int = 1) -> dict[str, Any]:
-        icl = [self.example(operation) for _ in range(icl_count)]
-        return self.example(operation, count).row(icl)
+        icl = [self.example_without_icl(operation) for _ in range(icl_count)]
+        return self.example_without_icl(operation, count).row(icl)
 
 
 def apply_operation(operation: str, people: list[str], newcomer: str, rng: random.Random) -> Example:

@@ -1,0 +1,84 @@
+"""The waitline data's name pool and its train / held-out split: training rows never show a held-out name."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.offline import train_dllm
+from engine.offline.names import FAKER_LOCALES, SPLITS, faker_names, name_pool, plain, split_of
+from engine.offline.parallelbench import task_rows
+from engine.offline.waitline_data import MAX_PEOPLE, MIN_PEOPLE, OPERATIONS, WaitlineGenerator, parse_list
+from engine.offline.waitline_tokenizer import build_tokenizer
+
+
+def names_in(example) -> set[str]:
+    """Every first and last name an example shows: its people, its newcomer, and its in-context example's."""
+    people = [*example.people, *example.answer, *([example.word] if example.word else [])]
+    for shown in example.icl:
+        people += [*shown.people, *shown.answer, *([shown.word] if shown.word else [])]
+    return {name for person in people for name in person.split(" ")}
+
+
+def test_pool_is_large_varied_plain_and_split_disjointly():
+    for kind in ("first", "last"):
+        train, held_out = set(name_pool(kind, "train")), set(name_pool(kind, "held_out"))
+        assert len(train) > 5000 and len(held_out) > 500 and not train & held_out
+        assert 0.08 < len(held_out) / (len(train) + len(held_out)) < 0.16
+        assert all(plain(name) == name and " " not in name for name in train | held_out)
+    assert sum(len(faker_names(locale, "first")) > 100 for locale in FAKER_LOCALES) >= 12
+    # both roles of one name share its split, so a held-out name is never seen in training in the other role
+    assert not set(name_pool("first", "train")) & set(name_pool("last", "held_out"))
+    assert plain("Müller") == "Muller" and plain("Łukasz") is None and plain("De Jong") is None
+    assert plain("O'Brien") == "O'Brien" and plain("Smith-Jones") == "Smith-Jones"
+
+
+def test_split_is_a_property_of_the_name_not_of_the_lists():
+    names = list(name_pool("last", "train") + name_pool("last", "held_out"))
+    before = {name: split_of(name) for name in names}
+    random.Random(0).shuffle(names)
+    assert {name: split_of(name) for name in names[:500]} == {name: before[name] for name in names[:500]}
+    assert {split_of(name) for name in names} == set(SPLITS)
+    with pytest.raises(ValueError, match="split must be one of"):
+        WaitlineGenerator(0, split="test")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_generated_rows_use_only_their_splits_names_with_every_operation_and_length(split):
+    generator = WaitlineGenerator(3, invented_rate=0.3, split=split, icl_share=0.5)
+    examples = [generator.example(operation) for operation in OPERATIONS for _ in range(60)]
+    shown = set().union(*map(names_in, examples))
+    assert shown and {split_of(name) for name in shown} == {split}
+    assert {e.operation for e in examples} == set(OPERATIONS)
+    assert {len(e.people) for e in examples} == set(range(MIN_PEOPLE, MAX_PEOPLE + 1))
+    assert 0.3 < sum(bool(e.icl) for e in examples) / len(examples) < 0.7
+    assert any(name not in name_pool("first", split) + name_pool("last", split) for name in shown)  # invented ones
+
+
+def test_training_batches_never_show_a_held_out_name():
+    batches = train_dllm.Batches(build_tokenizer(), seed=11, batch_size=64)
+    examples = [example for _ in range(30) for example in batches.examples()]
+    assert {e.operation for e in examples} == set(OPERATIONS) and any(e.icl for e in examples)
+    assert {split_of(name) for name in set().union(*map(names_in, examples))} == {"train"}
+
+
+def test_held_out_test_files_use_only_held_out_names():
+    for operation in OPERATIONS:
+        for row in task_rows(operation, 20, seed=5):
+            lists = [row["input"]["context"]] + [icl["input"]["context"] for icl in row["input"]["icl_examples"]]
+            people = [person for text in lists for person in parse_list(text)] + [row["input"].get("word") or ""]
+            names = {name for person in people for name in person.split(" ") if name}
+            assert {split_of(name) for name in names} == {"held_out"}
+
+
+def test_training_prompts_are_chat_turns_with_and_without_an_in_context_example():
+    tokenizer = build_tokenizer()
+    generator = WaitlineGenerator(2, icl_share=1.0)
+    lone, shown = generator.example_without_icl("sort"), generator.example("reverse")
+    assert train_dllm.encode_messages(tokenizer, lone.messages) == train_dllm.encode_prompt(tokenizer, lone.prompt)
+    icl = shown.icl[0]
+    assert [turn["role"] for turn in shown.messages] == ["user", "assistant", "user"]
+    text = tokenizer.decode(train_dllm.encode_messages(tokenizer, shown.messages))
+    assert text == f"<s>{icl.prompt}{icl.answer_text}</s>{shown.prompt}"
+    assert shown.row()["input"]["icl_examples"] == [icl.row()]
