@@ -192,9 +192,9 @@ def pick(page: Any, elem_id: str, search: str, option: str | None = None) -> Non
         box.click()
         box.press("Control+a")
         box.press_sequentially(search)
-        page.wait_for_function(  # the list has re-filtered on every typed letter: options stop moving under the click
-            "(s) => [...document.querySelectorAll('[role=option]')].every(o => o.textContent.toLowerCase().includes(s))",
-            arg=search.lower(), timeout=5000)
+        page.wait_for_function(  # its list has re-filtered on every typed letter: options stop moving under the click
+            "([id, s]) => [...document.querySelectorAll(`#${id} [role=option]`)]"
+            ".every(o => o.textContent.toLowerCase().includes(s))", arg=[elem_id, search.lower()], timeout=5000)
         page.locator("[role=option]", has_text=wanted).first.click()
         page.keyboard.press("Escape")
         try:
