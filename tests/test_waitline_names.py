@@ -7,7 +7,7 @@ import random
 import pytest
 
 from engine.offline import train_dllm
-from engine.offline.names import FAKER_LOCALES, SPLITS, faker_names, name_pool, plain, split_of
+from engine.offline.names import ENGLISH_LOCALES, FAKER_LOCALES, SPLITS, faker_names, name_pool, plain, split_of
 from engine.offline.parallelbench import task_rows
 from engine.offline.waitline_data import MAX_PEOPLE, MIN_PEOPLE, OPERATIONS, WaitlineGenerator, parse_list
 from engine.offline.waitline_tokenizer import build_tokenizer
@@ -42,6 +42,9 @@ def test_split_is_a_property_of_the_name_not_of_the_lists():
     assert {split_of(name) for name in names} == set(SPLITS)
     with pytest.raises(ValueError, match="split must be one of"):
         WaitlineGenerator(0, split="test")
+    held_out_name = name_pool("first", "held_out")[0]
+    with pytest.raises(ValueError, match="must be of the 'train' split"):
+        WaitlineGenerator(0, names=((held_out_name,), name_pool("last", "train")))
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -54,6 +57,9 @@ def test_generated_rows_use_only_their_splits_names_with_every_operation_and_len
     assert {len(e.people) for e in examples} == set(range(MIN_PEOPLE, MAX_PEOPLE + 1))
     assert 0.3 < sum(bool(e.icl) for e in examples) / len(examples) < 0.7
     assert any(name not in name_pool("first", split) + name_pool("last", split) for name in shown)  # invented ones
+    firsts = [person.split(" ")[0] for person in WaitlineGenerator(4, split=split).people(600)]
+    english = set(name_pool("first", split, ENGLISH_LOCALES))
+    assert 0.5 < sum(name in english for name in firsts) / len(firsts) < 0.8  # half drawn from them, some by chance
 
 
 def test_training_batches_never_show_a_held_out_name():

@@ -57,6 +57,8 @@ FAKER_LOCALES = (
     "en_US", "en_GB", "en_IE", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_BR", "pl_PL", "sv_SE", "da_DK", "no_NO",
     "fi_FI", "tr_TR", "id_ID",
 )
+# ParallelBench's lists are common English names ("Paul Payne", "Grace Wright"): the generator draws a share from these
+ENGLISH_LOCALES = ("en_US", "en_GB", "en_IE")
 KINDS = ("first", "last")
 SPLITS = ("train", "held_out")
 HELD_OUT_PERCENT = 12
@@ -87,11 +89,12 @@ def faker_names(locale: str, kind: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def name_pool(kind: str, split: str) -> tuple[str, ...]:
-    """Every first (``kind`` "first") or last name of ``split`` ("train" or "held_out"), sorted and distinct."""
+def name_pool(kind: str, split: str, locales: tuple[str, ...] = FAKER_LOCALES) -> tuple[str, ...]:
+    """Every first (``kind`` "first") or last name of ``split`` ("train" or "held_out") in the hand lists and
+    ``locales``' lists, sorted and distinct."""
     if kind not in KINDS or split not in SPLITS:
         raise ValueError(f"kind must be one of {KINDS} and split one of {SPLITS}, not {kind!r} and {split!r}")
     names = set(FIRST_NAMES if kind == "first" else LAST_NAMES)
-    for locale in FAKER_LOCALES:
+    for locale in locales:
         names.update(faker_names(locale, kind))
     return tuple(sorted(name for name in names if split_of(name) == split))

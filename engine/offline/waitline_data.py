@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.models.waitline_prompt import OPERATIONS, PREAMBLE, TEMPLATES, format_list, render_prompt
-from engine.offline.names import SPLITS, name_pool, split_of
+from engine.offline.names import ENGLISH_LOCALES, KINDS, SPLITS, name_pool, split_of
 
 # Tasks with many valid answers: scored by validity, and their rows carry the input instead of one answer.
 OPEN_ENDED = ("shuffle", "insert_random", "remove_random", "replace_random")
 MIN_PEOPLE, MAX_PEOPLE = 3, 15  # ParallelBench's files use 3-6 and 15
 ONSETS = ("b", "br", "c", "ch", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "t", "v", "w", "z")
 VOWELS = ("a", "e", "i", "o", "u", "ay", "ee", "on", "er", "an")
+ENGLISH_SHARE = 0.5  # of names drawn from the English lists (ParallelBench's kind of names), the rest from all locales
 
 
 @dataclass(frozen=True)
@@ -103,31 +104,41 @@ class WaitlineGenerator:
     ``split`` ("train" or "held_out") is the part of the name pool people come from; invented names obey it too.
     ``invented_rate`` is the chance that a first or last name is made up from syllables instead of drawn from the
     pool: such names take several tokens, so a model trained with them also copes with names it never saw.
-    ``icl_share`` is the chance that an example carries one in-context example of its operation.
+    ``icl_share`` is the chance that an example carries one in-context example of its operation. ``english_share``
+    of the other names come from the split's English names, the rest from all its names; ``names`` (first and last
+    names, each of ``split``) replaces the pool.
     """
 
     def __init__(
         self, seed: int, min_people: int = MIN_PEOPLE, max_people: int = MAX_PEOPLE, invented_rate: float = 0.0,
-        split: str = "train", icl_share: float = 0.0,
+        split: str = "train", icl_share: float = 0.0, english_share: float = ENGLISH_SHARE,
+        names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         self.rng = random.Random(seed)
         self.min_people, self.max_people = min_people, max_people
         self.invented_rate, self.split, self.icl_share = invented_rate, split, icl_share
-        self.first_names, self.last_names = name_pool("first", split), name_pool("last", split)
+        self.english_share = english_share
+        if names is None:  # per kind: (English names, all names) of the split
+            self.pools = {kind: (name_pool(kind, split, ENGLISH_LOCALES), name_pool(kind, split)) for kind in KINDS}
+        elif any(split_of(name) != split for kind_names in names for name in kind_names):
+            raise ValueError(f"every name given must be of the {split!r} split")
+        else:
+            self.pools = {kind: (kind_names, kind_names) for kind, kind_names in zip(KINDS, names, strict=True)}
 
     def person(self) -> str:
-        return f"{self.name(self.first_names)} {self.name(self.last_names)}"
+        return f"{self.name('first')} {self.name('last')}"
 
-    def name(self, names: tuple[str, ...]) -> str:
+    def name(self, kind: str) -> str:
         if self.invented_rate and self.rng.random() < self.invented_rate:
             while True:  # about one draw in eight lands in the held-out split: draw again until it is this split's
                 syllables = self.rng.randint(2, 3)
                 name = "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)).capitalize()
                 if split_of(name) == self.split:
                     return name
-        return self.rng.choice(names)
+        english, everyone = self.pools[kind]
+        return self.rng.choice(english if self.rng.random() < self.english_share else everyone)
 
     def people(self, count: int) -> list[str]:
         chosen: list[str] = []

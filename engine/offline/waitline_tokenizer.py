@@ -33,11 +33,10 @@ CHAT_TEMPLATE = (
 def training_corpus(seed: int = 0, per_operation: int = 200) -> list[str]:
     """Prompts and answers of every operation, plus every hand-listed training name in both positions, so each gets
     merged. Held-out names are left out: a token seen only in held-out lists would keep an untrained embedding."""
-    generator = WaitlineGenerator(seed, split="train")
     firsts, lasts = ([name for name in names if split_of(name) == "train"] for names in (FIRST_NAMES, LAST_NAMES))
     # lists of hand-listed names only: each of the pool's thousands of names is too rare to earn a merge of its own,
     # and together they would crowd the common names' merges out of the vocabulary
-    generator.first_names, generator.last_names = tuple(firsts), tuple(lasts)
+    generator = WaitlineGenerator(seed, split="train", names=(tuple(firsts), tuple(lasts)))
     texts = [f'["{first} {last}", "{last}"]' for first in firsts for last in lasts[:3]]
     texts += [f'["{first} {last}"]' for last in lasts for first in firsts[:3]]
     for operation in OPERATIONS:
