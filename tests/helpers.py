@@ -19,6 +19,7 @@ import torch
 from plotly.basedatatypes import BaseTraceType
 from safetensors.torch import save_file
 from scipy.stats import chisquare
+from transformers import PreTrainedTokenizerFast
 
 from engine import RunSettings, record
 from engine.events import (
@@ -49,8 +50,8 @@ from engine.events import (
     TokenStep,
     VariantStep,
 )
+from engine.models.cache import ASSET_MODELS_DIR
 from engine.models.handle import LoadedModel
-from engine.offline.waitline_tokenizer import build_tokenizer
 from engine.recorder import Recorder
 from engine.trace import RunInfo, Trace, dumps, new_run_id
 from ui.figures.common import escape_token
@@ -183,13 +184,19 @@ def eager_attention(model: LoadedModel, ids: list[int], **inputs: torch.Tensor) 
     return [a[0].double() for a in out.attentions]
 
 
+def shipped_waitline_tokenizer() -> PreTrainedTokenizerFast:
+    """The tokenizer the shipped waitline models were trained with."""
+    return PreTrainedTokenizerFast.from_pretrained(ASSET_MODELS_DIR / "waitline-ar")
+
+
 def tiny_waitline_model(causal: bool = False, seed: int = 0, name: str = "", vocab_size: int | None = None,
                         **config: object) -> LoadedModel:
     """A random 2-layer Llama on the waitline tokenizer: bidirectional with mask id 3 (a tiny waitline-mdlm), or
-    causal (its AR twin). ``config`` adds or overrides config fields (``diffusion_gen_length``...)."""
+    causal (its AR twin). ``config`` adds or overrides config fields (``diffusion_gen_length``...). The tokenizer is
+    the shipped models' (build_tokenizer's corpus moves with the name pool): a shipped dLLM can draft for it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = shipped_waitline_tokenizer()
     fields = {"is_causal": causal, "mask_token_id": None if causal else 3, **config}
     cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, bos_token_id=1,

@@ -458,10 +458,14 @@ def test_greedy_with_a_model_and_its_hyperfitted_variant_then_their_entropy_side
     _greedy_run(person, tokens=12, prompt="The while statement")
     base = newest_run(app)
     type_into(person, "model", str(variant), enter=True)
+    wait_text(person, "model-status", "hyperfit is loaded")  # the page has taken the typed folder
+    before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
     person.click("#run-button")
-    wait_text(person, "run-status", "finished")
+    run_id = _new_run(person, app, before)
+    person.wait_for_function("([id]) => { const text = document.querySelector('#run-status').innerText;"
+                             " return text.includes(id) && text.includes('finished'); }", arg=[run_id[:12]])
     hyperfitted = newest_run(app)
-    assert hyperfitted.model == "tiny-random-llama~hyperfit" and hyperfitted.run_id != base.run_id
+    assert hyperfitted.model == "tiny-random-llama~hyperfit" and hyperfitted.run_id == run_id
 
     open_tab(person, "Library")  # the Library's list feeds the Compare picker
     wait_text(person, "runs-table", "hyperfit")

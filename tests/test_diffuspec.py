@@ -10,10 +10,9 @@ import torch
 
 from engine import RunSettings, record
 from engine.decoders.diffusion.diffuspec import AdaptiveLength
-from engine.speculative.drafts import _DRAFT_MODELS
 from engine.diffusion.lattice_path import NgramProxy, build_lattice, search_path
 from engine.models.handle import LoadedModel
-from engine.offline.waitline_tokenizer import build_tokenizer
+from engine.speculative.drafts import _DRAFT_MODELS
 from tests.helpers import (
     PROMPTS,
     assert_follows,
@@ -21,10 +20,11 @@ from tests.helpers import (
     greedy_ids,
     rounds_of,
     run_ignoring_eos,
+    shipped_waitline_tokenizer,
     tiny_waitline_model,
 )
 
-TOKENIZER = build_tokenizer()
+TOKENIZER = shipped_waitline_tokenizer()
 MASK, EOS = 3, 2
 
 

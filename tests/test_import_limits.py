@@ -30,7 +30,7 @@ def store(tmp_path: Path):
 def small_trace(n_events: int = 3) -> Trace:
     return Trace(
         run_id="r1",
-        info=RunInfo(model="m", decoder="greedy", params={}, prompt="p"),
+        info=RunInfo(model="m", decoder="greedy", params={}, prompt="p", created_at="2026-01-01T00:00:00+00:00"),
         events=[token_step(i) for i in range(n_events)],
         vocab={5: "five", 9: "nine"},
         status="finished",
