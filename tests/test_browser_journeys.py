@@ -253,8 +253,11 @@ def _greedy_run(page, tokens: int = 8, prompt: str = "Tell me a story") -> None:
     type_into(page, "prompt", prompt)
     type_into(page, "max-new-tokens", str(tokens))
     page.click("#stop-button")
+    page.wait_for_function("!/(paused|running)/.test(document.querySelector('#run-status').innerText)")
+    before = page.locator("#run-status").inner_text()  # names the last run: the new one's status differs
     page.click("#run-button")
-    wait_text(page, "run-status", "finished")
+    page.wait_for_function("([before]) => { const text = document.querySelector('#run-status').innerText;"
+                           " return text !== before && text.includes('finished'); }", arg=[before], timeout=60_000)
 
 
 def _plot_data(page, elem_id: str):
@@ -382,9 +385,12 @@ def test_token_tree_explorer_expands_and_continues_a_node(app, person):
     person.wait_for_function("document.querySelector('#live-tree .js-plotly-plot')?.data?.length > 0", timeout=60_000)
     shot(person, "token-tree")
     type_into(person, "live-tree-node", "4")  # or click one: the click sets this box
+    before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
     person.click("#live-tree-continue")
-    person.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('finished')")
-    branch = TraceStore(app.db_url).load(newest_run(app).run_id)
+    run_id = _new_run(person, app, before)  # the branch's own run, not the parent's "finished" still on the page
+    person.wait_for_function("([id]) => { const text = document.querySelector('#run-status').innerText;"
+                             " return text.includes(id) && text.includes('finished'); }", arg=[run_id[:12]])
+    branch = TraceStore(app.db_url).load(run_id)
     assert branch.info.parent["run_id"] == parent.run_id and branch.info.parent["step"] == 2
 
 
