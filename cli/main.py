@@ -391,6 +391,12 @@ def _record(args: argparse.Namespace) -> int:
         capture = AttentionCapture(layers=args.attention, heads=args.attention_heads, max_bytes=int(args.attention_max_mb * 2**20),
                                    passage_marker=args.attention_passage_marker,
                                    question_marker=args.attention_question_marker)
+    model = _load(args)
+    fmt = model.prompt_format
+    if fmt is not None and args.chat is None:
+        args.chat = fmt.chat  # the format the model's folder declares, unless asked otherwise
+    if fmt is not None and (warning := fmt.mismatch(model.name, args.prompt, bool(args.chat))):
+        print(f"warning: {warning}", file=sys.stderr)
     settings = RunSettings(
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
@@ -402,7 +408,6 @@ def _record(args: argparse.Namespace) -> int:
         image=args.image,
         branch=branch,
     )
-    model = _load(args)
     sinks = [] if args.no_save else [store.sink()]
     run = Run(model, args.decoder, args.prompt, parse_assignments(args.param), settings, sinks=sinks)
     with tqdm(total=args.max_new_tokens, unit="tok", file=sys.stderr, disable=None, leave=False) as bar:

@@ -264,12 +264,24 @@ def _plot_data(page, elem_id: str):
     return page.evaluate(f"document.querySelector('#{elem_id} .js-plotly-plot')?.data ?? null")
 
 
-def test_a_model_card_prompt_format_is_applied_and_said(app, person):
-    person.locator("#chat input[type=checkbox]").check()
-    pick(person, "model", "waitline-mdlm")
+def test_a_model_folder_prompt_format_is_applied_said_and_checked(app, person):
+    """The waitline models' folders declare ParallelBench's format: picking one fills in an example and the chat flag
+    it was trained with; a prompt in another format runs, with a warning."""
+    person.locator("#chat input[type=checkbox]").uncheck()
+    pick(person, "model", "waitline-ar")
     wait_text(person, "model-status", "Prompt format")
-    person.wait_for_function("!document.querySelector('#chat input[type=checkbox]').checked")
+    person.wait_for_function("document.querySelector('#chat input[type=checkbox]').checked")
     assert "waiting line" in field(person, "prompt").input_value()
+    pick(person, "decoder", "greedy", option="· greedy —")
+    type_into(person, "prompt", "Sort these: Bo, Al")
+    type_into(person, "max-new-tokens", "3")
+    before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
+    person.click("#run-button")
+    person.wait_for_selector("[data-testid=toast-body]")
+    assert "not in waitline-ar's format" in person.locator("[data-testid=toast-body]").first.inner_text()
+    shot(person, "prompt-format-warning")
+    run_id = _new_run(person, app, before)
+    assert TraceStore(app.db_url).load(run_id).info.prompt == "Sort these: Bo, Al"  # warned, not refused
     pick(person, "model", "tiny-random-llama")
 
 

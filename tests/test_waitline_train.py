@@ -229,3 +229,19 @@ def test_held_out_unmasking_stays_inside_the_current_block(tokenizer, block, fir
     waitline_train.answer_mdlm(model, tokenizer, [[1, 5, 6]], block=block)
     answer_after_one_step = model.canvases[1][0, 3:]
     assert (answer_after_one_step != 3).nonzero().flatten().tolist() == [first_filled % waitline_train.GEN_LENGTH]
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    settings = waitline_train.TrainSettings(kind="mdlm", steps=4, batch_size=4, warmup=1, shape=TINY, log_every=1,
+                                            prefix_share=0.5, checkpoint_every=100)
+    whole, _, whole_record = waitline_train.train(settings, log=lambda _: None)
+    lines = []
+    _, _, stopped = waitline_train.train(settings, log=lines.append, work=tmp_path, until=2)
+    assert stopped["steps_done"] == 2 and not stopped["finished"] and (tmp_path / "checkpoint.pt").is_file()
+    resumed, _, record = waitline_train.train(settings, log=lines.append, work=tmp_path)
+    assert any("resuming at step 2/4" in line for line in lines)
+    assert record["finished"] and [p[:2] for p in record["loss_curve"]] == [p[:2] for p in whole_record["loss_curve"]]
+    assert all(torch.equal(value, resumed.state_dict()[name]) for name, value in whole.state_dict().items())
+    other = waitline_train.TrainSettings(**{**settings.__dict__, "lr": 0.5})
+    with pytest.raises(ValueError, match="other settings"):
+        waitline_train.train(other, log=lambda _: None, work=tmp_path)

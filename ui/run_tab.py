@@ -105,9 +105,8 @@ def build_run_tab(app: AppContext) -> RunTab:
         if live is not None and not live.done:
             return live  # resume the paused run
         fmt = prompt_format(form.model)
-        if fmt is not None and form.chat != fmt.chat:
-            gr.Warning(f"{escape_text(form.model.strip())} was trained {'with' if fmt.chat else 'without'} chat "
-                       "formatting; its output may be garbage in this format")
+        if fmt is not None and (warning := fmt.mismatch(form.model.strip(), form.prompt, form.chat)):
+            gr.Warning(escape_text(warning))
         run = app.new_run(request.session_hash, form.model, form.decoder, form.prompt, form.params, form.settings())
         return app.start_live(request.session_hash, run)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.models.cache import ASSET_MODELS_DIR, is_cached
 from engine.models.errors import ModelError
+from engine.models.prompt_formats import PromptFormat, declared_format
 from engine.models.variant_store import saved_variants
 
 
@@ -110,27 +111,12 @@ BUILTIN_NAMES = [*GGUF_BUILTINS, *RANDOM_DESCRIPTIONS, *ASSET_DESCRIPTIONS]
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the app's and the command line's model when none is named
 
 
-@dataclass(frozen=True)
-class PromptFormat:
-    """The prompt a built-in model was trained on; other formats give it inputs it never saw."""
-
-    chat: bool  # whether the chat template applies
-    note: str
-    example: str
-
-
-def _waitline_format(name: str) -> PromptFormat:
-    from engine.models.waitline_prompt import render_prompt  # the training data's own wording
-
-    example = render_prompt("reverse", ["James Smith", "Mary Jones", "Robert Brown", "Linda Davis"])
-    return PromptFormat(False, f"{name} was trained on plain ParallelBench waiting-line instructions (no chat "
-                               "template, no in-context example): chat formatting is off and an example prompt is "
-                               "filled in.", example)
-
-
 def prompt_format(name: str) -> PromptFormat | None:
-    """The prompt format a built-in model's card names, or None where any prompt (and the chat template) fits."""
-    return _waitline_format(name) if name.strip() in ASSET_DESCRIPTIONS else None
+    """The prompt format a built-in model's or local folder's config declares; None where any prompt fits (or the
+    model is a Hub id, whose config is read only when it loads)."""
+    name = name.strip()
+    folder = asset_model_dir(name) if name in ASSET_DESCRIPTIONS else Path(name).expanduser()
+    return declared_format(folder) if name and folder.is_dir() else None
 
 
 def asset_model_dir(name: str) -> Path:
@@ -149,13 +135,19 @@ def list_models() -> list[ModelEntry]:
         for name in RANDOM_DESCRIPTIONS
     ] + [
         ModelEntry(name, description, "asset", (asset_model_dir(name) / "config.json").is_file(), False,
-                   "≈0.56M parameters, 1.1 MB", train_command(name))
+                   _asset_size(name), train_command(name))
         for name, description in ASSET_DESCRIPTIONS.items()
     ] + [
         ModelEntry(record["name"], f"{record['method']} variant of {record['base']}", "variant", True, True,
                    f"{record['size_bytes'] / 1e6:.1f} MB beside its base", f"saved at {record['path']}")
         for record in saved_variants()
     ]
+
+
+def _asset_size(name: str) -> str:
+    """Parameters and bytes of a project-trained folder (weights stored in float16)."""
+    size = sum(path.stat().st_size for path in asset_model_dir(name).glob("*.safetensors"))
+    return f"≈{size / 2 / 1e6:.1f}M parameters, {size / 1e6:.1f} MB" if size else "not trained yet"
 
 
 def model_names() -> list[str]:

@@ -39,10 +39,11 @@ from transformers import get_constant_schedule_with_warmup
 from engine.models import load_model
 from engine.models.errors import ModelError
 from engine.models.handle import LoadedModel
+from engine.offline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from engine.offline.recipes import RECIPES
 from engine.params import ParamError
 
-CHECKPOINT = "checkpoint.pt"
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every")  # a resumed run may train longer or save less often
 LOG = "training_log.json"
 SOURCE = "pydoc_data.topics (prose paragraphs of the Python language reference)"
 PAPER_SCALE = {"length": 256, "batch_size": 8, "epochs": 20, "lr": 1e-6, "layers": 0, "warmup": 0, "passages": 2000,
@@ -239,10 +240,8 @@ def train(settings: Settings, model: LoadedModel, work: Path, log: Callable[[str
     schedule = get_constant_schedule_with_warmup(optimizer, settings.warmup)
     record: dict[str, Any] = {"step": 0, "seconds": 0.0, "curve": [], "epochs": []}
     checkpoint = work / CHECKPOINT
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        if _resumable(state["settings"]) != _resumable(asdict(settings)):
-            raise ParamError(f"{checkpoint} was written with other settings; use another --work or delete it")
+    state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES)
+    if state:
         top.load_state(state["tensors"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -279,9 +278,8 @@ def train(settings: Settings, model: LoadedModel, work: Path, log: Callable[[str
             record["epochs"].append(done)
             log(json.dumps(done))
         if record["step"] % settings.checkpoint_every == 0 or record["step"] == total:
-            work.mkdir(parents=True, exist_ok=True)
-            torch.save({"settings": asdict(settings), "tensors": top.state(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "record": record}, checkpoint)
+            save_checkpoint(checkpoint, asdict(settings), record, tensors=top.state(),
+                            optimizer=optimizer.state_dict(), schedule=schedule.state_dict())
             (work / LOG).write_text(json.dumps(record, indent=1))
     progress.close()
     record["final"] = {"train_loss": round(mean_loss(top, train_hidden, train_ids, settings.batch_size), 4),
@@ -338,11 +336,6 @@ def save(top: TrainedTop, settings: Settings, record: dict[str, Any], out: Path,
                           card=card(settings, record, command, size), out=out)
     (folder / LOG).write_text(json.dumps(record, indent=1))
     return folder
-
-
-def _resumable(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share (more epochs continue the same constant-rate run)."""
-    return {k: v for k, v in settings.items() if k not in ("epochs", "checkpoint_every")}
 
 
 def main(argv: list[str] | None = None) -> int:

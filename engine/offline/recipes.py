@@ -3,10 +3,8 @@
 A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(argv)`` (the same arguments as
 ``python -m <tool>``). Intermediate outputs go to a work folder under the output, removed once the recipe is done.
 
-The built-in dLLM and its AR twin were trained as chains of time-capped runs (``--minutes``), whose learning-rate
-schedule followed the clock. Their recipes fix each run at the step it actually reached and turn the cap off
-(``--minutes 0``: the schedule runs over the steps), so a rebuild follows the same recipe on any machine, though
-not bit for bit the shipped weights.
+The built-in dLLM and its AR twin are each one seeded run from scratch; ``--minutes`` (added by hand) only stops a
+run resumably, and the same command continues it, so an interrupted rebuild ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -71,28 +69,19 @@ def _filled(arg: str, out: Path) -> str:
     return arg.format(out=out, work=out / WORK)
 
 
-# --- the built-in waiting-line models: chains of train_dllm runs ------------------------------------------------
+# --- the built-in waiting-line models: one seeded train_dllm run each -------------------------------------------
 
-_TRAIN_SMOKE = ("--steps", "3", "--batch-size", "4", "--eval-per-task", "1")
-
-
-def _train(kind: str, run: str, steps: int, seed: int, lr: str, *extra: str, init: str = "",
-           final: bool = False) -> Stage:
-    """A train_dllm run of the waiting-line shape, ``steps`` long with no time cap; ``init`` names the earlier run
-    it continues from (in the work folder)."""
-    output = "{out}" if final else f"{{work}}/{run}"
-    args = ("--model", kind, "--steps", str(steps), "--minutes", "0", "--batch-size", "32", "--lr", lr,
-            "--grow-below", "1", "--seed", str(seed), "--hidden", "128", "--layers", "2", "--heads", "8",
-            "--ffn", "256", "--out", output, *(("--init-from", f"{{work}}/{init}") if init else ()), *extra)
-    return Stage("engine.offline.train_dllm", args, output, _TRAIN_SMOKE)
+_TRAIN_SMOKE = ("--steps", "3", "--batch-size", "4", "--eval-per-task", "1", "--checkpoint-every", "2")
+WAITLINE_STEPS = 12_000  # resumable: --minutes stops a run, the same command continues it
 
 
-_PREFIX = ("--prefix-share", "0.5")
-# The AR runs both models start from (the diffusion model was initialised from the twin's second run, war3).
-_AR_START = (
-    _train("ar", "war2", 11493, 0, "0.002"),
-    _train("ar", "war3", 6087, 1, "0.001", init="war2"),
-)
+def _train_waitline(kind: str, *extra: str) -> Stage:
+    """The whole training of one waiting-line model: seeded, fixed steps, from scratch, checkpointed."""
+    args = ("--model", kind, "--steps", str(WAITLINE_STEPS), "--batch-size", "32", "--lr", "0.001",
+            "--warmup", "200", "--grow-below", "1", "--seed", "0", "--precision", "bfloat16", "--hidden", "256",
+            "--layers", "6", "--heads", "8", "--ffn", "1024", "--out", "{out}", *extra)
+    return Stage("engine.offline.train_dllm", args, smoke=_TRAIN_SMOKE)
+
 
 DRAFTER_SEQUENCES = 2500  # the drafter recipes share one data set (the same command; a rebuild makes it once each)
 
@@ -115,20 +104,10 @@ def _train_head(head: str, *args: str) -> Stage:
 
 
 RECIPES = (
-    Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: four train_dllm runs", (
-        *_AR_START,
-        _train("ar", "war4", 3104, 3, "0.0007", init="war3"),
-        _train("ar", "war5", 7864, 5, "0.0007", "--task-weight", "sort=6", init="war4", final=True),
-    )),
-    Recipe("waitline-mdlm", "assets/models/waitline-mdlm", "the built-in dLLM: two AR runs, then five diffusion runs", (
-        *_AR_START,
-        _train("mdlm", "wmdlm3", 4737, 2, "0.001", init="war3"),
-        _train("mdlm", "wmdlm5", 7634, 6, "0.0007", *_PREFIX, "--task-weight", "sort=6", init="wmdlm3"),
-        _train("mdlm", "wmdlm7", 5752, 8, "0.0005", *_PREFIX, "--task-weight", "sort=6", init="wmdlm5"),
-        _train("mdlm", "wmdlm8", 4896, 9, "0.0004", *_PREFIX, "--task-weight", "sort=6", init="wmdlm7"),
-        _train("mdlm", "wmdlm9", 7609, 10, "0.0004", *_PREFIX, "--task-weight", "sort=12", init="wmdlm8",
-               final=True),
-    )),
+    Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: one train_dllm run",
+           (_train_waitline("ar"),)),
+    Recipe("waitline-mdlm", "assets/models/waitline-mdlm", "the built-in dLLM: one train_dllm run",
+           (_train_waitline("mdlm", "--prefix-share", "0.5"),)),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
               ("--model", "waitline-mdlm", "--examples", "100", "--seed", "20000", "--gen-length", "72",

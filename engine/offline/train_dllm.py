@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,13 +37,15 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from engine.offline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from engine.offline.names import name_pool
 from engine.offline.recipes import rebuild_command
 from engine.offline.waitline_data import OPERATIONS, Example, WaitlineGenerator, score
 from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer
 
 KINDS = ("mdlm", "ar")
-GEN_LENGTH = 72  # answer-side canvas: 16 people x 4 tokens + end of text, with room to spare
+GEN_LENGTH = 192  # answer-side canvas: 15 people of pool names take up to ~150 tokens, then end of text
+MAX_POSITIONS = 1024  # prompts with an in-context example of 15 people reach ~480 tokens
 MASK_EPS = 1e-3
 INVENTED_NAME_RATE = 0.05  # per first/last name in training lists, so unseen (multi-token) names are handled too
 ICL_SHARE = 0.3  # training prompts that carry one in-context example in chat turns, as ParallelBench's files do
@@ -50,15 +53,16 @@ ICL_SHARE = 0.3  # training prompts that carry one in-context example in chat tu
 TASK_WEIGHTS = {op: 1.0 for op in OPERATIONS} | {"copy": 1.5, "reverse": 2.0, "sort": 3.0}
 TARGETS = {"copy": 0.95, "reverse": 0.95, "sort": 0.85}
 HELD_OUT_SEED = 10_000  # training rows use seeds from 0, the Learn2PD filter 20_000, bench lists 30_000
+PROMPT_FORMAT = "parallelbench-waiting-line"  # declared in config.json: the app fills in and checks this format
 CURRICULUM_START = 4  # short lists first: the copy circuits form on them far sooner than on 15-person lists
 
 
 @dataclass(frozen=True)
 class Shape:
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    ffn: int = 512
+    hidden: int = 256
+    layers: int = 6
+    heads: int = 8
+    ffn: int = 1024
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,19 @@ class TrainSettings:
     lr: float = 2e-3
     warmup: int = 100
     seed: int = 0
-    minutes: float = 0.0  # 0 = no time cap
+    minutes: float = 0.0  # stop (resumably) after this long; 0 = no cap. The schedule follows the steps only.
     shape: Shape = Shape()
     log_every: int = 50
     grow_below: float = 1.0  # curriculum: one more person allowed whenever a logging window's loss is below this
     init_from: str = ""  # a saved folder of the same kind to continue from (fresh optimizer and schedule)
     task_weights: tuple[tuple[str, float], ...] = tuple(TASK_WEIGHTS.items())
     prefix_share: float = 0.0  # MDLM: share of rows whose answer is clean up to a random cut (semi-AR blocks' case)
+    precision: str = "bfloat16"  # autocast dtype of the forward pass (float32 = none); weights stay float32
+    checkpoint_every: int = 100
+
+
+RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
+PRECISIONS = ("bfloat16", "float32")
 
 
 def build_model(kind: str, tokenizer: PreTrainedTokenizerFast, shape: Shape, seed: int) -> LlamaForCausalLM:
@@ -85,7 +95,7 @@ def build_model(kind: str, tokenizer: PreTrainedTokenizerFast, shape: Shape, see
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.ffn,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        max_position_embeddings=512, tie_word_embeddings=True, **ids, **(extra if kind == "mdlm" else {}),
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, prompt_format=PROMPT_FORMAT, **ids, **(extra if kind == "mdlm" else {}),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -103,6 +113,15 @@ class Batches:
         self.rng = random.Random(seed + 1)
         self.operations, self.weights = list(task_weights), list(task_weights.values())
         self.longest = self.generator.max_people
+
+    def state(self) -> dict[str, Any]:
+        """Where the data stream is, so a resumed run draws the batches an uninterrupted one would."""
+        return {"generator": self.generator.rng.getstate(), "picks": self.rng.getstate(), "longest": self.longest}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.generator.rng.setstate(state["generator"])
+        self.rng.setstate(state["picks"])
+        self.longest = state["longest"]
 
     def examples(self) -> list[Example]:
         count = self.generator.rng.randint(self.generator.min_people, self.longest)
@@ -196,25 +215,25 @@ def clean_prefix(answer_side: torch.Tensor, share: float, generator: torch.Gener
     return chosen[:, None] & answer_side & (columns < cut[:, None])
 
 
-def learning_rate(step: int, settings: TrainSettings, elapsed: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak, over the steps or the time cap if that comes first.
-
-    With a time cap the schedule depends on the machine's speed; ``--minutes 0`` makes a run exactly reproducible.
-    """
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak over the steps (a time cap never changes it, so an
+    interrupted and resumed run trains exactly as an uninterrupted one)."""
     if step < settings.warmup:
         return settings.lr * (step + 1) / settings.warmup
     progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    if settings.minutes:
-        progress = max(progress, elapsed / (settings.minutes * 60))
     return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train(
-    settings: TrainSettings, log: Callable[[str], None] = print
+    settings: TrainSettings, log: Callable[[str], None] = print, work: Path | None = None, until: int | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
-    """Train one model; returns it, the tokenizer and the run record (loss curve, steps done, time)."""
+    """Train one model, continuing from the checkpoint in ``work`` if one is there (written every
+    ``checkpoint_every`` steps and when the time cap, or step ``until``, stops this call early); returns the
+    model, the tokenizer and the run record (loss curve, steps done, time, and ``finished``)."""
     if settings.kind not in KINDS:
         raise ValueError(f"--model must be one of {', '.join(KINDS)}, not {settings.kind!r}")
+    if settings.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {settings.precision!r}")
     torch.manual_seed(settings.seed)
     tokenizer = build_tokenizer()  # one tokenizer for the whole family, whatever the training seed
     model = _initial_model(settings, tokenizer).train()
@@ -222,35 +241,55 @@ def train(
     batches.longest = starting_length(settings, batches.generator.max_people)
     noise = torch.Generator().manual_seed(settings.seed + 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    curve: list[tuple[int, float]] = []
-    start, window = time.monotonic(), []
-    step = 0
-    for step in range(settings.steps):
-        elapsed = time.monotonic() - start
-        if settings.minutes and elapsed > settings.minutes * 60:
-            log(f"time cap of {settings.minutes} min reached at step {step}")
+    record: dict[str, Any] = {"steps_done": 0, "seconds": 0.0, "loss_curve": [], "settings": asdict(settings)}
+    checkpoint = work / CHECKPOINT if work else None
+    state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES) if checkpoint else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state(state["batches"])
+        noise.set_state(state["noise"])
+        record = {**state["record"], "settings": asdict(settings)}
+        log(f"resuming at step {record['steps_done']}/{settings.steps} from {checkpoint}")
+    if settings.init_from:
+        record["continued_from"] = _previous_record(Path(settings.init_from))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
+    start, window = time.monotonic() - record["seconds"], []
+    session = time.monotonic()
+    while record["steps_done"] < min(settings.steps, until or settings.steps):
+        step = record["steps_done"]
+        if settings.minutes and time.monotonic() - session > settings.minutes * 60:
+            log(f"time cap of {settings.minutes:g} min reached at step {step}: rerun the same command to continue")
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings, elapsed)
-        loss = ar_loss(model, batches) if settings.kind == "ar" else mdlm_loss(model, batches, noise, settings.prefix_share)
+            group["lr"] = learning_rate(step, settings)
+        with autocast:
+            loss = (ar_loss(model, batches) if settings.kind == "ar"
+                    else mdlm_loss(model, batches, noise, settings.prefix_share))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         window.append(loss.item())
+        record["steps_done"], record["seconds"] = step + 1, round(time.monotonic() - start, 1)
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            curve.append((step + 1, sum(window) / len(window), batches.longest))
+            record["loss_curve"].append((step + 1, sum(window) / len(window), batches.longest))
             window = []
-            log(f"step {step + 1}/{settings.steps} loss {curve[-1][1]:.4f} lists <= {batches.longest} "
-                f"({time.monotonic() - start:.0f} s)")
-            grow(batches, settings, curve[-1][1])
-    else:
-        step = settings.steps
-    record = {"steps_done": step, "seconds": round(time.monotonic() - start), "loss_curve": curve,
-              "settings": asdict(settings)}
-    if settings.init_from:
-        record["continued_from"] = _previous_record(Path(settings.init_from))
+            log(f"step {step + 1}/{settings.steps} loss {record['loss_curve'][-1][1]:.4f} lists <= {batches.longest} "
+                f"({record['seconds']:.0f} s)")
+            grow(batches, settings, record["loss_curve"][-1][1])
+        if checkpoint and (step + 1) % settings.checkpoint_every == 0:
+            _save_checkpoint(checkpoint, settings, record, model, optimizer, batches, noise)
+    record["finished"] = record["steps_done"] >= settings.steps
+    if checkpoint and not record["finished"]:
+        _save_checkpoint(checkpoint, settings, record, model, optimizer, batches, noise)
     return model.eval(), tokenizer, record
+
+
+def _save_checkpoint(path: Path, settings: TrainSettings, record: dict[str, Any], model: LlamaForCausalLM,
+                     optimizer: torch.optim.Optimizer, batches: Batches, noise: torch.Generator) -> None:
+    save_checkpoint(path, asdict(settings), record, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    batches=batches.state(), noise=noise.get_state())
 
 
 def starting_length(settings: TrainSettings, maximum: int) -> int:
@@ -415,9 +454,9 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     )
     history = _history(record)
     curve = "\n".join(f"| {step} | {loss:.4f} | {longest} |" for step, loss, longest in _whole_curve(history))
-    stopped = "" if record["steps_done"] == settings["steps"] else (
-        f" (stopped by the time cap at step {record['steps_done']} of {settings['steps']}; the learning-rate "
-        "schedule followed the time budget, so a rerun matches only with the same speed)")
+    stopped = "" if record["steps_done"] >= settings["steps"] else (
+        f" **so far: training in progress, step {record['steps_done']} of {settings['steps']}**; the same command "
+        "continues from its checkpoint (the schedule follows the steps, so the result is the uninterrupted run's)")
     within = "the whole canvas" if block >= GEN_LENGTH else f"the current block of {block} (semi-autoregressive)"
     decoding = ("greedy" if kind == "ar" else
                 f"the single most confident masked position of {within} committed per step (argmax)")
@@ -437,6 +476,9 @@ built into Decoding Explorer. Weights stored in float16.
   {json.dumps(dict(settings['task_weights']))}). Prompt = ParallelBench's instruction in the tokenizer's chat
   format, {ICL_SHARE:.0%} of them after one in-context example (prompt and answer turns); answer = the JSON list,
   then `</s>`. Held-out accuracy below is measured on lists of held-out names.
+- **Prompt format** (`prompt_format: {PROMPT_FORMAT}` in `config.json`, so it travels with the folder): ParallelBench's
+  waiting-line instruction as the user turn of the chat template (`<s>` + prompt for one turn); the app fills in an
+  example and warns on a prompt in another format.
 - **Tokenizer**: byte-level BPE (`engine/offline/waitline_tokenizer.py`): any text round-trips; the hand-listed
   training names are one token each, other names several.
 - **Objective**: {objective}
@@ -445,9 +487,9 @@ built into Decoding Explorer. Weights stored in float16.
   lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']}, curriculum: lists of
   3-{CURRICULUM_START} people first, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
-  {record['seconds']} s on CPU.
-- **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` (every run of its chain, seeded,
-  with a fixed step count and no time cap: `engine/offline/recipes.py`).
+  {record['seconds']:.0f} s on CPU, forward pass autocast to {settings.get('precision', 'float32')}.
+- **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` (the training command above,
+  seeded, from scratch: `engine/offline/recipes.py`).
 
 ## Held-out accuracy (fresh lists, one token per step: {decoding})
 
@@ -498,16 +540,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=KINDS, required=True)
     parser.add_argument("--out", type=Path, help="folder to save the trained model in (required unless --score)")
+    parser.add_argument("--work", type=Path, help="checkpoints (default: OUT.work beside --out; removed when done)")
     parser.add_argument("--score", metavar="FOLDER", help="no training: print a saved model's held-out accuracy")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
-    parser.add_argument("--minutes", type=float, default=30.0, help="stop early after this long (0 = no cap)")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="stop after this long, saving the model so far and a checkpoint that the same command "
+                             "continues from (0 = no cap)")
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--warmup", type=int, default=TrainSettings.warmup)
     parser.add_argument("--grow-below", type=float, default=TrainSettings.grow_below,
                         help=f"curriculum: lists start at {CURRICULUM_START} people and grow by one whenever the loss "
                              "of a logging window is below this (0 = all lengths from the start)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings.precision,
+                        help="autocast dtype of the training forward pass")
+    parser.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
     parser.add_argument("--eval-per-task", type=int, default=40)
     parser.add_argument("--eval-seed", type=int, default=HELD_OUT_SEED, help="seed of the held-out lists")
     parser.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
@@ -516,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="MDLM: share of training rows with a clean answer prefix up to a random cut")
     parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
                         help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
-    parser.add_argument("--init-from", default="", help="continue from this saved model folder of the same kind")
+    parser.add_argument("--init-from", default="", help="start from this saved model folder (an AR folder for an "
+                                                        "MDLM: its weights, keeping the logits shift)")
     for name, default in asdict(Shape()).items():
         parser.add_argument(f"--{name}", type=int, default=default, help=f"model shape: {name} (ignored with --init-from)")
     args = parser.parse_args(argv)
@@ -529,26 +579,36 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--out is required when training")
     shape = _saved_shape(Path(args.init_from)) if args.init_from else Shape(args.hidden, args.layers, args.heads, args.ffn)
     settings = TrainSettings(kind=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
-                             init_from=args.init_from, shape=shape,
-                             prefix_share=args.prefix_share, task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()))
-    model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True))
+                             warmup=args.warmup, seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
+                             init_from=args.init_from, shape=shape, prefix_share=args.prefix_share,
+                             task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
+                             precision=args.precision, checkpoint_every=args.checkpoint_every)
+    work = args.work or args.out.with_name(args.out.name + ".work")
+    model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work)
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
     accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
                                  seed=args.eval_seed, block=args.eval_block)
     print(json.dumps(accuracy), flush=True)
-    command = (f"python -m engine.offline.train_dllm --model {args.model} --steps {args.steps} "
-               f"--minutes {args.minutes:g} --batch-size {args.batch_size} --lr {args.lr:g} --grow-below {args.grow_below:g} --seed {args.seed} "
-               f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
-               + (f" --init-from {args.init_from}" if args.init_from else "")
-               + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
-               + "".join(f" --task-weight {item}" for item in args.task_weight))
+    command = training_command(args, shape)
     parameters = sum(p.numel() for p in reloaded.parameters())
     card = model_card(args.model, record, accuracy, parameters, command, shifts_logits(reloaded), args.eval_block)
     (args.out / "README.md").write_text(card)
     log = {**record, "command": command, "held_out": accuracy}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
+    if record["finished"]:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def training_command(args: argparse.Namespace, shape: Shape) -> str:
+    """The command that trains these weights (a time cap, threads and checkpoint rate leave them unchanged)."""
+    return (f"python -m engine.offline.train_dllm --model {args.model} --steps {args.steps} "
+            f"--batch-size {args.batch_size} --lr {args.lr:g} --warmup {args.warmup} --grow-below {args.grow_below:g} "
+            f"--seed {args.seed} --precision {args.precision} "
+            f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
+            + (f" --init-from {args.init_from}" if args.init_from else "")
+            + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
+            + "".join(f" --task-weight {item}" for item in args.task_weight))
 
 
 if __name__ == "__main__":

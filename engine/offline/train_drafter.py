@@ -34,6 +34,7 @@ from engine.decoders.speculative.ppd import SPEC as PPD_SPEC
 from engine.events import DraftRound
 from engine.models import load_model
 from engine.models.handle import LoadedModel
+from engine.offline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from engine.offline.drafter_data import DrafterSequence, DrafterShards, layer_indices
 from engine.offline.drafter_losses import (
     MEDUSA_DECAY,
@@ -52,8 +53,6 @@ from engine.speculative.feature_head import FeatureHead, LMHeadDrafter, save_hea
 from engine.speculative.fspad_head import FspadHead
 from engine.speculative.medusa_heads import MedusaHeads
 from engine.speculative.ppd_prompts import PromptTokens
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -183,11 +182,8 @@ def train(settings: Settings, data: DrafterShards, target: LoadedModel, out: Pat
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup, settings.steps)
     record: dict[str, Any] = {"step": 0, "seconds": 0.0, "curve": []}
     checkpoint = out / CHECKPOINT
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        # a setting added since the checkpoint was written takes its current value
-        if _resumable({**asdict(settings), **state["settings"]}) != _resumable(asdict(settings)):
-            raise ValueError(f"{checkpoint} was written with other settings; use another --out or delete it")
+    state = load_checkpoint(checkpoint, asdict(settings), ("minutes", "log_every", "checkpoint_every"))
+    if state:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -214,9 +210,8 @@ def train(settings: Settings, data: DrafterShards, target: LoadedModel, out: Pat
             record["curve"].append({"step": record["step"], **mean})
             window = []
         if record["step"] % settings.checkpoint_every == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"settings": asdict(settings), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "record": record}, checkpoint)
+            save_checkpoint(checkpoint, asdict(settings), record, head=head.state_dict(),
+                            optimizer=optimizer.state_dict(), schedule=schedule.state_dict())
         if not window:  # a window was just logged
             log(f"step {record['step']}/{settings.steps} "
                 + " ".join(f"{k} {v}" for k, v in record["curve"][-1].items() if k != "step")
@@ -229,11 +224,6 @@ def train(settings: Settings, data: DrafterShards, target: LoadedModel, out: Pat
     record.update(manifest=data.manifest, sequences=len(training), held_out_sequences=len(held_out),
                   parameters=sum(p.numel() for p in head.parameters()))
     return head, record
-
-
-def _resumable(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share (a longer time cap or another logging rate may change)."""
-    return {k: v for k, v in settings.items() if k not in ("minutes", "log_every", "checkpoint_every")}
 
 
 def measure_acceptance(target: LoadedModel, folder: Path, prompts: list[list[int]], max_new_tokens: int,

@@ -1,0 +1,45 @@
+"""Resumable training state shared by the offline trainers: one file per run, written atomically.
+
+A checkpoint holds the settings it was written with, the state dicts of whatever the trainer needs to continue
+exactly (module, optimizer, schedule, random generators) and the run record. A re-run with the same settings
+continues from it; settings in ``free`` (a time cap, a logging rate) may change between runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.params import ParamError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_checkpoint(path: Path, settings: dict[str, Any], free: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None if there is none), refused if written with other settings.
+
+    A setting added since the checkpoint was written takes its current value."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    written = {**settings, **state["settings"]}
+    if _fixed(written, free) != _fixed(settings, free):
+        changed = sorted(k for k in _fixed(settings, free) if written.get(k) != settings[k])
+        raise ParamError(f"{path} was written with other settings ({', '.join(changed)}); "
+                         "use another output folder or delete it")
+    return state
+
+
+def save_checkpoint(path: Path, settings: dict[str, Any], record: dict[str, Any], **states: Any) -> None:
+    """Write the run's state; a run killed while writing leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"settings": settings, "record": record, **states}, partial)
+    os.replace(partial, path)
+
+
+def _fixed(settings: dict[str, Any], free: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in free}
