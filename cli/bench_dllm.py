@@ -10,17 +10,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.decoders import get_decoder
+from engine.events import BenchPoint, RunFinished, RunStarted
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
     BENCH_SEED, EvalResult, RunFailed, canvas_length, default_model, evaluate, task_rows, task_seed,
 )
+from engine.parallel_goal import BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, bench_summary
 from engine.offline.waitline_data import MAX_PEOPLE, OPERATIONS
 from engine.params import ParamError, parse_setting as parse_label
+from engine.recorder import Recorder, TraceSink
+from engine.run import software_versions
+from engine.trace import RunInfo, Trace, new_run_id
+from ui.figures.parallelism import parallelism_figure
 
 DEFAULT_SETTINGS = (
     "llada",  # one token per step (steps = canvas): the baseline
@@ -38,11 +45,6 @@ DEFAULT_SETTINGS = (
     "greedy",  # the AR twin: the reference line
     "diffuspec",  # AR target, diffusion drafter: its tokens per target call
 )
-BASELINE = "llada"
-SCORED_TASKS = ("copy", "reverse", "sort")
-GOAL_FEWER_CALLS = 3.0
-GOAL_MAX_DROP = 0.02  # accuracy, as a fraction: 2 points
-MEANINGFUL_BASELINE = 0.5  # below this, keeping accuracy says little about the decoder
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,6 @@ def parse_setting(label: str) -> Setting:
     return Setting(label, decoder, params, default_model(decoder))
 
 
-def meets_goal(calls: int, baseline_calls: int, accuracy: float, baseline_accuracy: float) -> bool:
-    """At least ``GOAL_FEWER_CALLS`` times fewer model calls at most ``GOAL_MAX_DROP`` lower accuracy."""
-    return calls * GOAL_FEWER_CALLS <= baseline_calls and accuracy >= baseline_accuracy - GOAL_MAX_DROP - 1e-9
-
-
 def dllm(
     per_task: int = 20,
     tasks: Sequence[str] = OPERATIONS,
@@ -76,11 +73,16 @@ def dllm(
     max_people: int = MAX_PEOPLE,
     as_json: bool = False,
     log: Callable[[str], None] | None = None,
+    sinks: Sequence[TraceSink] = (),
+    figure: Path | None = None,
 ) -> dict[str, Any]:
     """Run every setting on ``per_task`` rows of every task; print the table and the goal check (or JSON).
 
     ``models`` maps model names to loaded models (tests inject tiny ones); missing ones come from ``load``.
     A setting whose decoder is not registered, or whose parameters it refuses, is skipped with a note.
+    The bench is recorded as a run (decoder ``bench_dllm``, one ``BenchPoint`` per cell as it completes) into
+    ``sinks``: the Library draws its accuracy-against-parallelism curve, and a bench that fails keeps its cells.
+    ``figure``: an HTML file to write that curve to.
     """
     log = log or _to_stderr
     unknown = [task for task in tasks if task not in OPERATIONS]
@@ -90,37 +92,70 @@ def dllm(
     models = models if models is not None else {}
     results: dict[str, dict[str, EvalResult | None]] = {task: {} for task in tasks}
     cells, done = len(tasks) * len(usable), 0
-    for task in tasks:
-        rows = task_rows(task, per_task, task_seed(seed, task), max_people)
-        for setting in usable:
-            done += 1
-            if setting.label in skipped:  # failed on an earlier task: it would fail again
-                results[task][setting.label] = None
-                continue
-            model = _model(models, setting.model, load)
-            start = time.perf_counter()
-            try:
-                result = evaluate(model, setting.decoder, setting.params, rows, task)
-            except RunFailed as error:
-                skipped[setting.label] = str(error)
-                results[task][setting.label] = None
-                log(f"note: {setting.label} failed and is dropped: {error}")
-                continue
-            results[task][setting.label] = result
-            log(f"[{done}/{cells}] {task} / {setting.label}: accuracy {result.accuracy:.1%}, "
-                f"{result.model_calls} calls, {result.tokens_per_call:.2f} tokens/call "
-                f"({time.perf_counter() - start:.1f} s)")
-    summary = _summary(results, [s.label for s in usable])
+    recorder = _bench_recorder(per_task, tasks, [s.label for s in usable], seed, max_people, sinks)
+    status, reason, points = "failed", "interrupted", []
+    try:
+        for task in tasks:
+            rows = task_rows(task, per_task, task_seed(seed, task), max_people)
+            for setting in usable:
+                done += 1
+                if setting.label in skipped:  # failed on an earlier task: it would fail again
+                    results[task][setting.label] = None
+                    continue
+                model = _model(models, setting.model, load)
+                start = time.perf_counter()
+                try:
+                    result = evaluate(model, setting.decoder, setting.params, rows, task)
+                except RunFailed as error:
+                    skipped[setting.label] = str(error)
+                    results[task][setting.label] = None
+                    log(f"note: {setting.label} failed and is dropped: {error}")
+                    continue
+                results[task][setting.label] = result
+                seconds = time.perf_counter() - start
+                points.append(BenchPoint(task=task, setting=setting.label, decoder=setting.decoder, model=setting.model,
+                                         rows=len(rows), accuracy=result.accuracy,
+                                         tokens_per_call=result.tokens_per_call, model_calls=result.model_calls,
+                                         draft_calls=result.draft_calls, seconds=seconds))
+                recorder.record(points[-1])
+                log(f"[{done}/{cells}] {task} / {setting.label}: accuracy {result.accuracy:.1%}, "
+                    f"{result.model_calls} calls, {result.tokens_per_call:.2f} tokens/call ({seconds:.1f} s)")
+        status, reason = "finished", f"{cells} cells"
+    except KeyboardInterrupt:
+        status = "cancelled"
+        raise
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        recorder.record(RunFinished(status=status, reason=reason))
+        recorder.close()
+    summary = bench_summary(points)
     report = {
         "per_task": per_task, "seed": seed, "canvas": {name: canvas_length(m) for name, m in models.items()},
         "results": {task: {label: _cell(r) for label, r in by_setting.items()} for task, by_setting in results.items()},
-        "summary": summary, "skipped": skipped,
+        "summary": summary, "skipped": skipped, "run_id": recorder.trace.run_id,
     }
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         _print(report, usable)
+    if figure is not None:
+        figure.write_text(parallelism_figure(recorder.trace).to_html(include_plotlyjs=True))
+        log(f"curve written to {figure}")
     return report
+
+
+def _bench_recorder(per_task: int, tasks: Sequence[str], labels: list[str], seed: int, max_people: int,
+                    sinks: Sequence[TraceSink]) -> Recorder:
+    prompt = (f"bench dllm: {len(labels)} settings x {len(tasks)} waiting-line tasks, {per_task} rows each "
+              f"(lists of up to {max_people} people, seed {seed})")
+    params = {"per_task": per_task, "tasks": ",".join(tasks), "settings": ",".join(labels), "max_people": max_people}
+    info = RunInfo(model="waitline-mdlm + waitline-ar", decoder="bench_dllm", params=params, prompt=prompt, seed=seed,
+                   versions=software_versions())
+    recorder = Recorder(Trace(run_id=new_run_id(), info=info), str, sinks)
+    recorder.record(RunStarted(prompt_token_ids=[]))
+    return recorder
 
 
 def _usable(labels: Sequence[str], log: Callable[[str], None]) -> tuple[list[Setting], dict[str, str]]:
@@ -148,32 +183,6 @@ def _cell(result: EvalResult | None) -> dict[str, Any] | None:
     if result is None:
         return None
     return {**result.summary(), "draft_calls": result.draft_calls, "tokens": result.tokens}
-
-
-def _summary(results: Mapping[str, Mapping[str, EvalResult | None]], labels: list[str]) -> dict[str, Any]:
-    """Per setting over the scored tasks present: mean accuracy, calls, and the goal check against the baseline."""
-    scored = [task for task in SCORED_TASKS if task in results]
-    if not scored:
-        return {}
-    totals = {}
-    for label in labels:
-        cells = [results[task].get(label) for task in scored]
-        if all(cell is not None for cell in cells):
-            totals[label] = {
-                "accuracy": sum(c.accuracy for c in cells) / len(cells),
-                "model_calls": sum(c.model_calls for c in cells),
-                "tokens_per_call": sum(c.tokens for c in cells) / max(1, sum(c.model_calls for c in cells)),
-            }
-    base = totals.get(BASELINE)
-    for label, total in totals.items():
-        total["tasks"] = scored
-        if base is None:
-            continue
-        total["fewer_calls"] = base["model_calls"] / total["model_calls"] if total["model_calls"] else 0.0
-        total["accuracy_change"] = total["accuracy"] - base["accuracy"]
-        if label != BASELINE:
-            total["goal"] = meets_goal(total["model_calls"], base["model_calls"], total["accuracy"], base["accuracy"])
-    return totals
 
 
 def _print(report: dict[str, Any], usable: list[Setting]) -> None:

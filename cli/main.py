@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -177,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-people", type=int, default=15, help="longest list (ParallelBench's own files: 6)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--db", help="SQLAlchemy URL the bench is stored in as a run (default: the app's database)")
+    p.add_argument("--no-save", action="store_true", help="do not store the bench as a run")
+    p.add_argument("--figure", type=pathlib.Path, metavar="HTML", help="also write the accuracy-against-parallelism curve here")
     p.set_defaults(handler=_bench_dllm)
     p = bench.add_parser("awrs", help="AWRS against plain token masking: constraint checks and wall time, one run")
     _model_args(p)
@@ -624,11 +628,12 @@ def _bench_speculative(args: argparse.Namespace) -> None:
 
 def _bench_dllm(args: argparse.Namespace) -> None:
     from cli.bench_dllm import DEFAULT_SETTINGS, dllm
+    from engine.models import load_model
     from engine.offline.parallelbench import BENCH_SEED
     from engine.offline.waitline_data import OPERATIONS
-    from engine.models import load_model
 
-    dllm(
+    store = None if args.no_save else _store(args)
+    report = dllm(
         per_task=args.per_task,
         tasks=[task for task in args.tasks.split(",") if task] or OPERATIONS,
         settings=[label for label in args.decoders.split(",") if label] or DEFAULT_SETTINGS,
@@ -636,7 +641,11 @@ def _bench_dllm(args: argparse.Namespace) -> None:
         seed=BENCH_SEED if args.seed is None else args.seed,
         max_people=args.max_people,
         as_json=args.json,
+        sinks=[store.sink()] if store else (),
+        figure=args.figure,
     )
+    if store is not None:
+        print(f"bench stored as run {report['run_id']} (open it in the Library tab)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- eval / data

@@ -428,6 +428,26 @@ class SearchGeneration(Record):
 
 
 @dataclass(frozen=True)
+class BenchPoint(Record):
+    """One cell of a parallel-decoding benchmark (``bench dllm``): a decoder setting on ``rows`` rows of one task.
+
+    ``tokens_per_call`` is the realised parallelism (answer tokens per model call, the x axis of ParallelBench's
+    figures); ``accuracy`` the share of rows solved (exact match, or validity for the open-ended tasks)."""
+
+    kind: ClassVar[str] = "bench_point"
+    task: str
+    setting: str  # the label, such as ``fast_dllm:threshold=0.9``
+    decoder: str
+    model: str
+    rows: int
+    accuracy: float
+    tokens_per_call: float
+    model_calls: int
+    draft_calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class PromptPassages(Record):
     """The prompt's marked passages and question as token index ranges [start, stop), found with the tokenizer when
     a run that captures attention starts: the attention each part gets then reads from the trace alone."""
@@ -492,7 +512,7 @@ class RunFinished(Record):
 Event = Union[
     RunStarted, TokenStep, BeamStep, DraftRound, DiffusionStep, AttentionMap, Output, DecoderMetric, Rerank,
     SuperposedStep, SpanScores, ConstraintStep, Resampling, CacheStep, Steering, SearchGeneration, PromptPassages,
-    VariantStep, FfnSparsity, RunFinished,
+    VariantStep, BenchPoint, FfnSparsity, RunFinished,
 ]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in typing.get_args(Event)}
 

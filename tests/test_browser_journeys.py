@@ -535,3 +535,33 @@ def test_replay_only_lands_on_the_library(browser, tmp_path):
         shot(page, "replay-only")
         page.close()
 
+
+
+def test_a_stored_bench_opens_as_its_accuracy_against_parallelism_curve(app, person):
+    """``bench dllm`` stores itself as a run: a person finds it by its description in the Library and opens it; the
+    curve (a panel per task, a line per decoder) and the goal check are drawn from the stored cells."""
+    from cli.bench_dllm import dllm
+    from tests.helpers import tiny_waitline_model
+
+    models = {"waitline-mdlm": tiny_waitline_model(False, name="tiny-mdlm", diffusion_gen_length=8),
+              "waitline-ar": tiny_waitline_model(True, name="tiny-ar")}
+    report = dllm(per_task=1, tasks=["copy", "reverse", "sort", "shuffle"],
+                  settings=["llada", "llada:steps=4", "llada:steps=2", "fast_dllm:threshold=0.5", "greedy"],
+                  models=models, log=lambda _: None, sinks=[TraceStore(app.db_url).sink()])
+    open_tab(person, "Library")
+    type_into(person, "filter-text", "bench dllm", enter=True)
+    person.wait_for_function("document.querySelector('#runs-table').innerText.includes('bench_dllm')")
+    person.locator("#runs-table .virtual-row").first.click()
+    person.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
+    assert field(person, "run-id").input_value() == report["run_id"]
+    person.click("#open-run")
+    wait_text(person, "library-status", report["run_id"][:12])
+    person.wait_for_function("(document.querySelector('#replay-primary .js-plotly-plot')?.layout?.title?.text || '')"
+                             ".includes('Accuracy against parallelism')", timeout=30_000)
+    legend = person.evaluate("[...document.querySelectorAll('#replay-primary .legendtext')].map(e => e.textContent)")
+    assert sorted(legend) == ["fast_dllm", "greedy", "llada"]  # as a person reads them
+    assert sum(line["name"] == "llada" for line in _plot_data(person, "replay-primary")) == 4  # one per task panel
+    person.wait_for_function("(document.querySelector('#replay-timeline .js-plotly-plot')?.layout?.title?.text || '')"
+                             ".includes('Goal')")
+    shot(person, "bench-dllm-curve")
+    open_tab(person, "Run")

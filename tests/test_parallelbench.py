@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from cli.bench_dllm import dllm, meets_goal
+from cli.bench_dllm import dllm
 from cli.main import main
+from engine.events import BenchPoint
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
     evaluate,
@@ -17,7 +18,10 @@ from engine.offline.parallelbench import (
     write_task_files,
 )
 from engine.offline.waitline_data import OPERATIONS, WaitlineGenerator
-from tests.helpers import tiny_waitline_model
+from engine.parallel_goal import bench_summary, meets_goal
+from storage import TraceStore
+from tests.helpers import hand_trace, tiny_waitline_model
+from ui.figures.parallelism import bench_points, goal_figure, parallelism_figure
 
 CANVAS = 16  # the tiny diffusion model's canvas (its config's diffusion_gen_length)
 
@@ -153,3 +157,58 @@ def test_bench_skips_what_cannot_run_and_compares_calls_with_one_token_per_step(
     verdict = "PASS" if summary["llada:steps=4"]["goal"] else "FAIL"
     base = summary["llada"]["accuracy"]  # a random tiny model scores ~0 %: keeping that proves nothing
     assert line.endswith(f"{verdict} (vacuous: the baseline scores {base:.0%})" if base < 0.5 else verdict)
+
+
+def test_the_bench_is_stored_as_a_run_and_drawn_as_accuracy_against_parallelism(tiny_models, tmp_path):
+    store = TraceStore(f"sqlite:///{tmp_path / 'bench.db'}")
+    settings = ["llada", "llada:steps=4", "llada:steps=2", "greedy"]
+    report = dllm(per_task=2, tasks=["copy", "sort", "shuffle"], settings=settings, models=tiny_models,
+                  log=lambda _: None, sinks=[store.sink()], figure=tmp_path / "curve.html")
+    trace = store.load(report["run_id"])
+    points = bench_points(trace)
+    assert trace.status == "finished" and trace.info.decoder == "bench_dllm"
+    assert [(p.task, p.setting) for p in points] == [(t, s) for t in ("copy", "sort", "shuffle") for s in settings]
+    for point in points:  # each cell as the report has it
+        cell = report["results"][point.task][point.setting]
+        assert (point.model_calls, point.rows) == (cell["model_calls"], 2)
+        assert point.accuracy == cell["accuracy"] and point.tokens_per_call == pytest.approx(cell["tokens_per_call"])
+    assert bench_summary(points) == report["summary"]  # the figure's goal check is the table's
+
+    figure = parallelism_figure(trace)
+    assert [a.text for a in figure.layout.annotations] == ["copy", "sort", "shuffle"]  # scored tasks first
+    llada_sort = next(t for t in figure.data if t.name == "llada" and t.xaxis == "x2")
+    expected = sorted((p.tokens_per_call, 100 * p.accuracy) for p in points if p.task == "sort" and p.decoder == "llada")
+    assert list(zip(llada_sort.x, llada_sort.y)) == expected  # one line through its three settings
+    assert [t.name for t in figure.data if t.showlegend] == ["llada", "greedy"]
+    goal = goal_figure(trace)
+    marked = {t.text[0]: (t.x[0], t.y[0]) for t in goal.data}
+    summary = report["summary"]["llada:steps=4"]
+    assert marked["llada:steps=4"] == (summary["fewer_calls"], 100 * summary["accuracy_change"])
+    assert "Accuracy against parallelism" in (tmp_path / "curve.html").read_text()
+
+
+def test_a_failing_bench_keeps_its_cells_marked_failed(tiny_models, tmp_path):
+    store = TraceStore(f"sqlite:///{tmp_path / 'bench.db'}")
+
+    def no_ar_twin(name: str) -> LoadedModel:
+        raise OSError(f"{name} is not here")
+
+    models = {"waitline-mdlm": tiny_models["waitline-mdlm"]}
+    with pytest.raises(OSError, match="waitline-ar is not here"):
+        dllm(per_task=1, tasks=["copy"], settings=["llada", "greedy"], models=models, load=no_ar_twin,
+             log=lambda _: None, sinks=[store.sink()])
+    (summary,) = store.list_runs()
+    trace = store.load(summary.run_id)
+    assert trace.status == "failed" and "waitline-ar is not here" in trace.reason
+    assert [p.setting for p in bench_points(trace)] == ["llada"]
+
+
+def test_bench_labels_are_shown_as_text():
+    hostile = "<img src=x onerror=alert(1)>"
+    points = [BenchPoint(task=task, setting=label, decoder=label.split(":")[0], model="m", rows=4, accuracy=0.5,
+                         tokens_per_call=tpc, model_calls=calls)
+              for task in ("copy", "reverse", "sort")
+              for label, tpc, calls in (("llada", 1.0, 90), (f"{hostile}:x=1", 4.0, 30))]
+    trace = hand_trace(points, {}, decoder="bench_dllm")
+    text = json.dumps([parallelism_figure(trace).to_plotly_json(), goal_figure(trace).to_plotly_json()])
+    assert hostile not in text and "&lt;img src=x onerror=alert(1)&gt;" in text

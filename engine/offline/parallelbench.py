@@ -22,7 +22,7 @@ from engine.offline.waitline_data import (
 )
 from engine.run import Run, RunSettings
 
-DEFAULT_CANVAS = 72  # the waitline models' answer side; an AR model stops at end of text well before
+DEFAULT_CANVAS = 192  # the waitline models' answer side (15 people of varied names); an AR model stops at end of text
 BENCH_SEED = 30_000  # training draws seeds 0.., train.py's held-out score 10_000: bench lists are fresh
 Progress = Callable[[int, int, float], None]  # (rows done, rows in all, accuracy so far)
 

@@ -13,6 +13,7 @@ from engine.events import ConstraintStep, SearchGeneration, SuperposedStep
 from engine.trace import Trace
 from ui.figures.cache import cache_kl_figure, eviction_map_figure
 from ui.figures.constraint import checks_figure, particle_count, tries_figure, weights_figure
+from ui.figures.parallelism import goal_figure, parallelism_figure
 from ui.figures.rerank import rerank_figure, rerank_timeline_figure
 from ui.figures.search import fitness_figure, profile_figure
 from ui.figures.spans import spans_figure
@@ -35,6 +36,8 @@ def method_step_count(trace: Trace) -> int:
 def method_figures(trace: Trace, position: int) -> Figures:
     """(main, side) figures for the run's method events at slider ``position``; (None, None) if it has none."""
     kinds = {event.kind for event in trace.events}
+    if "bench_point" in kinds:
+        return parallelism_figure(trace), goal_figure(trace)
     if "search_generation" in kinds:
         return fitness_figure(trace, position), profile_figure(trace, position)
     if "steering" in kinds:
