@@ -245,3 +245,29 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
     other = waitline_train.TrainSettings(**{**settings.__dict__, "lr": 0.5})
     with pytest.raises(ValueError, match="other settings"):
         waitline_train.train(other, log=lambda _: None, work=tmp_path)
+
+
+def test_the_data_streams_position_survives_json(tokenizer):
+    batches, noise = waitline_train.Batches(tokenizer, seed=3, batch_size=4), torch.Generator().manual_seed(5)
+    for _ in range(2):
+        waitline_train.mdlm_loss(waitline_train.build_model("mdlm", tokenizer, TINY, 0), batches, noise, 0.5)
+    saved = json.loads(json.dumps(waitline_train.stream_state(batches, noise)))
+    again, again_noise = waitline_train.Batches(tokenizer, seed=3, batch_size=4), torch.Generator()
+    waitline_train.restore_stream(saved, again, again_noise)
+    assert torch.equal(batches.mdlm()[0], again.mdlm()[0]) and torch.equal(torch.rand(3, generator=noise),
+                                                                           torch.rand(3, generator=again_noise))
+
+
+def test_a_committed_unfinished_model_continues_without_its_checkpoint(tmp_path):
+    """A fresh machine has the committed weights and training log, not the checkpoint: training goes on from them."""
+    settings = waitline_train.TrainSettings(kind="ar", steps=4, batch_size=4, warmup=1, shape=TINY, log_every=1)
+    model, tokenizer, stopped = waitline_train.train(settings, log=lambda _: None, until=2)
+    waitline_train.save(model, tokenizer, tmp_path, "# card")
+    (tmp_path / "training_log.json").write_text(json.dumps({**stopped, "command": "c", "held_out": {}}))
+    lines = []
+    _, _, record = waitline_train.train(settings, log=lines.append, saved=tmp_path)
+    assert "continuing at step 2/4" in lines[0] and record["finished"]
+    assert [p[0] for p in record["loss_curve"]] == [1, 2, 3, 4] and record["restarts_without_optimizer_state"] == 1
+    other = waitline_train.TrainSettings(**{**settings.__dict__, "seed": 9})
+    with pytest.raises(ValueError, match="unfinished run with other settings"):
+        waitline_train.train(other, log=lambda _: None, saved=tmp_path)

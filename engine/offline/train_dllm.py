@@ -15,13 +15,18 @@ with probability p = (1 - eps) t + eps, and the loss is the cross-entropy on mas
 and divided by the number of answer-side tokens. The prompt is never masked. ``--prefix-share`` mixes in rows whose
 answer is clean up to a random cut (the case semi-autoregressive block decoding meets at every block).
 
-Seeded and reproducible for a given ``--steps`` (``--minutes`` only stops early, and the card says so). The
-held-out score uses one token per step: greedy for AR; for MDLM the single most confident masked position.
+Seeded and resumable: ``--minutes`` stops a run, saving the model so far (its card says "in progress") and a
+checkpoint (weights, optimizer, the data and masking streams' position) in ``--work``; the same command continues
+it, ending where an uninterrupted run does. Without the checkpoint (a fresh machine with only the committed
+folder) it continues from the saved weights and the streams' position in ``training_log.json``, with fresh
+optimizer moments. The held-out score uses one token per step: greedy for AR; for MDLM the single most confident
+masked position.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import math
@@ -42,6 +47,7 @@ from engine.offline.names import name_pool
 from engine.offline.recipes import rebuild_command
 from engine.offline.waitline_data import OPERATIONS, Example, WaitlineGenerator, score
 from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer
+from engine.params import ParamError
 
 KINDS = ("mdlm", "ar")
 GEN_LENGTH = 192  # answer-side canvas: 15 people of pool names take up to ~150 tokens, then end of text
@@ -115,12 +121,14 @@ class Batches:
         self.longest = self.generator.max_people
 
     def state(self) -> dict[str, Any]:
-        """Where the data stream is, so a resumed run draws the batches an uninterrupted one would."""
-        return {"generator": self.generator.rng.getstate(), "picks": self.rng.getstate(), "longest": self.longest}
+        """Where the data stream is (JSON-safe), so a resumed run draws the batches an uninterrupted one would."""
+        return {"generator": _json_random_state(self.generator.rng), "picks": _json_random_state(self.rng),
+                "longest": self.longest}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.generator.rng.setstate(state["generator"])
-        self.rng.setstate(state["picks"])
+        for rng, saved in ((self.generator.rng, state["generator"]), (self.rng, state["picks"])):
+            version, internal, gauss = saved
+            rng.setstate((version, tuple(internal), gauss))
         self.longest = state["longest"]
 
     def examples(self) -> list[Example]:
@@ -157,6 +165,21 @@ class Batches:
             ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
             answer_side[row, len(prompt):] = True
         return ids, answer_side
+
+
+def _json_random_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def stream_state(batches: Batches, noise: torch.Generator) -> dict[str, Any]:
+    """The data and masking streams' position, JSON-safe (kept in ``training_log.json`` of an unfinished run)."""
+    return {"batches": batches.state(), "noise": base64.b64encode(noise.get_state().numpy().tobytes()).decode()}
+
+
+def restore_stream(state: dict[str, Any], batches: Batches, noise: torch.Generator) -> None:
+    batches.load_state(state["batches"])
+    noise.set_state(torch.frombuffer(bytearray(base64.b64decode(state["noise"])), dtype=torch.uint8))
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
@@ -225,11 +248,16 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 
 def train(
-    settings: TrainSettings, log: Callable[[str], None] = print, work: Path | None = None, until: int | None = None
+    settings: TrainSettings, log: Callable[[str], None] = print, work: Path | None = None, until: int | None = None,
+    saved: Path | None = None,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
     """Train one model, continuing from the checkpoint in ``work`` if one is there (written every
     ``checkpoint_every`` steps and when the time cap, or step ``until``, stops this call early); returns the
-    model, the tokenizer and the run record (loss curve, steps done, time, and ``finished``)."""
+    model, the tokenizer and the run record (loss curve, steps done, time, ``finished`` and, unfinished, the
+    data streams' position).
+
+    Without a checkpoint, an unfinished run's ``saved`` model folder (its float16 weights and training log, as
+    committed) is continued with fresh optimizer moments: close to, not bit for bit, the uninterrupted run."""
     if settings.kind not in KINDS:
         raise ValueError(f"--model must be one of {', '.join(KINDS)}, not {settings.kind!r}")
     if settings.precision not in PRECISIONS:
@@ -244,13 +272,20 @@ def train(
     record: dict[str, Any] = {"steps_done": 0, "seconds": 0.0, "loss_curve": [], "settings": asdict(settings)}
     checkpoint = work / CHECKPOINT if work else None
     state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES) if checkpoint else None
+    previous = _unfinished_record(saved, settings) if saved and not state else None
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        batches.load_state(state["batches"])
-        noise.set_state(state["noise"])
+        restore_stream(state["stream"], batches, noise)
         record = {**state["record"], "settings": asdict(settings)}
         log(f"resuming at step {record['steps_done']}/{settings.steps} from {checkpoint}")
+    elif previous:
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict())
+        restore_stream(previous.pop("stream"), batches, noise)
+        record = {**previous, "settings": asdict(settings),
+                  "restarts_without_optimizer_state": previous.get("restarts_without_optimizer_state", 0) + 1}
+        log(f"no checkpoint: continuing at step {record['steps_done']}/{settings.steps} from the weights in {saved} "
+            "with fresh optimizer moments")
     if settings.init_from:
         record["continued_from"] = _previous_record(Path(settings.init_from))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
@@ -283,13 +318,27 @@ def train(
     record["finished"] = record["steps_done"] >= settings.steps
     if checkpoint and not record["finished"]:
         _save_checkpoint(checkpoint, settings, record, model, optimizer, batches, noise)
+    if not record["finished"]:
+        record["stream"] = stream_state(batches, noise)
     return model.eval(), tokenizer, record
 
 
 def _save_checkpoint(path: Path, settings: TrainSettings, record: dict[str, Any], model: LlamaForCausalLM,
                      optimizer: torch.optim.Optimizer, batches: Batches, noise: torch.Generator) -> None:
     save_checkpoint(path, asdict(settings), record, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    batches=batches.state(), noise=noise.get_state())
+                    stream=stream_state(batches, noise))
+
+
+def _unfinished_record(folder: Path, settings: TrainSettings) -> dict[str, Any] | None:
+    """The training log of an unfinished run of these settings saved in ``folder``, if there is one."""
+    record = _previous_record(folder)
+    if not record or record.get("finished", True) or "stream" not in record:
+        return None
+    load_checkpoint_settings = {k: v for k, v in record["settings"].items() if k not in RESUMABLE_CHANGES}
+    if json.loads(json.dumps(load_checkpoint_settings)) != json.loads(json.dumps(
+            {k: v for k, v in asdict(settings).items() if k not in RESUMABLE_CHANGES})):
+        raise ParamError(f"{folder} holds an unfinished run with other settings; use another --out or delete it")
+    return {k: v for k, v in record.items() if k not in ("command", "held_out")}
 
 
 def starting_length(settings: TrainSettings, maximum: int) -> int:
@@ -584,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
                              task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
                              precision=args.precision, checkpoint_every=args.checkpoint_every)
     work = args.work or args.out.with_name(args.out.name + ".work")
-    model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work)
+    model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out)
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
     accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
