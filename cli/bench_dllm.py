@@ -31,14 +31,15 @@ from ui.figures.parallelism import parallelism_figure
 
 DEFAULT_SETTINGS = (
     "llada",  # one token per step (steps = canvas): the baseline
-    "llada:steps=18",  # 4 tokens per step on the 72-token canvas
-    "llada:steps=9",
+    "llada:steps=96",  # 2 tokens per step on the 192-token canvas
+    "llada:steps=48",  # 4
+    "llada:steps=24",  # 8
     "fast_dllm:threshold=0.9",
     "fast_dllm:threshold=0.7",
     "fast_dllm:threshold=0.5",
     "fast_dllm:rule=factor:factor=1.0",
     "fast_dllm:threshold=0.9:cache=dual",
-    "dream:steps=24",
+    "dream:steps=48",
     "localleap",
     "learn2pd",
     "dkv_cache",

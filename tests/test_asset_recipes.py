@@ -11,7 +11,7 @@ import pytest
 from cli.main import main as cli
 from engine.diffusion.learn2pd import load_filter
 from engine.models import load_model
-from engine.offline.recipes import RECIPES, ROOT, WORK, get_recipe, rebuild
+from engine.offline.recipes import RECIPES, ROOT, WAITLINE_STEPS, WORK, get_recipe, rebuild
 from engine.offline.sample_traces import read_recipes, record_samples
 from engine.trace import read_file
 from storage import TraceStore
@@ -31,12 +31,16 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
     assert len(set(written)) == len(written)
 
 
-def test_the_dllm_starts_from_its_ar_twins_second_run():
+def test_each_waitline_model_is_one_seeded_run_from_scratch_of_one_shape():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    assert mdlm[:2] == ar[:2]
-    assert mdlm[2].inputs(OUT) == [ar[1].output_path(OUT)] == [OUT / WORK / "war3"]
-    steps = [int(stage.args[stage.args.index("--steps") + 1]) for stage in mdlm]
-    assert steps == [11493, 6087, 4737, 7634, 5752, 4896, 7609]  # where the shipped time-capped runs stopped
+    assert len(ar) == len(mdlm) == 1 and not ar[0].inputs(OUT) and not mdlm[0].inputs(OUT)
+
+    def option(stage, name: str) -> str:
+        return stage.args[stage.args.index(name) + 1]
+
+    for name in ("--seed", "--steps", "--hidden", "--layers", "--heads", "--ffn", "--lr", "--batch-size"):
+        assert option(ar[0], name) == option(mdlm[0], name), name
+    assert int(option(ar[0], "--steps")) == WAITLINE_STEPS and "--minutes" not in ar[0].args
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)
@@ -49,7 +53,7 @@ def test_the_cli_lists_every_recipe_and_refuses_in_one_line(capsys, tmp_path):
     assert cli(["assets", "list"]) == 0
     listed = capsys.readouterr().out
     assert all(recipe.command in listed for recipe in RECIPES)
-    assert "--init-from assets/models/waitline-mdlm/work/wmdlm8" in listed
+    assert f"--model mdlm --steps {WAITLINE_STEPS}" in listed
     assert cli(["assets", "rebuild", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: no recipe 'nope'")
     assert cli(["assets", "rebuild", "learn2pd-filter", "--smoke"]) == 2  # never a few-steps asset where it ships
@@ -65,13 +69,11 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     model = load_model(str(out))
     assert getattr(model.model.config, "is_causal", True) == (name == "waitline-ar")
     log = json.loads((out / "training_log.json").read_text())
-    chain = 1
-    while log.get("continued_from"):
-        chain, log = chain + 1, log["continued_from"]
-    assert chain == len(get_recipe(name).stages)  # the card's history names every run of the recipe
+    assert log["finished"] and log["steps_done"] == 3 and "continued_from" not in log
+    assert model.prompt_format is not None and model.prompt_format.name == "parallelbench-waiting-line"
     assert "`decoding-explorer assets rebuild " + name + "`" in (out / "README.md").read_text()
-    assert not (out / WORK).exists()
-    assert lines[0].startswith(f"[1/{chain}] python -m engine.offline.train_dllm") and "--steps 3" in lines[0]
+    assert not (out / WORK).exists() and not out.with_name(out.name + ".work").exists()  # checkpoints removed
+    assert lines[0].startswith("[1/1] python -m engine.offline.train_dllm") and "--steps 3" in lines[0]
 
 
 def test_a_few_examples_of_the_learn2pd_recipe_leave_a_filter_that_loads(tmp_path):
