@@ -7,12 +7,13 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from engine.models import BUILTIN_NAMES, load_model
 from engine.models.registry import asset_model_dir
 from engine.offline import train_dllm as waitline_train
 from engine.offline.names import FIRST_NAMES, LAST_NAMES, split_of
+from engine.offline.parallelbench import read_rows, write_rows
 from engine.offline.waitline_data import (
     OPEN_ENDED,
     OPERATIONS,
@@ -271,3 +272,24 @@ def test_a_committed_unfinished_model_continues_without_its_checkpoint(tmp_path)
     other = waitline_train.TrainSettings(**{**settings.__dict__, "seed": 9})
     with pytest.raises(ValueError, match="unfinished run with other settings"):
         waitline_train.train(other, log=lambda _: None, saved=tmp_path)
+
+
+def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(tmp_path, capsys):
+    files = tmp_path / "waiting_line"
+    for task in waitline_train.TARGETS:
+        write_rows(files / f"{task}.jsonl", task, 3, seed=31_940)
+    out = tmp_path / "model"
+    waitline_train.main(["--model", "ar", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--hidden", "32",
+                         "--layers", "1", "--heads", "2", "--ffn", "64", "--eval-per-task", "2",
+                         "--parallelbench", str(files), "--out", str(out)])
+    log = json.loads((out / "training_log.json").read_text())
+    (name, scores), = log["test_files"].items()
+    assert name == "`waiting_line` (first 2 rows)" and set(scores) == set(waitline_train.TARGETS)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    cases = {task: [(prompt_text(row, task), row["answer"]) for row in read_rows(files / f"{task}.jsonl")[:2]]
+             for task in waitline_train.TARGETS}
+    assert scores == waitline_train.accuracy(model, tokenizer, "ar", cases)
+    card = (out / "README.md").read_text()
+    assert "## ParallelBench's own test files: `waiting_line` (first 2 rows)" in card and "| sort |" in card
+    assert log["finished"] and not (tmp_path / "model.work").exists()

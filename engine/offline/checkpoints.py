@@ -24,7 +24,7 @@ def load_checkpoint(path: Path, settings: dict[str, Any], free: tuple[str, ...] 
     A setting added since the checkpoint was written takes its current value."""
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")  # a GPU run continues anywhere
     written = {**settings, **state["settings"]}
     if _fixed(written, free) != _fixed(settings, free):
         changed = sorted(k for k in _fixed(settings, free) if written.get(k) != settings[k])
