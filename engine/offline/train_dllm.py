@@ -197,17 +197,28 @@ def encode_answer(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int]:
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
-def ar_loss(model: LlamaForCausalLM, batches: Batches) -> torch.Tensor:
-    ids, labels = (tensor.to(model.device) for tensor in batches.ar())
-    targets = labels[:, 1:]
-    scored = targets != -100
-    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-    # the output layer only where a loss is taken: the prompt's logits would be computed for nothing
-    return F.cross_entropy(model.lm_head(hidden[scored]), targets[scored])
+@dataclass(frozen=True)
+class LossRows:
+    """One batch ready for the loss: per position the token to predict (-100: none) and its weight. The loss is a
+    sum over rows divided by ``normaliser``, so micro-batches of rows add up to the whole batch's loss."""
+
+    inputs: torch.Tensor  # what the model reads (MDLM: with masks)
+    targets: torch.Tensor  # position i's hidden state predicts targets[i]
+    weights: torch.Tensor
+    normaliser: float
 
 
-def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Generator,
-              prefix_share: float = 0.0) -> torch.Tensor:
+def ar_rows(batches: Batches) -> LossRows:
+    """Next-token prediction on the answer and its end of text."""
+    ids, labels = batches.ar()
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    return LossRows(ids, targets, torch.ones(ids.shape), float((targets != -100).sum()))
+
+
+def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix_share: float = 0.0,
+              shift: bool = False) -> LossRows:
+    """Masked diffusion: every answer-side token masked with probability p (one t per row), weighted 1/p."""
     ids, answer_side = batches.mdlm()
     rows = ids.shape[0]
     # Stratified t: one uniform offset, evenly spaced across the batch (lower-variance ELBO estimate, as in MDLM).
@@ -215,15 +226,44 @@ def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Genera
     p_mask = ((1 - MASK_EPS) * t + MASK_EPS)[:, None]
     maskable = answer_side & ~clean_prefix(answer_side, prefix_share, generator) if prefix_share else answer_side
     masked = (torch.rand(ids.shape, generator=generator) < p_mask) & maskable
-    ids, masked, answer_side, p_mask = (tensor.to(model.device) for tensor in (ids, masked, answer_side, p_mask))
-    noisy = ids.masked_fill(masked, model.config.mask_token_id)
-    hidden = model.model(input_ids=noisy).last_hidden_state
-    predicts = hidden
-    if shifts_logits(model):  # AR-initialised: the state before a masked position predicts it (the prompt never is)
-        predicts = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
-    token_loss = F.cross_entropy(model.lm_head(predicts[masked]), ids[masked], reduction="none")
-    weights = (1.0 / p_mask).expand_as(ids)[masked]
-    return (token_loss * weights).sum() / answer_side.sum()
+    targets = ids.masked_fill(~masked, -100)
+    weights = (1.0 / p_mask).expand_as(ids)
+    if shift:  # AR-initialised: the state before a masked position predicts it (the prompt never is)
+        targets = torch.cat([targets[:, 1:], torch.full((rows, 1), -100)], dim=1)
+        weights = torch.cat([weights[:, 1:], weights[:, -1:]], dim=1)
+    return LossRows(ids.masked_fill(masked, mask_id), targets, weights, float(answer_side.sum()))
+
+
+def rows_loss(model: LlamaForCausalLM, rows: LossRows, chunk: slice = slice(None)) -> torch.Tensor:
+    """The loss of the rows in ``chunk`` (its share of the whole batch's loss)."""
+    targets = rows.targets[chunk].to(model.device)
+    scored = targets != -100
+    hidden = model.model(input_ids=rows.inputs[chunk].to(model.device)).last_hidden_state
+    # the output layer only where a loss is taken: the prompt's logits would be computed for nothing
+    token_loss = F.cross_entropy(model.lm_head(hidden[scored]), targets[scored], reduction="none")
+    return (token_loss * rows.weights[chunk].to(model.device)[scored]).sum() / rows.normaliser
+
+
+def ar_loss(model: LlamaForCausalLM, batches: Batches) -> torch.Tensor:
+    return rows_loss(model, ar_rows(batches))
+
+
+def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Generator,
+              prefix_share: float = 0.0) -> torch.Tensor:
+    return rows_loss(model, mdlm_rows(batches, generator, model.config.mask_token_id, prefix_share,
+                                      shifts_logits(model)))
+
+
+def training_step(model: LlamaForCausalLM, rows: LossRows, micro_batch: int, autocast: torch.autocast) -> float:
+    """Accumulate the batch's gradient ``micro_batch`` rows at a time (the activations of 32 rows of up to 600
+    tokens took over 10 GB), the forward under ``autocast``; returns the batch's loss."""
+    total = 0.0
+    for start in range(0, rows.inputs.shape[0], micro_batch):
+        with autocast:
+            loss = rows_loss(model, rows, slice(start, start + micro_batch))
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def clean_prefix(answer_side: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
@@ -251,13 +291,14 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 def train(
     settings: TrainSettings, log: Callable[[str], None] = print, work: Path | None = None, until: int | None = None,
-    saved: Path | None = None, device: str = "cpu",
+    saved: Path | None = None, device: str = "cpu", micro_batch: int = 8,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
     """Train one model, continuing from the checkpoint in ``work`` if one is there (written every
     ``checkpoint_every`` steps and when the time cap, or step ``until``, stops this call early); returns the
     model, the tokenizer and the run record (loss curve, steps done, time, ``finished`` and, unfinished, the
     data streams' position).
 
+    ``micro_batch`` rows are run at a time (memory only: the gradient is the whole batch's).
     Without a checkpoint, an unfinished run's ``saved`` model folder (its float16 weights and training log, as
     committed) is continued with fresh optimizer moments: close to, not bit for bit, the uninterrupted run."""
     if settings.kind not in KINDS:
@@ -301,14 +342,12 @@ def train(
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
-        with autocast:
-            loss = (ar_loss(model, batches) if settings.kind == "ar"
-                    else mdlm_loss(model, batches, noise, settings.prefix_share))
+        rows = ar_rows(batches) if settings.kind == "ar" else mdlm_rows(
+            batches, noise, model.config.mask_token_id, settings.prefix_share, shifts_logits(model))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        window.append(training_step(model, rows, micro_batch, autocast))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        window.append(loss.item())
         record["steps_done"], record["seconds"] = step + 1, round(time.monotonic() - start, 1)
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             record["loss_curve"].append((step + 1, sum(window) / len(window), batches.longest))
@@ -630,6 +669,8 @@ def main(argv: list[str] | None = None) -> None:
                              "of a logging window is below this (0 = all lengths from the start)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--micro-batch", type=int, default=8,
+                        help="rows per forward; the gradient is still the whole batch's (memory only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: a GPU when there is one)")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings.precision,
@@ -666,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                              precision=args.precision, checkpoint_every=args.checkpoint_every)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
-                                     device=args.device)
+                                     device=args.device, micro_batch=args.micro_batch)
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
     accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
