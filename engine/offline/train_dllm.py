@@ -564,15 +564,21 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     )
     history = _history(record)
     curve = "\n".join(f"| {step} | {loss:.4f} | {longest} |" for step, loss, longest in _whole_curve(history))
-    stopped = "" if record["steps_done"] >= settings["steps"] else (
-        f" **so far: training in progress, step {record['steps_done']} of {settings['steps']}**; the same command "
-        "continues from its checkpoint (the schedule follows the steps, so the result is the uninterrupted run's)")
+    restarts = record.get("restarts_without_optimizer_state", 0)
+    status = "" if record["steps_done"] >= settings["steps"] else (
+        f"- **Status: training in progress, step {record['steps_done']} of {settings['steps']}.** These are the "
+        "weights so far; the same command continues from its checkpoint (kept outside the repository) or, on a "
+        "fresh machine, from these weights and the data streams' position in `training_log.json`"
+        + (f" (done {restarts} time(s) so far, with fresh optimizer moments)" if restarts else "") + ".\n")
     within = "the whole canvas" if block >= GEN_LENGTH else f"the current block of {block} (semi-autoregressive)"
     decoding = ("greedy" if kind == "ar" else
                 f"the single most confident masked position of {within} committed per step (argmax)")
     scores = _score_table(accuracy)
     files = "".join(f"\n## ParallelBench's own test files: {name} (one token per step)\n\n{_score_table(scores)}\n"
                     for name, scores in (test_files or {}).items())
+    if test_files:
+        files += ("\nThe test files are furiosa-ai/ParallelBench's `dataset/parallel_bench/data/output/test/<folder>/"
+                  "<task>.jsonl` (not shipped, never trained on); prompts rendered without their in-context example.\n")
     return f"""# waitline-{kind}
 
 A {parameters / 1e6:.2f}M-parameter `LlamaForCausalLM` ({settings['shape']['layers']} layers, hidden
@@ -595,7 +601,7 @@ built into Decoding Explorer. Weights stored in float16.
   training names are one token each, other names several.
 - **Objective**: {objective}
 - **Earlier runs continued from**: {_earlier_runs(history[:-1])}
-- **Training**: `{command}`, {record['steps_done']} steps{stopped} of batch {settings['batch_size']}, AdamW
+{status}- **Training**: `{command}`: {record['steps_done']} of {settings['steps']} steps of batch {settings['batch_size']}, AdamW
   lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']}, curriculum: lists of
   3-{CURRICULUM_START} people first, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
