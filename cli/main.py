@@ -234,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", required=True)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="decoder parameter (repeatable)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
+    p.add_argument("--icl", action="store_true", help="put each row's in-context example before its prompt as chat "
+                   "turns, as ParallelBench prompts (default: the instruction alone)")
     p.add_argument("--json", action="store_true", help="print accuracy, n, model_calls, tokens_per_call as JSON")
 
     data = sub.add_parser("data", help="write benchmark data files").add_subparsers(title="data")
@@ -672,7 +674,8 @@ def _eval_parallelbench(args: argparse.Namespace) -> int:
             print(f"{done}/{total} rows, accuracy so far {accuracy:.1%}", file=sys.stderr, flush=True)
 
     try:
-        result = evaluate(model, args.decoder, params, rows, operation, limit=args.limit, progress=progress)
+        result = evaluate(model, args.decoder, params, rows, operation, limit=args.limit, progress=progress,
+                          icl=args.icl)
     except RunFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -68,6 +68,8 @@ class RunSettings:
     ffn: FfnCapture | None = None  # FFN activation sparsity per token
     image: str | None = None  # an image file for a vision-language model's prompt
     branch: BranchPoint | None = None  # start from a token of a stored run instead of the prompt text
+    history: Sequence[tuple[str, str]] = ()  # earlier (user, assistant) chat turns before the prompt, such as a
+    # few-shot example; needs chat
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -77,6 +79,12 @@ class RunSettings:
         self.record_top_k = _RECORD_TOP_K.parse(self.record_top_k)
         for stop in self.stop:
             check_text(stop, "a stop string")
+        if self.history and not self.chat:
+            raise ParamError("earlier chat turns (a few-shot example) need chat formatting on")
+        if self.history and (self.image or self.branch is not None):
+            raise ParamError("earlier chat turns go with a text prompt, not with an image or a branch")
+        self.history = tuple((check_text(user, "an earlier chat turn"), check_text(answer, "an earlier chat turn"))
+                             for user, answer in self.history)
         if self.branch is not None and self.image:
             raise ParamError("a branch continues its parent's token ids and cannot take an image; drop the image")
 
@@ -116,7 +124,7 @@ class Run:
                 raise ParamError(f"decoder {decoder!r} reads text prompts only; prompts with an image work with {accepting}")
             self.prompt_ids, self.prompt_inputs = encode_with_image(model, prompt, self.settings.image, self.settings.chat)
         else:
-            self.prompt_ids = model.encode(prompt, chat=self.settings.chat)
+            self.prompt_ids = model.encode(prompt, chat=self.settings.chat, history=self.settings.history)
         _check_context(model, len(self.prompt_ids), self.settings.max_new_tokens)
         if self.settings.attention is not None:
             self.settings.attention.check(model.num_layers, model.model.config.get_text_config().num_attention_heads)
@@ -324,5 +332,6 @@ def _settings_dict(settings: RunSettings) -> dict[str, Any]:
                                                    "question_marker": capture.question_marker},
         "ffn": None if settings.ffn is None else settings.ffn.settings(),
         "image": Path(settings.image).name if settings.image else None,
+        **({"history": [list(turn) for turn in settings.history]} if settings.history else {}),
         **settings.extra,
     }

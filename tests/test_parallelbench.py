@@ -12,13 +12,15 @@ from engine.events import BenchPoint
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
     evaluate,
+    icl_turns,
     read_rows,
     task_rows,
     write_rows,
     write_task_files,
 )
-from engine.offline.waitline_data import OPERATIONS, WaitlineGenerator
+from engine.offline.waitline_data import OPERATIONS, WaitlineGenerator, prompt_text
 from engine.parallel_goal import bench_summary, meets_goal
+from engine.params import ParamError
 from storage import TraceStore
 from tests.helpers import hand_trace, tiny_waitline_model
 from ui.figures.parallelism import bench_points, goal_figure, parallelism_figure
@@ -212,3 +214,33 @@ def test_bench_labels_are_shown_as_text():
     trace = hand_trace(points, {}, decoder="bench_dllm")
     text = json.dumps([parallelism_figure(trace).to_plotly_json(), goal_figure(trace).to_plotly_json()])
     assert hostile not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+@pytest.mark.parametrize("operation", ["sort", "shuffle", "insert_random"])
+def test_one_shot_prompts_are_token_for_token_the_training_datas(tiny_models, operation):
+    """``--icl`` puts a row's in-context example first as chat turns: exactly what the models saw in training."""
+    from engine.offline.train_dllm import encode_messages
+    from engine.run import Run, RunSettings
+
+    model = tiny_models["waitline-ar"]
+    example = WaitlineGenerator(4, icl_share=1.0, split="held_out").example(operation)
+    row = json.loads(json.dumps(example.row()))  # as read back from a test file
+    history = icl_turns(row, operation)
+    assert len(history) == 1 and history[0][1] in (example.icl[0].answer_text,)
+    run = Run(model, "greedy", prompt_text(row, operation), {}, RunSettings(max_new_tokens=1, chat=True, history=history))
+    assert run.prompt_ids == encode_messages(model.tokenizer, example.messages)
+    trace = run.to_end()
+    assert trace.info.settings["history"] == [list(turn) for turn in history]
+    with pytest.raises(ParamError, match="need chat formatting"):
+        Run(model, "greedy", "x", {}, RunSettings(history=history))
+
+
+def test_eval_with_icl_scores_the_one_shot_prompts(tiny_models, tmp_path, capsys):
+    path = write_rows(tmp_path / "copy.jsonl", "copy", 2, seed=30_001, max_people=4)
+    assert all(row["input"]["icl_examples"] for row in read_rows(path))
+    assert main(["eval", "parallelbench", "--file", str(path), "--decoder", "greedy", "--model", "waitline-ar",
+                 "--limit", "1", "--icl", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1
+    zero = evaluate(tiny_models["waitline-ar"], "greedy", {}, read_rows(path), "copy")
+    one = evaluate(tiny_models["waitline-ar"], "greedy", {}, read_rows(path), "copy", icl=True)
+    assert (zero.n, one.n) == (2, 2) and zero.per_row != one.per_row  # another prompt, another (random) output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -86,17 +87,22 @@ class LoadedModel:
                 ids.update(int(v) for v in value)
         return ids
 
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        """Token ids of the prompt; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+    def encode(self, prompt: str, chat: bool = False, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Token ids of the prompt; with ``chat`` the tokenizer's chat template wraps it as a user turn, after the
+        ``history`` of earlier (user, assistant) turns."""
         if chat:
             if not self.has_chat_template:
                 raise ModelError(f"{self.name} has no chat template; run without chat formatting")
+            turns = [{"role": role, "content": text} for turn in history
+                     for role, text in zip(("user", "assistant"), turn, strict=True)]
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                [*turns, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return [int(i) for i in ids]
+        if history:
+            raise ModelError("earlier chat turns need chat formatting")
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             raise ModelError("the prompt is empty after tokenisation; type at least one character")

@@ -167,6 +167,15 @@ def default_model(decoder: str) -> str:
     return "waitline-mdlm" if get_decoder(decoder).family == "diffusion" else "waitline-ar"
 
 
+def icl_turns(row: dict[str, Any], operation: str) -> tuple[tuple[str, str], ...]:
+    """A row's in-context examples as (prompt, answer) chat turns; an open-ended task's answer is its example."""
+    turns = []
+    for example in row["input"].get("icl_examples", []):
+        answer = example["answer"]
+        turns.append((prompt_text(example, operation), answer if isinstance(answer, str) else answer["example"]))
+    return tuple(turns)
+
+
 def canvas_length(model: LoadedModel) -> int:
     """The diffusion canvas a waitline model was trained with; AR models get as long, then stop at end of text."""
     return int(getattr(model.model.config, "diffusion_gen_length", None) or DEFAULT_CANVAS)
@@ -181,15 +190,19 @@ def evaluate(
     *,
     limit: int | None = None,
     progress: Progress | None = None,
+    icl: bool = False,
 ) -> EvalResult:
-    """Decode every row's prompt (no in-context examples) with ``decoder`` and score the output text.
+    """Decode every row's prompt with ``decoder`` and score the output text. Without ``icl`` the prompt is the row's
+    instruction alone; with it, the row's in-context examples come first as chat turns, as ParallelBench prompts.
 
     Runs are seeded (seed 0) and so deterministic. A failed run raises ``RunFailed`` with its reason.
     """
     rows = rows[:limit] if limit else rows
     results: list[RowResult] = []
     for row in rows:
-        settings = RunSettings(max_new_tokens=canvas_length(model), chat=model.has_chat_template)
+        history = icl_turns(row, operation) if icl else ()
+        settings = RunSettings(max_new_tokens=canvas_length(model), chat=model.has_chat_template or bool(history),
+                               history=history)
         trace = Run(model, decoder, prompt_text(row, operation), params, settings).to_end()
         if trace.status != "finished":
             raise RunFailed(f"{decoder} on {model.name} ({operation}, row {len(results) + 1}): {trace.reason}")
