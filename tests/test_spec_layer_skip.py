@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.decoders.speculative.layer_skip import search_skip_layers, skip_agreement
+from engine.decoders.speculative.layer_skip import search_skip_layers, skip_agreement, spread_layers
 from engine.events import DecoderMetric
 from engine.speculative.cache import PrefixCache
 from engine.speculative.skip import layer_skipped_model
@@ -137,3 +137,24 @@ def test_stop_threshold_ends_drafts_early(llama):
 def test_first_sampled_token_follows_processed_target(llama):
     params = {"skip_layers": "0", "num_draft_tokens": 3, "stop_threshold": 0.0}
     assert_follows(*first_token_law(llama, "layer_skip", params, "Entropy is"))
+
+
+def test_spread_layers_keep_the_first_and_last_and_hold_the_asked_count():
+    for total in range(2, 33):
+        for num_skip in range(1, total):
+            spread = spread_layers(total, num_skip)
+            assert len(spread) == len(set(spread)) == num_skip and spread == tuple(sorted(spread))
+            if num_skip <= total - 2:
+                assert 0 not in spread and total - 1 not in spread
+
+
+@pytest.mark.parametrize(("budget", "scored"), [(1e-9, 1), (0.0, 2)])
+def test_the_search_spends_at_most_its_share_of_the_run(llama, budget, scored):
+    """A budget too small for two sets takes the spread set; no budget (0) searches as many sets as asked."""
+    params = {"search_budget": budget, "search_iterations": 6}
+    trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], params, max_new_tokens=8)
+    metrics = {e.name: e for e in trace.events if isinstance(e, DecoderMetric)}
+    assert metrics["skip_candidates_scored"].value == scored  # a 2-layer model has two one-layer sets
+    if scored == 1:
+        assert metrics["skip_agreement"].detail == ",".join(map(str, spread_layers(2, 1)))
+    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=8).output_token_ids

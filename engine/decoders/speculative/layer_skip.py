@@ -11,10 +11,17 @@ the skipped model's greedy next token (teacher-forced, one forward per candidate
 the ``search_iterations`` candidates are random sets, the rest refine the best set so far by swapping one skipped
 layer for a kept one (a move is kept unless it scores worse). The search draws from its own fixed-seed generator, so
 the chosen set depends on the prompt only. Verification is standard: lossless.
+
+The search is cost-aware: SWIFT amortises it over a whole task, while one run here pays it in full (20 prompt
+forwards took 70-85 % of a 32-token run, BENCHMARKS.md). It may spend at most ``search_budget`` of the run's
+expected greedy time (``max_new_tokens`` one-token target steps, one of them timed) at the measured cost of scoring
+a set; a run that cannot afford two sets takes ``num_skip`` layers spread evenly over the depth (the first and the
+last kept, as Draft & Verify found them the most needed) and only scores that set.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -65,14 +72,16 @@ def skip_agreement(
 
 
 def search_skip_layers(
-    model: LoadedModel, prompt_ids: list[int], num_skip: int, iterations: int, context_window: int
+    model: LoadedModel, prompt_ids: list[int], num_skip: int, iterations: int, context_window: int,
+    full: torch.Tensor | None = None,
 ) -> SkipChoice:
-    """The best-agreeing set of ``num_skip`` layers among up to ``iterations`` distinct candidates (module docstring)."""
+    """The best-agreeing set of ``num_skip`` layers among up to ``iterations`` distinct candidates (module docstring);
+    ``full`` are the full model's :func:`greedy_predictions` when already computed."""
     total = model.num_layers
     if not 1 <= num_skip < total:
         raise ValueError(f"the skip set must hold between 1 and {total - 1} of the target's {total} layers, got {num_skip}")
     generator = torch.Generator().manual_seed(SEARCH_SEED)
-    full = greedy_predictions(model, prompt_ids, context_window)
+    full = greedy_predictions(model, prompt_ids, context_window) if full is None else full
     scores: dict[tuple[int, ...], float] = {}
 
     def score(skip: tuple[int, ...]) -> float:
@@ -91,6 +100,23 @@ def search_skip_layers(
             if scores[current] > scores[best]:
                 best = current
     return SkipChoice(best, scores[best], len(scores))
+
+
+def spread_layers(total: int, num_skip: int) -> tuple[int, ...]:
+    """``num_skip`` layers spread evenly between the first and the last (both kept when they can be)."""
+    inner = list(range(1, total - 1)) if num_skip <= total - 2 else list(range(total))
+    return tuple(sorted({inner[(2 * i + 1) * len(inner) // (2 * num_skip)] for i in range(num_skip)}))
+
+
+def affordable_sets(model: LoadedModel, prompt_ids: list[int], prompt_seconds: float, max_new_tokens: int,
+                    share: float, skip_share: float) -> int:
+    """How many skip sets scoring may cost: ``share`` of ``max_new_tokens`` one-token target steps (one is timed
+    here), each set costing a prompt forward (``prompt_seconds``) through the kept share of the layers."""
+    start = time.perf_counter()
+    model.forward(torch.tensor([prompt_ids[-1:]]))
+    step_seconds = time.perf_counter() - start
+    set_seconds = max(prompt_seconds * (1.0 - skip_share), 1e-9)
+    return int(share * max_new_tokens * step_seconds / set_seconds)
 
 
 def _swap_one(skip: tuple[int, ...], total: int, generator: torch.Generator) -> tuple[int, ...]:
@@ -125,7 +151,17 @@ def choose_skip(ctx: DecodeContext) -> SkipChoice:
         raise ParamError(
             f"skip_ratio={params['skip_ratio']} skips {num_skip} of {total} layers; choose one that skips between 1 and {total - 1}"
         )
-    return search_skip_layers(ctx.model, ctx.prompt_ids, num_skip, params["search_iterations"], window)
+    start = time.perf_counter()
+    full = greedy_predictions(ctx.model, ctx.prompt_ids, window)
+    iterations = params["search_iterations"]
+    if params["search_budget"]:
+        affordable = affordable_sets(ctx.model, ctx.prompt_ids, time.perf_counter() - start, ctx.max_new_tokens,
+                                     params["search_budget"], num_skip / total)
+        iterations = min(iterations, affordable)
+    if iterations < 2:  # nothing to compare: the spread set, scored
+        skip = spread_layers(total, num_skip)
+        return SkipChoice(skip, skip_agreement(ctx.model, ctx.prompt_ids, skip, window, full), 1)
+    return search_skip_layers(ctx.model, ctx.prompt_ids, num_skip, iterations, window, full)
 
 
 def layer_skip(ctx: DecodeContext) -> Iterator[Event]:
@@ -155,6 +191,8 @@ SPEC = register(
             Param("skip_layers", "str", "", "Layers to skip in the draft, e.g. '3,5,7' (0-based; empty = search on the prompt)."),
             Param("skip_ratio", "float", 0.45, "Search: the share of layers to skip.", 0.0, 1.0),
             Param("search_iterations", "int", 20, "Search: candidate skip sets to score (half random, half refinements).", 1, 1000),
+            Param("search_budget", "float", 0.1, "Search: the most it may cost, as a share of the run's expected greedy "
+                  "time (fewer sets when they cost more; under two: the evenly spread set); 0 = no limit.", 0.0, 100.0),
             Param("context_window", "int", 50, "Search: score agreement over the prompt's last N positions.", 1, 100_000),
             Param("num_draft_tokens", "int", 10, "Most tokens per draft.", 1, 64, limit="draft_tokens"),
             Param("stop_threshold", "float", 0.8, "Stop drafting once the draft's p(token) is below this (SWIFT: 0.8).", 0.0, 1.0),
