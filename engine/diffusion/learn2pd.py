@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from engine.diffusion.unmask import CommitRule, StepView, blocks, top_k_rule
-from engine.models.registry import ASSET_MODELS_DIR
+from engine.models.registry import ASSET_MODELS_DIR, rebuild_command
 from engine.params import ParamError
 
 DEFAULT_FILTER_DIR = ASSET_MODELS_DIR / "learn2pd-filter"
@@ -38,7 +38,7 @@ TRAINING_SEED = 20_000  # waiting-line lists unseen by the models' held-out scor
 
 def build_command(out: Path | str = "assets/models/learn2pd-filter") -> str:
     """How to (re)build the filter folder: the shipped filter's recipe (engine/offline/recipes.py)."""
-    return f"decoding-explorer assets rebuild learn2pd-filter --out {out}"
+    return f"{rebuild_command('learn2pd-filter')} --out {out}"
 
 
 # --- the filter -----------------------------------------------------------------------------------------------

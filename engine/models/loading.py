@@ -30,7 +30,7 @@ from engine.models.registry import (
     GGUF_BUILTINS,
     GgufBuiltin,
     asset_model_dir,
-    train_command,
+    rebuild_command,
     unknown_model_message,
 )
 from engine.models.tiny import ARCHITECTURES, build_tiny
@@ -77,7 +77,7 @@ def load_model(
     elif spec in ASSET_DESCRIPTIONS:
         folder = asset_model_dir(spec)
         if not folder.is_dir():
-            raise ModelError(f"{spec}'s folder {folder} is missing; build it with `{train_command(spec)}`")
+            raise ModelError(f"{spec}'s folder {folder} is missing; build it with `{rebuild_command(spec)}`")
         loaded = _load_folder(folder, torch_dtype, attn_implementation, False)
         loaded.name, loaded.source = spec, "asset"
     elif Path(spec).expanduser().exists():

@@ -123,9 +123,9 @@ def asset_model_dir(name: str) -> Path:
     return ASSET_MODELS_DIR / name
 
 
-def train_command(name: str) -> str:
-    """How to (re)build a project-trained model's folder."""
-    return f"python -m engine.offline.train_dllm --model {name.removeprefix('waitline-')} --out {asset_model_dir(name)}"
+def rebuild_command(name: str) -> str:
+    """The one command that rebuilds a shipped asset (``engine/offline/recipes.py``): what its card states."""
+    return f"decoding-explorer assets rebuild {name}"
 
 
 def list_models() -> list[ModelEntry]:
@@ -135,7 +135,7 @@ def list_models() -> list[ModelEntry]:
         for name in RANDOM_DESCRIPTIONS
     ] + [
         ModelEntry(name, description, "asset", (asset_model_dir(name) / "config.json").is_file(), False,
-                   _asset_size(name), train_command(name))
+                   _asset_size(name), rebuild_command(name))
         for name, description in ASSET_DESCRIPTIONS.items()
     ] + [
         ModelEntry(record["name"], f"{record['method']} variant of {record['base']}", "variant", True, True,

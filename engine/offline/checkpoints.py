@@ -7,6 +7,7 @@ continues from it; settings in ``free`` (a time cap, a logging rate) may change 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,12 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any], free: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` (None if there is none), refused if written with other settings.
-
-    A setting added since the checkpoint was written takes its current value."""
+    """The checkpoint at ``path`` (None if there is none), refused if written with other settings."""
     if not path.is_file():
         return None
     state = torch.load(path, weights_only=False, map_location="cpu")  # a GPU run continues anywhere
-    written = {**settings, **state["settings"]}
-    if _fixed(written, free) != _fixed(settings, free):
-        changed = sorted(k for k in _fixed(settings, free) if written.get(k) != settings[k])
+    changed = changed_settings(state["settings"], settings, free)
+    if changed:
         raise ParamError(f"{path} was written with other settings ({', '.join(changed)}); "
                          "use another output folder or delete it")
     return state
@@ -41,5 +39,9 @@ def save_checkpoint(path: Path, settings: dict[str, Any], record: dict[str, Any]
     os.replace(partial, path)
 
 
-def _fixed(settings: dict[str, Any], free: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k not in free}
+def changed_settings(written: dict[str, Any], current: dict[str, Any], free: tuple[str, ...] = ()) -> list[str]:
+    """The settings outside ``free`` whose value differs from what a run was written with; one added since counts
+    as unchanged. Compared as JSON, so a tuple read back from a log as a list is the same value."""
+    as_json = lambda settings: json.loads(json.dumps(settings))  # noqa: E731
+    before, now = as_json({**current, **written}), as_json(current)
+    return sorted(key for key in now if key not in free and before.get(key) != now[key])

@@ -29,7 +29,7 @@ from engine.diffusion.learn2pd import (
 from engine.diffusion.unmask import MaskPredictor, StepView, UnmaskSettings, predictor_for, top_k_rule, unmask
 from engine.events import DiffusionStep
 from engine.models import load_model
-from engine.offline.recipes import rebuild_command
+from engine.models.registry import rebuild_command
 from engine.offline.waitline_data import OPERATIONS, WaitlineGenerator
 
 HELD_OUT_SHARE = 0.2  # of the examples (whole decodes, so no step of a held-out decode is trained on)

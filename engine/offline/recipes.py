@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
+from engine.models.registry import rebuild_command
 from engine.params import ParamError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,11 +59,6 @@ class Recipe:
     @property
     def command(self) -> str:
         return rebuild_command(self.name)
-
-
-def rebuild_command(name: str) -> str:
-    """The one command that rebuilds a shipped asset: what its card states."""
-    return f"decoding-explorer assets rebuild {name}"
 
 
 def _filled(arg: str, out: Path) -> str:

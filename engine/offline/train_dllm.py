@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from engine.offline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+from engine.models.registry import rebuild_command
+from engine.offline.checkpoints import CHECKPOINT, changed_settings, load_checkpoint, save_checkpoint
 from engine.offline.names import name_pool
-from engine.offline.recipes import rebuild_command
 from engine.offline.parallelbench import read_rows
 from engine.offline.waitline_data import OPERATIONS, Example, WaitlineGenerator, prompt_text, score
 from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer
@@ -376,10 +376,10 @@ def _unfinished_record(folder: Path, settings: TrainSettings) -> dict[str, Any] 
     record = _previous_record(folder)
     if not record or record.get("finished", True) or "stream" not in record:
         return None
-    load_checkpoint_settings = {k: v for k, v in record["settings"].items() if k not in RESUMABLE_CHANGES}
-    if json.loads(json.dumps(load_checkpoint_settings)) != json.loads(json.dumps(
-            {k: v for k, v in asdict(settings).items() if k not in RESUMABLE_CHANGES})):
-        raise ParamError(f"{folder} holds an unfinished run with other settings; use another --out or delete it")
+    changed = changed_settings(record["settings"], asdict(settings), RESUMABLE_CHANGES)
+    if changed:
+        raise ParamError(f"{folder} holds an unfinished run with other settings ({', '.join(changed)}); "
+                         "use another --out or delete it")
     return {k: v for k, v in record.items() if k not in ("command", "held_out", "test_files")}
 
 
