@@ -12,6 +12,7 @@ from engine.speculative.draft_length import (
     PROBE_EVERY,
     DraftLengthController,
     LinearCost,
+    PayoffSwitch,
 )
 from tests.helpers import PROMPTS, greedy_ids, rounds_of, run_ignoring_eos
 
@@ -161,3 +162,17 @@ def test_memory_is_recorded_per_round_and_for_the_run(llama, decoder, params, dr
     assert (rounds[-1].kv_cache_bytes > held * per_position) if draft_cache else rounds[-1].kv_cache_bytes == held * per_position
     assert trace.metrics["kv_cache_bytes_max"] == max(r.kv_cache_bytes for r in rounds)
     assert trace.metrics["peak_rss_mb"] > 50
+
+
+@pytest.mark.parametrize(("spec_tokens", "spec_seconds", "speculates"), [(3, 0.2, True), (1, 0.3, False)])
+def test_the_payoff_switch_runs_the_kind_of_round_that_commits_faster(spec_tokens, spec_seconds, speculates):
+    """A speculative round commits ``spec_tokens`` in ``spec_seconds``; a plain one, one token in 0.1 s."""
+    switch = PayoffSwitch()
+    chosen = []
+    for _ in range(40):
+        speculate = switch.speculate()
+        chosen.append(speculate)
+        switch.observe(speculate, spec_tokens if speculate else 1, spec_seconds if speculate else 0.1)
+    assert chosen[:4] == [True, True, True, False]  # the method's own rounds, then one timed plain step
+    later = chosen[10:]
+    assert all(later) if speculates else sum(later) <= 2  # losing speculation is only probed, ever less often

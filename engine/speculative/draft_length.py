@@ -12,8 +12,11 @@ expected tokens per second:
 * gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
   acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
   untried depths at ``PRIOR_ACCEPTANCE``; recent rounds weigh more (``MEMORY``);
-* probing: while no draft pays, every ``probe_every`` rounds drafts one level (the interval doubling while probes
+* probing: while no draft pays, every ``PROBE_EVERY`` rounds drafts one level (the interval doubling while probes
   keep failing), so the run notices when drafting starts to pay again.
+
+Decoders whose speculation is all or nothing (lookahead's Jacobi window rides along every forward) use
+:class:`PayoffSwitch` instead: speculate or take a plain step, whichever committed more tokens per second lately.
 
 The cap only ever shortens drafts (the drafter's own schedule, SpecDec++'s stop rule, a tree template, still
 decide within it), and when the deepest depth seen pays best the drafter drafts uncapped, so its own growing
@@ -51,6 +54,61 @@ class _Decayed:
 
     def mean(self, prior: float = 0.0, weight: float = 0.0) -> float:
         return (self.total + prior * weight) / (self.count + weight)
+
+
+class ProbeSchedule:
+    """While speculating does not pay, when to try it again: after ``PROBE_EVERY`` rounds without, the interval
+    doubling (up to ``MAX_PROBE_EVERY``) while the probes keep losing; reset once speculating pays."""
+
+    def __init__(self) -> None:
+        self.waited = 0
+        self.every = PROBE_EVERY
+
+    def paid(self) -> None:
+        self.waited = 0
+        self.every = PROBE_EVERY
+
+    def due(self) -> bool:
+        """Called once per round that does not speculate: whether this one should probe instead."""
+        self.waited += 1
+        if self.waited < self.every:
+            return False
+        self.waited = 0
+        self.every = min(2 * self.every, MAX_PROBE_EVERY)
+        return True
+
+
+class PayoffSwitch:
+    """For decoders whose speculation is all or nothing (a lookahead window, not a draft depth): whether this
+    round should speculate or take a plain one-token step, from the committed tokens per second each kind of round
+    reached lately. It speculates first (the method's own behaviour), times one plain step after ``WARM_ROUNDS``,
+    then runs the faster kind and probes the other on the :class:`ProbeSchedule`."""
+
+    WARM_ROUNDS = 3
+
+    def __init__(self) -> None:
+        self.tokens = {True: _Decayed(), False: _Decayed()}  # committed, decayed, per kind of round
+        self.seconds = {True: _Decayed(), False: _Decayed()}
+        self.rounds = 0
+        self.probes = ProbeSchedule()
+
+    def rate(self, speculated: bool) -> float:
+        return self.tokens[speculated].total / max(self.seconds[speculated].total, 1e-9)
+
+    def speculate(self) -> bool:
+        if self.rounds <= self.WARM_ROUNDS or not self.seconds[False].count:
+            return self.rounds != self.WARM_ROUNDS  # the warm-up, then one timed plain step
+        if self.rate(True) >= self.rate(False):
+            self.probes.paid()
+            return True
+        return self.probes.due()
+
+    def observe(self, speculated: bool, tokens: int, seconds: float) -> None:
+        """A finished round; the first one (it runs the prompt too) is not a step-sized forward."""
+        if self.rounds:
+            self.tokens[speculated].add(tokens)
+            self.seconds[speculated].add(seconds)
+        self.rounds += 1
 
 
 class LinearCost:
@@ -97,8 +155,7 @@ class DraftLengthController:
         self.sizes: list[_Decayed] = []  # how many nodes it had there
         self.deepest = 0  # the deepest level any draft has had: deeper limits change nothing
         self.rounds = 0
-        self.rounds_without_draft = 0
-        self.probe_every = PROBE_EVERY
+        self.probes = ProbeSchedule()
         self._pending: tuple[float, int, float] | None = None  # the last round's start, nodes and draft seconds
 
     def limit(self, budget: int) -> int | None:
@@ -115,15 +172,9 @@ class DraftLengthController:
             return None  # nothing to weigh yet: the first rounds draft as the drafter would
         best = self.best_depth(min(budget, self.deepest))
         if best > 0:
-            self.rounds_without_draft = 0
-            self.probe_every = PROBE_EVERY
+            self.probes.paid()
             return None if best >= self.deepest else best
-        self.rounds_without_draft += 1
-        if self.rounds_without_draft < self.probe_every or not budget:
-            return 0
-        self.rounds_without_draft = 0
-        self.probe_every = min(2 * self.probe_every, MAX_PROBE_EVERY)
-        return 1
+        return 1 if self.probes.due() and budget else 0
 
     def best_depth(self, deepest: int) -> int:
         """The depth in 0..deepest with the most expected committed tokens per second (the shallowest on ties)."""

@@ -132,6 +132,9 @@ class Sampling:
         return int(sample(logprobs, self.generator))
 
 
+NO_DRAFT = Draft([], [])  # a round that only runs the target: one ordinary step
+
+
 # A verification rule other than the shared lossless one: (parents, tokens, processed target log-probs) -> verdict
 # (Medusa's typical acceptance, which is lossy).
 VerifyRule = Callable[[list[int], list[int], Tensor], Verdict]

@@ -14,6 +14,11 @@ ONE target forward per step carries two branches after the last committed token 
 
 Lossless: greedy output equals greedy decoding; under sampling the deterministic-draft rule (accept with
 probability p(c), remove rejected tokens from p) keeps the output distributed as the processed target.
+
+Cost-aware (``draft_length`` adaptive, the default): the window and the candidates ride along every forward, up to
+W x (N-1) + G x (N-1) extra tokens, which on a CPU cost about 3x a one-token step. A step is run as a lookahead
+step or as a plain one-token step (window and pool paused), whichever committed more tokens per second lately
+(:class:`engine.speculative.draft_length.PayoffSwitch`); the paused window is probed again ever less often.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, DraftNode, DraftRound, Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
-from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Sampling, draft_round
+from engine.speculative.draft_length import PayoffSwitch
+from engine.speculative.rounds import NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, draft_round, verify_round
 from engine.speculative.tree import ExtraNodes, keep_path, tree_forward
 from engine.speculative.verify import verify_tree
 
@@ -138,11 +144,20 @@ def lookahead(ctx: DecodeContext) -> Iterator[Event]:
     window = LookaheadWindow([ctx.prompt_ids[i] for i in picks.tolist()], params["ngram"])
     context = list(ctx.prompt_ids)
     step = 0
+    switch = PayoffSwitch() if params["draft_length"] == "adaptive" else None
     ctx.on_finish(lambda: [DecoderMetric("ngram_pool_size", len(pool), "n-grams in the pool after the last step")])
     while (generated := len(context) - len(ctx.prompt_ids)) < ctx.max_new_tokens:
-        event = _step(step, target, context, window, pool, sampling, ctx.max_new_tokens - generated - 1, ctx.record_top_k)
+        started = time.perf_counter()
+        speculate = switch.speculate() if switch else True
+        if speculate:
+            event = _step(step, target, context, window, pool, sampling, ctx.max_new_tokens - generated - 1,
+                          ctx.record_top_k)
+        else:
+            event = _plain_step(step, target, context, sampling, ctx.record_top_k)
         context += event.committed
         yield event
+        if switch:  # the round lasts until the next starts: recording it counts too
+            switch.observe(speculate, len(event.committed), time.perf_counter() - started)
         step += 1
 
 
@@ -178,6 +193,15 @@ def _step(
         mode=mode,
     )
     return replace(event, nodes=event.nodes + window_nodes)
+
+
+def _plain_step(step: int, target: PrefixCache, context: list[int], sampling: Sampling, top_k: int) -> DraftRound:
+    """One ordinary target step (no window, no candidates): what a paused lookahead runs."""
+    start = time.perf_counter()
+    outcome, slots = verify_round(target, context, NO_DRAFT, sampling, top_k)
+    return draft_round(step, draft=NO_DRAFT, source="ngram_pool", verdict=outcome.verdict, cache_slots_kept=slots,
+                       draft_seconds=0.0, seconds=time.perf_counter() - start,
+                       mode="plain step: the lookahead window paid less than plain steps lately")
 
 
 def _fill_from(pool: NgramPool, ids: list[int], ngram: int) -> None:

@@ -33,10 +33,7 @@ from engine.events import DecoderMetric, Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
 from engine.speculative.drafts import DRAFTER_PARAMS, draft_model_drafter
-from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Sampling, draft_round, verify_round
-
-NO_DRAFT = Draft([], [])
-
+from engine.speculative.rounds import NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, draft_round, verify_round
 
 def pearl(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
