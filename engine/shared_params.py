@@ -32,5 +32,6 @@ DRAFT_LENGTHS = ("adaptive", "fixed")
 DRAFT_LENGTH_PARAMS = (
     Param("draft_length", "choice", "adaptive", "adaptive: each round drafts only as deep as pays on this machine "
           "(measured verify cost x acceptance by depth), down to no draft; fixed: the decoder's own length every "
-          "round. Lookahead runs its window only while it pays more than plain steps; PEARL ignores it.", choices=DRAFT_LENGTHS),
+          "round. Lookahead and PEARL, whose rounds are all or nothing, run them only while they pay more than plain "
+          "steps.", choices=DRAFT_LENGTHS),
 )

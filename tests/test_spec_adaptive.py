@@ -137,7 +137,7 @@ def test_specdec_pp_refuses_min_above_max(llama):
 @pytest.mark.parametrize("params,prompt", [({"draft_layers": 1}, PROMPTS[0]), ({"draft_layers": 2, "gamma": 3}, PROMPTS[1])])
 def test_pearl_rounds_alternate_as_the_algorithm_says(llama, params, prompt):
     gamma, budget = params.get("gamma", 4), 40
-    trace = _assert_greedy_equal(llama, "pearl", params, prompt, budget)
+    trace = _assert_greedy_equal(llama, "pearl", {**params, "draft_length": "fixed"}, prompt, budget)
     rounds = rounds_of(trace)
     generated, mode = 0, "pre-verify"
     for r in rounds:
@@ -157,6 +157,21 @@ def test_pearl_rounds_alternate_as_the_algorithm_says(llama, params, prompt):
     assert trace.metrics["simulated_seconds"] == pytest.approx(simulated, abs=1e-5)
     ratio = simulated / sum(r.seconds for r in rounds)
     assert trace.metrics["simulated_to_measured"] == pytest.approx(ratio, rel=1e-4) and ratio <= 1
+
+
+def test_a_paused_pearl_takes_plain_steps_but_never_with_drafts_pending(llama, monkeypatch):
+    """Drafting losing to plain steps: after the warm-up PEARL rounds run only as ever rarer probes, a probe that
+    ended in post-verify finishes its pending drafts first; the output stays greedy's."""
+    from engine.speculative import draft_length
+
+    monkeypatch.setattr(draft_length.PayoffSwitch, "rate", lambda self, speculated: 0.0 if speculated else 1.0)
+    trace = _assert_greedy_equal(llama, "pearl", {"draft_layers": 1, "gamma": 3}, PROMPTS[1], 40)
+    rounds = rounds_of(trace)
+    plain = [i for i, r in enumerate(rounds) if r.mode.startswith("plain step")]
+    assert plain and all(not rounds[i].nodes and rounds[i].simulated_seconds == rounds[i].seconds for i in plain)
+    fully_accepted = [i for i, r in enumerate(rounds) if r.nodes and len(r.accepted_path) == len(r.nodes)]
+    assert not {i + 1 for i in fully_accepted} & set(plain)  # its pending drafts are checked first
+    assert len(plain) > len(rounds) / 2
 
 
 # ---------------------------------------------------------------- the sampling law

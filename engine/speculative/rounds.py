@@ -224,6 +224,15 @@ def verify_round(
     return Outcome(list(context), draft, logits, target_logprobs, verdict, committed, rider_logits), slots
 
 
+def plain_round(step: int, target: PrefixCache, context: list[int], sampling: Sampling, top_k: int, source: str,
+                mode: str) -> DraftRound:
+    """One ordinary target step, no draft: what a cost-aware decoder runs while speculating pays less lately."""
+    start = time.perf_counter()
+    outcome, slots = verify_round(target, context, NO_DRAFT, sampling, top_k)
+    return draft_round(step, draft=NO_DRAFT, source=source, verdict=outcome.verdict, cache_slots_kept=slots,
+                       draft_seconds=0.0, seconds=time.perf_counter() - start, mode=mode)
+
+
 def draft_round(
     step: int,
     *,

@@ -35,7 +35,7 @@ from engine.events import DecoderMetric, DraftNode, DraftRound, Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
 from engine.speculative.draft_length import PayoffSwitch
-from engine.speculative.rounds import NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, draft_round, verify_round
+from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Sampling, draft_round, plain_round
 from engine.speculative.tree import ExtraNodes, keep_path, tree_forward
 from engine.speculative.verify import verify_tree
 
@@ -153,7 +153,8 @@ def lookahead(ctx: DecodeContext) -> Iterator[Event]:
             event = _step(step, target, context, window, pool, sampling, ctx.max_new_tokens - generated - 1,
                           ctx.record_top_k)
         else:
-            event = _plain_step(step, target, context, sampling, ctx.record_top_k)
+            event = plain_round(step, target, context, sampling, ctx.record_top_k, "ngram_pool",
+                                "plain step: the lookahead window paid less than plain steps lately")
         context += event.committed
         yield event
         if switch:  # the round lasts until the next starts: recording it counts too
@@ -193,15 +194,6 @@ def _step(
         mode=mode,
     )
     return replace(event, nodes=event.nodes + window_nodes)
-
-
-def _plain_step(step: int, target: PrefixCache, context: list[int], sampling: Sampling, top_k: int) -> DraftRound:
-    """One ordinary target step (no window, no candidates): what a paused lookahead runs."""
-    start = time.perf_counter()
-    outcome, slots = verify_round(target, context, NO_DRAFT, sampling, top_k)
-    return draft_round(step, draft=NO_DRAFT, source="ngram_pool", verdict=outcome.verdict, cache_slots_kept=slots,
-                       draft_seconds=0.0, seconds=time.perf_counter() - start,
-                       mode="plain step: the lookahead window paid less than plain steps lately")
 
 
 def _fill_from(pool: NgramPool, ids: list[int], ngram: int) -> None:

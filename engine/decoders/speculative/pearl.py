@@ -17,6 +17,11 @@ on rejection), so PEARL is lossless. One difference of no consequence: the seque
 the round's last checked token, so when all are accepted the verifier draws a bonus token that PEARL has no
 place for; it is dropped (``verify_round(bonus=False)``: a discarded independent draw leaves the output's law
 unchanged), and the last checked token is left out of the target cache for the next round to run.
+
+Cost-aware (``draft_length`` adaptive, the default): on one device a PEARL round costs the draft's forwards plus the
+target's, so when its drafts are rarely accepted it is slower than plain decoding. Between rounds (never with
+drafts pending) it takes a plain one-token step instead whenever those committed more tokens per second lately
+(:class:`engine.speculative.draft_length.PayoffSwitch`), probing PEARL rounds again ever less often.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from engine.events import DecoderMetric, Event
 from engine.params import Param
 from engine.speculative.cache import PrefixCache
 from engine.speculative.drafts import DRAFTER_PARAMS, draft_model_drafter
-from engine.speculative.rounds import NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, draft_round, verify_round
+from engine.speculative.draft_length import PayoffSwitch
+from engine.speculative.rounds import (
+    NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, draft_round, plain_round, verify_round,
+)
 
 def pearl(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
@@ -45,6 +53,7 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
     post_verify = False
     measured = simulated = 0.0
     step = 0
+    switch = PayoffSwitch() if ctx.params["draft_length"] == "adaptive" else None
 
     def summary() -> Iterator[DecoderMetric]:
         if measured:
@@ -55,6 +64,17 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
     while len(context) - len(ctx.prompt_ids) < ctx.max_new_tokens:
         budget = ctx.max_new_tokens - (len(context) - len(ctx.prompt_ids))
         start = time.perf_counter()
+        if switch and not post_verify and not switch.speculate():  # a pending chain is always checked first
+            event = plain_round(step, target, context, sampling, ctx.record_top_k, drafter.source,
+                                "plain step: drafting paid less than plain steps lately")
+            event = replace(event, simulated_seconds=event.seconds)  # the target alone: nothing runs beside it
+            measured += event.seconds
+            simulated += event.seconds
+            context += event.committed
+            yield event
+            switch.observe(False, len(event.committed), time.perf_counter() - start)
+            step += 1
+            continue
         kept = _part(pending, 0, budget)  # a round commits at most as many tokens as it checks
         # Back to the verified context first, re-running the pending drafts: a sliding-window layer (Gemma 3) can
         # roll back only what it took in since its last crop, and the next round may reject any pending draft.
@@ -85,6 +105,8 @@ def pearl(ctx: DecodeContext) -> Iterator[Event]:
         pending = _part(new, 1) if post_verify else NO_DRAFT
         context += committed
         yield event
+        if switch:
+            switch.observe(True, len(committed), time.perf_counter() - start)
         step += 1
 
 
