@@ -176,3 +176,19 @@ def test_the_payoff_switch_runs_the_kind_of_round_that_commits_faster(spec_token
     assert chosen[:4] == [True, True, True, False]  # the method's own rounds, then one timed plain step
     later = chosen[10:]
     assert all(later) if speculates else sum(later) <= 2  # losing speculation is only probed, ever less often
+
+
+def test_a_probe_that_found_nothing_to_draft_is_tried_again_next_round():
+    """PPD guesses only after a round that carried its prompt tokens: its first probe drafts nothing."""
+    controller, limits = simulate(lambda _: 0, rounds=30)
+    assert limits[-1] == 0
+    clock = controller.clock
+    probe = controller.limit(budget=100)
+    while probe == 0:
+        controller.observe(chain_round(0, 0), clock.now, probe)
+        probe = controller.limit(budget=100)
+    assert probe == 1
+    controller.observe(chain_round(0, 0), clock.now, probe)  # the drafter had no guesses yet
+    assert controller.limit(budget=100) == 1  # so the probe comes again at once, with them
+    controller.observe(chain_round(1, 0), clock.now, 1)
+    assert controller.limit(budget=100) == 0

@@ -156,6 +156,7 @@ class DraftLengthController:
         self.deepest = 0  # the deepest level any draft has had: deeper limits change nothing
         self.rounds = 0
         self.probes = ProbeSchedule()
+        self.empty_probe = False  # the last probe found nothing to draft (a drafter that needs a round to prepare)
         self._pending: tuple[float, int, float] | None = None  # the last round's start, nodes and draft seconds
 
     def limit(self, budget: int) -> int | None:
@@ -174,6 +175,9 @@ class DraftLengthController:
         if best > 0:
             self.probes.paid()
             return None if best >= self.deepest else best
+        if self.empty_probe and budget:  # PPD's prompt tokens guess only after a round that carried them
+            self.empty_probe = False
+            return 1
         return 1 if self.probes.due() and budget else 0
 
     def best_depth(self, deepest: int) -> int:
@@ -197,6 +201,7 @@ class DraftLengthController:
             self._pending = (started, len(rnd.nodes), rnd.draft_seconds)
         self.rounds += 1
         depths = [node.depth for node in rnd.nodes]
+        self.empty_probe = bool(limit) and not depths
         if not depths:
             return
         self.draft_seconds += rnd.draft_seconds

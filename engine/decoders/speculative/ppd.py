@@ -15,6 +15,10 @@ per round) and ``tree_size`` is the budget. PPD attaches prompt tokens to every 
 ones); here the root and the ``prompt_nodes`` most probable nodes get all m (with ``ensemble`` chains each) and
 the others none (a round after such a node drafts nothing, its forward attaches prompt tokens to the root again).
 
+Cost-aware like every drafter behind the shared rounds: a round the controller gives no draft carries no prompt
+tokens either (on a CPU the 1 + m-token forward costs ~1.5x a one-token step), and a probe that finds no guesses
+carries them so the next round can draft.
+
 The drafts are deterministic (the top tokens), so the shared verifier's deterministic rule is exact: greedy output
 equals greedy decoding and sampling follows the processed target. Each node's source names the prompt token and
 rank that proposed it (``ppd p2 #1``: prompt token 2's best guess).
@@ -37,6 +41,7 @@ from engine.params import Param
 from engine.speculative.feature_head import shipped_or_named_head
 from engine.speculative.ppd_prompts import PromptTokens
 from engine.speculative.rounds import (
+    NO_DRAFT,
     SAMPLING_PARAMS,
     Draft,
     Drafter,
@@ -92,6 +97,9 @@ class PPDDrafter(Drafter):
         self.guesses: Tensor | None = None  # processed log-probs [m, V'] of the prompt tokens at the last path's end
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
+        if max_depth == 0:  # no draft this round, and no prompt tokens riding along to guess the next one's
+            self.guesses = None
+            return NO_DRAFT
         tokens: list[int] = []
         parents: list[int] = []
         ranks: list[int] = []
