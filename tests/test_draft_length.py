@@ -192,3 +192,13 @@ def test_a_probe_that_found_nothing_to_draft_is_tried_again_next_round():
     assert controller.limit(budget=100) == 1  # so the probe comes again at once, with them
     controller.observe(chain_round(1, 0), clock.now, 1)
     assert controller.limit(budget=100) == 0
+
+
+def test_a_stalled_round_does_not_move_the_cost_fit_much():
+    steady, stalled = LinearCost(), LinearCost()
+    for n, seconds in [(1, 0.1), (5, 0.14), (1, 0.1), (9, 0.18), (1, 0.1)]:
+        steady.add(n, seconds)
+        stalled.add(n, seconds)
+    stalled.add(1, 2.0)  # 20x a one-token step: the machine was busy elsewhere
+    steady.add(1, 0.1)
+    assert stalled(1) < 1.5 * steady(1) and stalled(9) < 1.5 * steady(9)

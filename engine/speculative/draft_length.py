@@ -7,7 +7,8 @@ t_verify(1 + n(d)) seconds; a round without a draft (d = 0) is a plain one-token
 expected tokens per second:
 
 * cost: t_verify(n) ~ a + b n, least squares over the rounds seen (everything a round costs besides drafting,
-  recording included), its slope shrunk towards ``PRIOR_SLOPE`` x the one-token cost while few sizes were seen;
+  recording included), its slope shrunk towards ``PRIOR_SLOPE`` x the one-token cost while few sizes were seen, and
+  a round over ``OUTLIER_RATIO`` x the fit clipped to it (a busy machine's stall once made plain steps look dear);
   t_draft(d) ~ (measured draft seconds per drafted level) x d;
 * gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
   acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
@@ -39,6 +40,8 @@ ACCEPTANCE_PRIOR_WEIGHT = 1.0  # rounds' worth of evidence the prior counts for
 MEMORY = 0.9  # each new observation of a depth keeps this share of the old evidence
 PROBE_EVERY = 4  # rounds without a draft before a one-level probe
 MAX_PROBE_EVERY = 32
+OUTLIER_RATIO = 3.0  # a round slower than this x the fitted cost of its size counts as that
+OUTLIER_AFTER = 3  # rounds seen before clipping starts
 
 
 @dataclass
@@ -119,6 +122,8 @@ class LinearCost:
         self.sum_n = self.sum_t = self.sum_nn = self.sum_nt = 0.0
 
     def add(self, n: int, seconds: float) -> None:
+        if self.count >= OUTLIER_AFTER:  # a round the machine stalled in (another process, a page fault) is clipped
+            seconds = min(seconds, OUTLIER_RATIO * self(n))
         self.count += 1
         self.sum_n += n
         self.sum_t += seconds
