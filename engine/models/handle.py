@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from engine.attention import use_explorer_attention
 from engine.models.errors import ModelError  # noqa: F401 (its users import it from here too)
 from engine.limits import check_run
-from engine.models.prompt_formats import CONFIG_KEY, PROMPT_FORMATS, PromptFormat
+from engine.models.prompt_formats import CONFIG_KEY, PromptFormat, format_named
 
 
 @dataclass
@@ -68,8 +68,7 @@ class LoadedModel:
     @property
     def prompt_format(self) -> PromptFormat | None:
         """The prompt format the model's config declares (its folder's ``prompt_format``), if any."""
-        name = getattr(self.model.config, CONFIG_KEY, None)
-        return PROMPT_FORMATS.get(name) if isinstance(name, str) else None
+        return format_named(getattr(self.model.config, CONFIG_KEY, None))
 
     @property
     def has_chat_template(self) -> bool:

@@ -67,7 +67,11 @@ def declared_format(folder: Path) -> PromptFormat | None:
     if not config.is_file():
         return None
     try:
-        name = json.loads(config.read_text()).get(CONFIG_KEY)
+        return format_named(json.loads(config.read_text()).get(CONFIG_KEY))
     except (OSError, ValueError):
         return None
+
+
+def format_named(name: object) -> PromptFormat | None:
+    """The format a config's ``prompt_format`` value names (None for none, or a name this version does not know)."""
     return PROMPT_FORMATS.get(name) if isinstance(name, str) else None

@@ -16,7 +16,8 @@ expected tokens per second:
 * probing: while no draft pays, every ``PROBE_EVERY`` rounds drafts one level (the interval doubling while probes
   keep failing), so the run notices when drafting starts to pay again.
 
-Decoders whose speculation is all or nothing (lookahead's Jacobi window rides along every forward) use
+Decoders whose speculation is all or nothing (lookahead's Jacobi window rides along every forward, a PEARL round
+runs the draft and the target) use
 :class:`PayoffSwitch` instead: speculate or take a plain step, whichever committed more tokens per second lately.
 
 The cap only ever shortens drafts (the drafter's own schedule, SpecDec++'s stop rule, a tree template, still

@@ -43,6 +43,7 @@ from engine.speculative.rounds import (
     NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, draft_round, plain_round, verify_round,
 )
 
+
 def pearl(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
     gamma = ctx.params["gamma"]
