@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.decoders import get_decoder
-from engine.events import BenchPoint, RunFinished, RunStarted
+from engine.events import BenchPoint, RunStarted
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
     BENCH_SEED, EvalResult, RunFailed, canvas_length, default_model, evaluate, task_rows, task_seed,
@@ -24,7 +24,7 @@ from engine.offline.parallelbench import (
 from engine.parallel_goal import BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, bench_summary
 from engine.offline.waitline_data import MAX_PEOPLE, OPERATIONS
 from engine.params import ParamError, parse_setting as parse_label
-from engine.recorder import Recorder, TraceSink
+from engine.recorder import Recorder, TraceSink, run_ending
 from engine.run import software_versions
 from engine.trace import RunInfo, Trace, new_run_id
 from ui.figures.parallelism import parallelism_figure
@@ -94,8 +94,8 @@ def dllm(
     results: dict[str, dict[str, EvalResult | None]] = {task: {} for task in tasks}
     cells, done = len(tasks) * len(usable), 0
     recorder = _bench_recorder(per_task, tasks, [s.label for s in usable], seed, max_people, sinks)
-    status, reason, points = "failed", "interrupted", []
-    try:
+    points: list[BenchPoint] = []
+    with run_ending(recorder, f"{cells} cells"):
         for task in tasks:
             rows = task_rows(task, per_task, task_seed(seed, task), max_people)
             for setting in usable:
@@ -121,16 +121,6 @@ def dllm(
                 recorder.record(points[-1])
                 log(f"[{done}/{cells}] {task} / {setting.label}: accuracy {result.accuracy:.1%}, "
                     f"{result.model_calls} calls, {result.tokens_per_call:.2f} tokens/call ({seconds:.1f} s)")
-        status, reason = "finished", f"{cells} cells"
-    except KeyboardInterrupt:
-        status = "cancelled"
-        raise
-    except Exception as error:
-        reason = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        recorder.record(RunFinished(status=status, reason=reason))
-        recorder.close()
     summary = bench_summary(points)
     report = {
         "per_task": per_task, "seed": seed, "canvas": {name: canvas_length(m) for name, m in models.items()},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable, Mapping, Protocol, Sequence
 
 from engine.events import DecoderMetric, DraftRound, Event, Output, RunFinished, RunStarted, TokenStep, token_ids_of
@@ -143,3 +145,23 @@ class Recorder:
         self.flush()
         for sink in self._sinks:
             sink.close(self.trace)
+
+
+@contextmanager
+def run_ending(recorder: Recorder, done: str) -> Iterator[None]:
+    """Record how a run recorded outside the decoder loop (a search, a bench) ends, whatever ends it: finished
+    (reason ``done``), cancelled by Ctrl-C, or failed with the error; then flush and close the sinks, so what was
+    recorded so far is kept."""
+    status, reason = "failed", "interrupted"
+    try:
+        yield
+        status, reason = "finished", done
+    except KeyboardInterrupt:
+        status = "cancelled"
+        raise
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        recorder.record(RunFinished(status=status, reason=reason))
+        recorder.close()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from engine.events import DecoderMetric, RunFinished, RunStarted, SearchGeneration
+from engine.events import DecoderMetric, RunStarted, SearchGeneration
 from engine.models.handle import LoadedModel
 from engine.models.prune import METHODS as PRUNE_METHODS
 from engine.models.prune import prune_weight
@@ -44,7 +44,7 @@ from engine.models.variants import (
 )
 from engine.params import ParamError
 from engine.processing import kl_divergence
-from engine.recorder import Recorder, TraceSink
+from engine.recorder import Recorder, TraceSink, run_ending
 from engine.run import software_versions
 from engine.trace import RunInfo, Trace, new_run_id
 
@@ -419,33 +419,26 @@ def record_search(
         database.apply(profile)
         return mean_kl(model, calibration, rows)
 
-    status, reason, best, metrics = "finished", "search finished", uniform, {}
-    try:
-        for event in evolve(uniform, evaluate, calibration.rows, calibration.row_tokens, database.sizes,
-                            settings.levels, generations=settings.generations, offspring=settings.offspring,
-                            stages=settings.stages, seed=settings.seed):
-            recorder.record(event)
-            best = profile_of(event, settings.levels)
-            metrics["uniform_kl" if event.generation == 0 else "best_kl"] = event.best_fitness
-            if on_generation:
-                on_generation(event)
-        metrics.setdefault("best_kl", metrics["uniform_kl"])
-        metrics.update({f"dense_{name}": value for name, value in dense_measures.items()})
-        for label, profile in (("uniform", uniform), ("best", best)):
-            database.apply(profile)
-            if heldout is not None:
-                metrics[f"heldout_{label}_kl"] = mean_kl(model, heldout)
-            metrics.update({f"{label}_{name}": value for name, value in (measures(model) if measures else {}).items()})
-        for name, value in metrics.items():
-            recorder.record(DecoderMetric(name=name, value=value))
-    except KeyboardInterrupt:
-        status, reason = "cancelled", "interrupted"
-        raise
-    except Exception as error:
-        status, reason = "failed", f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        database.restore()
-        recorder.record(RunFinished(status=status, reason=reason))
-        recorder.close()
+    best, metrics = uniform, {}
+    with run_ending(recorder, "search finished"):
+        try:
+            for event in evolve(uniform, evaluate, calibration.rows, calibration.row_tokens, database.sizes,
+                                settings.levels, generations=settings.generations, offspring=settings.offspring,
+                                stages=settings.stages, seed=settings.seed):
+                recorder.record(event)
+                best = profile_of(event, settings.levels)
+                metrics["uniform_kl" if event.generation == 0 else "best_kl"] = event.best_fitness
+                if on_generation:
+                    on_generation(event)
+            metrics.setdefault("best_kl", metrics["uniform_kl"])
+            metrics.update({f"dense_{name}": value for name, value in dense_measures.items()})
+            for label, profile in (("uniform", uniform), ("best", best)):
+                database.apply(profile)
+                if heldout is not None:
+                    metrics[f"heldout_{label}_kl"] = mean_kl(model, heldout)
+                metrics.update({f"{label}_{name}": value for name, value in (measures(model) if measures else {}).items()})
+            for name, value in metrics.items():
+                recorder.record(DecoderMetric(name=name, value=value))
+        finally:
+            database.restore()
     return SearchOutcome(trace, best, uniform, profile_document(settings.method, best, settings.levels), metrics)
