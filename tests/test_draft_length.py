@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from engine.events import DraftNode, DraftRound
 from engine.speculative.draft_length import (
@@ -14,6 +15,7 @@ from engine.speculative.draft_length import (
     LinearCost,
     PayoffSwitch,
 )
+from engine.speculative.rounds import Draft, subdraft
 from tests.helpers import PROMPTS, greedy_ids, rounds_of, run_ignoring_eos
 
 DRAFTER_DEPTH = 6  # what the simulated drafter drafts when uncapped
@@ -202,3 +204,67 @@ def test_a_stalled_round_does_not_move_the_cost_fit_much():
     stalled.add(1, 2.0)  # 20x a one-token step: the machine was busy elsewhere
     steady.add(1, 0.1)
     assert stalled(1) < 1.5 * steady(1) and stalled(9) < 1.5 * steady(9)
+
+
+def tree_controller(seconds_per_token: float) -> DraftLengthController:
+    """A controller that has timed verify forwards costing 0.1 s + ``seconds_per_token`` per token."""
+    controller = DraftLengthController(FakeClock())
+    for n in (1, 2, 5, 9, 17, 25):
+        controller.verify_cost.add(n, 0.1 + seconds_per_token * n)
+    return controller
+
+
+# A 6-node tree: a confident chain 0 -> 3 -> 5, unlikely siblings 1 and 2 at the root, 4 under 1.
+TREE_PARENTS = [-1, -1, -1, 0, 1, 3]
+TREE_PROBS = [0.9, 0.05, 0.04, 0.8, 0.5, 0.7]
+
+
+def test_a_tree_is_cut_to_its_likely_nodes_when_verifying_costs():
+    kept = tree_controller(0.02).nodes_that_pay(TREE_PARENTS, TREE_PROBS)
+    assert kept == [0, 3, 5]  # the confident chain; the siblings' 5 % and 4 % do not pay a token's 20 % cost
+    assert tree_controller(0.0).nodes_that_pay(TREE_PARENTS, TREE_PROBS) is None  # verifying is free: keep all
+
+
+def test_a_kept_node_always_has_its_parent():
+    kept = tree_controller(0.001).nodes_that_pay(TREE_PARENTS, TREE_PROBS)
+    assert kept is not None and 1 in kept and 4 not in kept  # 4 (path 0.025) is below its parent 1 (0.05)
+    assert all(TREE_PARENTS[node] in kept or TREE_PARENTS[node] < 0 for node in kept)
+
+
+def test_nothing_is_cut_without_timings_or_with_uninformative_probabilities():
+    assert DraftLengthController(FakeClock()).nodes_that_pay(TREE_PARENTS, TREE_PROBS) is None
+    assert tree_controller(0.02).nodes_that_pay(TREE_PARENTS, [1.0] * 6) is None  # lookups: every node 1.0
+
+
+def tree_round(accepted_path: list[int]) -> DraftRound:
+    depths = [1, 1, 1, 2, 2, 3]
+    nodes = [DraftNode(id=i, parent=p, token_id=i, depth=d, draft_prob=q)
+             for i, (p, q, d) in enumerate(zip(TREE_PARENTS, TREE_PROBS, depths))]
+    return DraftRound(step=0, nodes=nodes, accepted_path=accepted_path, committed=[0] * (len(accepted_path) + 1))
+
+
+def test_an_overconfident_head_is_calibrated_down_and_verifies_less():
+    controller = tree_controller(0.05)
+    assert controller.calibration.expected(0.9) == pytest.approx(0.95)  # the prior: the bin's midpoint
+    for _ in range(20):  # its 90 % node is never right
+        controller.observe(tree_round([]), 0.0, None)
+    assert controller.calibration.expected(0.9) < 0.2
+    assert controller.nodes_that_pay(TREE_PARENTS, TREE_PROBS) == [0]  # one node at least: it was drafted
+    for _ in range(40):  # and now it always is, down the chain
+        controller.observe(tree_round([0, 3, 5]), 0.0, None)
+    assert controller.calibration.expected(0.9) > 0.9
+    assert controller.nodes_that_pay(TREE_PARENTS, TREE_PROBS) == [0, 3, 5]
+
+
+def test_a_cut_draft_keeps_each_nodes_fields_and_says_so():
+    draft = Draft(tokens=[10, 11, 12, 13, 14, 15], probs=TREE_PROBS, parents=TREE_PARENTS,
+                  scores=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], blocks=[1, 1, 1, 2, 2, 3], mode="round 2")
+    cut = subdraft(draft, [0, 1, 3, 4])
+    assert cut.tokens == [10, 11, 13, 14] and cut.parents == [-1, -1, 0, 1]
+    assert cut.probs == [0.9, 0.05, 0.8, 0.5] and cut.scores == [0.1, 0.2, 0.4, 0.5] and cut.blocks == [1, 1, 2, 2]
+    assert cut.mode == "round 2; verified 4 of 6 drafted"
+    assert subdraft(draft, None) is draft
+    chain = subdraft(Draft([1, 2, 3], [0.9, 0.5, 0.2]), [0, 1])
+    assert chain.is_chain and chain.tokens == [1, 2] and chain.mode == "verified 2 of 3 drafted"
+    with pytest.raises(ValueError, match="deterministic"):  # leaving out sampled nodes would bias the verifier
+        subdraft(Draft([1, 2], [0.5, 0.5], logprobs=torch.zeros(2, 4)), [0])

@@ -22,6 +22,7 @@ from engine.offline.drafter_data import DrafterSequence
 from engine.offline.drafter_losses import medusa_targets
 from engine.offline.train_drafter import main
 from engine.params import ParamError
+from engine.speculative.draft_length import LinearCost
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.medusa_heads import MedusaHeads
 from engine.speculative.rounds import Sampling
@@ -29,6 +30,7 @@ from tests.helpers import (
     PROMPTS,
     assert_first_two_tokens_follow_target,
     first_token_inside_a_draft,
+    greedy_ids,
     rounds_of,
     run_ignoring_eos,
     train_tiny_head,
@@ -170,6 +172,17 @@ def test_trained_heads_get_deep_drafts_accepted(llama, trained):
     assert trace.metrics["mean_accepted_tokens"] > 1.5
     assert max(len(r.accepted_path) for r in rounds_of(trace)) >= 3
 
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_trees_cut_to_the_nodes_that_pay_stay_lossless(llama, trained, prompt, monkeypatch):
+    """Verifying is made dear (10 % of a forward per token): the adaptive length cuts the trees to their likely
+    nodes (the round's mode says so), and the output is still greedy's."""
+    monkeypatch.setattr(LinearCost, "__call__", lambda self, n: 1.0 + 0.1 * n)
+    trace = run_ignoring_eos(llama, "medusa", prompt, {"drafter": str(trained[0])}, max_new_tokens=45)
+    assert trace.output_token_ids == greedy_ids(llama, prompt, 45)
+    cut = [r for r in rounds_of(trace) if "verified" in r.mode]
+    assert cut and all(0 < len(r.nodes) < int(r.mode.split(" of ")[1].split()[0]) for r in cut)
 
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[2]])
 def test_eos_inside_a_draft_stops_like_greedy(trained, prompt):

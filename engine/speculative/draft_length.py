@@ -13,6 +13,11 @@ expected tokens per second:
 * gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
   acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
   untried depths at ``PRIOR_ACCEPTANCE``; recent rounds weigh more (``MEMORY``);
+* width: a drafter whose nodes can be verified in part (the trained heads' trees) has its draft cut to the nodes
+  that pay: the most likely ones by path probability (the product of draft probabilities from the root), each
+  worth the acceptance rate nodes of that path probability have had (:class:`PathCalibration`), up to the count
+  with most expected tokens per verify second. A tree cut to 2 of 6 levels otherwise still verifies a third of a
+  24-node tree, where one or two confident nodes are what pays on a CPU;
 * probing: while no draft pays, every ``PROBE_EVERY`` rounds drafts one level (the interval doubling while probes
   keep failing), so the run notices when drafting starts to pay again.
 
@@ -27,12 +32,14 @@ schedules keep working. What is drafted never changes what is committed: lossles
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.events import DraftRound
 from engine.recorder import depth_outcomes
+from engine.speculative.tree import path_probs
 
 PRIOR_SLOPE = 0.05  # extra cost of one more verified token, as a share of a one-token forward (2 CPU cores)
 SLOPE_PRIOR_WEIGHT = 50.0  # in tokens squared: about two rounds five tokens away from the mean size
@@ -43,6 +50,8 @@ PROBE_EVERY = 4  # rounds without a draft before a one-level probe
 MAX_PROBE_EVERY = 32
 OUTLIER_RATIO = 3.0  # a round slower than this x the fitted cost of its size counts as that
 OUTLIER_AFTER = 3  # rounds seen before clipping starts
+PATH_BINS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.9)  # inner edges of PathCalibration's path-probability bins
+CALIBRATION_PRIOR_WEIGHT = 2.0  # nodes' worth of evidence a bin's midpoint counts for
 
 
 @dataclass
@@ -115,6 +124,24 @@ class PayoffSwitch:
         self.rounds += 1
 
 
+class PathCalibration:
+    """How often a draft node is accepted given its path probability: a decayed mean per probability bin, the
+    bin's midpoint as prior (a head may be over- or under-confident; the verifier's outcomes say which)."""
+
+    def __init__(self) -> None:
+        edges = (0.0, *PATH_BINS, 1.0)
+        self.priors = [(low + high) / 2 for low, high in zip(edges, edges[1:])]
+        self.bins = [_Decayed() for _ in self.priors]
+
+    def expected(self, path_prob: float) -> float:
+        """The chance a node of this path probability is accepted."""
+        b = bisect.bisect_right(PATH_BINS, path_prob)
+        return self.bins[b].mean(self.priors[b], CALIBRATION_PRIOR_WEIGHT)
+
+    def add(self, path_prob: float, accepted: bool) -> None:
+        self.bins[bisect.bisect_right(PATH_BINS, path_prob)].add(float(accepted))
+
+
 class LinearCost:
     """t(n) ~ a + b n from (n, seconds) observations, the slope shrunk towards ``PRIOR_SLOPE`` x t(1)."""
 
@@ -161,6 +188,7 @@ class DraftLengthController:
         self.sizes: list[_Decayed] = []  # how many nodes it had there
         self.deepest = 0  # the deepest level any draft has had: deeper limits change nothing
         self.rounds = 0
+        self.calibration = PathCalibration()
         self.probes = ProbeSchedule()
         self.empty_probe = False  # the last probe found nothing to draft (a drafter that needs a round to prepare)
         self._pending: tuple[float, int, float] | None = None  # the last round's start, nodes and draft seconds
@@ -201,6 +229,24 @@ class DraftLengthController:
                 best, best_rate = depth, rate
         return best
 
+    def nodes_that_pay(self, parents: list[int], probs: list[float]) -> list[int] | None:
+        """The nodes of a drafted tree worth verifying, ascending (every kept node's parent is kept): the most
+        likely ones up to the count with most expected tokens per verify second, at least one (drafting them is
+        already paid for, and only verified nodes teach the calibration); None: all of them, or no basis to cut
+        (no verify timing yet, or uninformative probabilities such as lookups' 1.0)."""
+        if len(probs) < 2 or not self.verify_cost.count or min(probs) >= 1.0:
+            return None
+        paths = path_probs(parents, probs)
+        # A child is never likelier than its parent, and parents come first: every prefix of this order is a tree.
+        order = sorted(range(len(paths)), key=lambda node: (-paths[node], node))
+        best, best_rate, tokens = 1, 0.0, 1.0
+        for count, node in enumerate(order, start=1):
+            tokens += self.calibration.expected(paths[node])
+            rate = tokens / max(self.verify_cost(1 + count), 1e-9)
+            if rate > best_rate:
+                best, best_rate = count, rate
+        return None if best == len(order) else sorted(order[:best])
+
     def observe(self, rnd: DraftRound, started: float, limit: int | None) -> None:
         """Learn from a verified round that started at ``started`` (on ``clock``) under ``limit``."""
         if self.rounds:  # the first round runs the prompt too: not a draft-sized forward
@@ -223,3 +269,13 @@ class DraftLengthController:
             self.sizes[depth - 1].add(float(count))
         for depth, accepted in depth_outcomes(rnd):
             self.accepted[depth - 1].add(float(accepted))
+        self._calibrate(rnd)
+
+    def _calibrate(self, rnd: DraftRound) -> None:
+        """Each verified node's outcome (on the accepted path or not) against its path probability."""
+        probs = [node.draft_prob for node in rnd.nodes]
+        if min(probs) >= 1.0:
+            return
+        on_path = set(rnd.accepted_path)
+        for node, path_prob in zip(rnd.nodes, path_probs([node.parent for node in rnd.nodes], probs)):
+            self.calibration.add(path_prob, node.id in on_path)

@@ -50,6 +50,8 @@ class _Node:
 class EagleDrafter(Drafter):
     """Grows EAGLE-2 trees with ``head``; reads the target's features from ``target`` (the verifier's cache)."""
 
+    partial_verify = True  # it keeps the features of verified nodes only
+
     def __init__(self, head: FeatureHead, target: PrefixCache, sampling: Sampling, tree_size: int, depth: int,
                  branching: int) -> None:
         self.head, self.target, self.sampling = head, target, sampling

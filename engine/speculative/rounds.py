@@ -97,6 +97,9 @@ class Drafter:
     """Base of every drafter: ``propose`` a draft, then ``observe`` how it fared (a no-op unless overridden)."""
 
     source = "draft"
+    # Whether the round loop may verify only part of a draft (the cost-aware cut, draft_length.py): the drafter keeps
+    # no state tied to nodes the target does not run.
+    partial_verify = False
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
         """A draft to follow ``context`` (the prompt and every committed token), no deeper than ``max_depth``."""
@@ -162,6 +165,8 @@ def speculative_rounds(
         limit = controller.limit(budget) if controller else None
         start = time.perf_counter()
         draft = drafter.propose(context, budget if limit is None else limit)
+        if controller and drafter.partial_verify and draft.logprobs is None:  # sampled drafts stay whole: lossless
+            draft = subdraft(draft, controller.nodes_that_pay(draft.tree_parents, draft.probs))
         draft_seconds = time.perf_counter() - start
         outcome, slots = verify_round(target, context, draft, sampling, ctx.record_top_k, rule=rule)
         drafter.observe(outcome)
@@ -183,6 +188,27 @@ def speculative_rounds(
         yield event
         generated += len(outcome.committed)
         step += 1
+
+
+def subdraft(draft: Draft, kept: list[int] | None) -> Draft:
+    """``draft`` cut to the nodes ``kept`` (ascending, each one's parent kept too; None: all), its mode saying so.
+    Only deterministic drafts are cut: leaving out a sampled node because of its probability would bias the rest."""
+    if kept is None:
+        return draft
+    if draft.logprobs is not None or draft.riders is not None:
+        raise ValueError("only a deterministic draft without riders can be verified in part")
+    new_id = {node: i for i, node in enumerate(kept)}
+    parents = draft.tree_parents
+
+    def pick(values: list | None) -> list | None:
+        return None if values is None else [values[node] for node in kept]
+
+    cut = f"verified {len(kept)} of {len(draft.tokens)} drafted"
+    return replace(
+        draft, tokens=pick(draft.tokens), probs=pick(draft.probs), scores=pick(draft.scores),
+        sources=pick(draft.sources), blocks=pick(draft.blocks), mode=f"{draft.mode}; {cut}" if draft.mode else cut,
+        parents=None if draft.is_chain else [new_id[parents[node]] if parents[node] >= 0 else -1 for node in kept],
+    )
 
 
 def verify_round(

@@ -36,6 +36,14 @@ def node_depths(parents: list[int]) -> list[int]:
     return depths
 
 
+def path_probs(parents: list[int], probs: list[float]) -> list[float]:
+    """Each node's path probability: the product of the draft probabilities from the root down to it."""
+    paths: list[float] = []
+    for parent, prob in zip(parents, probs):
+        paths.append(prob * (paths[parent] if parent >= 0 else 1.0))
+    return paths
+
+
 @dataclass(frozen=True)
 class ExtraNodes:
     """Nodes run after a tree's nodes in the same forward, not verified (lookahead's 2-D window).

@@ -69,6 +69,7 @@ class MedusaDrafter(Drafter):
     """Fills the static tree with the heads' top tokens on the target's feature (read from ``target``'s forwards)."""
 
     source = "medusa"
+    partial_verify = True  # it keeps the feature of the accepted path's end only
 
     def __init__(self, heads: MedusaHeads, target: PrefixCache, sampling: Sampling, tree_size: int) -> None:
         self.heads, self.target, self.sampling, self.tree_size = heads, target, sampling, tree_size
