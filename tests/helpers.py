@@ -104,6 +104,15 @@ def assert_round_totals(trace: Trace, rounds: list[DraftRound], tokens: int) -> 
     assert metrics["draft_calls"] == sum(r.draft_calls for r in rounds)
 
 
+def assert_cut_trees_stay_lossless(model: LoadedModel, decoder: str, params: dict, prompt: str) -> None:
+    """Run ``decoder`` with verifying made dear (the caller patches the cost fit) and check that the adaptive length
+    cut its trees to fewer nodes than drafted (each round's mode says so) and the output is still greedy's."""
+    trace = run_ignoring_eos(model, decoder, prompt, params, max_new_tokens=45)
+    assert trace.output_token_ids == greedy_ids(model, prompt, 45)
+    cut = [r for r in rounds_of(trace) if "verified" in r.mode]
+    assert cut and all(0 < len(r.nodes) < int(r.mode.split(" of ")[1].split()[0]) for r in cut)
+
+
 def first_token_inside_a_draft(trace: Trace) -> int:
     """A token whose first occurrence in the output is an accepted draft with more committed tokens after it."""
     output: list[int] = []
