@@ -14,6 +14,7 @@ from engine.speculative.draft_length import (
     DraftLengthController,
     LinearCost,
     PayoffSwitch,
+    VerifyCost,
 )
 from engine.speculative.rounds import Draft, subdraft
 from tests.helpers import PROMPTS, greedy_ids, rounds_of, run_ignoring_eos
@@ -42,8 +43,8 @@ def chain_round(depth: int, accepted: int) -> DraftRound:
 def simulate(acceptance_depth, rounds: int, forward_seconds=lambda n: 0.1 + 0.01 * n, controller=None):
     """Rounds of a chain drafter under the controller; ``acceptance_depth(round)`` drafts are accepted each round
     and a round costs ``forward_seconds(1 + drafted)``. Returns the controller and each round's limit."""
-    clock = FakeClock()
-    controller = controller or DraftLengthController(clock)
+    controller = controller or DraftLengthController(FakeClock())
+    clock = controller.clock
     limits = []
     for index in range(rounds):
         limit = controller.limit(budget=100)
@@ -268,3 +269,19 @@ def test_a_cut_draft_keeps_each_nodes_fields_and_says_so():
     assert chain.is_chain and chain.tokens == [1, 2] and chain.mode == "verified 2 of 3 drafted"
     with pytest.raises(ValueError, match="deterministic"):  # leaving out sampled nodes would bias the verifier
         subdraft(Draft([1, 2], [0.5, 0.5], logprobs=torch.zeros(2, 4)), [0])
+
+
+def test_the_verify_cost_follows_a_kernel_step_once_each_size_was_seen():
+    """3 tokens cost about what 1 does, 4 or more half as much again (this CPU's GEMM kernels): no line fits."""
+    def step(n: int) -> float:
+        return 0.10 + 0.002 * n if n <= 3 else 0.15 + 0.002 * n
+
+    cost = VerifyCost()
+    for n in (1, 3, 5, 8) * 3:
+        cost.add(n, step(n))
+    for n in (1, 3, 5, 8):
+        assert cost(n) == pytest.approx(step(n))
+    assert cost(2) == pytest.approx(step(1) + cost.fit(2) - cost.fit(1))  # never seen: the fit's step from size 1
+    assert cost(4) == pytest.approx(step(3) + cost.fit(4) - cost.fit(3))  # 3 and 5 equally near: the smaller
+    assert cost(3.5) == pytest.approx((step(3) + cost(4)) / 2)  # a mean size: between its neighbours
+    assert cost.fit(3) > step(3) + 0.005  # the line over all sizes overrates three tokens

@@ -14,7 +14,7 @@ from engine.offline.drafter_losses import ttt_visible
 from engine.offline.train_drafter import Settings, train
 from engine.params import ParamError
 from engine.speculative.cache import PrefixCache
-from engine.speculative.draft_length import LinearCost
+from engine.speculative.draft_length import VerifyCost
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.tree import tree_forward
 from tests.helpers import (
@@ -188,7 +188,7 @@ def test_a_trained_head_gets_deep_drafts_accepted(llama, trained):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_trees_cut_to_the_nodes_that_pay_stay_lossless(llama, trained, prompt, monkeypatch):
-    monkeypatch.setattr(LinearCost, "__call__", lambda self, n: 1.0 + 0.1 * n)  # 10 % of a forward per token
+    monkeypatch.setattr(VerifyCost, "__call__", lambda self, n: 1.0 + 0.1 * n)  # 10 % of a forward per token
     assert_cut_trees_stay_lossless(llama, "eagle", {"drafter": str(trained[0])}, prompt)
 
 

@@ -22,7 +22,7 @@ from engine.offline.drafter_data import DrafterSequence
 from engine.offline.drafter_losses import medusa_targets
 from engine.offline.train_drafter import main
 from engine.params import ParamError
-from engine.speculative.draft_length import LinearCost
+from engine.speculative.draft_length import VerifyCost
 from engine.speculative.feature_head import FeatureHead, load_head, save_head
 from engine.speculative.medusa_heads import MedusaHeads
 from engine.speculative.rounds import Sampling
@@ -175,7 +175,7 @@ def test_trained_heads_get_deep_drafts_accepted(llama, trained):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_trees_cut_to_the_nodes_that_pay_stay_lossless(llama, trained, prompt, monkeypatch):
-    monkeypatch.setattr(LinearCost, "__call__", lambda self, n: 1.0 + 0.1 * n)  # 10 % of a forward per token
+    monkeypatch.setattr(VerifyCost, "__call__", lambda self, n: 1.0 + 0.1 * n)  # 10 % of a forward per token
     assert_cut_trees_stay_lossless(llama, "medusa", {"drafter": str(trained[0])}, prompt)
 
 

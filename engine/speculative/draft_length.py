@@ -6,9 +6,11 @@ t_verify(1 + n(d)) seconds; a round without a draft (d = 0) is a plain one-token
 (BENCHMARKS.md). The controller measures both sides online and caps each round's draft at the depth that maximises
 expected tokens per second:
 
-* cost: t_verify(n) ~ a + b n, least squares over the rounds seen (everything a round costs besides drafting,
-  recording included), its slope shrunk towards ``PRIOR_SLOPE`` x the one-token cost while few sizes were seen, and
-  a round over ``OUTLIER_RATIO`` x the fit clipped to it (a busy machine's stall once made plain steps look dear);
+* cost: t_verify(n), everything a round costs besides drafting (recording included): the mean time of the rounds of
+  that size where seen (:class:`VerifyCost`: a CPU's matrix kernels step, e.g. 3 tokens cost 1.1x one and 4 cost
+  1.6x, which no line follows), else a + b n, least squares over the rounds seen, its slope shrunk towards
+  ``PRIOR_SLOPE`` x the one-token cost while few sizes were seen; a round over ``OUTLIER_RATIO`` x the fit is
+  clipped to it (a busy machine's stall once made plain steps look dear);
   t_draft(d) ~ (measured draft seconds per drafted level) x d;
 * gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
   acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
@@ -33,6 +35,7 @@ schedules keep working. What is drafted never changes what is committed: lossles
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ PROBE_EVERY = 4  # rounds without a draft before a one-level probe
 MAX_PROBE_EVERY = 32
 OUTLIER_RATIO = 3.0  # a round slower than this x the fitted cost of its size counts as that
 OUTLIER_AFTER = 3  # rounds seen before clipping starts
+SIZE_EVIDENCE = 1.5  # decayed rounds of one size before their mean time replaces the fit's (two rounds)
 PATH_BINS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.9)  # inner edges of PathCalibration's path-probability bins
 CALIBRATION_PRIOR_WEIGHT = 2.0  # nodes' worth of evidence a bin's midpoint counts for
 
@@ -149,7 +153,8 @@ class LinearCost:
         self.count = 0
         self.sum_n = self.sum_t = self.sum_nn = self.sum_nt = 0.0
 
-    def add(self, n: int, seconds: float) -> None:
+    def add(self, n: int, seconds: float) -> float:
+        """Count a round of ``n`` tokens; the seconds counted (a stalled round's clipped)."""
         if self.count >= OUTLIER_AFTER:  # a round the machine stalled in (another process, a page fault) is clipped
             seconds = min(seconds, OUTLIER_RATIO * self(n))
         self.count += 1
@@ -157,6 +162,7 @@ class LinearCost:
         self.sum_t += seconds
         self.sum_nn += n * n
         self.sum_nt += n * seconds
+        return seconds
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b); (0, 0) before any observation."""
@@ -174,12 +180,41 @@ class LinearCost:
         return a + b * n
 
 
+class VerifyCost:
+    """t(n): the decayed mean time of rounds of size n once ``SIZE_EVIDENCE`` of them were seen, else the
+    :class:`LinearCost` fit's step from the nearest seen size; between sizes (a mean node count) interpolated."""
+
+    def __init__(self) -> None:
+        self.fit = LinearCost()
+        self.by_size: dict[int, _Decayed] = {}
+
+    @property
+    def count(self) -> int:
+        return self.fit.count
+
+    def add(self, n: int, seconds: float) -> None:
+        self.by_size.setdefault(n, _Decayed()).add(self.fit.add(n, seconds))
+
+    def __call__(self, n: float) -> float:
+        low = math.floor(n)
+        return self._at(low) + (n - low) * (self._at(low + 1) - self._at(low)) if n > low else self._at(low)
+
+    def _at(self, n: int) -> float:
+        """The mean of size n's rounds; for an unseen size the fit, moved by the nearest seen size's residual (the
+        fit's slope is shrunk while few sizes were seen: unmoved, it would misjudge its neighbours against it)."""
+        seen = [size for size, rounds in self.by_size.items() if rounds.count >= SIZE_EVIDENCE]
+        if not seen:
+            return self.fit(n)
+        nearest = min(seen, key=lambda size: (abs(size - n), size))
+        return self.by_size[nearest].mean() + self.fit(n) - self.fit(nearest)
+
+
 class DraftLengthController:
     """Picks each round's draft depth limit (:meth:`limit`) and learns from each recorded round (:meth:`observe`)."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock  # the one the round loop times its rounds with
-        self.verify_cost = LinearCost()
+        self.verify_cost = VerifyCost()
         self.draft_seconds = 0.0
         self.drafted_levels = 0
         # Per depth - 1, from the rounds whose limit allowed that depth and whose draft was not empty:
