@@ -176,11 +176,12 @@ def wire_step_tools(app: AppContext, tools: StepTools, position: gr.Slider, sour
         point = BranchPoint(trace.run_id, position, path[0], (*tree.prefix_ids, *path))
         yield from start_branch(request, trace, point, decoder or trace.info.decoder)
 
-    for event in (position.release, position.input):
-        event(at_step, [source_input, position], step_outputs(tools), concurrency_limit=None)
-    for slider in tools.sliders:
-        for event in (slider.release, slider.input):
-            event(rerun_processing, [source_input, position, *tools.sliders], tools.reprocess, concurrency_limit=None)
+    # One listener per control, always_last: a value typed or dragged while the previous one is still being drawn
+    # runs after it, so an older result never lands over a newer one.
+    gr.on([position.release, position.input], at_step, [source_input, position], step_outputs(tools),
+          concurrency_limit=None, trigger_mode="always_last")
+    gr.on([event for slider in tools.sliders for event in (slider.release, slider.input)], rerun_processing,
+          [source_input, position, *tools.sliders], tools.reprocess, concurrency_limit=None, trigger_mode="always_last")
     tools.reset_button.click(reset_processing, [source_input, position], [*tools.sliders, tools.reprocess])
     tools.tree_button.click(expand, [source_input, position, tools.tree_depth, tools.tree_children, tools.tree_min_prob],
                             [tools.tree, tools.tree_state])
