@@ -139,11 +139,15 @@ class PathCalibration:
 
     def expected(self, path_prob: float) -> float:
         """The chance a node of this path probability is accepted."""
-        b = bisect.bisect_right(PATH_BINS, path_prob)
+        b = self._bin(path_prob)
         return self.bins[b].mean(self.priors[b], CALIBRATION_PRIOR_WEIGHT)
 
     def add(self, path_prob: float, accepted: bool) -> None:
-        self.bins[bisect.bisect_right(PATH_BINS, path_prob)].add(float(accepted))
+        self.bins[self._bin(path_prob)].add(float(accepted))
+
+    @staticmethod
+    def _bin(path_prob: float) -> int:
+        return bisect.bisect_right(PATH_BINS, path_prob)
 
 
 class LinearCost:
