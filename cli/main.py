@@ -254,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts answered together")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (it stops at end of turn)")
     p.add_argument("--shard-size", type=int, default=64, help="sequences per shard (the checkpoint unit)")
+    p.add_argument("--self-prompts", type=float, default=0.0, metavar="SHARE",
+                   help="share of prompts the target writes itself (Magpie: sampled user turns), the rest templates")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.set_defaults(handler=_data_drafter)
 
@@ -710,7 +712,7 @@ def _data_drafter(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else default_out(model.name)
     manifest = build_drafter_data(
         model, out, sequences=args.sequences, seed=args.seed, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
+        max_new_tokens=args.max_new_tokens, shard_size=args.shard_size, self_share=args.self_prompts,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(f"{out}: {manifest['sequences']} sequences, {manifest['tokens']} tokens in {len(manifest['shards'])} shards")

@@ -17,9 +17,10 @@ from engine.speculative.draft_length import (
     VerifyCost,
 )
 from engine.speculative.rounds import Draft, subdraft
-from tests.helpers import PROMPTS, greedy_ids, rounds_of, run_ignoring_eos
+from tests.helpers import PROMPTS, assert_cut_trees_stay_lossless, greedy_ids, rounds_of, run_ignoring_eos
 
 DRAFTER_DEPTH = 6  # what the simulated drafter drafts when uncapped
+BASELINE_ROUNDS = 2  # plain steps the controller times after the first round, before weighing any draft
 
 
 class FakeClock:
@@ -80,7 +81,8 @@ def test_no_draft_when_nothing_is_accepted_and_verifying_costs_more():
 
 def test_deep_drafts_when_they_are_accepted():
     _, limits = simulate(lambda _: DRAFTER_DEPTH, rounds=30)
-    assert all(limit is None for limit in limits)  # the drafter's own full length every round
+    assert limits[: 1 + BASELINE_ROUNDS] == [None] + [0] * BASELINE_ROUNDS  # the first draft, then timed plain steps
+    assert all(limit is None for limit in limits[1 + BASELINE_ROUNDS :])  # then the drafter's own full length
 
 
 def test_partial_acceptance_caps_the_depth_where_it_stops_paying():
@@ -91,7 +93,7 @@ def test_partial_acceptance_caps_the_depth_where_it_stops_paying():
 
 def test_probes_again_ever_less_often_and_resumes_once_drafts_pay():
     controller, limits = simulate(lambda _: 0, rounds=30)
-    stopped = limits.index(0)
+    stopped = limits.index(0, 1 + BASELINE_ROUNDS)
     probes = [index for index, limit in enumerate(limits) if index > stopped and limit]
     # one level drafted after PROBE_EVERY rounds without, then after twice as many, ...
     assert probes[:2] == [stopped + PROBE_EVERY - 1, stopped + 3 * PROBE_EVERY - 1]
@@ -135,6 +137,17 @@ def test_adaptive_length_equals_greedy(llama, decoder, params, prompt, max_new_t
     trace = run_ignoring_eos(llama, decoder, prompt, {**params, "draft_length": "adaptive"}, max_new_tokens)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == greedy_ids(llama, prompt, max_new_tokens)
+
+
+@pytest.mark.parametrize("decoder,params", [
+    ("speculative", {"draft_layers": 1, "num_draft_tokens": 6}),
+    ("dyspec", {"draft_layers": 1}),
+    ("rsd", {"draft_layers": 1}),
+])
+def test_draft_model_drafts_verified_in_part_stay_lossless(llama, decoder, params, monkeypatch):
+    """Greedy verification reads no draft distribution, so a draft model's sampled-kind drafts may be cut too."""
+    monkeypatch.setattr(VerifyCost, "__call__", lambda self, n: 1.0 + 0.1 * n)  # 10 % of a forward per token
+    assert_cut_trees_stay_lossless(llama, decoder, params, PROMPTS[2])
 
 
 def test_adaptive_is_the_default_and_fixed_keeps_the_drafters_length(llama):
@@ -267,8 +280,12 @@ def test_a_cut_draft_keeps_each_nodes_fields_and_says_so():
     assert subdraft(draft, None) is draft
     chain = subdraft(Draft([1, 2, 3], [0.9, 0.5, 0.2]), [0, 1])
     assert chain.is_chain and chain.tokens == [1, 2] and chain.mode == "verified 2 of 3 drafted"
+    sampled = Draft([1, 2], [0.5, 0.5], logprobs=torch.arange(8.0).view(2, 4))
     with pytest.raises(ValueError, match="deterministic"):  # leaving out sampled nodes would bias the verifier
-        subdraft(Draft([1, 2], [0.5, 0.5], logprobs=torch.zeros(2, 4)), [0])
+        subdraft(sampled, [0])
+    assert subdraft(sampled, [0], verified_greedily=True).logprobs.tolist() == [[0.0, 1.0, 2.0, 3.0]]  # node 0's row
+    tree = replace(draft, logprobs=torch.arange(7.0)[:, None])  # row u + 1: where node u's children came from
+    assert subdraft(tree, [0, 1, 3, 4], verified_greedily=True).logprobs.flatten().tolist() == [0.0, 1.0, 2.0, 4.0, 5.0]
 
 
 def test_the_verify_cost_follows_a_kernel_step_once_each_size_was_seen():

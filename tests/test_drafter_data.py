@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,21 @@ from transformers import LlamaForCausalLM
 from cli.main import main as cli_main
 from engine import RunSettings, load_model, record
 from engine.models.handle import LoadedModel
+from engine.offline import drafter_data, self_prompts
 from engine.offline.drafter_data import (
+    SELF_KIND,
     DrafterShards,
     build_drafter_data,
     greedy_answers,
+    is_self_written,
     load_shards,
+    mixed_prompts,
 )
 from engine.offline.drafter_prompts import KINDS, build_prompts
+from engine.offline.self_prompts import leaks_spec_bench, self_written_prompts
+from engine.params import ParamError
 
 SPEC_BENCH = Path(__file__).resolve().parents[1] / "assets" / "benchmarks" / "spec_bench_subset.jsonl"
-LEAK_WORDS = 8  # a prompt sharing this many words in a row with a Spec-Bench question counts as leaked
 ANSWER_TOKENS = 10
 # The same layers as ``hidden_states`` counts them: index i < L is the output of decoder layer i - 1.
 DEEP_LAYERS = {"low": 1, "mid": 2, "last": 4}
@@ -42,11 +46,6 @@ def deep_llama() -> LoadedModel:
     return LoadedModel("tiny-random-llama-4", model, base.tokenizer, "random")
 
 
-def word_grams(text: str) -> set[tuple[str, ...]]:
-    words = re.findall(r"\w+", text.lower())
-    return {tuple(words[i : i + LEAK_WORDS]) for i in range(len(words) - LEAK_WORDS + 1)}
-
-
 def test_prompt_set_is_seeded_distinct_and_covers_every_kind() -> None:
     prompts = build_prompts(240, seed=3)
     assert prompts == build_prompts(240, seed=3)
@@ -56,13 +55,51 @@ def test_prompt_set_is_seeded_distinct_and_covers_every_kind() -> None:
     assert {p.kind for p in prompts[: len(KINDS)]} == set(KINDS)
 
 
+def spec_bench_questions() -> list[str]:
+    return [turn for line in SPEC_BENCH.read_text().splitlines() for turn in json.loads(line)["turns"]]
+
+
 def test_no_prompt_comes_from_spec_bench() -> None:
-    questions = [turn for line in SPEC_BENCH.read_text().splitlines() for turn in json.loads(line)["turns"]]
-    banned = set().union(*map(word_grams, questions))
+    questions = spec_bench_questions()
+    assert all(leaks_spec_bench(question) for question in questions if len(question.split()) >= 8)
     for seed in (0, 1):
         for prompt in build_prompts(2400, seed):
             assert prompt.text not in questions
-            assert not word_grams(prompt.text) & banned, prompt.text
+            assert not leaks_spec_bench(prompt.text), prompt.text
+
+
+def test_the_target_writes_varied_requests_of_its_own(smollm2: LoadedModel) -> None:
+    """Magpie: SmolLM2 given its chat template up to a user turn writes a user's request; seeded, a longer list
+    extends a shorter one."""
+    prompts = self_written_prompts(smollm2, 6, seed=0, batch_size=4)
+    assert self_written_prompts(smollm2, 3, seed=0, batch_size=4) == prompts[:3]
+    assert len(set(prompts)) == 6 and all(len(p.split()) >= 4 and not leaks_spec_bench(p) for p in prompts)
+    assert not any(p.startswith(("<|im_start|>", "user")) for p in prompts)  # the request alone, no template
+
+
+def test_self_written_prompts_leave_out_leaks_repeats_and_cut_off_turns(llama: LoadedModel, monkeypatch) -> None:
+    leaked = next(q for q in spec_bench_questions() if len(q.split()) >= 12)
+    turns = [leaked, "Plan a three-day trip to Oslo, please.", None, "Plan a three-day trip to Oslo, please.",
+             "Too short.", "What should I cook for six friends tonight?"]
+    encoded = [None if t is None else llama.tokenizer(t, add_special_tokens=False)["input_ids"] for t in turns]
+    monkeypatch.setattr(self_prompts, "sample_user_turns", lambda model, count, seed: encoded[:count])
+    assert self_written_prompts(llama, 2, seed=0, batch_size=6) == [
+        "Plan a three-day trip to Oslo, please.", "What should I cook for six friends tonight?"]
+    with pytest.raises(ParamError, match="ended only 2 of 3"):
+        self_written_prompts(llama, 3, seed=0, batch_size=6)
+
+
+def test_a_share_of_self_written_prompts_is_interleaved_and_kept_for_a_resume(llama, tmp_path, monkeypatch) -> None:
+    written = [f"Request number {i} from the model itself?" for i in range(4)]
+    monkeypatch.setattr(drafter_data, "self_written_prompts", lambda model, count, *args, **kwargs: written[:count])
+    prompts = mixed_prompts(llama, tmp_path, 8, seed=0, share=0.5, batch_size=4)
+    assert [p.kind for p in prompts[1::2]] == [SELF_KIND] * 4 and [p.text for p in prompts[1::2]] == written
+    assert [p.text for p in prompts[::2]] == [p.text for p in build_prompts(4, seed=0)]
+    assert sum(is_self_written(i, 0.3) for i in range(100)) == 30
+    monkeypatch.setattr(drafter_data, "self_written_prompts", lambda *args, **kwargs: pytest.fail("drawn again"))
+    assert mixed_prompts(llama, tmp_path, 6, seed=0, share=0.5, batch_size=4) == prompts[:6]  # read from the folder
+    manifest = build_drafter_data(llama, tmp_path, sequences=4, batch_size=2, max_new_tokens=2, self_share=0.5)
+    assert manifest["kinds"] == {"writing": 1, "roleplay": 1, SELF_KIND: 2} and manifest["self_share"] == 0.5
 
 
 def test_batched_answers_equal_single_sequence_greedy(llama: LoadedModel) -> None:

@@ -2,7 +2,9 @@
 
     decoding-explorer data drafter --sequences 600 --max-new-tokens 128
 
-The prompts (``engine.offline.drafter_prompts``, seeded) are chat-formatted as ``record --chat`` does; the target
+The prompts are seeded templates (``engine.offline.drafter_prompts``) and, with ``--self-prompts SHARE``, requests
+the target writes itself (``engine.offline.self_prompts``, kept in ``self_prompts.json``), chat-formatted as ``record
+--chat`` does; the target
 answers them greedily in left-padded batches (transformers' ``generate``), stopping at its end of turn; then one
 right-padded forward over prompt + answer gives its hidden states at every position. A folder holds:
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -38,11 +41,15 @@ from transformers import GenerationConfig
 from engine.models.cache import data_dir
 from engine.models.handle import LoadedModel
 from engine.offline.drafter_prompts import KINDS, Prompt, build_prompts
+from engine.offline.self_prompts import self_written_prompts
+from engine.params import ParamError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATES = ("low", "mid", "last")
-SETTINGS = ("model", "seed", "max_new_tokens", "layers", "format_version")  # what a resumed run must share
+SETTINGS = ("model", "seed", "max_new_tokens", "layers", "format_version", "self_share")  # a resumed run's too
+SELF_KIND = "self"  # the prompts the target wrote itself (engine.offline.self_prompts)
+SELF_PROMPTS = "self_prompts.json"  # kept in the folder, so that a resumed run asks the same questions
 
 
 @dataclass(frozen=True)
@@ -120,16 +127,20 @@ def build_drafter_data(
     batch_size: int = 16,
     max_new_tokens: int = 128,
     shard_size: int = 64,
+    self_share: float = 0.0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write (or continue) the data folder ``out`` until it holds ``sequences`` sequences; returns the manifest.
 
-    Raises FileExistsError when ``out`` holds data of other settings (model, seed, answer length, layers).
+    ``self_share`` of the prompts (evenly interleaved) are requests the target writes itself, the rest templates.
+    Raises FileExistsError when ``out`` holds data of other settings (model, seed, answer length, layers, share).
     """
+    if not 0.0 <= self_share <= 1.0:
+        raise ParamError(f"the share of self-written prompts must be between 0 and 1, not {self_share}")
     out.mkdir(parents=True, exist_ok=True)
     layers = layer_indices(model.num_layers)
-    manifest = _start_manifest(out, model, layers, seed, max_new_tokens)
-    prompts = build_prompts(sequences, seed)
+    manifest = _start_manifest(out, model, layers, seed, max_new_tokens, self_share)
+    prompts = mixed_prompts(model, out, sequences, seed, self_share, batch_size)
     bar = tqdm(total=sequences, initial=min(manifest["sequences"], sequences), unit="seq", desc="drafter data")
     while manifest["sequences"] < sequences:
         start = manifest["sequences"]
@@ -151,11 +162,32 @@ def build_drafter_data(
     return manifest
 
 
-def _start_manifest(out: Path, model: LoadedModel, layers: dict[str, int], seed: int, max_new_tokens: int) -> dict:
+def is_self_written(index: int, share: float) -> bool:
+    """Whether prompt ``index`` of a set with this share of self-written ones is one (a prefix keeps the share)."""
+    return math.floor((index + 1) * share) > math.floor(index * share)
+
+
+def mixed_prompts(model: LoadedModel, out: Path, count: int, seed: int, share: float, batch_size: int) -> list[Prompt]:
+    """The data set's prompts: templates (engine.offline.drafter_prompts) with ``share`` self-written ones
+    interleaved; the self-written ones are drawn once and kept in ``out`` (a longer set extends a shorter one)."""
+    wanted = sum(is_self_written(index, share) for index in range(count))
+    path = out / SELF_PROMPTS
+    written: list[str] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if len(written) < wanted:
+        with tqdm(total=wanted, unit="prompt", desc="self-written prompts") as bar:
+            written = self_written_prompts(model, wanted, seed, batch_size, progress=bar.update)
+        _write_atomically(path, lambda target: target.write_text(json.dumps(written, indent=0), encoding="utf-8"))
+    own = iter(written)
+    templates = iter(build_prompts(count - wanted, seed))
+    return [Prompt(SELF_KIND, next(own)) if is_self_written(index, share) else next(templates) for index in range(count)]
+
+
+def _start_manifest(out: Path, model: LoadedModel, layers: dict[str, int], seed: int, max_new_tokens: int,
+                    self_share: float) -> dict:
     config = model.model.config.get_text_config()
     fresh = {"format_version": FORMAT_VERSION, "model": model.name, "hidden_size": int(config.hidden_size),
              "num_layers": model.num_layers, "layers": layers, "seed": seed, "max_new_tokens": max_new_tokens,
-             "chat": True, "eos_token_ids": sorted(model.eos_token_ids), "shards": [], "sequences": 0, "tokens": 0,
+             "self_share": self_share, "chat": True, "eos_token_ids": sorted(model.eos_token_ids), "shards": [], "sequences": 0, "tokens": 0,
              "answer_tokens": 0, "kinds": {}}
     path = out / MANIFEST
     if not path.is_file():
@@ -201,7 +233,7 @@ def _add_shard(manifest: dict[str, Any], name: str, chunk: list[Prompt], tokens:
     manifest["tokens"] += tokens
     manifest["answer_tokens"] += answer_tokens
     kinds = Counter(manifest["kinds"]) + Counter(p.kind for p in chunk)
-    manifest["kinds"] = {kind: kinds[kind] for kind in KINDS if kinds[kind]}
+    manifest["kinds"] = {kind: kinds[kind] for kind in (*KINDS, SELF_KIND) if kinds[kind]}
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:

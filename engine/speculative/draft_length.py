@@ -199,6 +199,10 @@ class VerifyCost:
     def add(self, n: int, seconds: float) -> None:
         self.by_size.setdefault(n, _Decayed()).add(self.fit.add(n, seconds))
 
+    def seen(self, n: int) -> bool:
+        """Whether rounds of size n were seen often enough for their mean time to count."""
+        return n in self.by_size and self.by_size[n].count >= SIZE_EVIDENCE
+
     def __call__(self, n: float) -> float:
         low = math.floor(n)
         return self._at(low) + (n - low) * (self._at(low + 1) - self._at(low)) if n > low else self._at(low)
@@ -206,7 +210,7 @@ class VerifyCost:
     def _at(self, n: int) -> float:
         """The mean of size n's rounds; for an unseen size the fit, moved by the nearest seen size's residual (the
         fit's slope is shrunk while few sizes were seen: unmoved, it would misjudge its neighbours against it)."""
-        seen = [size for size, rounds in self.by_size.items() if rounds.count >= SIZE_EVIDENCE]
+        seen = [size for size in self.by_size if self.seen(size)]
         if not seen:
             return self.fit(n)
         nearest = min(seen, key=lambda size: (abs(size - n), size))
@@ -242,8 +246,10 @@ class DraftLengthController:
             start, nodes, draft_seconds = self._pending
             self.verify_cost.add(1 + nodes, self.clock() - start - draft_seconds)
             self._pending = None
-        if not self.deepest or not self.verify_cost.count:
-            return None  # nothing to weigh yet: the first rounds draft as the drafter would
+        if not self.deepest:
+            return None  # nothing drafted yet: the drafter's own length
+        if not self.verify_cost.seen(1):
+            return 0  # the first timed rounds are plain steps: the cost every draft is weighed against
         best = self.best_depth(min(budget, self.deepest))
         if best > 0:
             self.probes.paid()

@@ -44,6 +44,8 @@ class DraftModelDrafter(Drafter):
     the k it used.
     """
 
+    partial_verify = True  # its cache follows the committed context, whatever was verified
+
     def __init__(
         self,
         model: LoadedModel,

@@ -165,8 +165,8 @@ def speculative_rounds(
         limit = controller.limit(budget) if controller else None
         start = time.perf_counter()
         draft = drafter.propose(context, budget if limit is None else limit)
-        if controller and drafter.partial_verify and draft.logprobs is None:  # sampled drafts stay whole: lossless
-            draft = subdraft(draft, controller.nodes_that_pay(draft.tree_parents, draft.probs))
+        if controller and drafter.partial_verify and (sampling.greedy or draft.logprobs is None):
+            draft = subdraft(draft, controller.nodes_that_pay(draft.tree_parents, draft.probs), sampling.greedy)
         draft_seconds = time.perf_counter() - start
         outcome, slots = verify_round(target, context, draft, sampling, ctx.record_top_k, rule=rule)
         drafter.observe(outcome)
@@ -190,22 +190,26 @@ def speculative_rounds(
         step += 1
 
 
-def subdraft(draft: Draft, kept: list[int] | None) -> Draft:
+def subdraft(draft: Draft, kept: list[int] | None, verified_greedily: bool = False) -> Draft:
     """``draft`` cut to the nodes ``kept`` (ascending, each one's parent kept too; None: all), its mode saying so.
-    Only deterministic drafts are cut: leaving out a sampled node because of its probability would bias the rest."""
+    A sampled draft is cut only for greedy verification, which reads no draft distribution: a sampling verifier
+    would be biased by nodes left out for their probability."""
     if kept is None:
         return draft
-    if draft.logprobs is not None or draft.riders is not None:
-        raise ValueError("only a deterministic draft without riders can be verified in part")
+    if (draft.logprobs is not None and not verified_greedily) or draft.riders is not None:
+        raise ValueError("only a deterministic draft, or one verified greedily, without riders can be verified in part")
     new_id = {node: i for i, node in enumerate(kept)}
     parents = draft.tree_parents
+    logprobs = draft.logprobs
+    if logprobs is not None:  # a chain's row i is node i's; a tree's row u + 1 the one node u's children came from
+        logprobs = logprobs[kept] if draft.is_chain else logprobs[[0] + [node + 1 for node in kept]]
 
     def pick(values: list | None) -> list | None:
         return None if values is None else [values[node] for node in kept]
 
     cut = f"verified {len(kept)} of {len(draft.tokens)} drafted"
     return replace(
-        draft, tokens=pick(draft.tokens), probs=pick(draft.probs), scores=pick(draft.scores),
+        draft, tokens=pick(draft.tokens), probs=pick(draft.probs), logprobs=logprobs, scores=pick(draft.scores),
         sources=pick(draft.sources), blocks=pick(draft.blocks), mode=f"{draft.mode}; {cut}" if draft.mode else cut,
         parents=None if draft.is_chain else [new_id[parents[node]] if parents[node] >= 0 else -1 for node in kept],
     )

@@ -71,6 +71,8 @@ class _Candidate:
 
 
 class TreeGrower(Drafter):
+    partial_verify = True  # its cache follows the committed context, whatever was verified
+
     def __init__(self, drafter: DraftModelDrafter, sampling: Sampling, tree_size: int, max_depth: int, source: str) -> None:
         self.cache: PrefixCache = drafter.cache
         self.sampling = sampling

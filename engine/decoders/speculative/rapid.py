@@ -56,6 +56,7 @@ class RetrievalDrafter(Drafter):
     """A draft model that sees the retrieved chunks, the query tail and the generated tokens instead of the prompt."""
 
     source = "rag_drafter"
+    partial_verify = True  # as its draft model's
 
     def __init__(self, inner: DraftModelDrafter, prompt: list[int], prefix: list[int]) -> None:
         self.inner = inner

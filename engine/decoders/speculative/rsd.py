@@ -87,6 +87,8 @@ def _log1mexp(x: Tensor) -> Tensor:
 class RecursiveDrafter(Drafter):
     """Grows an RSD-C (``gumbel``) or RSD-S (``beam``) tree with a draft model, one draft forward per depth."""
 
+    partial_verify = True  # its cache follows the committed context, whatever was verified
+
     def __init__(
         self, cache: PrefixCache, sampling: Sampling, tree: str, branching: list[int], beam_width: int, source: str
     ) -> None:

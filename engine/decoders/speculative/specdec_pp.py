@@ -41,6 +41,8 @@ class SpecDecStop:
 class SpecDecPPDrafter(Drafter):
     """A draft model whose drafts end by the SpecDec++ rule, each node scored by its estimate."""
 
+    partial_verify = True  # as its draft model's
+
     def __init__(self, drafter: DraftModelDrafter) -> None:
         self.drafter = drafter
         self.source = drafter.source
