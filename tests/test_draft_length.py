@@ -143,9 +143,11 @@ def test_adaptive_length_equals_greedy(llama, decoder, params, prompt, max_new_t
     ("speculative", {"draft_layers": 1, "num_draft_tokens": 6}),
     ("dyspec", {"draft_layers": 1}),
     ("rsd", {"draft_layers": 1}),
+    ("token_recycling", {}),
 ])
-def test_draft_model_drafts_verified_in_part_stay_lossless(llama, decoder, params, monkeypatch):
-    """Greedy verification reads no draft distribution, so a draft model's sampled-kind drafts may be cut too."""
+def test_drafts_verified_in_part_stay_lossless(llama, decoder, params, monkeypatch):
+    """Greedy verification reads no draft distribution, so a draft model's sampled-kind drafts may be cut too; Token
+    Recycling's nodes carry the probabilities its matrix stored."""
     monkeypatch.setattr(VerifyCost, "__call__", lambda self, n: 1.0 + 0.1 * n)  # 10 % of a forward per token
     assert_cut_trees_stay_lossless(llama, decoder, params, PROMPTS[2])
 

@@ -19,10 +19,10 @@ from engine.decoders.speculative.aded import (
 from engine.decoders.speculative.token_recycling import (
     TEMPLATE_2_2_2,
     UNKNOWN,
+    Adjacency,
     RecyclingDrafter,
     adjacency_matrix,
     template,
-    update_matrix,
 )
 from engine.events import DecoderMetric
 from engine.speculative.tree import node_depths
@@ -69,7 +69,7 @@ def test_template_is_the_papers_80_node_six_level_tree():
 
 
 def test_matrix_update_takes_the_top_k_of_each_nodes_logits_last_write_wins():
-    matrix = torch.full((6, 2), UNKNOWN, dtype=torch.int32)
+    matrix = Adjacency.blank(6, 2)
     logits = torch.tensor(
         [
             [0.0, 5.0, 4.0, 0.0, 0.0, 0.0],  # root (token 3): top-2 = 1, 2
@@ -78,15 +78,17 @@ def test_matrix_update_takes_the_top_k_of_each_nodes_logits_last_write_wins():
             [0.0, 0.0, 1.0, 0.0, 0.0, 2.0],  # node token 1 again: 5, 2 wins
         ]
     )
-    update_matrix(matrix, [3, 4, 1, 1], logits)
-    assert matrix.tolist() == [[UNKNOWN] * 2, [5, 2], [UNKNOWN] * 2, [1, 2], [0, 5], [UNKNOWN] * 2]
+    matrix.update([3, 4, 1, 1], logits)
+    assert matrix.tokens.tolist() == [[UNKNOWN] * 2, [5, 2], [UNKNOWN] * 2, [1, 2], [0, 5], [UNKNOWN] * 2]
+    torch.testing.assert_close(matrix.probs[4], logits[1].softmax(-1)[[0, 5]])  # the target's probabilities
 
 
 def test_tree_is_filled_level_by_level_from_the_matrix_and_unknown_rows_are_pruned():
-    matrix = torch.full((10, 2), UNKNOWN, dtype=torch.int32)
-    matrix[7] = torch.tensor([1, 2])
-    matrix[1] = torch.tensor([3, 4])  # token 2's row stays unknown: its subtree is dropped
-    matrix[3] = torch.tensor([5, 6])
+    matrix = Adjacency.blank(10, 2)
+    matrix.tokens[7] = torch.tensor([1, 2])
+    matrix.tokens[1] = torch.tensor([3, 4])  # token 2's row stays unknown: its subtree is dropped
+    matrix.tokens[3] = torch.tensor([5, 6])
+    matrix.probs[7] = torch.tensor([0.5, 0.25])
     drafter = RecyclingDrafter(matrix, [p for p in template(80) if max(p) < 2])
     draft = drafter.propose([9, 7], max_depth=6)
     depths = node_depths(draft.parents)
@@ -96,7 +98,7 @@ def test_tree_is_filled_level_by_level_from_the_matrix_and_unknown_rows_are_prun
     assert draft.scores == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]  # each node's rank in its parent's row
     assert draft.logprobs is None  # deterministic drafts
     shallow = drafter.propose([9, 7], max_depth=1)
-    assert shallow.tokens == [1, 2] and shallow.parents == [-1, -1]
+    assert shallow.tokens == [1, 2] and shallow.parents == [-1, -1] and shallow.probs == [0.5, 0.25]
     assert drafter.propose([9, 8], max_depth=6).tokens == []  # the root's row is unknown
 
 
@@ -106,12 +108,13 @@ def test_matrix_is_kept_across_runs_unless_reset(llama):
         return trace.metrics["matrix_rows_known_at_start"]
 
     assert known_at_start({"reset_matrix": True}) == 0
-    learnt = int((adjacency_matrix(llama.name, llama.vocab_size, 8, reset=False)[:, 0] != UNKNOWN).sum())
+    learnt = adjacency_matrix(llama.name, llama.vocab_size, 8, reset=False).known_rows()
     assert known_at_start({}) == learnt > 0
 
 
 def test_siblings_are_distinct_tokens(llama):
-    trace = run_ignoring_eos(llama, "token_recycling", MISSES, {"reset_matrix": True}, max_new_tokens=30)
+    params = {"reset_matrix": True, "draft_length": "fixed"}  # the drafter's whole tree (no cost-aware cut)
+    trace = run_ignoring_eos(llama, "token_recycling", MISSES, params, max_new_tokens=30)
     for r in rounds_of(trace):
         children = {}
         for node in r.nodes:
@@ -242,7 +245,9 @@ def test_drafts_hit_when_the_output_repeats(llama, decoder):
     assert trace.metrics["mean_accepted_tokens"] > 1.3
     assert any(e.name in ("matrix_rows_known_at_start", "corpus_trigram_keys") for e in trace.events if isinstance(e, DecoderMetric))
     for r in rounds_of(trace):
-        assert all(n.source == decoder and n.score is not None and n.draft_prob == 1.0 for n in r.nodes)
+        assert all(n.source == decoder and n.score is not None for n in r.nodes)
+        # ADED's lookups are certain; Token Recycling's nodes carry the target's probability when its row was stored
+        assert all(n.draft_prob == 1.0 if decoder == "aded" else 0 < n.draft_prob < 1 for n in r.nodes)
 
 
 @pytest.mark.slow  # a sampling law over many draws

@@ -5,7 +5,8 @@ token was in a verified draft tree. Each round a static tree template (rank path
 best successor, its second best successor, that one's third best) is filled level by level from ``A`` with one
 gather per level, and the target verifies the whole tree in one tree-attention forward. Afterwards every tree
 token's row, accepted or not, and the root's (the last committed token) is overwritten with the top-k of the
-target's logits at that node (speculative.md §3). The matrix outlives a run: runs on the same model start from
+target's logits at that node (speculative.md §3), with the top-k's probabilities, which become the drafted nodes'
+probabilities (the cost-aware cut verifies the likeliest nodes first). The matrix outlives a run: runs on the same model start from
 what earlier runs learnt (hot start) unless ``reset_matrix`` is set.
 
 Two departures from the reference, neither changing what is verified: rows start as "unknown" rather than token
@@ -18,6 +19,7 @@ decoding and sampled output follows the processed target. Lossless.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -47,8 +49,32 @@ TEMPLATE_2_2_2: tuple[tuple[int, ...], ...] = (
     (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
 )
 
+@dataclass(frozen=True)
+class Adjacency:
+    """Per token, the target's top-k next tokens (``UNKNOWN`` until a verified tree held the token) and their
+    probabilities then: a drafted node's probability, which the cost-aware cut ranks nodes by."""
+
+    tokens: Tensor  # int32 [|V|, k]
+    probs: Tensor  # float32 [|V|, k]
+
+    @classmethod
+    def blank(cls, vocab_size: int, k: int) -> "Adjacency":
+        return cls(torch.full((vocab_size, k), UNKNOWN, dtype=torch.int32), torch.zeros(vocab_size, k))
+
+    def known_rows(self) -> int:
+        return int((self.tokens[:, 0] != UNKNOWN).sum())
+
+    def update(self, tokens: list[int], logits: Tensor) -> None:
+        """``A[tokens[i]] = topk(logits[i])``; a token that appears twice keeps its last row (the reference's rule)."""
+        last = {token: row for row, token in enumerate(tokens)}  # explicit last-write-wins: index_put_ leaves it open
+        top = logits[torch.tensor(list(last.values()))].float().softmax(-1).topk(self.tokens.shape[1], dim=-1)
+        rows = torch.tensor(list(last.keys()))
+        self.tokens[rows] = top.indices.to(self.tokens.dtype)
+        self.probs[rows] = top.values
+
+
 # Hot start: one matrix per (model name, vocabulary size, k), shared by every run on that model in this process.
-_MATRICES: dict[tuple[str, int, int], Tensor] = {}
+_MATRICES: dict[tuple[str, int, int], Adjacency] = {}
 
 
 def template(tree_size: int) -> list[tuple[int, ...]]:
@@ -60,25 +86,19 @@ def template(tree_size: int) -> list[tuple[int, ...]]:
     return sorted(chosen, key=lambda path: (len(path), path))
 
 
-def adjacency_matrix(model_name: str, vocab_size: int, k: int, reset: bool) -> Tensor:
+def adjacency_matrix(model_name: str, vocab_size: int, k: int, reset: bool) -> Adjacency:
     """The model's shared matrix (rows of ``UNKNOWN`` until filled); ``reset`` replaces it with a blank one."""
     key = (model_name, vocab_size, k)
     if reset or key not in _MATRICES:
-        _MATRICES[key] = torch.full((vocab_size, k), UNKNOWN, dtype=torch.int32)
+        _MATRICES[key] = Adjacency.blank(vocab_size, k)
     return _MATRICES[key]
-
-
-def update_matrix(matrix: Tensor, tokens: list[int], logits: Tensor) -> None:
-    """``A[tokens[i]] = topk(logits[i])``; a token that appears twice keeps its last row (the reference's rule)."""
-    last = {token: row for row, token in enumerate(tokens)}  # explicit last-write-wins: index_put_ leaves it open
-    rows = torch.tensor(list(last.values()))
-    matrix[torch.tensor(list(last.keys()))] = logits[rows].topk(matrix.shape[1], dim=-1).indices.to(matrix.dtype)
 
 
 class RecyclingDrafter(Drafter):
     source = "token_recycling"
+    partial_verify = True  # the matrix learns from the nodes the target ran, as the round's outcome lists them
 
-    def __init__(self, matrix: Tensor, paths: list[tuple[int, ...]]) -> None:
+    def __init__(self, matrix: Adjacency, paths: list[tuple[int, ...]]) -> None:
         self.matrix = matrix
         self.paths = paths
         index = {path: node for node, path in enumerate(paths)}
@@ -88,25 +108,29 @@ class RecyclingDrafter(Drafter):
         self._depths = torch.tensor([len(path) for path in paths], dtype=torch.long)
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
-        tokens = self.fill(context[-1], max_depth)
+        tokens, probs = self.fill(context[-1], max_depth)
         kept = [node for node, token in enumerate(tokens) if token != UNKNOWN]  # a pruned node's subtree is pruned too
         new_id = {node: i for i, node in enumerate(kept)}
         parents = [new_id.get(self.template_parents[node], -1) for node in kept]
         ranks = [float(self.paths[node][-1]) for node in kept]
-        return Draft([tokens[node] for node in kept], [1.0] * len(kept), parents=parents, scores=ranks)
+        return Draft([tokens[node] for node in kept], [probs[node] for node in kept], parents=parents, scores=ranks)
 
-    def fill(self, root: int, max_depth: int) -> list[int]:
-        """Every template node's token (``UNKNOWN`` under an unknown row or below ``max_depth``), one gather per level."""
+    def fill(self, root: int, max_depth: int) -> tuple[list[int], list[float]]:
+        """Every template node's token (``UNKNOWN`` under an unknown row or below ``max_depth``) and its stored
+        probability, one gather per level."""
         tokens = torch.full((len(self.paths),), UNKNOWN, dtype=torch.int32)
+        probs = torch.zeros(len(self.paths))
         for depth in range(1, min(max_depth, max((len(path) for path in self.paths), default=0)) + 1):
             level = (self._depths == depth).nonzero().flatten()
             parent_tokens = torch.full_like(level, root) if depth == 1 else tokens[self._parents[level]].long()
             known = parent_tokens != UNKNOWN
-            tokens[level[known]] = self.matrix[parent_tokens[known], self._ranks[level[known]]]
-        return tokens.tolist()
+            rows, ranks = parent_tokens[known], self._ranks[level[known]]
+            tokens[level[known]] = self.matrix.tokens[rows, ranks]
+            probs[level[known]] = self.matrix.probs[rows, ranks]
+        return tokens.tolist(), probs.tolist()
 
     def observe(self, outcome: Outcome) -> None:
-        update_matrix(self.matrix, [outcome.context[-1], *outcome.draft.tokens], outcome.target_logits)
+        self.matrix.update([outcome.context[-1], *outcome.draft.tokens], outcome.target_logits)
 
 
 def token_recycling(ctx: DecodeContext) -> Iterator[Event]:
@@ -114,7 +138,7 @@ def token_recycling(ctx: DecodeContext) -> Iterator[Event]:
     matrix = adjacency_matrix(ctx.model.name, ctx.model.vocab_size, k, ctx.params["reset_matrix"])
     # The template's ranks index the matrix's k columns: keep only the nodes whose ranks exist.
     paths = [path for path in template(ctx.params["tree_size"]) if max(path) < k]
-    known = int((matrix[:, 0] != UNKNOWN).sum())
+    known = matrix.known_rows()
     yield DecoderMetric("matrix_rows_known_at_start", known, "adjacency rows learnt by earlier runs (hot start)")
     yield from speculative_rounds(ctx, RecyclingDrafter(matrix, paths), Sampling.of(ctx))
 
