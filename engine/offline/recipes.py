@@ -79,15 +79,16 @@ def _train_waitline(kind: str, *extra: str) -> Stage:
     return Stage("engine.offline.train_dllm", args, smoke=_TRAIN_SMOKE)
 
 
-DRAFTER_SEQUENCES = 2500  # the drafter recipes share one data set (the same command; a rebuild makes it once each)
+TEMPLATE_DATA = (2500, 0.0)  # (sequences, share the target wrote itself): the set falcon, medusa and ppd trained on
+MIXED_DATA = (2496, 0.375)  # eagle and fspad: the template set's prompts interleaved with SmolLM2's own
 
 
-def _drafter_data(sequences: int) -> Stage:
+def _drafter_data(sequences: int, self_share: float) -> Stage:
     """SmolLM2's own greedy answers to the seeded prompt set, with its hidden states (a longer run with the same seed
-    extends a shorter one)."""
-    return Stage("cli.main", ("data", "drafter", "--sequences", str(sequences), "--max-new-tokens", "128",
-                              "--batch-size", "48", "--shard-size", "96", "--seed", "0", "--threads", "2",
-                              "--out", "{work}/drafter-data"),
+    extends a shorter one); ``self_share`` of the prompts are requests SmolLM2 wrote itself (Magpie)."""
+    return Stage("cli.main", ("data", "drafter", "--sequences", str(sequences), "--self-prompts", str(self_share),
+                              "--max-new-tokens", "128", "--batch-size", "48", "--shard-size", "96", "--seed", "0",
+                              "--threads", "2", "--out", "{work}/drafter-data"),
                  "{work}/drafter-data", ("--sequences", "2", "--max-new-tokens", "4", "--shard-size", "2"))
 
 
@@ -116,24 +117,24 @@ RECIPES = (
               smoke=("--max-chars", "400")),
     )),
     Recipe("eagle-smollm2", "assets/models/eagle-smollm2", "the eagle decoder's feature head for SmolLM2", (
-        _drafter_data(DRAFTER_SEQUENCES),
+        _drafter_data(*MIXED_DATA),
         _train_head("eagle", "--steps", "3000", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
     ),
     Recipe("fspad-smollm2", "assets/models/fspad-smollm2", "the fspad decoder's feature head for SmolLM2", (
-        _drafter_data(DRAFTER_SEQUENCES),
+        _drafter_data(*MIXED_DATA),
         _train_head("fspad", "--steps", "2400", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
     ),
     Recipe("falcon-smollm2", "assets/models/falcon-smollm2", "the falcon decoder's semi-autoregressive head for SmolLM2", (
-        _drafter_data(DRAFTER_SEQUENCES),
+        _drafter_data(*TEMPLATE_DATA),
         _train_head("falcon", "--steps", "1500", "--lr", "1e-3", "--draft-vocab", "16384", "--eval", "12")),
     ),
     Recipe("medusa-smollm2", "assets/models/medusa-smollm2", "the medusa decoders' heads for SmolLM2", (
-        _drafter_data(DRAFTER_SEQUENCES),
+        _drafter_data(*TEMPLATE_DATA),
         _train_head("medusa", "--heads", "4", "--steps", "3000", "--lr", "3e-3", "--warmup", "30", "--draft-vocab",
                     "4096", "--eval", "16")),
     ),
     Recipe("ppd-smollm2", "assets/models/ppd-smollm2", "the ppd decoder's prompt tokens for SmolLM2", (
-        _drafter_data(DRAFTER_SEQUENCES),
+        _drafter_data(*TEMPLATE_DATA),
         _train_head("ppd", "--heads", "3", "--steps", "400", "--batch-size", "2", "--lr", "1e-2", "--warmup", "20",
                     "--eval", "12")),
     ),

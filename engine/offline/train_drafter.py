@@ -247,6 +247,11 @@ def measure_acceptance(target: LoadedModel, folder: Path, prompts: list[list[int
             "acceptance_by_depth": {d: round(reached[d] / rounds, 3) for d in sorted(reached)}}
 
 
+def _self_written(manifest: dict[str, Any]) -> str:
+    count = manifest.get("kinds", {}).get("self", 0)
+    return f", {count} of them requests the target wrote itself (Magpie)" if count else ""
+
+
 def card(config: dict[str, Any]) -> str:
     record, manifest = config["record"], config["record"]["manifest"]
     kind = HEADS[config["settings"]["head"]]
@@ -261,7 +266,7 @@ The `{kind.decoder.name}` decoder's drafter: {kind.architecture(manifest['model'
 {record['parameters']:,} trained parameters; draft vocabulary: {vocab}.
 
 - **Data**: `{config['settings']['data']}`: {manifest.get('sequences')} self-distilled sequences (prompts of the
-  drafter_prompts kinds, the target's own greedy answers, seed {manifest.get('seed')}), {record['sequences']} for
+  drafter_prompts kinds{_self_written(manifest)}, the target's own greedy answers, seed {manifest.get('seed')}), {record['sequences']} for
   training, the last {record['held_out_sequences']} held out.
 - **Objective**: {kind.objective(Settings(**config['settings']))}
 - **Training**: {record['step']} steps of AdamW (lr {config['settings']['lr']}, warm-up {config['settings']['warmup']},
