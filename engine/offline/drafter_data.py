@@ -4,8 +4,7 @@
 
 The prompts are seeded templates (``engine.offline.drafter_prompts``) and, with ``--self-prompts SHARE``, requests
 the target writes itself (``engine.offline.self_prompts``, kept in ``self_prompts.json``), chat-formatted as ``record
---chat`` does; the target
-answers them greedily in left-padded batches (transformers' ``generate``), stopping at its end of turn; then one
+--chat`` does; the target answers them greedily in left-padded batches (transformers' ``generate``), stopping at its end of turn; then one
 right-padded forward over prompt + answer gives its hidden states at every position. A folder holds:
 
 - ``manifest.json``: model, hidden_size, layers {low, mid, last}, shards, sequences, tokens, seed, max_new_tokens...,

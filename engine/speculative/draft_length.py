@@ -15,10 +15,13 @@ expected tokens per second:
 * gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
   acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
   untried depths at ``PRIOR_ACCEPTANCE``; recent rounds weigh more (``MEMORY``);
-* width: a drafter whose nodes can be verified in part (the trained heads' trees) has its draft cut to the nodes
-  that pay: the most likely ones by path probability (the product of draft probabilities from the root), each
-  worth the acceptance rate nodes of that path probability have had (:class:`PathCalibration`), up to the count
-  with most expected tokens per verify second. A tree cut to 2 of 6 levels otherwise still verifies a third of a
+* baseline: after the first round (which runs the prompt) come plain one-token steps until their cost is known
+  (two rounds): what greedy pays anyway, and what every draft is weighed against;
+* width: a drafter whose nodes can be verified in part (the trained heads' trees, Token Recycling's, and draft
+  models' chains and trees when verification is greedy) has its draft cut to the nodes that pay: the most likely
+  ones by path probability (the product of draft probabilities from the root), each worth the acceptance rate
+  nodes of that path probability have had (:class:`PathCalibration`), up to the count with most expected tokens
+  per verify second. A tree cut to 2 of 6 levels otherwise still verifies a third of a
   24-node tree, where one or two confident nodes are what pays on a CPU;
 * probing: while no draft pays, every ``PROBE_EVERY`` rounds drafts one level (the interval doubling while probes
   keep failing), so the run notices when drafting starts to pay again.
