@@ -16,6 +16,7 @@ import torch
 from engine.decoders import DecodeContext, get_decoder
 from engine.events import TokenStep
 from engine.models.handle import LoadedModel
+from engine.offline.self_prompts import SPEC_BENCH_SUBSET
 from engine.run import Run, RunSettings
 from engine.trace import Trace
 
@@ -153,9 +154,6 @@ def first_step(model: LoadedModel, repeats: int = 5) -> float:
     median = statistics.median(times)
     print(f"model {model.name}: Run pressed -> first step shown: median {median * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {repeats} runs (goal < 1 s)")
     return median
-
-
-SPEC_BENCH_SUBSET = Path(__file__).resolve().parent.parent / "assets" / "benchmarks" / "spec_bench_subset.jsonl"
 
 
 @dataclass

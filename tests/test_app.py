@@ -116,7 +116,8 @@ def test_views_for_draft_and_diffusion_traces():
 
 def test_speculative_views_walk_rounds(tiny):
     """A speculative run's slider walks rounds: stream grouped by round, the round's nodes, q vs p, acceptance."""
-    params = {"draft_layers": 1, "num_draft_tokens": 3, "draft_length": "fixed"}  # a draft every round (no timed plain steps)
+    # a draft every round (the adaptive default times plain steps first)
+    params = {"draft_layers": 1, "num_draft_tokens": 3, "draft_length": "fixed"}
     trace = record(tiny, "speculative", "a b a b a b", params, RunSettings(max_new_tokens=12, ignore_eos=True))
     rounds = [e for e in trace.events if e.kind == "draft_round"]
     values = view_values(trace, 1, "probability")

@@ -24,10 +24,9 @@ from engine.offline.drafter_data import (
     mixed_prompts,
 )
 from engine.offline.drafter_prompts import KINDS, build_prompts
-from engine.offline.self_prompts import leaks_spec_bench, self_written_prompts
+from engine.offline.self_prompts import SPEC_BENCH_SUBSET, leaks_spec_bench, self_written_prompts
 from engine.params import ParamError
 
-SPEC_BENCH = Path(__file__).resolve().parents[1] / "assets" / "benchmarks" / "spec_bench_subset.jsonl"
 ANSWER_TOKENS = 10
 # The same layers as ``hidden_states`` counts them: index i < L is the output of decoder layer i - 1.
 DEEP_LAYERS = {"low": 1, "mid": 2, "last": 4}
@@ -56,7 +55,7 @@ def test_prompt_set_is_seeded_distinct_and_covers_every_kind() -> None:
 
 
 def spec_bench_questions() -> list[str]:
-    return [turn for line in SPEC_BENCH.read_text().splitlines() for turn in json.loads(line)["turns"]]
+    return [turn for line in SPEC_BENCH_SUBSET.read_text().splitlines() for turn in json.loads(line)["turns"]]
 
 
 def test_no_prompt_comes_from_spec_bench() -> None:

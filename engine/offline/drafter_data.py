@@ -4,8 +4,9 @@
 
 The prompts are seeded templates (``engine.offline.drafter_prompts``) and, with ``--self-prompts SHARE``, requests
 the target writes itself (``engine.offline.self_prompts``, kept in ``self_prompts.json``), chat-formatted as ``record
---chat`` does; the target answers them greedily in left-padded batches (transformers' ``generate``), stopping at its end of turn; then one
-right-padded forward over prompt + answer gives its hidden states at every position. A folder holds:
+--chat`` does; the target answers them greedily in left-padded batches (transformers' ``generate``), stopping at
+its end of turn; then one right-padded forward over prompt + answer gives its hidden states at every position. A
+folder holds:
 
 - ``manifest.json``: model, hidden_size, layers {low, mid, last}, shards, sequences, tokens, seed, max_new_tokens...,
   rewritten atomically after each shard;
@@ -178,7 +179,8 @@ def mixed_prompts(model: LoadedModel, out: Path, count: int, seed: int, share: f
         _write_atomically(path, lambda target: target.write_text(json.dumps(written, indent=0), encoding="utf-8"))
     own = iter(written)
     templates = iter(build_prompts(count - wanted, seed))
-    return [Prompt(SELF_KIND, next(own)) if is_self_written(index, share) else next(templates) for index in range(count)]
+    return [Prompt(SELF_KIND, next(own)) if is_self_written(index, share) else next(templates)
+            for index in range(count)]
 
 
 def _start_manifest(out: Path, model: LoadedModel, layers: dict[str, int], seed: int, max_new_tokens: int,
@@ -186,8 +188,8 @@ def _start_manifest(out: Path, model: LoadedModel, layers: dict[str, int], seed:
     config = model.model.config.get_text_config()
     fresh = {"format_version": FORMAT_VERSION, "model": model.name, "hidden_size": int(config.hidden_size),
              "num_layers": model.num_layers, "layers": layers, "seed": seed, "max_new_tokens": max_new_tokens,
-             "self_share": self_share, "chat": True, "eos_token_ids": sorted(model.eos_token_ids), "shards": [], "sequences": 0, "tokens": 0,
-             "answer_tokens": 0, "kinds": {}}
+             "self_share": self_share, "chat": True, "eos_token_ids": sorted(model.eos_token_ids), "shards": [],
+             "sequences": 0, "tokens": 0, "answer_tokens": 0, "kinds": {}}
     path = out / MANIFEST
     if not path.is_file():
         return fresh

@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 from engine.models.handle import LoadedModel
 from engine.params import ParamError
 
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "assets" / "benchmarks" / "spec_bench_subset.jsonl"
+SPEC_BENCH_SUBSET = Path(__file__).resolve().parents[2] / "assets" / "benchmarks" / "spec_bench_subset.jsonl"
 LEAK_WORDS = 8  # a prompt sharing this many words in a row with a Spec-Bench question counts as leaked
 MIN_WORDS = 4
 MAX_PROMPT_TOKENS = 96
@@ -38,7 +38,8 @@ def word_runs(text: str) -> set[tuple[str, ...]]:
 
 @cache
 def spec_bench_runs() -> frozenset[tuple[str, ...]]:
-    turns = [turn for line in SPEC_BENCH.read_text(encoding="utf-8").splitlines() for turn in json.loads(line)["turns"]]
+    lines = SPEC_BENCH_SUBSET.read_text(encoding="utf-8").splitlines()
+    turns = [turn for line in lines for turn in json.loads(line)["turns"]]
     return frozenset().union(*map(word_runs, turns))
 
 

@@ -266,8 +266,8 @@ The `{kind.decoder.name}` decoder's drafter: {kind.architecture(manifest['model'
 {record['parameters']:,} trained parameters; draft vocabulary: {vocab}.
 
 - **Data**: `{config['settings']['data']}`: {manifest.get('sequences')} self-distilled sequences (prompts of the
-  drafter_prompts kinds{_self_written(manifest)}, the target's own greedy answers, seed {manifest.get('seed')}), {record['sequences']} for
-  training, the last {record['held_out_sequences']} held out.
+  drafter_prompts kinds{_self_written(manifest)}, the target's own greedy answers, seed {manifest.get('seed')}),
+  {record['sequences']} for training, the last {record['held_out_sequences']} held out.
 - **Objective**: {kind.objective(Settings(**config['settings']))}
 - **Training**: {record['step']} steps of AdamW (lr {config['settings']['lr']}, warm-up {config['settings']['warmup']},
   cosine), {config['settings']['batch_size']} sequences a step, {record['seconds'] / 60:.1f} min on CPU; last logged

@@ -21,8 +21,8 @@ expected tokens per second:
   models' chains and trees when verification is greedy) has its draft cut to the nodes that pay: the most likely
   ones by path probability (the product of draft probabilities from the root), each worth the acceptance rate
   nodes of that path probability have had (:class:`PathCalibration`), up to the count with most expected tokens
-  per verify second. A tree cut to 2 of 6 levels otherwise still verifies a third of a
-  24-node tree, where one or two confident nodes are what pays on a CPU;
+  per verify second. A tree cut to 2 of 6 levels otherwise still verifies a third of a 24-node tree, where one or
+  two confident nodes are what pays on a CPU;
 * probing: while no draft pays, every ``PROBE_EVERY`` rounds drafts one level (the interval doubling while probes
   keep failing), so the run notices when drafting starts to pay again.
 

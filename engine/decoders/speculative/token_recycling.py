@@ -6,8 +6,8 @@ best successor, its second best successor, that one's third best) is filled leve
 gather per level, and the target verifies the whole tree in one tree-attention forward. Afterwards every tree
 token's row, accepted or not, and the root's (the last committed token) is overwritten with the top-k of the
 target's logits at that node (speculative.md §3), with the top-k's probabilities, which become the drafted nodes'
-probabilities (the cost-aware cut verifies the likeliest nodes first). The matrix outlives a run: runs on the same model start from
-what earlier runs learnt (hot start) unless ``reset_matrix`` is set.
+probabilities (the cost-aware cut verifies the likeliest nodes first). The matrix outlives a run: runs on the same
+model start from what earlier runs learnt (hot start) unless ``reset_matrix`` is set.
 
 Two departures from the reference, neither changing what is verified: rows start as "unknown" rather than token
 0, and nodes under an unknown row are left out instead of drafting token 0 (the reference's cold-start chain of
@@ -48,6 +48,7 @@ TEMPLATE_2_2_2: tuple[tuple[int, ...], ...] = (
     (0, 1, 0, 0, 0), (1, 0, 0, 0, 0),
     (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
 )
+
 
 @dataclass(frozen=True)
 class Adjacency:
