@@ -168,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         help="transformers' own generate to compare with (comma-separated; empty = none)",
     )
     p.add_argument("--hf-draft-layers", type=int, default=6, help="layers of the target hf:assisted drafts with")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of every variant per prompt, order rotated; each run's time is its fastest")
     p.set_defaults(handler=_bench_speculative)
     p = bench.add_parser("dllm", help="diffusion decoders on ParallelBench's waiting-line tasks: accuracy vs calls")
     p.add_argument("--per-task", type=int, default=20, help="fresh seeded rows per task")
@@ -627,6 +629,7 @@ def _bench_speculative(args: argparse.Namespace) -> None:
         per_category=args.prompts,
         hf=tuple(label for label in args.hf.split(",") if label),
         hf_draft_layers=args.hf_draft_layers,
+        repeats=args.repeats,
     )
 
 

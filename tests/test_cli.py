@@ -91,3 +91,26 @@ def test_import_rejects_hostile_file(capsys, db, tmp_path):
 def test_unknown_run(capsys, db):
     assert main(["runs", "show", "deadbeef", "--db", db]) == 2
     assert "deadbeef" in capsys.readouterr().err
+
+
+def test_bench_spec_times_each_run_by_its_fastest_repeat(capsys, monkeypatch):
+    """With --repeats, a variant's time on a prompt is its fastest run (order rotated), greedy's included."""
+    import cli.bench as bench
+
+    real_run, calls = bench._spec_run, {}
+    times = {"greedy": (99.0, 3.0, 1.0), "prompt_lookup": (0.5, 2.0)}  # greedy's first call is the untimed reference
+
+    def fake_times(model, name, params, prompt, tokens):
+        trace, _ = real_run(model, name, params, prompt, tokens)
+        calls[name] = calls.get(name, -1) + 1
+        return trace, times[name][calls[name] % len(times[name])]
+
+    monkeypatch.setattr(bench, "_spec_run", fake_times)
+    real_prompts = bench._spec_prompts  # the tiny model reads 1,024 positions: the short questions only
+    monkeypatch.setattr(bench, "_spec_prompts", lambda n: [p for p in real_prompts(n) if len(p["turns"][0]) < 1500])
+    assert main(["bench", "spec", "--model", "tiny-random-llama", "--tokens", "4", "--decoders", "prompt_lookup",
+                 "--hf", "", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest of 2 runs each" in out and "greedy-equality mismatches: 0" in out
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("prompt_lookup "))
+    assert row[1] == "2.000x"  # greedy's fastest 1.0 s over prompt lookup's 0.5 s, on every prompt
