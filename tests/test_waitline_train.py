@@ -168,7 +168,7 @@ def test_training_continues_from_a_saved_folder_of_the_same_kind(tmp_path):
     noise = torch.Generator().manual_seed(9)
     loss = waitline_train.mdlm_loss(adapted, batches, noise)
     batches, noise = waitline_train.Batches(tokenizer, seed=5, batch_size=2), torch.Generator().manual_seed(9)
-    ids, answer_side = batches.mdlm()
+    ids, answer_side, _ = batches.mdlm()
     t = (torch.rand(1, generator=noise) + torch.arange(2) / 2) % 1.0
     p_mask = ((1 - waitline_train.MASK_EPS) * t + waitline_train.MASK_EPS)[:, None]
     masked = (torch.rand(ids.shape, generator=noise) < p_mask) & answer_side
@@ -181,6 +181,28 @@ def test_training_continues_from_a_saved_folder_of_the_same_kind(tmp_path):
     with pytest.raises(ValueError, match="not a waitline-ar model folder"):
         waitline_train.train(waitline_train.TrainSettings(**{**more.__dict__, "init_from": str(mdlm_folder)}),
                              log=lambda _: None)
+
+
+def test_the_curriculum_watches_the_answers_own_tokens_not_the_padding(tokenizer):
+    """MDLM rows pad the answer side with end of text; the curriculum's signal is the loss over each answer and its
+    first end of text only, and for AR (no padding) it is the loss itself."""
+    batches = waitline_train.Batches(tokenizer, seed=3, batch_size=4)
+    pairs = waitline_train.Batches(tokenizer, seed=3, batch_size=4).encoded()
+    ids, answer_side, own = batches.mdlm()
+    for row, (prompt, answer) in enumerate(pairs):
+        assert own[row].nonzero().flatten().tolist() == list(range(len(prompt), len(prompt) + len(answer)))
+        assert (ids[row][answer_side[row] & ~own[row]] == tokenizer.eos_token_id).all()  # the rest is padding
+    model = waitline_train.build_model("mdlm", tokenizer, TINY, 0)
+    noise = torch.Generator().manual_seed(1)
+    rows = waitline_train.mdlm_rows(waitline_train.Batches(tokenizer, seed=3, batch_size=4), noise, 3)
+    loss, signal = waitline_train.rows_loss(model, rows)
+    logits = model(input_ids=rows.inputs).logits
+    scored = (rows.targets != -100) & rows.own
+    manual = torch.nn.functional.cross_entropy(logits[scored], rows.targets[scored], reduction="none")
+    assert signal == pytest.approx(((manual * rows.weights[scored]).sum() / own.sum()).item(), rel=1e-4)
+    ar = waitline_train.build_model("ar", tokenizer, TINY, 0)
+    ar_loss, ar_signal = waitline_train.rows_loss(ar, waitline_train.ar_rows(waitline_train.Batches(tokenizer, 3, 4)))
+    assert ar_signal == pytest.approx(ar_loss.item(), rel=1e-5)
 
 
 def test_clean_prefix_keeps_a_leading_run_of_the_answer_for_the_chosen_share():

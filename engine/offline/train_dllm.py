@@ -13,7 +13,8 @@ recipe): the canvas is ``<s> prompt | answer </s> </s> ...`` (end-of-text paddin
 too, as LLaDA does); per sequence t ~ U(0, 1) (stratified across the batch), every answer-side token is masked
 with probability p = (1 - eps) t + eps, and the loss is the cross-entropy on masked tokens weighted by 1/p, summed
 and divided by the number of answer-side tokens. The prompt is never masked. ``--prefix-share`` mixes in rows whose
-answer is clean up to a random cut (the case semi-autoregressive block decoding meets at every block).
+answer is clean up to a random cut (the case semi-autoregressive block decoding meets at every block). The
+curriculum (``--grow-below``) watches the same loss over the answers' own tokens, never the padding.
 
 Seeded and resumable: ``--minutes`` stops a run, saving the model so far (its card says "in progress") and a
 checkpoint (weights, optimizer, the data and masking streams' position) in ``--work``; the same command continues
@@ -154,18 +155,21 @@ class Batches:
             labels[row, len(prompt): len(prompt) + len(answer)] = torch.tensor(answer)
         return ids, labels
 
-    def mdlm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean canvases (answer side padded with end of text to a random common width) and the answer-side mask."""
+    def mdlm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean canvases (answer side padded with end of text to a random common width), the answer-side mask, and
+        the mask of the answers' own tokens (each answer and its first end of text, not the padding)."""
         pairs = self.encoded()
         longest = max(len(p) + len(a) for p, a in pairs)
         shortest_prompt = min(len(p) for p, _ in pairs)
         width = longest + self.rng.randint(0, max(0, shortest_prompt + GEN_LENGTH - longest))
         ids = torch.full((len(pairs), width), self.tokenizer.eos_token_id)
         answer_side = torch.zeros((len(pairs), width), dtype=torch.bool)
+        own = torch.zeros_like(answer_side)
         for row, (prompt, answer) in enumerate(pairs):
             ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
             answer_side[row, len(prompt):] = True
-        return ids, answer_side
+            own[row, len(prompt): len(prompt) + len(answer)] = True
+        return ids, answer_side, own
 
 
 def _json_random_state(rng: random.Random) -> list[Any]:
@@ -206,6 +210,11 @@ class LossRows:
     targets: torch.Tensor  # position i's hidden state predicts targets[i]
     weights: torch.Tensor
     normaliser: float
+    # The curriculum's signal: the same loss over the answers' own tokens only, divided by their count. For MDLM the
+    # end-of-text padding is most of the canvas and easy: its loss fell while names were still unlearnt, and the
+    # lists grew to 15 people on nothing (BENCHMARKS.md, issue 21).
+    own: torch.Tensor  # positions whose target is an answer's own token
+    own_count: float
 
 
 def ar_rows(batches: Batches) -> LossRows:
@@ -213,13 +222,14 @@ def ar_rows(batches: Batches) -> LossRows:
     ids, labels = batches.ar()
     targets = torch.full_like(labels, -100)
     targets[:, :-1] = labels[:, 1:]
-    return LossRows(ids, targets, torch.ones(ids.shape), float((targets != -100).sum()))
+    scored = targets != -100
+    return LossRows(ids, targets, torch.ones(ids.shape), float(scored.sum()), scored, float(scored.sum()))
 
 
 def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix_share: float = 0.0,
               shift: bool = False) -> LossRows:
     """Masked diffusion: every answer-side token masked with probability p (one t per row), weighted 1/p."""
-    ids, answer_side = batches.mdlm()
+    ids, answer_side, own = batches.mdlm()
     rows = ids.shape[0]
     # Stratified t: one uniform offset, evenly spaced across the batch (lower-variance ELBO estimate, as in MDLM).
     t = (torch.rand(1, generator=generator) + torch.arange(rows) / rows) % 1.0
@@ -231,39 +241,48 @@ def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix
     if shift:  # AR-initialised: the state before a masked position predicts it (the prompt never is)
         targets = torch.cat([targets[:, 1:], torch.full((rows, 1), -100)], dim=1)
         weights = torch.cat([weights[:, 1:], weights[:, -1:]], dim=1)
-    return LossRows(ids.masked_fill(masked, mask_id), targets, weights, float(answer_side.sum()))
+        own_targets = torch.cat([own[:, 1:], torch.zeros((rows, 1), dtype=torch.bool)], dim=1)
+    else:
+        own_targets = own
+    return LossRows(ids.masked_fill(masked, mask_id), targets, weights, float(answer_side.sum()), own_targets,
+                    float(own.sum()))
 
 
-def rows_loss(model: LlamaForCausalLM, rows: LossRows, chunk: slice = slice(None)) -> torch.Tensor:
-    """The loss of the rows in ``chunk`` (its share of the whole batch's loss)."""
+def rows_loss(model: LlamaForCausalLM, rows: LossRows, chunk: slice = slice(None)) -> tuple[torch.Tensor, float]:
+    """The loss of the rows in ``chunk`` (its share of the whole batch's loss), and their share of the curriculum's
+    signal (:class:`LossRows`)."""
     targets = rows.targets[chunk].to(model.device)
     scored = targets != -100
     hidden = model.model(input_ids=rows.inputs[chunk].to(model.device)).last_hidden_state
     # the output layer only where a loss is taken: the prompt's logits would be computed for nothing
     token_loss = F.cross_entropy(model.lm_head(hidden[scored]), targets[scored], reduction="none")
-    return (token_loss * rows.weights[chunk].to(model.device)[scored]).sum() / rows.normaliser
+    weighted = token_loss * rows.weights[chunk].to(model.device)[scored]
+    own = rows.own[chunk].to(model.device)[scored]
+    return weighted.sum() / rows.normaliser, weighted.detach()[own].sum().item() / max(rows.own_count, 1.0)
 
 
 def ar_loss(model: LlamaForCausalLM, batches: Batches) -> torch.Tensor:
-    return rows_loss(model, ar_rows(batches))
+    return rows_loss(model, ar_rows(batches))[0]
 
 
 def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Generator,
               prefix_share: float = 0.0) -> torch.Tensor:
     return rows_loss(model, mdlm_rows(batches, generator, model.config.mask_token_id, prefix_share,
-                                      shifts_logits(model)))
+                                      shifts_logits(model)))[0]
 
 
-def training_step(model: LlamaForCausalLM, rows: LossRows, micro_batch: int, autocast: torch.autocast) -> float:
+def training_step(model: LlamaForCausalLM, rows: LossRows, micro_batch: int,
+                  autocast: torch.autocast) -> tuple[float, float]:
     """Accumulate the batch's gradient ``micro_batch`` rows at a time (the activations of 32 rows of up to 600
-    tokens took over 10 GB), the forward under ``autocast``; returns the batch's loss."""
-    total = 0.0
+    tokens took over 10 GB), the forward under ``autocast``; returns the batch's loss and curriculum signal."""
+    total = signal = 0.0
     for start in range(0, rows.inputs.shape[0], micro_batch):
         with autocast:
-            loss = rows_loss(model, rows, slice(start, start + micro_batch))
+            loss, own = rows_loss(model, rows, slice(start, start + micro_batch))
         loss.backward()
         total += loss.item()
-    return total
+        signal += own
+    return total, signal
 
 
 def clean_prefix(answer_side: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
@@ -350,11 +369,14 @@ def train(
         optimizer.step()
         record["steps_done"], record["seconds"] = step + 1, round(time.monotonic() - start, 1)
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            record["loss_curve"].append((step + 1, sum(window) / len(window), batches.longest))
+            losses, signals = zip(*window)
+            record["loss_curve"].append((step + 1, sum(losses) / len(window), batches.longest))
+            signal = sum(signals) / len(window)
             window = []
-            log(f"step {step + 1}/{settings.steps} loss {record['loss_curve'][-1][1]:.4f} lists <= {batches.longest} "
-                f"({record['seconds']:.0f} s)")
-            grow(batches, settings, record["loss_curve"][-1][1])
+            log(f"step {step + 1}/{settings.steps} loss {record['loss_curve'][-1][1]:.4f}"
+                + (f" (answers' own tokens {signal:.4f})" if settings.kind == "mdlm" else "")
+                + f" lists <= {batches.longest} ({record['seconds']:.0f} s)")
+            grow(batches, settings, signal)
         if checkpoint and (step + 1) % settings.checkpoint_every == 0:
             _save_checkpoint(checkpoint, settings, record, model, optimizer, batches, noise)
     record["finished"] = record["steps_done"] >= settings.steps
@@ -394,8 +416,8 @@ def starting_length(settings: TrainSettings, maximum: int) -> int:
 
 
 def grow(batches: Batches, settings: TrainSettings, window_loss: float) -> None:
-    """Competence-based curriculum: allow one more person once the current lengths are learnt (loss below
-    ``grow_below``). A fixed schedule grew the lists before the copy circuits had formed, and nothing was learnt."""
+    """Competence-based curriculum: allow one more person once the current lengths are learnt (the loss on the
+    answers' own tokens below ``grow_below``). A fixed schedule grew the lists before the copy circuits had formed, and nothing was learnt."""
     if window_loss < settings.grow_below:
         batches.longest = min(batches.generator.max_people, batches.longest + 1)
 
