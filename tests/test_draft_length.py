@@ -10,6 +10,7 @@ import torch
 
 from engine.events import DraftNode, DraftRound
 from engine.speculative.draft_length import (
+    FIRST_DEPTH,
     PROBE_EVERY,
     DraftLengthController,
     LinearCost,
@@ -81,7 +82,7 @@ def test_no_draft_when_nothing_is_accepted_and_verifying_costs_more():
 
 def test_deep_drafts_when_they_are_accepted():
     _, limits = simulate(lambda _: DRAFTER_DEPTH, rounds=30)
-    assert limits[: 1 + BASELINE_ROUNDS] == [None] + [0] * BASELINE_ROUNDS  # the first draft, then timed plain steps
+    assert limits[: 1 + BASELINE_ROUNDS] == [FIRST_DEPTH] + [0] * BASELINE_ROUNDS  # one level, then timed plain steps
     assert all(limit is None for limit in limits[1 + BASELINE_ROUNDS :])  # then the drafter's own full length
 
 
@@ -191,7 +192,8 @@ def test_the_payoff_switch_runs_the_kind_of_round_that_commits_faster(spec_token
         speculate = switch.speculate()
         chosen.append(speculate)
         switch.observe(speculate, spec_tokens if speculate else 1, spec_seconds if speculate else 0.1)
-    assert chosen[:4] == [True, True, True, False]  # the method's own rounds, then one timed plain step
+    warm = PayoffSwitch.WARM_ROUNDS
+    assert chosen[: warm + 1] == [True] * warm + [False]  # the method's own rounds, then one timed plain step
     later = chosen[10:]
     assert all(later) if speculates else sum(later) <= 2  # losing speculation is only probed, ever less often
 

@@ -15,8 +15,11 @@ expected tokens per second:
 * gain: per depth k, how often a draft reaches k (chains shorter than the cap, trees' level sizes) and the
   acceptance at k given the verifier tried it (:func:`engine.recorder.depth_outcomes`), a Beta prior keeping
   untried depths at ``PRIOR_ACCEPTANCE``; recent rounds weigh more (``MEMORY``);
-* baseline: after the first round (which runs the prompt) come plain one-token steps until their cost is known
-  (two rounds): what greedy pays anyway, and what every draft is weighed against;
+* start: the first round (which runs the prompt) drafts one level, then come plain one-token steps until their cost
+  is known (two rounds): what greedy pays anyway, and what every draft is weighed against. One level is every
+  drafter's cheapest informative draft (DySpec's full first tree took 16 draft forwards, a fifth of a 32-token run
+  on a draft that is never accepted); once it pays, the next draft is the drafter's own length, so deep drafters
+  reach their depth a round later;
 * width: a drafter whose nodes can be verified in part (the trained heads' trees, Token Recycling's, and draft
   models' chains and trees when verification is greedy) has its draft cut to the nodes that pay: the most likely
   ones by path probability (the product of draft probabilities from the root), each worth the acceptance rate
@@ -52,6 +55,7 @@ SLOPE_PRIOR_WEIGHT = 50.0  # in tokens squared: about two rounds five tokens awa
 PRIOR_ACCEPTANCE = 0.5  # an untried depth: as likely accepted as not
 ACCEPTANCE_PRIOR_WEIGHT = 1.0  # rounds' worth of evidence the prior counts for
 MEMORY = 0.9  # each new observation of a depth keeps this share of the old evidence
+FIRST_DEPTH = 1  # the draft depth before any draft was seen
 PROBE_EVERY = 4  # rounds without a draft before a one-level probe
 MAX_PROBE_EVERY = 32
 OUTLIER_RATIO = 3.0  # a round slower than this x the fitted cost of its size counts as that
@@ -104,7 +108,7 @@ class PayoffSwitch:
     reached lately. It speculates first (the method's own behaviour), times one plain step after ``WARM_ROUNDS``,
     then runs the faster kind and probes the other on the :class:`ProbeSchedule`."""
 
-    WARM_ROUNDS = 3
+    WARM_ROUNDS = 2  # the prompt's round and one timed speculative round (each one costs a few plain steps)
 
     def __init__(self) -> None:
         self.tokens = {True: _Decayed(), False: _Decayed()}  # committed, decayed, per kind of round
@@ -250,7 +254,7 @@ class DraftLengthController:
             self.verify_cost.add(1 + nodes, self.clock() - start - draft_seconds)
             self._pending = None
         if not self.deepest:
-            return None  # nothing drafted yet: the drafter's own length
+            return min(FIRST_DEPTH, budget)  # nothing drafted yet: the cheapest draft that says something
         if not self.verify_cost.seen(1):
             return 0  # the first timed rounds are plain steps: the cost every draft is weighed against
         best = self.best_depth(min(budget, self.deepest))
