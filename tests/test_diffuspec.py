@@ -113,7 +113,7 @@ def test_eos_inside_a_draft_stops_like_greedy(drafters):
     free = greedy_ids(model, PROMPTS[0], 30)
     eos = next(t for i, t in enumerate(free) if t not in free[:i] and i % 6 not in (0, 5))  # inside a 5-token draft
     model.model.generation_config.eos_token_id = [eos]
-    params = {"drafter": drafters["oracle"], "adl": False, "k_max": 5}
+    params = {"drafter": drafters["oracle"], "adl": False, "k_max": 5, "draft_length": "fixed"}  # whole drafts
     expected = record(model, "greedy", PROMPTS[0], settings=RunSettings(max_new_tokens=30))
     trace = record(model, "diffuspec", PROMPTS[0], params, RunSettings(max_new_tokens=30))
     assert trace.reason == expected.reason == "end of sequence"

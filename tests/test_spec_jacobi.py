@@ -184,7 +184,8 @@ def test_jacobi_rounds_say_which_guesses_were_refined(gemma, decoder, params):
 def test_sjd_guesses_keep_the_distribution_they_were_sampled_from(llama):
     """A refined guess's draft prob is q(x): the previous forward's processed p at its position (after that round's
     context and guesses); the verifier's ratio is p(x)/q(x), and p(x) alone for a fresh (one-hot) guess."""
-    trace = run_ignoring_eos(llama, "spec_jacobi", PROMPTS[0], {"window": 4, "temperature": 0.9, "top_k": 6}, max_new_tokens=20)
+    trace = run_ignoring_eos(llama, "spec_jacobi", PROMPTS[0], {"window": 4, "temperature": 0.9, "top_k": 6, "draft_length": "fixed"},
+                             max_new_tokens=20)  # every round refines its guesses: the cost-aware cap would cut them
     rounds = rounds_of(trace)
     context = list(trace.prompt_token_ids)
     refined_checked = 0
@@ -263,7 +264,8 @@ def test_a_paused_lookahead_runs_plain_steps_and_probes_its_window(llama, monkey
     monkeypatch.setattr(draft_length.PayoffSwitch, "rate", lambda self, speculated: 0.0 if speculated else 1.0)
     trace = run_ignoring_eos(llama, "lookahead", PROMPTS[2], {"window": 3, "ngram": 3}, max_new_tokens=40)
     windowed = [i for i, r in enumerate(rounds_of(trace)) if r.nodes]
-    probe = draft_length.PROBE_EVERY
-    assert windowed[:5] == [0, 1, 2, 3 + probe, 3 + 3 * probe]  # warm-up, a timed plain step, probes ever rarer
+    probe, warm = draft_length.PROBE_EVERY, draft_length.PayoffSwitch.WARM_ROUNDS
+    expected = [*range(warm), warm + probe, warm + 3 * probe, warm + 7 * probe]  # a timed plain step at `warm`
+    assert windowed[: len(expected)] == expected  # the warm-up's rounds, then probes ever rarer
     assert all("plain step" in r.mode for r in rounds_of(trace) if not r.nodes)
     assert trace.output_token_ids == _greedy(llama, PROMPTS[2], 40)

@@ -127,7 +127,7 @@ def test_greedy_layer_skip_equals_greedy_gemma3(params):
 
 
 def test_stop_threshold_ends_drafts_early(llama):
-    params = {"skip_layers": "1", "num_draft_tokens": 8}
+    params = {"skip_layers": "1", "num_draft_tokens": 8, "draft_length": "fixed"}  # the stop rule alone decides
     long = rounds_of(run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 0.0}, max_new_tokens=30))
     short = rounds_of(run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {**params, "stop_threshold": 1.0}, max_new_tokens=30))
     assert max(len(r.nodes) for r in long) == 8 and max(len(r.nodes) for r in short) == 1
