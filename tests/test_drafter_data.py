@@ -23,8 +23,8 @@ from engine.offline.drafter_data import (
     load_shards,
     mixed_prompts,
 )
-from engine.offline.drafter_prompts import KINDS, build_prompts
-from engine.offline.self_prompts import SPEC_BENCH_SUBSET, leaks_spec_bench, self_written_prompts
+from engine.offline.drafter_prompts import KINDS, Prompt, build_prompts
+from engine.offline.self_prompts import SPEC_BENCH_SUBSET, Draw, leaks_spec_bench, self_written_prompts
 from engine.params import ParamError
 
 ANSWER_TOKENS = 10
@@ -70,8 +70,8 @@ def test_no_prompt_comes_from_spec_bench() -> None:
 def test_the_target_writes_varied_requests_of_its_own(smollm2: LoadedModel) -> None:
     """Magpie: SmolLM2 given its chat template up to a user turn writes a user's request; seeded, a longer list
     extends a shorter one."""
-    prompts = self_written_prompts(smollm2, 6, seed=0, batch_size=4)
-    assert self_written_prompts(smollm2, 3, seed=0, batch_size=4) == prompts[:3]
+    prompts = self_written_prompts(smollm2, 6, seed=0, batch_size=4).prompts
+    assert self_written_prompts(smollm2, 3, seed=0, batch_size=4).prompts == prompts[:3]
     assert len(set(prompts)) == 6 and all(len(p.split()) >= 4 and not leaks_spec_bench(p) for p in prompts)
     assert not any(p.startswith(("<|im_start|>", "user")) for p in prompts)  # the request alone, no template
 
@@ -82,15 +82,46 @@ def test_self_written_prompts_leave_out_leaks_repeats_and_cut_off_turns(llama: L
              "Too short.", "What should I cook for six friends tonight?"]
     encoded = [None if t is None else llama.tokenizer(t, add_special_tokens=False)["input_ids"] for t in turns]
     monkeypatch.setattr(self_prompts, "sample_user_turns", lambda model, count, seed: encoded[:count])
-    assert self_written_prompts(llama, 2, seed=0, batch_size=6) == [
+    assert self_written_prompts(llama, 2, seed=0, batch_size=6).prompts == [
         "Plan a three-day trip to Oslo, please.", "What should I cook for six friends tonight?"]
     with pytest.raises(ParamError, match="ended only 2 of 3"):
         self_written_prompts(llama, 3, seed=0, batch_size=6)
 
 
+def test_a_longer_draw_continues_a_shorter_one_without_sampling_its_batches_again(llama, tmp_path, monkeypatch):
+    """Extending the data set's requests reads on from where the shorter draw stopped: the same list as a fresh draw,
+    and no batch before that point sampled again (each took minutes on two cores)."""
+    sampled = []
+
+    def batch_of_turns(model, count, seed):
+        sampled.append(seed)
+        texts = [None if i == 1 else f"Request {i} of batch {seed} for the model itself?" for i in range(count)]
+        return [None if t is None else llama.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    monkeypatch.setattr(self_prompts, "sample_user_turns", batch_of_turns)
+    fresh = self_written_prompts(llama, 8, seed=0, batch_size=3)
+    short = self_written_prompts(llama, 5, seed=0, batch_size=3)
+    assert (short.next_batch, short.next_turn) == (2, 1)  # 2 requests per batch of 3: the 5th is batch 2's first
+    sampled.clear()
+    assert self_written_prompts(llama, 8, seed=0, batch_size=3, resume=short) == fresh
+    assert sampled == [2, 3]  # batches 0 and 1 were not drawn again
+    # the data folder keeps the position; a bare list (older folders) is drawn again from the start
+    mixed_prompts(llama, tmp_path, 10, seed=0, share=0.5, batch_size=3)
+    assert drafter_data.read_draw(tmp_path / drafter_data.SELF_PROMPTS, 3) == (short, 3)
+    sampled.clear()
+    mixed_prompts(llama, tmp_path, 16, seed=0, share=0.5, batch_size=5)  # answered in other batches: drawn in 3s
+    assert sampled == [2, 3] and drafter_data.read_draw(tmp_path / drafter_data.SELF_PROMPTS, 5) == (fresh, 3)
+    (tmp_path / drafter_data.SELF_PROMPTS).write_text(json.dumps(short.prompts))
+    sampled.clear()
+    assert mixed_prompts(llama, tmp_path, 16, seed=0, share=0.5, batch_size=3)[1::2] == [
+        Prompt(SELF_KIND, text) for text in fresh.prompts]
+    assert sampled == [0, 1, 2, 3]
+
+
 def test_a_share_of_self_written_prompts_is_interleaved_and_kept_for_a_resume(llama, tmp_path, monkeypatch) -> None:
     written = [f"Request number {i} from the model itself?" for i in range(4)]
-    monkeypatch.setattr(drafter_data, "self_written_prompts", lambda model, count, *args, **kwargs: written[:count])
+    monkeypatch.setattr(drafter_data, "self_written_prompts",
+                        lambda model, count, *args, **kwargs: Draw(written[:count], 1, 0))
     prompts = mixed_prompts(llama, tmp_path, 8, seed=0, share=0.5, batch_size=4)
     assert [p.kind for p in prompts[1::2]] == [SELF_KIND] * 4 and [p.text for p in prompts[1::2]] == written
     assert [p.text for p in prompts[::2]] == [p.text for p in build_prompts(4, seed=0)]

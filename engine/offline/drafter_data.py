@@ -13,6 +13,8 @@ folder holds:
 - ``shard-00000.safetensors``, ...: ``input_ids`` int32 [T] (the shard's sequences concatenated, prompt then
   answer), ``offsets`` int64 [S+1], ``answer_start`` int64 [S] (index inside each sequence), and float16 [T, H]
   ``hidden_low``, ``hidden_mid``, ``hidden_last``.
+- ``self_prompts.json``: the self-written requests, the batch size they were drawn in and where the draw stopped,
+  so a larger set continues the draw (the same requests as drawing afresh) instead of sampling it all again.
 
 Layer indices are those of transformers' ``hidden_states`` tuple: index i < L is the output of the first i decoder
 layers, index L (``last``) the final hidden state after the final norm, the one the LM head reads. A re-run with the
@@ -41,7 +43,7 @@ from transformers import GenerationConfig
 from engine.models.cache import data_dir
 from engine.models.handle import LoadedModel
 from engine.offline.drafter_prompts import KINDS, Prompt, build_prompts
-from engine.offline.self_prompts import self_written_prompts
+from engine.offline.self_prompts import Draw, self_written_prompts
 from engine.params import ParamError
 
 FORMAT_VERSION = 1
@@ -167,17 +169,32 @@ def is_self_written(index: int, share: float) -> bool:
     return math.floor((index + 1) * share) > math.floor(index * share)
 
 
+def read_draw(path: Path, batch_size: int) -> tuple[Draw, int]:
+    """The self-written prompts kept in ``path`` with where their draw stopped, and the batch size to continue it
+    with: the one it was drawn with (another one draws other requests), ``batch_size`` for a new folder. A folder
+    written before positions were kept holds a bare list: its prompts, no position."""
+    if not path.is_file():
+        return Draw([]), batch_size
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(saved, list):
+        return Draw(saved), batch_size
+    return Draw(saved["prompts"], *saved["next"]), saved["batch_size"]
+
+
 def mixed_prompts(model: LoadedModel, out: Path, count: int, seed: int, share: float, batch_size: int) -> list[Prompt]:
     """The data set's prompts: templates (engine.offline.drafter_prompts) with ``share`` self-written ones
     interleaved; the self-written ones are drawn once and kept in ``out`` (a longer set extends a shorter one)."""
     wanted = sum(is_self_written(index, share) for index in range(count))
     path = out / SELF_PROMPTS
-    written: list[str] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    if len(written) < wanted:
-        with tqdm(total=wanted, unit="prompt", desc="self-written prompts") as bar:
-            written = self_written_prompts(model, wanted, seed, batch_size, progress=bar.update)
-        _write_atomically(path, lambda target: target.write_text(json.dumps(written, indent=0), encoding="utf-8"))
-    own = iter(written)
+    kept, draw_batch = read_draw(path, batch_size)
+    if len(kept.prompts) < wanted:
+        resume = kept if kept.next_batch or kept.next_turn else None  # no position kept: drawn again from the start
+        with tqdm(total=wanted, initial=len(resume.prompts) if resume else 0, unit="prompt",
+                  desc="self-written prompts") as bar:
+            kept = self_written_prompts(model, wanted, seed, draw_batch, progress=bar.update, resume=resume)
+        saved = {"batch_size": draw_batch, "next": [kept.next_batch, kept.next_turn], "prompts": kept.prompts}
+        _write_atomically(path, lambda target: target.write_text(json.dumps(saved, indent=0), encoding="utf-8"))
+    own = iter(kept.prompts)
     templates = iter(build_prompts(count - wanted, seed))
     return [Prompt(SELF_KIND, next(own)) if is_self_written(index, share) else next(templates)
             for index in range(count)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -74,15 +75,29 @@ def sample_user_turns(model: LoadedModel, count: int, seed: int) -> list[list[in
     return turns
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Requests drawn so far, and where the next one would be read: turn ``next_turn`` of batch ``next_batch``."""
+
+    prompts: list[str]
+    next_batch: int = 0
+    next_turn: int = 0
+
+
 def self_written_prompts(
-    model: LoadedModel, count: int, seed: int, batch_size: int = 16, progress: Callable[[int], None] | None = None
-) -> list[str]:
+    model: LoadedModel, count: int, seed: int, batch_size: int = 16, progress: Callable[[int], None] | None = None,
+    resume: Draw | None = None,
+) -> Draw:
     """``count`` distinct requests the target writes itself, drawn in seeded batches (batch i uses seed
-    ``seed * 100_003 + i``); the same model, seed and batch size give the same list on the same machine."""
-    prompts: list[str] = []
-    seen: set[str] = set()
-    for batch in range(MAX_BATCHES_PER_PROMPT * count // batch_size + 1):
-        for turn in sample_user_turns(model, batch_size, seed * 100_003 + batch):
+    ``seed * 100_003 + i``); the same model, seed and batch size give the same list on the same machine, and a
+    longer list extends a shorter one. ``resume``: a shorter draw of the same seed and batch size, continued where it
+    stopped (the same list as drawing afresh, without sampling its batches again)."""
+    start = resume or Draw([])
+    prompts, seen = list(start.prompts), set(start.prompts)
+    for batch in range(start.next_batch, MAX_BATCHES_PER_PROMPT * count // batch_size + 1):
+        turns = sample_user_turns(model, batch_size, seed * 100_003 + batch)
+        first = start.next_turn if batch == start.next_batch else 0
+        for position, turn in enumerate(turns[first:], start=first):
             text = None if turn is None else model.decode(turn, skip_special_tokens=True).strip()
             if not text or len(text.split()) < MIN_WORDS or text in seen or leaks_spec_bench(text):
                 continue
@@ -90,7 +105,7 @@ def self_written_prompts(
             prompts.append(text)
             if progress:
                 progress(1)
-            if len(prompts) == count:
-                return prompts
+            if len(prompts) == count:  # the next request: this batch's next turn, or the next batch's first
+                return Draw(prompts, batch, position + 1) if position + 1 < len(turns) else Draw(prompts, batch + 1)
     raise ParamError(f"{model.name} ended only {len(prompts)} of {count} sampled user turns within "
                      f"{MAX_PROMPT_TOKENS} tokens; ask for fewer self-written prompts")
