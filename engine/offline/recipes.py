@@ -80,7 +80,7 @@ def _train_waitline(kind: str, *extra: str) -> Stage:
 
 
 TEMPLATE_DATA = (2500, 0.0)  # (sequences, share the target wrote itself): the set falcon, medusa and ppd trained on
-MIXED_DATA = (2496, 0.375)  # eagle and fspad: the template set's prompts interleaved with SmolLM2's own
+MIXED_DATA = (4800, 0.375)  # eagle and fspad: template prompts interleaved with SmolLM2's own requests
 
 
 def _drafter_data(sequences: int, self_share: float) -> Stage:
