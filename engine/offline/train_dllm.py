@@ -223,7 +223,8 @@ def ar_rows(batches: Batches) -> LossRows:
     targets = torch.full_like(labels, -100)
     targets[:, :-1] = labels[:, 1:]
     scored = targets != -100
-    return LossRows(ids, targets, torch.ones(ids.shape), float(scored.sum()), scored, float(scored.sum()))
+    count = float(scored.sum())
+    return LossRows(ids, targets, torch.ones(ids.shape), count, scored, count)  # every scored token is the answer's
 
 
 def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix_share: float = 0.0,
@@ -417,7 +418,8 @@ def starting_length(settings: TrainSettings, maximum: int) -> int:
 
 def grow(batches: Batches, settings: TrainSettings, window_loss: float) -> None:
     """Competence-based curriculum: allow one more person once the current lengths are learnt (the loss on the
-    answers' own tokens below ``grow_below``). A fixed schedule grew the lists before the copy circuits had formed, and nothing was learnt."""
+    answers' own tokens below ``grow_below``). A fixed schedule grew the lists before the copy circuits had formed,
+    and nothing was learnt."""
     if window_loss < settings.grow_below:
         batches.longest = min(batches.generator.max_people, batches.longest + 1)
 
