@@ -77,7 +77,9 @@ def test_sampling_follows_the_target(llama):
 
 
 def test_the_run_records_measured_and_parallel_draft_times(llama):
-    trace = run_ignoring_eos(llama, "easyspec", PROMPTS[2], {"num_draft_tokens": 4}, max_new_tokens=24)
+    # whole drafts: the cost-aware length may keep drafts at one token, which no fuzzy forward makes
+    trace = run_ignoring_eos(llama, "easyspec", PROMPTS[2], {"num_draft_tokens": 4, "draft_length": "fixed"},
+                             max_new_tokens=24)
     metrics = {e.name: e.value for e in trace.events if isinstance(e, DecoderMetric)}
     assert 0 < metrics["draft_seconds_parallel"] < metrics["draft_seconds_measured"]
     assert metrics["parallel_draft_speedup"] == pytest.approx(
