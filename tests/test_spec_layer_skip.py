@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from engine import load_model
-from engine.decoders.speculative.layer_skip import search_skip_layers, skip_agreement, spread_layers
+from engine.decoders.speculative.layer_skip import PromptTail, SkipDrafter, search_skip_layers, spread_layers
 from engine.events import DecoderMetric
-from engine.speculative.cache import PrefixCache
+from engine.speculative.cache import PrefixCache, crop_cache
+from engine.speculative.drafts import DraftModelDrafter
+from engine.speculative.rounds import Sampling
 from engine.speculative.skip import layer_skipped_model
 from engine.speculative.truncated import truncated_model
 from tests.helpers import (
@@ -55,32 +57,101 @@ def test_skip_view_shares_weights_and_keeps_the_target_whole(name):
 # ---------------------------------------------------------------- the search
 
 
+def cache_state(cache: PrefixCache) -> list[torch.Tensor]:
+    """Copies of every cache layer's keys and values, to compare bitwise."""
+    return [t.clone() for layer in cache.cache.layers for t in (layer.keys, layer.values)]
+
+
+def assert_same_state(before: list[torch.Tensor], cache: PrefixCache) -> None:
+    after = cache_state(cache)
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_the_tail_scores_on_the_target_cache_and_leaves_it_holding_the_head(name):
+    """Skipping the last layer, the kept layers' KV of the head is what the view would compute itself: the score
+    equals a direct forward of the view over the whole prompt. Scoring leaves the target's cache as it was, and
+    the tail's KV goes back in."""
+    model = load_model(name)
+    ids = model.encode(PROMPTS[1])
+    target = PrefixCache(model)
+    tail = PromptTail(target, ids, 16)
+    assert target.tokens == ids[:-16] and target.cache.get_seq_length() == len(ids) - 16 and tail.tokens == ids[-16:]
+    full = model.forward(torch.tensor([ids])).logits[0, -16:].argmax(-1)
+    assert torch.equal(tail.full, full)
+    before = cache_state(target)
+    last = (model.num_layers - 1,)
+    direct = layer_skipped_model(model, last).forward(torch.tensor([ids])).logits[0, -16:].argmax(-1)
+    assert tail.agreement(last) == float((direct == full).double().mean())
+    assert_same_state(before, target)
+    with pytest.raises(ValueError, match="cannot set aside"):
+        target.set_aside(len(target.tokens) + 1)
+    tail.restore()  # the tail's KV back, as the same forwards leave it
+    again = PrefixCache(model)
+    for chunk in (ids[:-16], ids[-16:-15], ids[-15:]):
+        again.forward(chunk)
+    for cache in (target, again):
+        crop_cache(cache.cache, len(ids))  # sliding-window layers back to their window
+    assert target.tokens == again.tokens == ids
+    assert_same_state(cache_state(again), target)
+    assert PromptTail(PrefixCache(model), ids[:5], 16).tokens == ids[:5]  # a prompt shorter than the window
+
+
 def test_search_returns_a_set_of_the_right_size_with_a_recomputable_score(llama):
-    ids = llama.encode(PROMPTS[1])
-    choice = search_skip_layers(llama, ids, 1, iterations=6, context_window=16)
+    tail = PromptTail(PrefixCache(llama), llama.encode(PROMPTS[1]), 16)
+    choice = search_skip_layers(tail.agreement, llama.num_layers, 1, iterations=6)
     assert len(choice.skip) == 1 and choice.candidates == 2  # a 2-layer model has two one-layer sets
-    scores = {skip: skip_agreement(llama, ids, (skip,), 16) for skip in (0, 1)}
+    scores = {skip: tail.agreement((skip,)) for skip in (0, 1)}
     assert choice.score == scores[choice.skip[0]] == max(scores.values())
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_a_shared_cache_draft_equals_the_views_own_and_leaves_the_target_cache_alone(name):
+    """With the last layer skipped the target's KV is the view's own: the same draft as a drafter with its own cache."""
+    model = load_model(name)
+    ids = model.encode(PROMPTS[0])
+    last = layer_skipped_model(model, (model.num_layers - 1,))
+    target = PrefixCache(model)
+    target.forward(ids[:-1])
+    before = cache_state(target)
+    shared = SkipDrafter(last, target, "layer_skip", Sampling((), None), 6, stop_threshold=0.0).propose(ids, 6)
+    own = DraftModelDrafter(last, "own", Sampling((), None), 6).propose(ids, 6)
+    assert len(shared.tokens) == 6 and shared.tokens == own.tokens
+    assert_same_state(before, target)
+    assert target.tokens == ids[:-1]
+    assert SkipDrafter(last, PrefixCache(model), "layer_skip", Sampling((), None), 6, 0.0).propose(ids, 6).tokens == []
 
 
 @pytest.mark.real_model
 def test_search_on_a_real_model():
     model = load_model("smollm2-135m-instruct")
     ids = model.encode("Describe a vivid and unique character, using strong imagery and creative language.", chat=True)
-    choice = search_skip_layers(model, ids, 13, iterations=6, context_window=20)
+    tail = PromptTail(PrefixCache(model), ids, 20)
+    choice = search_skip_layers(tail.agreement, model.num_layers, 13, iterations=6)
     assert len(choice.skip) == len(set(choice.skip)) == 13 and all(0 <= layer < 30 for layer in choice.skip)
-    assert choice.candidates <= 6 and choice.score == skip_agreement(model, ids, choice.skip, 20)
+    assert choice.candidates <= 6 and choice.score == tail.agreement(choice.skip)
     assert 0 <= choice.score <= 1
 
 
 @pytest.mark.parametrize("params", [{}, {"skip_layers": "1"}])
 def test_the_run_records_the_skip_set_and_its_score(llama, params):
-    trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], params, max_new_tokens=8)
+    trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {**params, "draft_length": "fixed"}, max_new_tokens=8)
     metrics = {e.name: e for e in trace.events if isinstance(e, DecoderMetric)}
     skip = metrics["skip_agreement"].detail
     assert metrics["skipped_layers"].value == 1 and skip in ("0", "1") and (not params or skip == params["skip_layers"])
-    assert trace.metrics["skip_agreement"] == skip_agreement(llama, trace.prompt_token_ids, (int(skip),), 50)
+    tail = PromptTail(PrefixCache(llama), trace.prompt_token_ids, 50)
+    assert trace.metrics["skip_agreement"] == tail.agreement((int(skip),))
+    assert 0 < trace.metrics["skip_draft_cost"] and trace.metrics["skip_drafting"] == 1.0  # fixed: drafts regardless
     assert {n.source for r in rounds_of(trace) for n in r.nodes} == {f"layer_skip:{skip}"}
+
+
+@pytest.mark.parametrize("cost,drafts", [(0.0, True), (1.01, False)])
+def test_a_cost_aware_run_drafts_only_with_a_set_that_agrees_as_often_as_a_draft_costs(llama, monkeypatch, cost, drafts):
+    monkeypatch.setattr(PromptTail, "draft_cost", lambda self, skip: cost)
+    trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {"skip_layers": "1"}, max_new_tokens=12)
+    assert trace.metrics["skip_drafting"] == float(drafts) and trace.metrics["skip_draft_cost"] == cost
+    assert any(r.nodes for r in rounds_of(trace)) == drafts
+    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=12).output_token_ids
 
 
 @pytest.mark.parametrize(
@@ -99,11 +170,11 @@ def test_bad_skip_parameters_fail_the_run_clearly(llama, params, message):
 
 # ---------------------------------------------------------------- losslessness (greedy, float32)
 
-SETTINGS = [
-    {"skip_layers": "0", "stop_threshold": 0.0, "num_draft_tokens": 8},  # long drafts, never stopped early
-    {"skip_layers": "1", "stop_threshold": 0.0, "num_draft_tokens": 3},
+SETTINGS = [  # whole drafts every round (draft_length fixed), but for the defaults' row
+    {"skip_layers": "0", "stop_threshold": 0.0, "num_draft_tokens": 8, "draft_length": "fixed"},  # never stopped early
+    {"skip_layers": "1", "stop_threshold": 0.0, "num_draft_tokens": 3, "draft_length": "fixed"},
     {"skip_layers": "1"},  # the confidence stop: a random model's drafts end after one token
-    {"stop_threshold": 0.0, "num_draft_tokens": 5},  # searched
+    {"stop_threshold": 0.0, "num_draft_tokens": 5, "draft_length": "fixed"},  # searched
 ]
 
 
@@ -118,12 +189,13 @@ def test_greedy_layer_skip_equals_greedy_llama(llama, params, prompt, max_new_to
 
 @pytest.mark.parametrize("params", [SETTINGS[0], SETTINGS[1], SETTINGS[3]])
 def test_greedy_layer_skip_equals_greedy_gemma3(params):
-    """70 tokens cross the sliding window (32): the view's own cache, sliding layer kept or skipped, rolls back."""
+    """70 tokens cross the sliding window (32): the shared cache, sliding layer kept or skipped, rolls back."""
     gemma = load_model("tiny-random-gemma3")
     expected = run_ignoring_eos(gemma, "greedy", PROMPTS[1], max_new_tokens=70).output_token_ids
     trace = run_ignoring_eos(gemma, "layer_skip", PROMPTS[1], params, max_new_tokens=70)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == expected
+    assert sum(len(r.nodes) for r in rounds_of(trace)) > 20  # the drafts ran
 
 
 def test_stop_threshold_ends_drafts_early(llama):

@@ -29,7 +29,7 @@ LOSSLESS = [
     ("pearl", {"draft_layers": 12}),
     ("dyspec", {"draft_layers": 12, "tree_size": 6, "max_depth": 3}),
     ("rsd", {"draft_layers": 12, "tree": "beam"}),
-    ("layer_skip", {"skip_ratio": 0.2, "search_iterations": 4}),
+    ("layer_skip", {"skip_ratio": 0.2, "search_iterations": 4, "draft_length": "fixed"}),  # drafts every round
     ("rapid", {"draft_layers": 12, "chunk_tokens": 16, "retrieved_chunks": 2}),
     ("token_recycling", {}),
     ("aded", {"iterations": 40}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
@@ -19,6 +21,14 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
         raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} positions to {length}")
     if cache.get_seq_length() > 0:  # an empty sliding-window layer fails on crop
         cache.crop(-remove)
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """The last positions a :class:`PrefixCache` held: their tokens and every layer's keys and values."""
+
+    tokens: list[int]
+    states: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PrefixCache:
@@ -61,3 +71,24 @@ class PrefixCache:
         self.tokens.extend(tokens)
         self.last_hidden = out.hidden[0] if out.hidden is not None else None
         return out
+
+    def set_aside(self, count: int) -> SetAside:
+        """Remove the last ``count`` positions but keep their KV, to :meth:`put_back` after some work on the shorter
+        context (instead of running them again). Every layer must still hold them: a sliding-window layer keeps
+        them only until its next crop."""
+        if not 0 < count <= len(self.tokens):
+            raise ValueError(f"cannot set aside {count} of {len(self.tokens)} cached positions")
+        layers = self.cache.layers
+        if any(layer.keys.shape[-2] < count for layer in layers):
+            raise ValueError(f"a cache layer no longer holds the last {count} positions")
+        states = [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in layers]
+        aside = SetAside(self.tokens[-count:], states)
+        crop_cache(self.cache, len(self.tokens) - count)
+        del self.tokens[-count:]
+        return aside
+
+    def put_back(self, aside: SetAside) -> None:
+        """Append positions :meth:`set_aside` removed, as they were."""
+        for layer, (keys, values) in zip(self.cache.layers, aside.states):
+            layer.update(keys, values)
+        self.tokens.extend(aside.tokens)

@@ -1,27 +1,36 @@
 """Self-speculation by layer skipping (Draft & Verify, Zhang et al. ACL 2024; SWIFT, Xia et al. ICLR 2025).
 
-The draft is the target itself with a set of decoder layers skipped (identity residual), weights shared, with its
-own KV cache (:mod:`engine.speculative.skip`). It drafts up to ``num_draft_tokens`` tokens and stops early once its
-probability for the token it just drafted is below ``stop_threshold`` (SWIFT's top-1 confidence stop under greedy
-decoding); the full model verifies the chain in one forward (speculative.md §0.1, §11).
+The draft is the target itself with a set of decoder layers skipped (identity residual), weights and KV cache shared
+as in Draft & Verify: the kept layers read the target's KV of the verified context, and the positions a draft adds
+are cropped before the target verifies (:class:`engine.speculative.skip.SharedSkipCache`). A draft needs no prefill
+of its own, so it runs from the second round, once the target holds the prompt. It drafts up to
+``num_draft_tokens`` tokens and stops early once its probability for the token it just drafted is below
+``stop_threshold`` (SWIFT's top-1 confidence stop under greedy decoding); the full model verifies the chain in one
+forward (speculative.md §0.1, §11). Verification is standard: lossless.
 
-The skip set is given, or found training-free on the prompt itself, SWIFT-style but small: a candidate set of
-``round(skip_ratio * layers)`` layers scores the fraction of the prompt's last ``context_window`` positions where
-the skipped model's greedy next token (teacher-forced, one forward per candidate) equals the full model's. Half of
+The skip set is given, or found training-free on the prompt itself, SWIFT-style but small. The target runs the
+prompt but its last ``context_window`` tokens (the first round reuses that cache); a candidate set of
+``round(skip_ratio * layers)`` layers scores the fraction of those last positions where the skipped model's greedy
+next token (teacher-forced on the target's KV of the earlier prompt, as it drafts) equals the full model's. Half of
 the ``search_iterations`` candidates are random sets, the rest refine the best set so far by swapping one skipped
 layer for a kept one (a move is kept unless it scores worse). The search draws from its own fixed-seed generator, so
-the chosen set depends on the prompt only. Verification is standard: lossless.
+the chosen set depends on the prompt only.
 
-The search is cost-aware: SWIFT amortises it over a whole task, while one run here pays it in full (20 prompt
-forwards took 70-85 % of a 32-token run, BENCHMARKS.md). It may spend at most ``search_budget`` of the run's
-expected greedy time (``max_new_tokens`` one-token target steps, one of them timed) at the measured cost of scoring
-a set; a run that cannot afford two sets takes ``num_skip`` layers spread evenly over the depth (the first and the
-last kept, as Draft & Verify found them the most needed) and only scores that set.
+The search is cost-aware: SWIFT amortises it over a whole task, while one run here pays it in full. It may spend at
+most ``search_budget`` of the run's expected greedy time (``max_new_tokens`` one-token target steps, one of them
+timed) at the measured cost of scoring a set; a run that cannot afford two sets takes ``num_skip`` layers spread
+evenly over the depth (the first and the last kept, as Draft & Verify found them the most needed) and only scores
+that set. The tail's own KV is set aside while sets are scored and put back after, so the target runs the prompt
+once. With the cost-aware draft length (the default) a set whose agreement is below its draft cost (its forward
+time over the tail as a share of the target's) does not draft at all: a drafted token then costs more than it is
+expected to save. On SmolLM2-135M, where skipping 45 % of the layers leaves 10-20 % agreement, that is the usual
+outcome.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,9 +41,10 @@ from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
 from engine.models.handle import LoadedModel
 from engine.params import Param, ParamError
+from engine.speculative.cache import PrefixCache
 from engine.speculative.drafts import DraftModelDrafter
-from engine.speculative.rounds import SAMPLING_PARAMS, Sampling, speculative_rounds
-from engine.speculative.skip import layer_skipped_model
+from engine.speculative.rounds import NO_DRAFT, SAMPLING_PARAMS, Draft, Sampling, speculative_rounds
+from engine.speculative.skip import SharedSkipCache, layer_skipped_model
 
 SEARCH_SEED = 0
 
@@ -52,50 +62,69 @@ class SkipChoice:
         return ",".join(map(str, self.skip))
 
 
-def greedy_predictions(model: LoadedModel, prompt_ids: list[int], context_window: int) -> torch.Tensor:
-    """The model's argmax next token at each of the prompt's last ``context_window`` positions (teacher-forced)."""
-    logits = model.forward(torch.tensor([prompt_ids])).logits[0]
-    return logits[-min(context_window, len(prompt_ids)) :].argmax(-1)
+class PromptTail:
+    """The prompt's last ``window`` positions, on which skip sets are scored (module docstring).
 
-
-def skip_agreement(
-    model: LoadedModel, prompt_ids: list[int], skip: tuple[int, ...], context_window: int, full: torch.Tensor | None = None
-) -> float:
-    """The fraction of the last ``context_window`` prompt positions where ``model`` minus ``skip`` agrees with ``model``.
-
-    ``full`` are the full model's :func:`greedy_predictions`, computed here when not given.
+    It runs the prompt into the run's empty target cache, sets the tail's KV aside while sets are scored against the
+    rest, and :meth:`restore` puts it back, so the run's first round reruns only the prompt's last token. ``full``
+    are the full model's greedy next tokens after each tail token, ``step_seconds`` the time of a one-token target
+    step, ``tail_seconds`` that of the target over the tail, and ``seconds`` that of each scored set over it.
     """
-    if full is None:
-        full = greedy_predictions(model, prompt_ids, context_window)
-    skipped = greedy_predictions(layer_skipped_model(model, skip), prompt_ids, context_window)
-    return float((skipped == full).double().mean())
+
+    def __init__(self, target: PrefixCache, prompt_ids: list[int], window: int) -> None:
+        size = min(window, len(prompt_ids))
+        head, self.tokens = prompt_ids[:-size], prompt_ids[-size:]
+        self.target = target
+        if head:
+            target.forward(head, keep=1)
+        start = time.perf_counter()
+        first = target.forward(self.tokens[:1], keep=1).logits[0]
+        self.step_seconds = time.perf_counter() - start
+        rest = target.forward(self.tokens[1:], keep=size - 1).logits[0] if size > 1 else first[:0]
+        self.tail_seconds = time.perf_counter() - start
+        self.full = torch.cat([first, rest]).argmax(-1)
+        self.aside = target.set_aside(size)
+        self.seconds: dict[tuple[int, ...], float] = {}
+
+    def agreement(self, skip: tuple[int, ...]) -> float:
+        """The fraction of tail positions where the model minus ``skip`` predicts the full model's token."""
+        cache = SharedSkipCache(layer_skipped_model(self.target.model, skip), self.target)
+        start = time.perf_counter()
+        predicted = cache.forward(self.tokens, keep=len(self.tokens)).logits[0].argmax(-1)
+        self.seconds[skip] = time.perf_counter() - start
+        cache.release()
+        return float((predicted == self.full).double().mean())
+
+    def draft_cost(self, skip: tuple[int, ...]) -> float:
+        """A scored set's forward time as a share of the target's."""
+        return self.seconds[skip] / max(self.tail_seconds, 1e-9)
+
+    def restore(self) -> None:
+        self.target.put_back(self.aside)
 
 
 def search_skip_layers(
-    model: LoadedModel, prompt_ids: list[int], num_skip: int, iterations: int, context_window: int,
-    full: torch.Tensor | None = None,
+    score: Callable[[tuple[int, ...]], float], total: int, num_skip: int, iterations: int
 ) -> SkipChoice:
-    """The best-agreeing set of ``num_skip`` layers among up to ``iterations`` distinct candidates (module docstring);
-    ``full`` are the full model's :func:`greedy_predictions` when already computed."""
-    total = model.num_layers
+    """The best-scoring set of ``num_skip`` of ``total`` layers among up to ``iterations`` distinct candidates
+    (module docstring)."""
     if not 1 <= num_skip < total:
         raise ValueError(f"the skip set must hold between 1 and {total - 1} of the target's {total} layers, got {num_skip}")
     generator = torch.Generator().manual_seed(SEARCH_SEED)
-    full = greedy_predictions(model, prompt_ids, context_window) if full is None else full
     scores: dict[tuple[int, ...], float] = {}
 
-    def score(skip: tuple[int, ...]) -> float:
+    def scored(skip: tuple[int, ...]) -> float:
         if skip not in scores:
-            scores[skip] = skip_agreement(model, prompt_ids, skip, context_window, full)
+            scores[skip] = score(skip)
         return scores[skip]
 
     random_sets = [
         tuple(sorted(torch.randperm(total, generator=generator)[:num_skip].tolist())) for _ in range((iterations + 1) // 2)
     ]
-    best = current = max(random_sets, key=score)  # the first of the best on ties
+    best = current = max(random_sets, key=scored)  # the first of the best on ties
     for _ in range(iterations // 2):
         candidate = _swap_one(current, total, generator)
-        if score(candidate) >= score(current):
+        if scored(candidate) >= scored(current):
             current = candidate
             if scores[current] > scores[best]:
                 best = current
@@ -108,15 +137,11 @@ def spread_layers(total: int, num_skip: int) -> tuple[int, ...]:
     return tuple(sorted({inner[(2 * i + 1) * len(inner) // (2 * num_skip)] for i in range(num_skip)}))
 
 
-def affordable_sets(model: LoadedModel, prompt_ids: list[int], prompt_seconds: float, max_new_tokens: int,
-                    share: float, skip_share: float) -> int:
-    """How many skip sets scoring may cost: ``share`` of ``max_new_tokens`` one-token target steps (one is timed
-    here), each set costing a prompt forward (``prompt_seconds``) through the kept share of the layers."""
-    start = time.perf_counter()
-    model.forward(torch.tensor([prompt_ids[-1:]]))
-    step_seconds = time.perf_counter() - start
-    set_seconds = max(prompt_seconds * (1.0 - skip_share), 1e-9)
-    return int(share * max_new_tokens * step_seconds / set_seconds)
+def affordable_sets(tail: PromptTail, max_new_tokens: int, share: float, skip_share: float) -> int:
+    """How many skip sets scoring may cost: ``share`` of ``max_new_tokens`` one-token target steps, each set
+    costing a forward over the tail through the kept share of the layers."""
+    set_seconds = max(tail.tail_seconds * (1.0 - skip_share), 1e-9)
+    return int(share * max_new_tokens * tail.step_seconds / set_seconds)
 
 
 def _swap_one(skip: tuple[int, ...], total: int, generator: torch.Generator) -> tuple[int, ...]:
@@ -138,48 +163,76 @@ def parse_layers(text: str, total: int) -> tuple[int, ...]:
     return layers
 
 
-def choose_skip(ctx: DecodeContext) -> SkipChoice:
-    """The given ``skip_layers`` (scored on the prompt), or the searched set."""
+def choose_skip(ctx: DecodeContext, tail: PromptTail, given: tuple[int, ...] | None, num_skip: int) -> SkipChoice:
+    """The ``given`` set or the searched set of ``num_skip`` layers, scored on the prompt's ``tail``."""
     params = ctx.params
     total = ctx.model.num_layers
-    window = params["context_window"]
-    if params["skip_layers"].strip():
-        skip = parse_layers(params["skip_layers"], total)
-        return SkipChoice(skip, skip_agreement(ctx.model, ctx.prompt_ids, skip, window), 1)
-    num_skip = round(params["skip_ratio"] * total)
-    if not 1 <= num_skip < total:
-        raise ParamError(
-            f"skip_ratio={params['skip_ratio']} skips {num_skip} of {total} layers; choose one that skips between 1 and {total - 1}"
-        )
-    start = time.perf_counter()
-    full = greedy_predictions(ctx.model, ctx.prompt_ids, window)
+    if given:
+        return SkipChoice(given, tail.agreement(given), 1)
     iterations = params["search_iterations"]
     if params["search_budget"]:
-        affordable = affordable_sets(ctx.model, ctx.prompt_ids, time.perf_counter() - start, ctx.max_new_tokens,
-                                     params["search_budget"], num_skip / total)
+        affordable = affordable_sets(tail, ctx.max_new_tokens, params["search_budget"], num_skip / total)
         iterations = min(iterations, affordable)
     if iterations < 2:  # nothing to compare: the spread set, scored
         skip = spread_layers(total, num_skip)
-        return SkipChoice(skip, skip_agreement(ctx.model, ctx.prompt_ids, skip, window, full), 1)
-    return search_skip_layers(ctx.model, ctx.prompt_ids, num_skip, iterations, window, full)
+        return SkipChoice(skip, tail.agreement(skip), 1)
+    return search_skip_layers(tail.agreement, total, num_skip, iterations)
+
+
+def skipped_count(skip_ratio: float, total: int) -> int:
+    num_skip = round(skip_ratio * total)
+    if not 1 <= num_skip < total:
+        raise ParamError(f"skip_ratio={skip_ratio} skips {num_skip} of {total} layers; choose one that skips between 1 "
+                         f"and {total - 1}")
+    return num_skip
+
+
+class SkipDrafter(DraftModelDrafter):
+    """Drafts with the skip view in the target's cache (:class:`SharedSkipCache`), once the target holds every
+    committed token but the newest; never unless ``drafting``."""
+
+    def __init__(self, view: LoadedModel, target: PrefixCache, source: str, sampling: Sampling, num_draft_tokens: int,
+                 stop_threshold: float, drafting: bool = True) -> None:
+        super().__init__(view, source, sampling, num_draft_tokens, schedule="confidence",
+                         confidence_threshold=stop_threshold)
+        self.cache = SharedSkipCache(view, target)
+        self.drafting = drafting
+
+    def propose(self, context: list[int], max_depth: int) -> Draft:
+        held = self.cache.target.tokens
+        if not self.drafting:
+            return NO_DRAFT
+        if len(held) != len(context) - 1 or context[:-1] != held:  # the prompt's round: nothing to share yet
+            return NO_DRAFT
+        try:
+            return super().propose(context, max_depth)
+        finally:
+            self.cache.release()
 
 
 def layer_skip(ctx: DecodeContext) -> Iterator[Event]:
-    choice = choose_skip(ctx)
+    params = ctx.params
+    total = ctx.model.num_layers
+    given = parse_layers(params["skip_layers"], total) if params["skip_layers"].strip() else None
+    num_skip = len(given) if given else skipped_count(params["skip_ratio"], total)
+    target = PrefixCache(ctx.model)
+    tail = PromptTail(target, ctx.prompt_ids, params["context_window"])
+    choice = choose_skip(ctx, tail, given, num_skip)
+    tail.restore()
+    cost = tail.draft_cost(choice.skip)
+    # A drafted token costs ``cost`` target steps: a set that agrees less often than that cannot pay (cost-aware
+    # runs then take plain steps; a fixed draft length drafts regardless, to show the drafts).
+    drafting = params["draft_length"] != "adaptive" or choice.score >= cost
     yield DecoderMetric("skip_agreement", choice.score, choice.label)
     yield DecoderMetric("skipped_layers", len(choice.skip), choice.label)
     yield DecoderMetric("skip_candidates_scored", choice.candidates, choice.label)
+    yield DecoderMetric("skip_draft_cost", cost, "the set's forward time over the prompt's tail / the target's")
+    yield DecoderMetric("skip_drafting", float(drafting), "drafts" if drafting else
+                        f"no drafts: agreement {choice.score:.2f} < draft cost {cost:.2f}")
     sampling = Sampling.of(ctx)
-    draft = layer_skipped_model(ctx.model, choice.skip)
-    drafter = DraftModelDrafter(
-        draft,
-        f"layer_skip:{choice.label}",
-        sampling,
-        ctx.params["num_draft_tokens"],
-        schedule="confidence",
-        confidence_threshold=ctx.params["stop_threshold"],
-    )
-    yield from speculative_rounds(ctx, drafter, sampling)
+    drafter = SkipDrafter(layer_skipped_model(ctx.model, choice.skip), target, f"layer_skip:{choice.label}", sampling,
+                          params["num_draft_tokens"], params["stop_threshold"], drafting)
+    yield from speculative_rounds(ctx, drafter, sampling, target=target)
 
 
 SPEC = register(
