@@ -249,8 +249,9 @@ def test_a_kept_node_always_has_its_parent():
     assert all(TREE_PARENTS[node] in kept or TREE_PARENTS[node] < 0 for node in kept)
 
 
-def test_nothing_is_cut_without_timings_or_with_uninformative_probabilities():
-    assert DraftLengthController(FakeClock()).nodes_that_pay(TREE_PARENTS, TREE_PROBS) is None
+def test_before_any_timing_only_the_likeliest_node_is_verified_and_uninformative_trees_stay_whole():
+    assert DraftLengthController(FakeClock()).nodes_that_pay(TREE_PARENTS, TREE_PROBS) == [0]  # the cheapest check
+    assert DraftLengthController(FakeClock()).nodes_that_pay(TREE_PARENTS, [1.0] * 6) is None
     assert tree_controller(0.02).nodes_that_pay(TREE_PARENTS, [1.0] * 6) is None  # lookups: every node 1.0
 
 

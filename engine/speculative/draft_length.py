@@ -284,13 +284,16 @@ class DraftLengthController:
     def nodes_that_pay(self, parents: list[int], probs: list[float]) -> list[int] | None:
         """The nodes of a drafted tree worth verifying, ascending (every kept node's parent is kept): the most
         likely ones up to the count with most expected tokens per verify second, at least one (drafting them is
-        already paid for, and only verified nodes teach the calibration); None: all of them, or no basis to cut
-        (no verify timing yet, or uninformative probabilities such as lookups' 1.0)."""
-        if len(probs) < 2 or not self.verify_cost.count or min(probs) >= 1.0:
+        already paid for, and only verified nodes teach the calibration); before any verify timing, the most likely
+        node alone (as the first round's depth: the cheapest draft that says something); None: all of them, or
+        uninformative probabilities such as lookups' 1.0."""
+        if len(probs) < 2 or min(probs) >= 1.0:
             return None
         paths = path_probs(parents, probs)
         # A child is never likelier than its parent, and parents come first: every prefix of this order is a tree.
         order = sorted(range(len(paths)), key=lambda node: (-paths[node], node))
+        if not self.verify_cost.count:
+            return order[:1]
         best, best_rate, tokens = 1, 0.0, 1.0
         for count, node in enumerate(order, start=1):
             tokens += self.calibration.expected(paths[node])
