@@ -114,3 +114,26 @@ def test_bench_spec_times_each_run_by_its_fastest_repeat(capsys, monkeypatch):
     assert "fastest of 2 runs each" in out and "greedy-equality mismatches: 0" in out
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("prompt_lookup "))
     assert row[1] == "2.000x"  # greedy's fastest 1.0 s over prompt lookup's 0.5 s, on every prompt
+
+
+def test_a_bench_repeat_starts_from_the_hot_start_its_prompts_first_run_had(capsys, monkeypatch):
+    """Token Recycling's matrix outlives a run: a repeat must not draft from what the prompt's first run learnt."""
+    import cli.bench as bench
+
+    real_run, known = bench._spec_run, []
+
+    def record_known(model, name, params, prompt, tokens):
+        trace, seconds = real_run(model, name, params, prompt, tokens)
+        if name == "token_recycling":
+            known.append(trace.metrics["matrix_rows_known_at_start"])
+        return trace, seconds
+
+    monkeypatch.setattr(bench, "_spec_run", record_known)
+    real_prompts = bench._spec_prompts
+    monkeypatch.setattr(bench, "_spec_prompts", lambda n: [p for p in real_prompts(n) if len(p["turns"][0]) < 1500][:2])
+    assert main(["bench", "spec", "--model", "tiny-random-llama", "--tokens", "6", "--decoders", "token_recycling",
+                 "--hf", "", "--repeats", "2"]) == 0
+    warmup, *timed = known
+    assert len(timed) == 4 and timed[0] == timed[1] and timed[2] == timed[3]  # each prompt's two runs alike
+    assert timed[2] > timed[0]  # while the matrix still carries over from one prompt to the next
+    assert "greedy-equality mismatches: 0" in capsys.readouterr().out

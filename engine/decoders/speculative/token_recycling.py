@@ -78,6 +78,17 @@ class Adjacency:
 _MATRICES: dict[tuple[str, int, int], Adjacency] = {}
 
 
+def saved_matrices() -> dict[tuple[str, int, int], Adjacency]:
+    """Copies of every hot-start matrix, for :func:`restore_matrices` (a benchmark's repeat of a prompt must not
+    start from what the first run of that prompt learnt)."""
+    return {key: Adjacency(m.tokens.clone(), m.probs.clone()) for key, m in _MATRICES.items()}
+
+
+def restore_matrices(saved: dict[tuple[str, int, int], Adjacency]) -> None:
+    _MATRICES.clear()
+    _MATRICES.update({key: Adjacency(m.tokens.clone(), m.probs.clone()) for key, m in saved.items()})
+
+
 def template(tree_size: int) -> list[tuple[int, ...]]:
     """The ``tree_size`` template nodes of lowest depth + rank sum (all 80: the paper's tree), level by level.
 
