@@ -7,7 +7,7 @@ loaded in its target's dtype and on its target's device.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -36,6 +36,14 @@ SCHEDULE_HELP = (
 StopRule = Callable[[list[float]], bool]
 
 
+class DraftCache(Protocol):
+    """What a :class:`DraftModelDrafter` needs of its cache: a :class:`PrefixCache`, or one sharing the target's."""
+
+    def sync(self, context: list[int]) -> list[int]: ...
+
+    def forward(self, tokens: list[int], keep: int = 0) -> ForwardResult: ...
+
+
 class DraftModelDrafter(Drafter):
     """Drafts up to ``num_draft_tokens`` tokens autoregressively with its own rolled-back cache.
 
@@ -55,10 +63,11 @@ class DraftModelDrafter(Drafter):
         schedule: str = "constant",
         confidence_threshold: float = 0.4,
         stop_rule: StopRule | None = None,
+        cache: DraftCache | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ParamError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
-        self.cache = PrefixCache(model)
+        self.cache = cache if cache is not None else PrefixCache(model)
         self.source = source
         self.sampling = sampling
         self.num_draft_tokens = num_draft_tokens

@@ -193,21 +193,21 @@ class SkipDrafter(DraftModelDrafter):
 
     def __init__(self, view: LoadedModel, target: PrefixCache, source: str, sampling: Sampling, num_draft_tokens: int,
                  stop_threshold: float, drafting: bool = True) -> None:
+        self.shared = SharedSkipCache(view, target)
         super().__init__(view, source, sampling, num_draft_tokens, schedule="confidence",
-                         confidence_threshold=stop_threshold)
-        self.cache = SharedSkipCache(view, target)
+                         confidence_threshold=stop_threshold, cache=self.shared)
         self.drafting = drafting
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
-        held = self.cache.target.tokens
         if not self.drafting:
             return NO_DRAFT
+        held = self.shared.target.tokens
         if len(held) != len(context) - 1 or context[:-1] != held:  # the prompt's round: nothing to share yet
             return NO_DRAFT
         try:
             return super().propose(context, max_depth)
         finally:
-            self.cache.release()
+            self.shared.release()
 
 
 def layer_skip(ctx: DecodeContext) -> Iterator[Event]:

@@ -62,6 +62,9 @@ class Adjacency:
     def blank(cls, vocab_size: int, k: int) -> "Adjacency":
         return cls(torch.full((vocab_size, k), UNKNOWN, dtype=torch.int32), torch.zeros(vocab_size, k))
 
+    def copy(self) -> "Adjacency":
+        return Adjacency(self.tokens.clone(), self.probs.clone())
+
     def known_rows(self) -> int:
         return int((self.tokens[:, 0] != UNKNOWN).sum())
 
@@ -81,12 +84,12 @@ _MATRICES: dict[tuple[str, int, int], Adjacency] = {}
 def saved_matrices() -> dict[tuple[str, int, int], Adjacency]:
     """Copies of every hot-start matrix, for :func:`restore_matrices` (a benchmark's repeat of a prompt must not
     start from what the first run of that prompt learnt)."""
-    return {key: Adjacency(m.tokens.clone(), m.probs.clone()) for key, m in _MATRICES.items()}
+    return {key: matrix.copy() for key, matrix in _MATRICES.items()}
 
 
 def restore_matrices(saved: dict[tuple[str, int, int], Adjacency]) -> None:
     _MATRICES.clear()
-    _MATRICES.update({key: Adjacency(m.tokens.clone(), m.probs.clone()) for key, m in saved.items()})
+    _MATRICES.update({key: matrix.copy() for key, matrix in saved.items()})  # ``saved`` serves every repeat
 
 
 def template(tree_size: int) -> list[tuple[int, ...]]:
