@@ -160,11 +160,15 @@ def test_pearl_rounds_alternate_as_the_algorithm_says(llama, params, prompt):
 
 
 def test_a_paused_pearl_takes_plain_steps_but_never_with_drafts_pending(llama, monkeypatch):
-    """Drafting losing to plain steps: after the warm-up PEARL rounds run only as ever rarer probes, a probe that
-    ended in post-verify finishes its pending drafts first; the output stays greedy's."""
+    """Drafting losing to plain steps: after the warm-up PEARL rounds run only as probes (here after six plain
+    rounds), a probe that ended in post-verify finishes its pending drafts first; the output stays greedy's."""
     from engine.speculative import draft_length
 
     monkeypatch.setattr(draft_length.PayoffSwitch, "rate", lambda self, speculated: 0.0 if speculated else 1.0)
+    monkeypatch.setattr(draft_length.PayoffSwitch, "probe_loss", lambda self: 6.5)  # seconds: six 1 s rounds
+    monkeypatch.setattr(draft_length.PayoffSwitch, "PROBE_BUDGET", 1.0)
+    observe = draft_length.PayoffSwitch.observe  # every round timed at 1 s
+    monkeypatch.setattr(draft_length.PayoffSwitch, "observe", lambda self, spec, tokens, _: observe(self, spec, tokens, 1.0))
     trace = _assert_greedy_equal(llama, "pearl", {"draft_layers": 1, "gamma": 3}, PROMPTS[1], 40)
     rounds = rounds_of(trace)
     plain = [i for i, r in enumerate(rounds) if r.mode.startswith("plain step")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 from collections import Counter
 
 import numpy as np
@@ -258,14 +259,18 @@ def test_first_two_sampled_tokens_follow_processed_target(llama, decoder, params
 
 def test_a_paused_lookahead_runs_plain_steps_and_probes_its_window(llama, monkeypatch):
     """With the window costing more than it gives, the switch pauses it: plain one-token rounds (no nodes), the
-    window probed again ever less often; the output stays greedy's."""
+    window probed again once the plain rounds' time pays for a probe; the output stays greedy's."""
     from engine.speculative import draft_length
 
     monkeypatch.setattr(draft_length.PayoffSwitch, "rate", lambda self, speculated: 0.0 if speculated else 1.0)
+    monkeypatch.setattr(draft_length.PayoffSwitch, "probe_loss", lambda self: 4.5)  # seconds: four 1 s rounds
+    monkeypatch.setattr(draft_length.PayoffSwitch, "PROBE_BUDGET", 1.0)
+    observe = draft_length.PayoffSwitch.observe  # every round timed at 1 s
+    monkeypatch.setattr(draft_length.PayoffSwitch, "observe", lambda self, spec, tokens, _: observe(self, spec, tokens, 1.0))
     trace = run_ignoring_eos(llama, "lookahead", PROMPTS[2], {"window": 3, "ngram": 3}, max_new_tokens=40)
     windowed = [i for i, r in enumerate(rounds_of(trace)) if r.nodes]
-    probe, warm = draft_length.PROBE_EVERY, draft_length.PayoffSwitch.WARM_ROUNDS
-    expected = [*range(warm), warm + probe, warm + 3 * probe, warm + 7 * probe]  # a timed plain step at `warm`
-    assert windowed[: len(expected)] == expected  # the warm-up's rounds, then probes ever rarer
+    warm = draft_length.PayoffSwitch.WARM_ROUNDS
+    expected = [*range(warm), warm + 5, warm + 11, warm + 17]  # a timed plain step at `warm`; probes after 5 s
+    assert windowed[: len(expected)] == expected
     assert all("plain step" in r.mode for r in rounds_of(trace) if not r.nodes)
     assert trace.output_token_ids == _greedy(llama, PROMPTS[2], 40)

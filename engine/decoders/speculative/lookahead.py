@@ -18,7 +18,7 @@ probability p(c), remove rejected tokens from p) keeps the output distributed as
 Cost-aware (``draft_length`` adaptive, the default): the window and the candidates ride along every forward, up to
 W x (N-1) + G x (N-1) extra tokens, which on a CPU cost about 3x a one-token step. A step is run as a lookahead
 step or as a plain one-token step (window and pool paused), whichever committed more tokens per second lately
-(:class:`engine.speculative.draft_length.PayoffSwitch`); the paused window is probed again ever less often.
+(:class:`engine.speculative.draft_length.PayoffSwitch`); the paused window is probed again on a time budget.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ unchanged), and the last checked token is left out of the target cache for the n
 Cost-aware (``draft_length`` adaptive, the default): on one device a PEARL round costs the draft's forwards plus the
 target's, so when its drafts are rarely accepted it is slower than plain decoding. Between rounds (never with
 drafts pending) it takes a plain one-token step instead whenever those committed more tokens per second lately
-(:class:`engine.speculative.draft_length.PayoffSwitch`), probing PEARL rounds again ever less often.
+(:class:`engine.speculative.draft_length.PayoffSwitch`), probing PEARL rounds again on a time budget.
 """
 
 from __future__ import annotations
