@@ -160,6 +160,7 @@ def test_first_load_is_interactive_and_the_library_lists_without_error(app, page
     open_tab(page, "Run")
 
 
+REPLAY_VIEWS = ("replay-position", "replay-tokens", "replay-primary", "replay-timeline", "replay-detail", "replay-table")
 RUN_KINDS = ["top_p", "beam", "dyspec", "llada", "gift", "awrs", "superposed", "kv_compress"]  # one per kind of view
 
 
@@ -182,16 +183,23 @@ def test_every_run_kind_replays_readably(app, browser, dark):
         page.click("#open-run")
         wait_text(page, "library-status", run_id[:12])
         wait_text(page, "replay-tools-note", run_id[:12])  # the open's last event: the page has settled
+        page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
+        first_title = page.locator("#replay-primary .gtitle").first.text_content()
         if decoder == RUN_KINDS[0]:
             drag_to_end(page, "replay-position")  # towards the last step, as a person drags
         else:  # or types the last step and presses Enter (one redraw instead of one per drag move)
             type_into(page, "replay-position", str(int(page.evaluate(
                 "document.querySelector('#replay-position input[type=number]').max"))), enter=True)
-        page.wait_for_timeout(300)
-        settled(page, "replay-tokens", "replay-primary", "replay-timeline", "replay-detail", "replay-table")
-        page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
-        title = page.locator("#replay-primary .gtitle").first.text_content()
-        assert title.strip(), decoder
+        # The last step's figures have arrived once the primary figure's title names another step; then no replay
+        # component may have an update pending (a fixed pause had let the screenshot catch them redrawing).
+        page.wait_for_function("([before]) => { const title = document.querySelector('#replay-primary .gtitle');"
+                               " return title && title.textContent.trim() && title.textContent !== before; }",
+                               arg=[first_title])
+        settled(page, *REPLAY_VIEWS)
+        page.wait_for_function("([ids]) => ids.every(id => [...document.querySelectorAll(`#${id} .js-plotly-plot`)]"
+                               ".every(plot => plot.querySelector('.main-svg .plot')))", arg=[list(REPLAY_VIEWS)])
+        page.wait_for_timeout(300)  # Plotly's transitions, then nothing pending
+        settled(page, *REPLAY_VIEWS)
         shot(page, f"kind-{decoder}-{'dark' if dark else 'light'}")
     assert page.outside_requests == []
     page.close()

@@ -11,7 +11,7 @@ import torch
 from engine.events import DraftNode, DraftRound
 from engine.speculative.draft_length import (
     FIRST_DEPTH,
-    PROBE_EVERY,
+    PROBE_BUDGET,
     DraftLengthController,
     LinearCost,
     PayoffSwitch,
@@ -92,15 +92,27 @@ def test_partial_acceptance_caps_the_depth_where_it_stops_paying():
     assert all(limit is not None and 1 <= limit <= 3 for limit in limits[5:])
 
 
-def test_probes_again_ever_less_often_and_resumes_once_drafts_pay():
-    controller, limits = simulate(lambda _: 0, rounds=30)
-    stopped = limits.index(0, 1 + BASELINE_ROUNDS)
-    probes = [index for index, limit in enumerate(limits) if index > stopped and limit]
-    # one level drafted after PROBE_EVERY rounds without, then after twice as many, ...
-    assert probes[:2] == [stopped + PROBE_EVERY - 1, stopped + 3 * PROBE_EVERY - 1]
-    assert all(limits[index] == 1 for index in probes)
-    _, limits = simulate(lambda _: DRAFTER_DEPTH, rounds=80, controller=controller)
-    assert limits[-1] is None  # the probes were accepted: back to the drafter's own length
+def test_probes_within_the_time_budget_and_resumes_once_drafts_pay():
+    """A rejected one-level probe loses the verify cost of one more token (0.01 s or 0.05 s against plain steps):
+    the probes' losses stay within ``PROBE_BUDGET`` of the plain rounds' time, the dearer probe comes less often;
+    once drafts are accepted the drafter drafts its own length again."""
+    probes_per_round = {}
+    for slope in (0.01, 0.05):
+        def forward_seconds(n: int, slope: float = slope) -> float:
+            return 0.1 + slope * n
+
+        controller, limits = simulate(lambda _: 0, rounds=400, forward_seconds=forward_seconds)
+        stopped = limits.index(0, 1 + BASELINE_ROUNDS)
+        later = limits[stopped:]
+        assert set(later) == {0, 1}  # plain steps and one-level probes
+        probes, plain_seconds = later.count(1), later.count(0) * forward_seconds(1)
+        loss = forward_seconds(2) - forward_seconds(1)
+        assert probes * loss <= PROBE_BUDGET * plain_seconds + loss
+        assert probes * loss >= 0.5 * PROBE_BUDGET * plain_seconds  # and it does probe
+        probes_per_round[slope] = probes / len(later)
+        _, limits = simulate(lambda _: DRAFTER_DEPTH, rounds=400, controller=controller, forward_seconds=forward_seconds)
+        assert limits[-1] is None or limits[-1] > 1  # the probes were accepted: drafting again, as deep as pays
+    assert probes_per_round[0.05] < probes_per_round[0.01] / 2
 
 
 def test_a_slow_drafter_drafts_less():
@@ -211,24 +223,29 @@ def test_losing_speculation_is_probed_within_its_time_budget(spec_seconds):
     probes = chosen[PayoffSwitch.WARM_ROUNDS + 1 :].count(True)
     plain_seconds = 0.1 * chosen.count(False)
     loss = spec_seconds - 0.1
-    assert probes * loss <= PayoffSwitch.PROBE_BUDGET * plain_seconds
+    assert probes * loss <= PROBE_BUDGET * plain_seconds
     # and it probes about as often as it may (a probe waits for the first whole plain round past its due time)
-    assert probes >= 0.9 * PayoffSwitch.PROBE_BUDGET * plain_seconds / loss
+    assert probes >= 0.9 * PROBE_BUDGET * plain_seconds / loss
 
 
 def test_a_probe_that_found_nothing_to_draft_is_tried_again_next_round():
     """PPD guesses only after a round that carried its prompt tokens: its first probe drafts nothing."""
     controller, limits = simulate(lambda _: 0, rounds=30)
-    assert limits[-1] == 0
+    assert 0 in limits[-5:]  # not drafting
     clock = controller.clock
     probe = controller.limit(budget=100)
-    while probe == 0:
+    for _ in range(100):  # plain steps until a probe is due
+        if probe:
+            break
         controller.observe(chain_round(0, 0), clock.now, probe)
+        clock.now += 0.11
         probe = controller.limit(budget=100)
     assert probe == 1
     controller.observe(chain_round(0, 0), clock.now, probe)  # the drafter had no guesses yet
+    clock.now += 0.11
     assert controller.limit(budget=100) == 1  # so the probe comes again at once, with them
     controller.observe(chain_round(1, 0), clock.now, 1)
+    clock.now += 0.12
     assert controller.limit(budget=100) == 0
 
 

@@ -26,8 +26,9 @@ expected tokens per second:
   nodes of that path probability have had (:class:`PathCalibration`), up to the count with most expected tokens
   per verify second. A tree cut to 2 of 6 levels otherwise still verifies a third of a 24-node tree, where one or
   two confident nodes are what pays on a CPU;
-* probing: while no draft pays, every ``PROBE_EVERY`` rounds drafts one level (the interval doubling while probes
-  keep failing), so the run notices when drafting starts to pay again.
+* probing: while no draft pays, a one-level draft is tried again once the plain rounds since the last try have
+  taken 1 / ``PROBE_BUDGET`` times what it is expected to lose (:class:`ProbeBudget`), so the run notices when
+  drafting starts to pay again and losing tries cost at most that share of it.
 
 Decoders whose speculation is all or nothing (lookahead's Jacobi window rides along every forward, a PEARL round
 runs the draft and the target) use
@@ -57,8 +58,7 @@ PRIOR_ACCEPTANCE = 0.5  # an untried depth: as likely accepted as not
 ACCEPTANCE_PRIOR_WEIGHT = 1.0  # rounds' worth of evidence the prior counts for
 MEMORY = 0.9  # each new observation of a depth keeps this share of the old evidence
 FIRST_DEPTH = 1  # the draft depth before any draft was seen
-PROBE_EVERY = 4  # rounds without a draft before a one-level probe
-MAX_PROBE_EVERY = 32
+PROBE_BUDGET = 0.04  # the largest share of the plain rounds' time that losing probes may take
 OUTLIER_RATIO = 3.0  # a round slower than this x the fitted cost of its size counts as that
 OUTLIER_AFTER = 3  # rounds seen before clipping starts
 SIZE_EVIDENCE = 1.5  # decayed rounds of one size before their mean time replaces the fit's (two rounds)
@@ -81,70 +81,67 @@ class _Decayed:
         return (self.total + prior * weight) / (self.count + weight)
 
 
-class ProbeSchedule:
-    """While speculating does not pay, when to try it again: after ``PROBE_EVERY`` rounds without, the interval
-    doubling (up to ``MAX_PROBE_EVERY``) while the probes keep losing; reset once speculating pays."""
+class ProbeBudget:
+    """While speculating does not pay, when to try it again: once the plain rounds since the last try have taken
+    ``1 / PROBE_BUDGET`` times what a try is expected to lose (its time minus the time plain steps take to commit
+    as many tokens). Losing probes then cost at most ``PROBE_BUDGET`` of the run, whatever a probe costs: a
+    lookahead window of 28 tokens (2.4x a step on this CPU) is tried about every 50 rounds, a one-token lookup
+    draft (1.07x a step) every other round, where a count of rounds had tried both alike."""
 
     def __init__(self) -> None:
-        self.waited = 0
-        self.every = PROBE_EVERY
+        self.waited = 0.0  # seconds of plain rounds since the last try
+        self.losses = _Decayed()  # seconds each try lost (negative: gained) against plain steps
 
-    def paid(self) -> None:
-        self.waited = 0
-        self.every = PROBE_EVERY
+    def plain(self, seconds: float) -> None:
+        self.waited += seconds
 
-    def due(self) -> bool:
-        """Called once per round that does not speculate: whether this one should probe instead."""
-        self.waited += 1
-        if self.waited < self.every:
-            return False
-        self.waited = 0
-        self.every = min(2 * self.every, MAX_PROBE_EVERY)
-        return True
+    def tried(self, loss: float | None) -> None:
+        """A speculative round ran and lost ``loss`` seconds (None: not known yet)."""
+        self.waited = 0.0
+        if loss is not None:
+            self.losses.add(loss)
+
+    def due(self, prior_loss: float) -> bool:
+        """Whether a try is due, ``prior_loss`` being what one is expected to lose before any was measured."""
+        return self.waited * PROBE_BUDGET >= self.losses.mean(prior_loss, 1.0)
 
 
 class PayoffSwitch:
     """For decoders whose speculation is all or nothing (a lookahead window, not a draft depth): whether this
     round should speculate or take a plain one-token step, from the committed tokens per second each kind of round
     reached lately. It speculates first (the method's own behaviour), times one plain step after ``WARM_ROUNDS``,
-    then runs the faster kind.
-
-    While plain steps are faster, speculation is probed on a time budget: a probe is due once the plain rounds
-    since the last one have taken ``1 / PROBE_BUDGET`` times what a probe is expected to lose (its time minus the
-    time plain steps take to commit as much). Probing then costs at most ``PROBE_BUDGET`` of the run whatever a
-    speculative round costs: a lookahead window of 28 tokens (2.4x a step on a CPU) is probed about every 30
-    rounds, where a round-count schedule had probed it every 4, 8, 16 rounds, a loss each time."""
+    then runs the faster kind and probes the other on the :class:`ProbeBudget`."""
 
     WARM_ROUNDS = 2  # the prompt's round and one timed speculative round (each one costs a few plain steps)
-    PROBE_BUDGET = 0.04  # the largest share of the time spent in plain rounds that losing probes may take
 
     def __init__(self) -> None:
         self.tokens = {True: _Decayed(), False: _Decayed()}  # committed, decayed, per kind of round
         self.seconds = {True: _Decayed(), False: _Decayed()}
         self.rounds = 0
-        self.plain_since_probe = 0.0  # seconds of plain rounds since speculation last ran
+        self.probes = ProbeBudget()
 
     def rate(self, speculated: bool) -> float:
         return self.tokens[speculated].total / max(self.seconds[speculated].total, 1e-9)
 
     def probe_loss(self) -> float:
         """Seconds a speculative round is expected to lose against plain steps committing as many tokens."""
-        spec_seconds = self.seconds[True].mean()
-        return max(spec_seconds - self.tokens[True].mean() / max(self.rate(False), 1e-9), 0.0)
+        return self.seconds[True].mean() - self.tokens[True].mean() / max(self.rate(False), 1e-9)
 
     def speculate(self) -> bool:
         if self.rounds <= self.WARM_ROUNDS or not self.seconds[False].count:
             return self.rounds != self.WARM_ROUNDS  # the warm-up, then one timed plain step
-        if self.rate(True) >= self.rate(False):
-            return True
-        return self.plain_since_probe * self.PROBE_BUDGET >= self.probe_loss()
+        return self.rate(True) >= self.rate(False) or self.probes.due(self.probe_loss())
 
     def observe(self, speculated: bool, tokens: int, seconds: float) -> None:
         """A finished round; the first one (it runs the prompt too) is not a step-sized forward."""
         if self.rounds:
             self.tokens[speculated].add(tokens)
             self.seconds[speculated].add(seconds)
-        self.plain_since_probe = 0.0 if speculated else self.plain_since_probe + seconds
+        if speculated:
+            plain_seen = self.seconds[False].count
+            self.probes.tried(seconds - tokens / self.rate(False) if plain_seen else None)
+        else:
+            self.probes.plain(seconds)
         self.rounds += 1
 
 
@@ -252,9 +249,9 @@ class DraftLengthController:
         self.deepest = 0  # the deepest level any draft has had: deeper limits change nothing
         self.rounds = 0
         self.calibration = PathCalibration()
-        self.probes = ProbeSchedule()
+        self.probes = ProbeBudget()
         self.empty_probe = False  # the last probe found nothing to draft (a drafter that needs a round to prepare)
-        self._pending: tuple[float, int, float] | None = None  # the last round's start, nodes and draft seconds
+        self._pending: tuple[float, int, float, int] | None = None  # the last round's start, nodes, draft seconds, commits
 
     def limit(self, budget: int) -> int | None:
         """The deepest draft this round may have; None: the drafter's own length (uncapped).
@@ -263,8 +260,13 @@ class DraftLengthController:
         one starts, so the recording of its event counts too).
         """
         if self._pending is not None:
-            start, nodes, draft_seconds = self._pending
-            self.verify_cost.add(1 + nodes, self.clock() - start - draft_seconds)
+            start, nodes, draft_seconds, committed = self._pending
+            seconds = self.clock() - start
+            self.verify_cost.add(1 + nodes, seconds - draft_seconds)
+            if nodes:
+                self.probes.tried(seconds - committed * self.verify_cost(1))
+            else:
+                self.probes.plain(seconds)
             self._pending = None
         if not self.deepest:
             return min(FIRST_DEPTH, budget)  # nothing drafted yet: the cheapest draft that says something
@@ -272,27 +274,33 @@ class DraftLengthController:
             return 0  # the first timed rounds are plain steps: the cost every draft is weighed against
         best = self.best_depth(min(budget, self.deepest))
         if best > 0:
-            self.probes.paid()
             return None if best >= self.deepest else best
         if self.empty_probe and budget:  # PPD's prompt tokens guess only after a round that carried them
             self.empty_probe = False
             return 1
-        return 1 if self.probes.due() and budget else 0
+        tokens, seconds = self.expected(1)[0]
+        return 1 if budget and self.probes.due(seconds - tokens * self.verify_cost(1)) else 0
 
     def best_depth(self, deepest: int) -> int:
         """The depth in 0..deepest with the most expected committed tokens per second (the shallowest on ties)."""
-        draft_rate = self.draft_seconds / self.drafted_levels if self.drafted_levels else 0.0
         best, best_rate = 0, 1.0 / max(self.verify_cost(1), 1e-9)
+        for depth, (tokens, seconds) in enumerate(self.expected(deepest), start=1):
+            if tokens / max(seconds, 1e-9) > best_rate:
+                best, best_rate = depth, tokens / max(seconds, 1e-9)
+        return best
+
+    def expected(self, deepest: int) -> list[tuple[float, float]]:
+        """Per draft depth 1..deepest, the tokens a round drafting that deep is expected to commit and its seconds."""
+        draft_rate = self.draft_seconds / self.drafted_levels if self.drafted_levels else 0.0
         tokens, reach, nodes = 1.0, 1.0, 0.0
+        outcomes = []
         for depth in range(1, deepest + 1):
             level = depth - 1
             reach *= self.present[level].mean() * self.accepted[level].mean(PRIOR_ACCEPTANCE, ACCEPTANCE_PRIOR_WEIGHT)
             tokens += reach
             nodes += self.sizes[level].mean()
-            rate = tokens / max(self.verify_cost(1 + nodes) + draft_rate * depth, 1e-9)
-            if rate > best_rate:
-                best, best_rate = depth, rate
-        return best
+            outcomes.append((tokens, self.verify_cost(1 + nodes) + draft_rate * depth))
+        return outcomes
 
     def nodes_that_pay(self, parents: list[int], probs: list[float]) -> list[int] | None:
         """The nodes of a drafted tree worth verifying, ascending (every kept node's parent is kept): the most
@@ -318,7 +326,7 @@ class DraftLengthController:
     def observe(self, rnd: DraftRound, started: float, limit: int | None) -> None:
         """Learn from a verified round that started at ``started`` (on ``clock``) under ``limit``."""
         if self.rounds:  # the first round runs the prompt too: not a draft-sized forward
-            self._pending = (started, len(rnd.nodes), rnd.draft_seconds)
+            self._pending = (started, len(rnd.nodes), rnd.draft_seconds, len(rnd.committed))
         self.rounds += 1
         depths = [node.depth for node in rnd.nodes]
         self.empty_probe = bool(limit) and not depths
