@@ -5,6 +5,7 @@ tests/artifacts/ in light and dark themes."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -161,6 +162,7 @@ def test_first_load_is_interactive_and_the_library_lists_without_error(app, page
 
 
 REPLAY_VIEWS = ("replay-position", "replay-tokens", "replay-primary", "replay-timeline", "replay-detail", "replay-table")
+DRAWN_VIEWS = "['replay-primary', 'replay-timeline'].map(id => document.getElementById(id)?.innerHTML ?? '').join()"
 RUN_KINDS = ["top_p", "beam", "dyspec", "llada", "gift", "awrs", "superposed", "kv_compress"]  # one per kind of view
 
 
@@ -184,22 +186,26 @@ def test_every_run_kind_replays_readably(app, browser, dark):
         wait_text(page, "library-status", run_id[:12])
         wait_text(page, "replay-tools-note", run_id[:12])  # the open's last event: the page has settled
         page.wait_for_function("document.querySelector('#replay-primary .js-plotly-plot .gtitle')")
-        first_title = page.locator("#replay-primary .gtitle").first.text_content()
+        page.evaluate(f"window.firstStepViews = {DRAWN_VIEWS}")
         if decoder == RUN_KINDS[0]:
             drag_to_end(page, "replay-position")  # towards the last step, as a person drags
         else:  # or types the last step and presses Enter (one redraw instead of one per drag move)
             type_into(page, "replay-position", str(int(page.evaluate(
                 "document.querySelector('#replay-position input[type=number]').max"))), enter=True)
-        # The last step's figures have arrived once the primary figure's title names another step; then no replay
-        # component may have an update pending (a fixed pause had let the screenshot catch them redrawing).
-        page.wait_for_function("([before]) => { const title = document.querySelector('#replay-primary .gtitle');"
-                               " return title && title.textContent.trim() && title.textContent !== before; }",
-                               arg=[first_title])
+        # The last step's views have arrived once the figures differ from the first step's (one event updates them
+        # all); then no replay component may have an update pending and every figure must be drawn (a fixed pause
+        # had let the screenshot catch them redrawing).
+        page.wait_for_function(f"{DRAWN_VIEWS} !== window.firstStepViews")
         settled(page, *REPLAY_VIEWS)
         page.wait_for_function("([ids]) => ids.every(id => [...document.querySelectorAll(`#${id} .js-plotly-plot`)]"
-                               ".every(plot => plot.querySelector('.main-svg .plot')))", arg=[list(REPLAY_VIEWS)])
+                               ".every(plot => plot.querySelector('.main-svg')))", arg=[list(REPLAY_VIEWS)])
         page.wait_for_timeout(300)  # Plotly's transitions, then nothing pending
         settled(page, *REPLAY_VIEWS)
+        title = page.locator("#replay-primary .gtitle").first.text_content()
+        assert title.strip(), decoder
+        if decoder == "dyspec":  # the tree's title and the node table's label count rounds alike, from 1
+            counted = re.search(r"round (\d+ of \d+)", title).group(1)
+            assert f"Nodes of round {counted}:" in page.locator("#replay-table").inner_text()
         shot(page, f"kind-{decoder}-{'dark' if dark else 'light'}")
     assert page.outside_requests == []
     page.close()

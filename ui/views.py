@@ -192,7 +192,7 @@ def _round_values(trace: Trace, position: int, slider: Any) -> list[Any]:
         _shown(round_probs_figure(trace, position)),
         _shown(None),
         _table(round_table(trace, position), ROUND_TABLE_HEADERS, ROUND_TABLE_TYPES,
-               label=f"Nodes of round {position}: draft q, target p, verification outcome"),
+               label=f"Nodes of round {position + 1} of {len(rounds)}: draft q, target p, verification outcome"),
     ]
 
 
