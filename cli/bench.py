@@ -303,10 +303,12 @@ def _divergence(greedy: Trace, other: Trace) -> str:
     return f"; token {step}: greedy's p {raw.get(ours[step], float('nan')):.4g} for its token, {theirs_p} for this one"
 
 
-def verify_costs(model: LoadedModel, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 64), context: int = 200,
-                 repeats: int = 5) -> dict[int, float]:
+def verify_costs(model: LoadedModel, sizes: tuple[int, ...] = (1, 2, 3, 4, 8, 12, 15, 16, 24, 32, 64),
+                 context: int = 200, repeats: int = 5) -> dict[int, float]:
     """Wall time of one forward of n new tokens after ``context`` cached ones, over that of one token (the fastest of
-    ``repeats``): what a speculative round's verify costs on this machine and dtype, the controller's t(n)."""
+    ``repeats``): what a speculative round's verify costs on this machine and dtype, the controller's t(n). The
+    sizes include 15 and 16: on this CPU, float32 matrix products of 4-15 rows take a slower MKL path than 16 rows,
+    so 16 tokens cost less than 15 (no line follows; the controller measures each size it runs)."""
     from engine.speculative.cache import PrefixCache
 
     cache, prefix = PrefixCache(model), [i % model.vocab_size for i in range(context)]
