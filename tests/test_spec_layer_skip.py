@@ -95,6 +95,10 @@ def test_the_tail_scores_on_the_target_cache_and_leaves_it_holding_the_head(name
     assert target.tokens == again.tokens == ids
     assert_same_state(cache_state(again), target)
     assert PromptTail(PrefixCache(model), ids[:5], 16).tokens == ids[:5]  # a prompt shorter than the window
+    one = PromptTail(PrefixCache(model), ids, 1)  # a one-token window: the rest of the prompt still runs first
+    assert torch.equal(one.full, full[-1:])
+    one.restore()
+    assert one.target.tokens == ids and one.target.cache.get_seq_length() <= len(ids)
 
 
 def test_search_returns_a_set_of_the_right_size_with_a_recomputable_score(llama):

@@ -79,13 +79,14 @@ class PromptTail:
         self.tokens = prompt_ids[-size:]
         self.target = target
         start = time.perf_counter()
-        before_last = target.forward(prompt_ids[:-1], keep=size - 1).logits[0] if size > 1 else None
+        # Every token but the last (logits of the tail's first size - 1 only; at least one row is computed).
+        head = target.forward(prompt_ids[:-1], keep=max(size - 1, 1)).logits[0] if len(prompt_ids) > 1 else None
         prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         last = target.forward(prompt_ids[-1:], keep=1).logits[0]
         self.step_seconds = time.perf_counter() - start
         self.tail_seconds = prefill_seconds * (size - 1) / max(len(prompt_ids) - 1, 1) + self.step_seconds
-        self.full = (last if before_last is None else torch.cat([before_last, last])).argmax(-1)
+        self.full = (last if head is None else torch.cat([head[len(head) - (size - 1):], last])).argmax(-1)
         self.aside = target.set_aside(size)
         self.seconds: dict[tuple[int, ...], float] = {}
 
