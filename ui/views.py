@@ -60,8 +60,8 @@ def build_views(name: str) -> Views:
         detail = gr.Plot(show_label=False, elem_id=f"{name}-detail", visible=False)
     extra = gr.Plot(show_label=False, elem_id=f"{name}-extra", visible=False)
     ffn = gr.Plot(show_label=False, elem_id=f"{name}-ffn", visible=False)
-    table = gr.Dataframe(headers=figures.STEP_TABLE_HEADERS, datatype=STEP_TABLE_TYPES, label=CANDIDATES_LABEL,
-                         interactive=False, wrap=True, elem_id=f"{name}-table")
+    table = gr.Dataframe(headers=figures.STEP_TABLE_HEADERS, datatype=_markup_safe(STEP_TABLE_TYPES),
+                         label=CANDIDATES_LABEL, interactive=False, wrap=True, elem_id=f"{name}-table")
     return Views(stream, position, primary, secondary, detail, extra, table, ffn)
 
 
@@ -220,5 +220,16 @@ def _shown(figure: Any) -> Any:
 
 def _table(rows: list[list], headers: list[str], types: list[str], label: str = CANDIDATES_LABEL) -> gr.Dataframe:
     """The table holds a step's candidates, a round's nodes, a diffusion step's positions or the beam's hypotheses:
-    headers and label travel with the rows (an update keeps a label it does not set)."""
-    return gr.Dataframe(value=rows, headers=headers, datatype=types, label=label)
+    headers and label travel with the rows (an update keeps a label it does not set).
+
+    Every text cell leaves here escaped, in a column of datatype ``"html"``: while one run kind's table replaces
+    another's, the page may for a moment draw the new rows under the old column types or the old rows under the new
+    ones, so no column may hold text that a neighbouring kind's ``"html"`` column would turn into markup."""
+    cells = [[escape_text(cell) if kind == "str" and isinstance(cell, str) else cell for cell, kind in zip(row, types)]
+             for row in rows]
+    return gr.Dataframe(value=cells, headers=headers, datatype=_markup_safe(types), label=label)
+
+
+def _markup_safe(types: list[str]) -> list[str]:
+    """The column types with plain text shown as (escaped) HTML: see :func:`_table`."""
+    return ["html" if kind == "str" else kind for kind in types]
