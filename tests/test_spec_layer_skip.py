@@ -11,7 +11,7 @@ from engine.decoders.speculative.layer_skip import PromptTail, SkipDrafter, sear
 from engine.events import DecoderMetric
 from engine.speculative.cache import PrefixCache, crop_cache
 from engine.speculative.drafts import DraftModelDrafter
-from engine.speculative.rounds import Sampling
+from engine.speculative.rounds import NO_DRAFT, Sampling, verify_round
 from engine.speculative.skip import layer_skipped_model
 from engine.speculative.truncated import truncated_model
 from tests.helpers import (
@@ -94,11 +94,30 @@ def test_the_tail_scores_on_the_target_cache_and_leaves_it_holding_the_head(name
         crop_cache(cache.cache, len(ids))  # sliding-window layers back to their window
     assert target.tokens == again.tokens == ids
     assert_same_state(cache_state(again), target)
+    assert torch.equal(target.logits_after(ids), again.ahead)  # the timed step's logits came back with its KV
     assert PromptTail(PrefixCache(model), ids[:5], 16).tokens == ids[:5]  # a prompt shorter than the window
     one = PromptTail(PrefixCache(model), ids, 1)  # a one-token window: the rest of the prompt still runs first
     assert torch.equal(one.full, full[-1:])
     one.restore()
     assert one.target.tokens == ids and one.target.cache.get_seq_length() <= len(ids)
+
+
+def test_the_first_round_reads_the_prompt_tails_last_logits_instead_of_running_its_token_again(llama, monkeypatch):
+    """After the tail is restored the target holds the whole prompt and the logits after it: the first (plain)
+    round commits their greedy token with no forward. A cache that lost them (any crop) runs the token again."""
+    ids = llama.encode(PROMPTS[1])
+    target = PrefixCache(llama)
+    PromptTail(target, ids, 16).restore()
+    sampling = Sampling((), None)  # greedy
+    forwards = []
+    real = llama.forward
+    monkeypatch.setattr(llama, "forward", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    outcome, _ = verify_round(target, ids, NO_DRAFT, sampling)
+    assert forwards == [] and outcome.committed == [int(llama.forward(torch.tensor([ids])).logits[0, -1].argmax())]
+    forwards.clear()
+    target.sync(ids[:-1] + [ids[-1] + 1])  # a crop: the logits after the prompt are gone
+    assert target.logits_after(ids) is None
+    assert verify_round(target, ids, NO_DRAFT, sampling)[0].committed == outcome.committed and forwards == [1]
 
 
 def test_search_returns_a_set_of_the_right_size_with_a_recomputable_score(llama):

@@ -25,10 +25,12 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 
 @dataclass(frozen=True)
 class SetAside:
-    """The last positions a :class:`PrefixCache` held: their tokens and every layer's keys and values."""
+    """The last positions a :class:`PrefixCache` held: their tokens, every layer's keys and values, and the logits
+    after them when the cache had them (:attr:`PrefixCache.ahead`)."""
 
     tokens: list[int]
     states: list[tuple[torch.Tensor, torch.Tensor]]
+    ahead: torch.Tensor | None
 
 
 class PrefixCache:
@@ -44,6 +46,10 @@ class PrefixCache:
         # (True), or those of the named ``hidden_states`` layers side by side (EAGLE-3's fusion).
         self.record_hidden: bool | tuple[int, ...] = False
         self.last_hidden: torch.Tensor | None = None  # [tokens, hidden] of the last forward, when recorded
+        # The logits after the last held token, kept by the forward that ran it; dropped by anything else that
+        # changes what the cache holds. A round that holds its whole context reads them instead of running its
+        # last token again (layer_skip's prompt tail ends with that token's timed step).
+        self.ahead: torch.Tensor | None = None
 
     def sync(self, context: list[int]) -> list[int]:
         """Crop to the longest cached prefix of ``context`` and return the tokens still to run.
@@ -60,8 +66,16 @@ class PrefixCache:
             while keep < limit and self.tokens[keep] == context[keep]:
                 keep += 1
         crop_cache(self.cache, keep)
+        if keep < held:
+            self.ahead = None
         del self.tokens[keep:]
         return context[keep:]
+
+    def logits_after(self, context: list[int]) -> torch.Tensor | None:
+        """The logits after ``context`` [V] when the cache holds exactly ``context`` and kept them, else None."""
+        if self.ahead is None or self.cache.get_seq_length() != len(context) or self.tokens != context:
+            return None
+        return self.ahead
 
     def forward(self, tokens: list[int], inputs: dict[str, torch.Tensor] | None = None, keep: int = 0) -> ForwardResult:
         """Run ``tokens`` after the cached ones, extending the cache; ``inputs`` and ``keep`` (logits of the last
@@ -70,6 +84,7 @@ class PrefixCache:
                                  hidden=self.record_hidden, keep=keep)
         self.tokens.extend(tokens)
         self.last_hidden = out.hidden[0] if out.hidden is not None else None
+        self.ahead = out.logits[0, -1]
         return out
 
     def set_aside(self, count: int) -> SetAside:
@@ -82,9 +97,10 @@ class PrefixCache:
         if any(layer.keys.shape[-2] < count for layer in layers):
             raise ValueError(f"a cache layer no longer holds the last {count} positions")
         states = [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in layers]
-        aside = SetAside(self.tokens[-count:], states)
+        aside = SetAside(self.tokens[-count:], states, self.ahead)
         crop_cache(self.cache, len(self.tokens) - count)
         del self.tokens[-count:]
+        self.ahead = None
         return aside
 
     def put_back(self, aside: SetAside) -> None:
@@ -92,3 +108,4 @@ class PrefixCache:
         for layer, (keys, values) in zip(self.cache.layers, aside.states):
             layer.update(keys, values)
         self.tokens.extend(aside.tokens)
+        self.ahead = aside.ahead

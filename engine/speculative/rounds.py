@@ -233,7 +233,9 @@ def verify_round(
     rider_logits = None
     if chain:
         rows = len(draft.tokens) + 1
-        logits = target.forward(target.sync(context) + draft.tokens, keep=rows).logits[0, -rows:]
+        ready = None if draft.tokens else target.logits_after(context)
+        logits = ready[None] if ready is not None else target.forward(target.sync(context) + draft.tokens,
+                                                                      keep=rows).logits[0, -rows:]
     else:
         logits = tree_forward(target, context, parents, draft.tokens, riders)
     if draft.riders:

@@ -124,6 +124,7 @@ def tree_forward(
         keep=n + m + 1,
     )
     target.tokens = list(context)  # the n node slots after them are not a sequence: keep_path resolves them
+    target.ahead = None
     target.last_hidden = out.hidden[0] if out.hidden is not None else None
     return out.logits[0, -(n + m + 1) :]
 

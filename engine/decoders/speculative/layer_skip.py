@@ -21,7 +21,7 @@ most ``search_budget`` of the run's expected greedy time (``max_new_tokens`` one
 timed) at the measured cost of scoring a set; a run that cannot afford two sets takes ``num_skip`` layers spread
 evenly over the depth (the first and the last kept, as Draft & Verify found them the most needed) and only scores
 that set. The tail's own KV is set aside while sets are scored and put back after, so the target runs the prompt
-once. With the cost-aware draft length (the default) a set whose agreement is below its draft cost (its forward
+once (the first round reads the logits after it from that run). With the cost-aware draft length (the default) a set whose agreement is below its draft cost (its forward
 time over the tail as a share of the target's) does not draft at all: a drafted token then costs more than it is
 expected to save. On SmolLM2-135M, where skipping 45 % of the layers leaves 10-20 % agreement, that is the usual
 outcome.
@@ -67,7 +67,7 @@ class PromptTail:
 
     It runs the prompt into the run's empty target cache as greedy's prefill would, in two forwards: all but the last
     token, then the last as a timed one-token step. It sets the tail's KV aside while sets are scored against the
-    rest, and :meth:`restore` puts it back, so the run's first round reruns only the prompt's last token. ``full``
+    rest, and :meth:`restore` puts it back with the step's logits, so the run's first round runs no forward. ``full``
     are the full model's greedy next tokens after each tail token, ``step_seconds`` the time of a one-token target
     step, ``tail_seconds`` that of the target over the tail (its share of the prefill's time plus the step: a
     forward of the tail alone beside one of the head had cost 0.1 s more than the prefill on a 57-token prompt), and
