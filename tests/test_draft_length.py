@@ -115,6 +115,38 @@ def test_probes_within_the_time_budget_and_resumes_once_drafts_pay():
     assert probes_per_round[0.05] < probes_per_round[0.01] / 2
 
 
+def test_ppds_tries_are_priced_in_full():
+    """A PPD-like drafter: its prompt tokens ride along a round allowed to draft (0.25 s against a 0.15 s plain step)
+    and guess the next round's 5-node tree (0.4 s, rejected here). Its first tree comes in the round after the
+    prompt's, before any plain step was timed; every later try is an empty round and a tree. Each try must count its
+    whole loss (0.25 s, then 0.35 s) when the next probe is weighed: priced at once, at a step cost guessed from the
+    tree's own time, the first had counted 0.08 s (and, averaged with the controller's guess, the next probe came
+    three times too early), and the empty round had counted as a plain step."""
+    clock = FakeClock()
+    controller = DraftLengthController(clock)
+    seconds = {"plain": 0.15, "riders": 0.25, "tree": 0.4}
+    limits, kinds, guesses = [], [], False
+    for index in range(300):
+        limit = controller.limit(budget=100)
+        kind = "plain" if limit == 0 else "tree" if guesses else "riders"
+        nodes = [DraftNode(id=i, parent=-1, token_id=i, depth=1, draft_prob=0.2, accepted=False)
+                 for i in range(5 if kind == "tree" else 0)]
+        started = clock.now
+        clock.now += seconds[kind]
+        controller.observe(DraftRound(step=index, nodes=nodes, accepted_path=[], committed=[0]), started, limit)
+        limits.append(limit)
+        kinds.append(kind)
+        guesses = limit != 0  # the prompt tokens rode along: the next round has guesses
+    assert kinds[:3] == ["riders", "tree", "plain"]  # the prompt's round, the first tree, then timed plain steps
+    tries = [i for i in range(2, len(kinds)) if kinds[i] != "plain" and kinds[i - 1] == "plain"]
+    assert len(tries) >= 2 and all(kinds[i:i + 2] == ["riders", "tree"] for i in tries)
+    first_gap, last_gap = tries[0] - 2, tries[-1] - tries[-2] - 2
+    assert first_gap * seconds["plain"] * PROBE_BUDGET >= seconds["tree"] - seconds["plain"]
+    pair_loss = seconds["riders"] + seconds["tree"] - 2 * seconds["plain"]
+    # nearly the pair's loss (the decayed mean still remembers the first try's) where the tree's alone is 0.71 of it
+    assert last_gap * seconds["plain"] * PROBE_BUDGET >= 0.9 * pair_loss
+
+
 def test_a_slow_drafter_drafts_less():
     """Same acceptance, but each drafted level costs as much as a forward: drafting no longer pays."""
     def run(draft_seconds_per_level: float) -> list[int | None]:

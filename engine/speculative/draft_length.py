@@ -28,7 +28,8 @@ expected tokens per second:
   two confident nodes are what pays on a CPU;
 * probing: while no draft pays, a one-level draft is tried again once the plain rounds since the last try have
   taken 1 / ``PROBE_BUDGET`` times what it is expected to lose (:class:`ProbeBudget`), so the run notices when
-  drafting starts to pay again and losing tries cost at most that share of it.
+  drafting starts to pay again and losing tries cost at most that share of it. A round allowed to draft that drafted
+  nothing (PPD's prompt tokens riding along to guess the next round's draft) is part of the next try, not a plain step.
 
 Decoders whose speculation is all or nothing (lookahead's Jacobi window rides along every forward, a PEARL round
 runs the draft and the target) use
@@ -86,24 +87,34 @@ class ProbeBudget:
     ``1 / PROBE_BUDGET`` times what a try is expected to lose (its time minus the time plain steps take to commit
     as many tokens). Losing probes then cost at most ``PROBE_BUDGET`` of the run, whatever a probe costs: a
     lookahead window of 28 tokens (2.4x a step on this CPU) is tried about every 50 rounds, a one-token lookup
-    draft (1.07x a step) every other round, where a count of rounds had tried both alike."""
+    draft (1.07x a step) every other round, where a count of rounds had tried both alike.
+
+    Tries are priced when a probe is weighed, at the plain step's cost known then: a try made before any plain
+    step was timed (PPD's first draft, in the round after the prompt's) had been priced at a guess, a third of its
+    real loss, and the next probe came three times too early."""
 
     def __init__(self) -> None:
         self.waited = 0.0  # seconds of plain rounds since the last try
-        self.losses = _Decayed()  # seconds each try lost (negative: gained) against plain steps
+        self.seconds = _Decayed()  # each try's seconds
+        self.committed = _Decayed()  # and the tokens it committed
 
     def plain(self, seconds: float) -> None:
         self.waited += seconds
 
-    def tried(self, loss: float | None) -> None:
-        """A speculative round ran and lost ``loss`` seconds (None: not known yet)."""
+    def tried(self, seconds: float, committed: int) -> None:
+        """A speculative round ran for ``seconds`` and committed ``committed`` tokens."""
         self.waited = 0.0
-        if loss is not None:
-            self.losses.add(loss)
+        self.seconds.add(seconds)
+        self.committed.add(committed)
 
-    def due(self, prior_loss: float) -> bool:
-        """Whether a try is due, ``prior_loss`` being what one is expected to lose before any was measured."""
-        return self.waited * PROBE_BUDGET >= self.losses.mean(prior_loss, 1.0)
+    def due(self, token_seconds: float, prior_loss: float) -> bool:
+        """Whether a try is due: each try loses its time minus ``token_seconds`` (what a plain step takes to commit a
+        token) per token it committed; ``prior_loss`` is what one is expected to lose before any try was measured
+        (a model's guess: averaged with the first measured try, it had halved PPD's real loss)."""
+        if not self.seconds.count:
+            return self.waited * PROBE_BUDGET >= prior_loss
+        loss = self.seconds.mean() - token_seconds * self.committed.mean()
+        return self.waited * PROBE_BUDGET >= loss
 
 
 class PayoffSwitch:
@@ -130,18 +141,18 @@ class PayoffSwitch:
     def speculate(self) -> bool:
         if self.rounds <= self.WARM_ROUNDS or not self.seconds[False].count:
             return self.rounds != self.WARM_ROUNDS  # the warm-up, then one timed plain step
-        return self.rate(True) >= self.rate(False) or self.probes.due(self.probe_loss())
+        return self.rate(True) >= self.rate(False) or self.probes.due(1.0 / max(self.rate(False), 1e-9),
+                                                                        self.probe_loss())
 
     def observe(self, speculated: bool, tokens: int, seconds: float) -> None:
         """A finished round; the first one (it runs the prompt too) is not a step-sized forward."""
         if self.rounds:
             self.tokens[speculated].add(tokens)
             self.seconds[speculated].add(seconds)
-        if speculated:
-            plain_seen = self.seconds[False].count
-            self.probes.tried(seconds - tokens / self.rate(False) if plain_seen else None)
-        else:
-            self.probes.plain(seconds)
+            if speculated:
+                self.probes.tried(seconds, tokens)
+            else:
+                self.probes.plain(seconds)
         self.rounds += 1
 
 
@@ -251,7 +262,11 @@ class DraftLengthController:
         self.calibration = PathCalibration()
         self.probes = ProbeBudget()
         self.empty_probe = False  # the last probe found nothing to draft (a drafter that needs a round to prepare)
-        self._pending: tuple[float, int, float, int] | None = None  # the last round's start, nodes, draft seconds, commits
+        # The last round's start, nodes, draft seconds, commits and whether its limit allowed a draft:
+        self._pending: tuple[float, int, float, int, bool] | None = None
+        # An empty round that was allowed to draft is the next try's preparation (PPD's prompt tokens ride along one
+        # round to guess the next one's drafts): its seconds and commits, counted with that try, not as a plain step.
+        self._preparing = (0.0, 0)
 
     def limit(self, budget: int) -> int | None:
         """The deepest draft this round may have; None: the drafter's own length (uncapped).
@@ -260,11 +275,15 @@ class DraftLengthController:
         one starts, so the recording of its event counts too).
         """
         if self._pending is not None:
-            start, nodes, draft_seconds, committed = self._pending
+            start, nodes, draft_seconds, committed, allowed = self._pending
             seconds = self.clock() - start
-            self.verify_cost.add(1 + nodes, seconds - draft_seconds)
+            if nodes or not allowed:
+                self.verify_cost.add(1 + nodes, seconds - draft_seconds)
             if nodes:
-                self.probes.tried(seconds - committed * self.verify_cost(1))
+                self.probes.tried(seconds + self._preparing[0], committed + self._preparing[1])
+                self._preparing = (0.0, 0)
+            elif allowed:
+                self._preparing = (self._preparing[0] + seconds, self._preparing[1] + committed)
             else:
                 self.probes.plain(seconds)
             self._pending = None
@@ -279,7 +298,8 @@ class DraftLengthController:
             self.empty_probe = False
             return 1
         tokens, seconds = self.expected(1)[0]
-        return 1 if budget and self.probes.due(seconds - tokens * self.verify_cost(1)) else 0
+        step = self.verify_cost(1)
+        return 1 if budget and self.probes.due(step, seconds - tokens * step) else 0
 
     def best_depth(self, deepest: int) -> int:
         """The depth in 0..deepest with the most expected committed tokens per second (the shallowest on ties)."""
@@ -326,7 +346,7 @@ class DraftLengthController:
     def observe(self, rnd: DraftRound, started: float, limit: int | None) -> None:
         """Learn from a verified round that started at ``started`` (on ``clock``) under ``limit``."""
         if self.rounds:  # the first round runs the prompt too: not a draft-sized forward
-            self._pending = (started, len(rnd.nodes), rnd.draft_seconds, len(rnd.committed))
+            self._pending = (started, len(rnd.nodes), rnd.draft_seconds, len(rnd.committed), limit != 0)
         self.rounds += 1
         depths = [node.depth for node in rnd.nodes]
         self.empty_probe = bool(limit) and not depths
