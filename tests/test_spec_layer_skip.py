@@ -12,7 +12,7 @@ from engine.events import DecoderMetric
 from engine.speculative.cache import PrefixCache, crop_cache
 from engine.speculative.drafts import DraftModelDrafter
 from engine.speculative.rounds import NO_DRAFT, Sampling, verify_round
-from engine.speculative.skip import layer_skipped_model
+from engine.speculative.skip import SharedSkipCache, layer_skipped_model
 from engine.speculative.truncated import truncated_model
 from tests.helpers import (
     PROMPTS,
@@ -100,6 +100,25 @@ def test_the_tail_scores_on_the_target_cache_and_leaves_it_holding_the_head(name
     assert torch.equal(one.full, full[-1:])
     one.restore()
     assert one.target.tokens == ids and one.target.cache.get_seq_length() <= len(ids)
+
+
+def test_a_set_that_clearly_cannot_pay_is_given_up_after_its_first_positions(llama, monkeypatch):
+    """Weighed against the agreement that pays, a set is scored on 16 positions first: the rest of the tail runs
+    only if that agreement could still reach it, and then the score is the whole tail's, as without a threshold."""
+    ids = llama.encode(" ".join(PROMPTS))
+    tail = PromptTail(PrefixCache(llama), ids, 40)
+    whole = tail.agreement((1,))
+    runs = []
+    real = SharedSkipCache.forward
+    monkeypatch.setattr(SharedSkipCache, "forward", lambda self, tokens, keep=0: runs.append(len(tokens)) or real(
+        self, tokens, keep))
+    assert tail.agreement((1,), give_up_below=0.0) == whole and runs == [16, 24] and tail.draft_cost((1,)) < 1.5
+    runs.clear()
+    first = llama.forward(torch.tensor([ids])).logits[0, -40:-24].argmax(-1)
+    quick = float((layer_skipped_model(llama, (1,)).forward(torch.tensor([ids[:-24]])).logits[0, -16:].argmax(-1)
+                   == first).double().mean())
+    assert tail.agreement((1,), give_up_below=1.5) == quick and runs == [16]  # 1.5: out of reach
+    assert tail.draft_cost((1,)) == 1.5  # what it was weighed against: its forward covered part of the tail
 
 
 def test_the_first_round_reads_the_prompt_tails_last_logits_instead_of_running_its_token_again(llama, monkeypatch):
