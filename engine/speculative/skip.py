@@ -52,8 +52,16 @@ class SharedSkipCache:
         self.cache.layers = [layer for index, layer in enumerate(target.cache.layers) if index not in skipped]
         self.added = 0  # positions the view appended since the last release
 
+    def ready(self, context: list[int]) -> bool:
+        """Whether a draft after ``context`` can run here: the target holds all of it but its newest token (not in
+        the prompt's round, before the target ran anything)."""
+        held = self.target.tokens
+        return len(held) == len(context) - 1 and context[:-1] == held
+
     def sync(self, context: list[int]) -> list[int]:
-        """The tokens of ``context`` after those the target holds (``context`` extends them)."""
+        """Back to the target's verified context (what a draft added is cropped); the tokens of ``context`` after
+        those the target holds (``context`` extends them)."""
+        self.release()
         return context[len(self.target.tokens) :]
 
     def forward(self, tokens: list[int], keep: int = 0) -> ForwardResult:

@@ -26,6 +26,7 @@ from engine.params import Param
 from engine.speculative.cache import PrefixCache
 from engine.speculative.drafts import DRAFTER_PARAMS, DraftModelDrafter, draft_model_drafter
 from engine.speculative.rounds import SAMPLING_PARAMS, Draft, Drafter, Sampling, speculative_rounds
+from engine.speculative.skip import SharedSkipCache
 
 
 @dataclass
@@ -74,7 +75,7 @@ class TreeGrower(Drafter):
     partial_verify = True  # its cache follows the committed context, whatever was verified
 
     def __init__(self, drafter: DraftModelDrafter, sampling: Sampling, tree_size: int, max_depth: int, source: str) -> None:
-        self.cache: PrefixCache = drafter.cache
+        self.cache: PrefixCache | SharedSkipCache = drafter.cache
         self.sampling = sampling
         self.tree_size = tree_size
         self.max_depth = max_depth
@@ -82,6 +83,8 @@ class TreeGrower(Drafter):
         self._order = itertools.count()
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
+        if isinstance(self.cache, SharedSkipCache) and not self.cache.ready(context):
+            max_depth = 0  # the prompt's round: the target holds nothing to draft in yet
         tree = self.grow(context, self.tree_size, min(self.max_depth, max_depth))
         return Draft(tree.tokens, tree.probs, tree.draft_logprobs(), tree.parents, tree.draft_calls)
 
@@ -146,10 +149,11 @@ class TreeGrower(Drafter):
 
 def dyspec(ctx: DecodeContext) -> Iterator[Event]:
     sampling = Sampling.of(ctx)
-    drafter = draft_model_drafter(ctx, sampling)
+    target = PrefixCache(ctx.model)
+    drafter = draft_model_drafter(ctx, sampling, target=target)
     source = ctx.params["draft_model"] or f"dyspec:{drafter.source}"
     grower = TreeGrower(drafter, sampling, ctx.params["tree_size"], ctx.params["max_depth"], source)
-    return speculative_rounds(ctx, grower, sampling)
+    return speculative_rounds(ctx, grower, sampling, target=target)
 
 
 SPEC = register(

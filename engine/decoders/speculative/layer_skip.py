@@ -235,8 +235,7 @@ class SkipDrafter(DraftModelDrafter):
     def propose(self, context: list[int], max_depth: int) -> Draft:
         if not self.drafting:
             return NO_DRAFT
-        held = self.shared.target.tokens
-        if len(held) != len(context) - 1 or context[:-1] != held:  # the prompt's round: nothing to share yet
+        if not self.shared.ready(context):  # the prompt's round: nothing to share yet
             return NO_DRAFT
         try:
             return super().propose(context, max_depth)
