@@ -118,8 +118,9 @@ def draft_model_drafter(
     ``options`` go to :class:`DraftModelDrafter` (``schedule``, ``confidence_threshold``, ``stop_rule``). Given the
     round loop's ``target`` cache, a draft made of the target's first layers drafts in it (:class:`SharedSkipCache`):
     the target's KV of those layers is the draft's own, so the draft never runs the prompt or catches up on
-    committed tokens (on a 600-token prompt its prefill had cost a tenth of a 32-token run); it drafts from the
-    round after the prompt's, once the target holds the context.
+    committed tokens (on a 600-token prompt its prefill had cost a tenth of a 32-token run). The caller drafts only
+    when the cache is ``ready`` (from the round after the prompt's) and crops its draft back before the target
+    verifies (``sync``/``release``), as DySpec's tree grower and layer_skip's drafter do.
     """
     name, layers = ctx.params["draft_model"], ctx.params["draft_layers"]
     model = same_tokenizer_model(ctx, name, layers, "draft_model", "draft_layers")
