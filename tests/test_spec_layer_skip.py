@@ -114,7 +114,7 @@ def test_a_set_that_clearly_cannot_pay_is_given_up_after_its_first_positions(lla
         self, tokens, keep))
     # (a forward in two chunks rounds unlike one: a near-tie of the random model may flip one position)
     assert tail.agreement((1,), give_up_below=0.0) == pytest.approx(whole, abs=1.5 / 40) and runs == [16, 24]
-    assert tail.draft_cost((1,)) < 1.5
+    assert (1,) not in tail.gave_up  # scored in full: its cost is its measured time, not a threshold
     runs.clear()
     first = llama.forward(torch.tensor([ids])).logits[0, -40:-24].argmax(-1)
     quick = float((layer_skipped_model(llama, (1,)).forward(torch.tensor([ids[:-24]])).logits[0, -16:].argmax(-1)
