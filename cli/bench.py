@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from engine import hot_start
 from engine.decoders import DecodeContext, get_decoder
-from engine.decoders.speculative import token_recycling
 from engine.events import TokenStep
 from engine.models.handle import LoadedModel
 from engine.offline.self_prompts import SPEC_BENCH_SUBSET
@@ -252,9 +252,9 @@ def speculative(
         turn, category = prompt["turns"][0], prompt["category"]
         reference = _spec_run(model, "greedy", {}, turn, tokens)[0]  # untimed: what every run must reproduce
         fastest: dict[str, float] = {}
-        hot_start = token_recycling.saved_matrices()
+        learnt = hot_start.save()
         for repeat in range(repeats):
-            token_recycling.restore_matrices(hot_start)  # a repeat starts from what the first run started from
+            hot_start.restore(learnt)  # a repeat starts from what the first run started from
             for label in labels[repeat % len(labels):] + labels[: repeat % len(labels)]:
                 if label in variants:
                     trace, elapsed = _spec_run(model, *variants[label], turn, tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import load_model
+from engine import hot_start, load_model
 from tests.workers import cores_per_worker
 
 # The tests' models are tiny: one thread avoids thread-pool overhead that dominates such small kernels
@@ -44,6 +44,12 @@ def llama():
 @pytest.fixture(scope="module")
 def gemma():
     return load_model("tiny-random-gemma3")
+
+
+@pytest.fixture(autouse=True)
+def blank_hot_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from blank decoder memories (engine.hot_start), whatever earlier tests in its worker ran."""
+    monkeypatch.setattr(hot_start, "_STORES", {})
 
 
 # The two longest files start first: pytest-xdist hands whole files to workers in collection order, and a long file

@@ -129,7 +129,6 @@ def test_a_bench_repeat_starts_from_the_hot_start_its_prompts_first_run_had(caps
         return trace, seconds
 
     monkeypatch.setattr(bench, "_spec_run", record_known)
-    monkeypatch.setattr(bench.token_recycling, "_MATRICES", {})  # blank: not what earlier tests' runs taught
     real_prompts = bench._spec_prompts
     monkeypatch.setattr(bench, "_spec_prompts", lambda n: [p for p in real_prompts(n) if len(p["turns"][0]) < 1500][:2])
     assert main(["bench", "spec", "--model", "tiny-random-llama", "--tokens", "6", "--decoders", "token_recycling",

@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import load_model
-from engine.decoders.speculative.layer_skip import PromptTail, SkipDrafter, search_skip_layers, spread_layers
+from engine import hot_start, load_model
+from engine.decoders.speculative.layer_skip import (
+    MIN_PROMPTS,
+    QUICK_POSITIONS as QUICK,
+    PromptTail,
+    SetRecord,
+    SkipMemory,
+    SkipDrafter,
+    search_skip_layers,
+    spread_layers,
+)
 from engine.events import DecoderMetric
 from engine.speculative.cache import PrefixCache, crop_cache
 from engine.speculative.drafts import DraftModelDrafter
@@ -181,7 +190,7 @@ def test_search_on_a_real_model():
 def test_the_run_records_the_skip_set_and_its_score(llama, params):
     trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {**params, "draft_length": "fixed"}, max_new_tokens=8)
     metrics = {e.name: e for e in trace.events if isinstance(e, DecoderMetric)}
-    skip = metrics["skip_agreement"].detail
+    skip = metrics["skipped_layers"].detail
     assert metrics["skipped_layers"].value == 1 and skip in ("0", "1") and (not params or skip == params["skip_layers"])
     tail = PromptTail(PrefixCache(llama), trace.prompt_token_ids, 50)
     assert trace.metrics["skip_agreement"] == tail.agreement((int(skip),))
@@ -196,6 +205,65 @@ def test_a_cost_aware_run_drafts_only_with_a_set_that_agrees_as_often_as_a_draft
     assert trace.metrics["skip_drafting"] == float(drafts) and trace.metrics["skip_draft_cost"] == cost
     assert any(r.nodes for r in rounds_of(trace)) == drafts
     assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=12).output_token_ids
+
+
+# ---------------------------------------------------------------- the hot start
+
+
+def test_the_memory_settles_only_when_clearly_above_or_below_the_cost_on_enough_prompts():
+    def memory(runs: int, **sets: tuple[int, int, int]) -> SkipMemory:
+        """Sets named by their layer as (agreeing positions, positions, prompts), each at a draft cost of 0.5."""
+        return SkipMemory({(int(k[1:]),): SetRecord(a, n, p, 0.5 * p) for k, (a, n, p) in sets.items()}, runs)
+
+    assert memory(MIN_PROMPTS - 1, s0=(0, 100, MIN_PROMPTS - 1)).settled() is None  # too few runs to say "never"
+    assert memory(MIN_PROMPTS, s0=(10, 100, MIN_PROMPTS)).settled() == ((0,), False)
+    assert memory(MIN_PROMPTS, s0=(90, 100, MIN_PROMPTS - 1)).settled() is None  # pays, but on too few prompts
+    assert memory(MIN_PROMPTS, s0=(90, 100, MIN_PROMPTS), s1=(0, 100, 1)).settled() == ((0,), True)
+    # 45 % over 100 positions against 0.5: within two standard errors (0.1), so unclear
+    assert memory(MIN_PROMPTS, s0=(45, 100, MIN_PROMPTS)).settled() is None
+    # one unclear set keeps the search going, even beside sets that clearly cannot pay
+    assert memory(MIN_PROMPTS, s0=(0, 100, MIN_PROMPTS), s1=(7, 16, 1)).settled() is None
+    assert memory(MIN_PROMPTS, s0=(0, 100, MIN_PROMPTS), s1=(1, 16, 1)).settled() == ((1,), False)
+
+
+def test_scored_sets_are_pooled_for_later_runs_on_the_model(llama):
+    traces = [run_ignoring_eos(llama, "layer_skip", prompt, {"skip_layers": "1", "context_window": 40},
+                               max_new_tokens=4) for prompt in PROMPTS[:2]]
+    memory = hot_start.store("layer_skip")[(llama.name, 2, 1, (1,))]
+    record = memory.sets[(1,)]
+    details = [{e.name: e.detail for e in trace.events if isinstance(e, DecoderMetric)} for trace in traces]
+    lengths = [min(40, len(trace.prompt_token_ids)) for trace in traces]
+    # a set given up on covers the tail's first positions only
+    scored = [QUICK if "in part" in detail["skip_draft_cost"] else length for detail, length in zip(details, lengths)]
+    assert [d["skip_agreement"] for d in details] == [f"1; {n} of the prompt's last {m} positions"
+                                                      for n, m in zip(scored, lengths)]
+    assert (memory.runs, record.prompts, record.positions) == (2, 2, sum(scored))
+    assert record.agreeing == pytest.approx(sum(t.metrics["skip_agreement"] * n for t, n in zip(traces, scored)))
+    assert record.costs == pytest.approx(sum(t.metrics["skip_draft_cost"] for t in traces))
+
+
+@pytest.mark.parametrize("agreeing,drafts", [(0, False), (300, True)])
+def test_a_settled_set_is_taken_without_scoring_and_the_prompt_runs_in_one_forward(llama, monkeypatch, agreeing, drafts):
+    """Three earlier prompts that agreed at 0 % (or 100 %) against a cost of 0.5 settle it: the run takes the set
+    and the decision, scores nothing, and runs the prompt as greedy does; ``reset_search`` scores again."""
+    hot_start.store("layer_skip")[(llama.name, 2, 1, None)] = SkipMemory(
+        {(0,): SetRecord(agreeing=agreeing, positions=300, prompts=3, costs=1.5)}, runs=3)
+    scoring = []
+    real_agreement = PromptTail.agreement
+    monkeypatch.setattr(PromptTail, "agreement", lambda self, skip, give_up_below=None: scoring.append(skip) or
+                        real_agreement(self, skip, give_up_below))
+    forwards = []
+    real = llama.forward
+    monkeypatch.setattr(llama, "forward", lambda ids, *a, **k: forwards.append(ids.shape[-1]) or real(ids, *a, **k))
+    trace = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {}, max_new_tokens=12)
+    assert scoring == [] and forwards[0] == len(trace.prompt_token_ids)  # the whole prompt in the first forward
+    assert trace.metrics["skip_candidates_scored"] == 0 and trace.metrics["skip_drafting"] == float(drafts)
+    assert trace.metrics["skip_agreement"] == agreeing / 300 and trace.metrics["skip_draft_cost"] == 0.5
+    assert any(r.nodes for r in rounds_of(trace)) == drafts
+    monkeypatch.setattr(llama, "forward", real)
+    assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=12).output_token_ids
+    again = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {"reset_search": True}, max_new_tokens=12)
+    assert scoring and again.metrics["skip_candidates_scored"] >= 1
 
 
 @pytest.mark.parametrize(
@@ -272,5 +340,5 @@ def test_the_search_spends_at_most_its_share_of_the_run(llama, budget, scored):
     metrics = {e.name: e for e in trace.events if isinstance(e, DecoderMetric)}
     assert metrics["skip_candidates_scored"].value == scored  # a 2-layer model has two one-layer sets
     if scored == 1:
-        assert metrics["skip_agreement"].detail == ",".join(map(str, spread_layers(2, 1)))
+        assert metrics["skipped_layers"].detail == ",".join(map(str, spread_layers(2, 1)))
     assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=8).output_token_ids

@@ -14,19 +14,26 @@ prompt but its last ``context_window`` tokens (the first round reuses that cache
 next token (teacher-forced on the target's KV of the earlier prompt, as it drafts) equals the full model's. Half of
 the ``search_iterations`` candidates are random sets, the rest refine the best set so far by swapping one skipped
 layer for a kept one (a move is kept unless it scores worse). The search draws from its own fixed-seed generator, so
-the chosen set depends on the prompt only.
+a scored choice depends on the prompt only.
 
-The search is cost-aware: SWIFT amortises it over a whole task, while one run here pays it in full. It may spend at
-most ``search_budget`` of the run's expected greedy time (``max_new_tokens`` one-token target steps, one of them
-timed) at the measured cost of scoring a set; a run that cannot afford two sets takes ``num_skip`` layers spread
-evenly over the depth (the first and the last kept, as Draft & Verify found them the most needed) and only scores
-that set. The tail's own KV is set aside while sets are scored and put back after, so the target runs the prompt
-once (the first round reads the logits after it from that run). With the cost-aware draft length (the default) a set whose agreement is below its draft cost (its forward
-time over the tail as a share of the target's) does not draft at all: a drafted token then costs more than it is
-expected to save. On SmolLM2-135M, where skipping 45 % of the layers leaves 10-20 % agreement, that is the usual
-outcome, so a single set scored only for that decision (given, or the spread set) is scored on the tail's first
+The search is cost-aware: it may spend at most ``search_budget`` of the run's expected greedy time
+(``max_new_tokens`` one-token target steps, one of them timed) at the measured cost of scoring a set; a run that
+cannot afford two sets takes ``num_skip`` layers spread evenly over the depth (the first and the last kept, as Draft
+& Verify found them the most needed) and only scores that set. The tail's own KV is set aside while sets are scored
+and put back after, so the target runs the prompt once (the first round reads the logits after it from that run).
+With the cost-aware draft length (the default) a set whose agreement is below its draft cost (its forward time over
+the tail as a share of the target's) does not draft at all: a drafted token then costs more than it is expected to
+save. On SmolLM2-135M, where skipping 45 % of the layers leaves 0-20 % agreement, that is the usual outcome, so a
+single set scored only for that decision (given, or the spread set) is scored on the tail's first
 ``QUICK_POSITIONS`` positions first and given up when its agreement there clearly cannot reach the kept share of
 the layers (the least that pays).
+
+Hot start (SWIFT amortises its search over a task's inputs): the scores of every set scored are pooled per model
+and skip choice for the process's later runs (:mod:`engine.hot_start`). Cost-aware runs then decide without scoring
+once the memory is clear (:meth:`SkipMemory.settled`): drafting pays when the best set, scored on ``MIN_PROMPTS``
+prompts, agrees more than two standard errors above its mean draft cost; it does not once ``MIN_PROMPTS`` runs
+scored and every set scored agrees more than two standard errors below its own. Such a run takes that set and that
+decision with no timed tail: the prompt runs in one forward, as greedy's. ``reset_search`` scores again. Scoring costs a run 0.1-0.2 s of 2 s on SmolLM2 with 32 new tokens.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from engine import hot_start
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
@@ -51,6 +59,7 @@ from engine.speculative.skip import SharedSkipCache, layer_skipped_model
 
 SEARCH_SEED = 0
 QUICK_POSITIONS = 16  # a set weighed against its draft cost is scored on this many tail positions first
+MIN_PROMPTS = 3  # a remembered set settles whether drafting pays once scored on this many prompts (agreement varies by prompt)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class PromptTail:
         self.full = (last if head is None else torch.cat([head[len(head) - (size - 1):], last])).argmax(-1)
         self.aside = target.set_aside(size)
         self.seconds: dict[tuple[int, ...], float] = {}
+        self.scored: dict[tuple[int, ...], tuple[float, int]] = {}  # each scored set's agreement, positions covered
         self.gave_up: dict[tuple[int, ...], float] = {}  # sets scored in part: the cost they could not reach
 
     def agreement(self, skip: tuple[int, ...], give_up_below: float | None = None) -> float:
@@ -108,12 +118,13 @@ class PromptTail:
         predicted = cache.forward(first, keep=len(first)).logits[0].argmax(-1)
         score = float((predicted == self.full[: len(first)]).double().mean())
         self.gave_up.pop(skip, None)
-        if rest and _could_reach(score, len(first), give_up_below):
+        if rest and score + _margin(score, len(first)) >= give_up_below:
             predicted = torch.cat([predicted, cache.forward(rest, keep=len(rest)).logits[0].argmax(-1)])
             score = float((predicted == self.full).double().mean())
         elif rest:
             self.gave_up[skip] = give_up_below
         self.seconds[skip] = time.perf_counter() - start
+        self.scored[skip] = (score, len(predicted))
         cache.release()
         return score
 
@@ -128,10 +139,77 @@ class PromptTail:
         self.target.put_back(self.aside)
 
 
-def _could_reach(score: float, positions: int, needed: float) -> bool:
-    """Whether an agreement of ``score`` over ``positions`` positions could still be ``needed`` over all of them: the
-    needed share lies within two binomial standard errors above it (the variance floored, for scores near 0 or 1)."""
-    return score + 2.0 * math.sqrt(max(score * (1.0 - score), 0.05) / positions) >= needed
+def _margin(score: float, positions: int) -> float:
+    """Two binomial standard errors of an agreement of ``score`` over ``positions`` positions (the variance floored,
+    for scores near 0 or 1): how far the agreement over other positions may plausibly lie."""
+    return 2.0 * math.sqrt(max(score * (1.0 - score), 0.05) / positions)
+
+
+@dataclass
+class SetRecord:
+    """One skip set's scores on earlier prompts of a model, pooled (module docstring: hot start)."""
+
+    agreeing: float = 0.0  # scored positions where the skipped model's token was the full model's
+    positions: int = 0
+    prompts: int = 0
+    costs: float = 0.0  # the draft costs measured, summed over the prompts
+
+    def add(self, score: float, positions: int, cost: float) -> None:
+        self.agreeing += score * positions
+        self.positions += positions
+        self.prompts += 1
+        self.costs += cost
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.positions
+
+    @property
+    def cost(self) -> float:
+        return self.costs / self.prompts
+
+    def clearly_pays(self) -> bool:
+        return self.agreement - _margin(self.agreement, self.positions) >= self.cost
+
+    def clearly_cannot_pay(self) -> bool:
+        return self.agreement + _margin(self.agreement, self.positions) < self.cost
+
+
+@dataclass
+class SkipMemory:
+    """What earlier runs on a model scored for one skip choice: every set scored, and how many runs scored."""
+
+    sets: dict[tuple[int, ...], SetRecord] = field(default_factory=dict)
+    runs: int = 0
+
+    def add(self, tail: PromptTail) -> None:
+        """The sets ``tail`` scored, one run's worth."""
+        self.runs += 1
+        for skip, (score, positions) in tail.scored.items():
+            self.sets.setdefault(skip, SetRecord()).add(score, positions, tail.draft_cost(skip))
+
+    def settled(self) -> tuple[tuple[int, ...], bool] | None:
+        """The set of highest pooled agreement and whether it pays, once that is clear: drafting pays when that set,
+        scored on ``MIN_PROMPTS`` prompts, agrees clearly (two standard errors) more often than it costs; it does not
+        once ``MIN_PROMPTS`` runs scored and every set scored agrees clearly less often. None while unclear."""
+        if not self.sets:
+            return None
+        best = max(self.sets, key=lambda skip: self.sets[skip].agreement)
+        if self.sets[best].prompts >= MIN_PROMPTS and self.sets[best].clearly_pays():
+            return best, True
+        if self.runs >= MIN_PROMPTS and all(record.clearly_cannot_pay() for record in self.sets.values()):
+            return best, False
+        return None
+
+
+def remembered(model_name: str, total: int, num_skip: int, given: tuple[int, ...] | None, reset: bool) -> SkipMemory:
+    """What earlier runs on this model scored for this choice (the given set, or searched sets of ``num_skip``
+    layers); ``reset`` forgets it."""
+    memories = hot_start.store("layer_skip")
+    key = (model_name, total, num_skip, given)
+    if reset or key not in memories:
+        memories[key] = SkipMemory()
+    return memories[key]
 
 
 def search_skip_layers(
@@ -243,30 +321,62 @@ class SkipDrafter(DraftModelDrafter):
             self.shared.release()
 
 
+@dataclass(frozen=True)
+class SkipDecision:
+    """The run's skip set, its draft cost (target steps per drafted token), whether it drafts, and where its score and
+    cost came from (shown beside the metrics)."""
+
+    choice: SkipChoice
+    cost: float
+    drafting: bool
+    scored_on: str
+    cost_from: str
+
+
+def decide(ctx: DecodeContext, target: PrefixCache, given: tuple[int, ...] | None, num_skip: int) -> SkipDecision:
+    """Score skip sets on the prompt's tail (its forward left in ``target``), or take the set earlier runs on this
+    model settled, without scoring (module docstring)."""
+    params = ctx.params
+    adaptive = params["draft_length"] == "adaptive"
+    memory = remembered(ctx.model.name, ctx.model.num_layers, num_skip, given, params["reset_search"])
+    settled = memory.settled() if adaptive else None
+    if settled:
+        skip, pays = settled
+        record = memory.sets[skip]
+        return SkipDecision(SkipChoice(skip, record.agreement, 0), record.cost, pays,
+                            f"{record.positions} positions of {record.prompts} earlier prompts",
+                            "its mean over earlier prompts")
+    tail = PromptTail(target, ctx.prompt_ids, params["context_window"])
+    choice = choose_skip(ctx, tail, given, num_skip)
+    tail.restore()
+    memory.add(tail)
+    cost = tail.draft_cost(choice.skip)
+    # A drafted token costs ``cost`` target steps: a set that agrees less often than that cannot pay (cost-aware
+    # runs then take plain steps; a fixed draft length drafts regardless, to show the drafts).
+    part = choice.skip in tail.gave_up
+    return SkipDecision(choice, cost, not adaptive or choice.score >= cost,
+                        f"{tail.scored[choice.skip][1]} of the prompt's last {len(tail.tokens)} positions",
+                        "the kept share of the layers (scored in part)" if part else
+                        "the set's forward time over the prompt's tail / the target's")
+
+
 def layer_skip(ctx: DecodeContext) -> Iterator[Event]:
     params = ctx.params
     total = ctx.model.num_layers
     given = parse_layers(params["skip_layers"], total) if params["skip_layers"].strip() else None
     num_skip = len(given) if given else skipped_count(params["skip_ratio"], total)
     target = PrefixCache(ctx.model)
-    tail = PromptTail(target, ctx.prompt_ids, params["context_window"])
-    choice = choose_skip(ctx, tail, given, num_skip)
-    tail.restore()
-    cost = tail.draft_cost(choice.skip)
-    # A drafted token costs ``cost`` target steps: a set that agrees less often than that cannot pay (cost-aware
-    # runs then take plain steps; a fixed draft length drafts regardless, to show the drafts).
-    drafting = params["draft_length"] != "adaptive" or choice.score >= cost
-    part = f"; first {QUICK_POSITIONS} of {len(tail.tokens)} positions" if choice.skip in tail.gave_up else ""
-    yield DecoderMetric("skip_agreement", choice.score, choice.label + part)
+    decision = decide(ctx, target, given, num_skip)
+    choice = decision.choice
+    yield DecoderMetric("skip_agreement", choice.score, f"{choice.label}; {decision.scored_on}")
     yield DecoderMetric("skipped_layers", len(choice.skip), choice.label)
     yield DecoderMetric("skip_candidates_scored", choice.candidates, choice.label)
-    yield DecoderMetric("skip_draft_cost", cost, "the kept share of the layers (scored in part)" if part else
-                        "the set's forward time over the prompt's tail / the target's")
-    yield DecoderMetric("skip_drafting", float(drafting), "drafts" if drafting else
-                        f"no drafts: agreement {choice.score:.2f} < draft cost {cost:.2f}")
+    yield DecoderMetric("skip_draft_cost", decision.cost, decision.cost_from)
+    yield DecoderMetric("skip_drafting", float(decision.drafting), "drafts" if decision.drafting else
+                        f"no drafts: agreement {choice.score:.2f} < draft cost {decision.cost:.2f}")
     sampling = Sampling.of(ctx)
     drafter = SkipDrafter(layer_skipped_model(ctx.model, choice.skip), target, f"layer_skip:{choice.label}", sampling,
-                          params["num_draft_tokens"], params["stop_threshold"], drafting)
+                          params["num_draft_tokens"], params["stop_threshold"], decision.drafting)
     yield from speculative_rounds(ctx, drafter, sampling, target=target)
 
 
@@ -282,6 +392,8 @@ SPEC = register(
             Param("search_budget", "float", 0.1, "Search: the most it may cost, as a share of the run's expected greedy "
                   "time (fewer sets when they cost more; under two: the evenly spread set); 0 = no limit.", 0.0, 100.0),
             Param("context_window", "int", 50, "Search: score agreement over the prompt's last N positions.", 1, 100_000),
+            Param("reset_search", "bool", False, "Score skip sets on this prompt even when earlier runs on this model "
+                  "already settled whether drafting pays."),
             Param("num_draft_tokens", "int", 10, "Most tokens per draft.", 1, 64, limit="draft_tokens"),
             Param("stop_threshold", "float", 0.8, "Stop drafting once the draft's p(token) is below this (SWIFT: 0.8).", 0.0, 1.0),
             *SAMPLING_PARAMS,

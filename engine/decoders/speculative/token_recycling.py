@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from engine import hot_start
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
 from engine.events import DecoderMetric, Event
@@ -62,9 +63,6 @@ class Adjacency:
     def blank(cls, vocab_size: int, k: int) -> "Adjacency":
         return cls(torch.full((vocab_size, k), UNKNOWN, dtype=torch.int32), torch.zeros(vocab_size, k))
 
-    def copy(self) -> "Adjacency":
-        return Adjacency(self.tokens.clone(), self.probs.clone())
-
     def known_rows(self) -> int:
         return int((self.tokens[:, 0] != UNKNOWN).sum())
 
@@ -75,21 +73,6 @@ class Adjacency:
         rows = torch.tensor(list(last.keys()))
         self.tokens[rows] = top.indices.to(self.tokens.dtype)
         self.probs[rows] = top.values
-
-
-# Hot start: one matrix per (model name, vocabulary size, k), shared by every run on that model in this process.
-_MATRICES: dict[tuple[str, int, int], Adjacency] = {}
-
-
-def saved_matrices() -> dict[tuple[str, int, int], Adjacency]:
-    """Copies of every hot-start matrix, for :func:`restore_matrices` (a benchmark's repeat of a prompt must not
-    start from what the first run of that prompt learnt)."""
-    return {key: matrix.copy() for key, matrix in _MATRICES.items()}
-
-
-def restore_matrices(saved: dict[tuple[str, int, int], Adjacency]) -> None:
-    _MATRICES.clear()
-    _MATRICES.update({key: matrix.copy() for key, matrix in saved.items()})  # ``saved`` serves every repeat
 
 
 def template(tree_size: int) -> list[tuple[int, ...]]:
@@ -103,10 +86,11 @@ def template(tree_size: int) -> list[tuple[int, ...]]:
 
 def adjacency_matrix(model_name: str, vocab_size: int, k: int, reset: bool) -> Adjacency:
     """The model's shared matrix (rows of ``UNKNOWN`` until filled); ``reset`` replaces it with a blank one."""
+    matrices = hot_start.store("token_recycling")  # one matrix per (model name, vocabulary size, k)
     key = (model_name, vocab_size, k)
-    if reset or key not in _MATRICES:
-        _MATRICES[key] = Adjacency.blank(vocab_size, k)
-    return _MATRICES[key]
+    if reset or key not in matrices:
+        matrices[key] = Adjacency.blank(vocab_size, k)
+    return matrices[key]
 
 
 class RecyclingDrafter(Drafter):
