@@ -150,6 +150,20 @@ def test_the_first_round_reads_the_prompt_tails_last_logits_instead_of_running_i
     assert verify_round(target, ids, NO_DRAFT, sampling)[0].committed == outcome.committed and forwards == [1]
 
 
+def test_with_a_remembered_step_time_the_tail_runs_the_prompt_in_one_forward(llama, monkeypatch):
+    ids = llama.encode(PROMPTS[1])
+    timed = PromptTail(PrefixCache(llama), ids, 16)
+    forwards = []
+    real = llama.forward
+    monkeypatch.setattr(llama, "forward", lambda x, *a, **k: forwards.append(x.shape[-1]) or real(x, *a, **k))
+    remembered = PromptTail(PrefixCache(llama), ids, 16, step_seconds=0.5)
+    assert forwards == [len(ids)] and torch.equal(remembered.full, timed.full)
+    assert remembered.step_seconds == 0.5 and remembered.tail_seconds > 0.5
+    assert remembered.aside.tokens == timed.aside.tokens == ids[-16:]
+    remembered.restore()
+    torch.testing.assert_close(remembered.target.logits_after(ids), real(torch.tensor([ids])).logits[0, -1])
+
+
 def test_search_returns_a_set_of_the_right_size_with_a_recomputable_score(llama):
     tail = PromptTail(PrefixCache(llama), llama.encode(PROMPTS[1]), 16)
     choice = search_skip_layers(tail.agreement, llama.num_layers, 1, iterations=6)
@@ -226,9 +240,15 @@ def test_the_memory_settles_only_when_clearly_above_or_below_the_cost_on_enough_
     assert memory(MIN_PROMPTS, s0=(0, 100, MIN_PROMPTS), s1=(1, 16, 1)).settled() == ((1,), False)
 
 
-def test_scored_sets_are_pooled_for_later_runs_on_the_model(llama):
-    traces = [run_ignoring_eos(llama, "layer_skip", prompt, {"skip_layers": "1", "context_window": 40},
-                               max_new_tokens=4) for prompt in PROMPTS[:2]]
+def test_scored_sets_are_pooled_for_later_runs_on_the_model(llama, monkeypatch):
+    params = {"skip_layers": "1", "context_window": 40}
+    first = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], params, max_new_tokens=4)
+    forwards = []
+    real = llama.forward
+    monkeypatch.setattr(llama, "forward", lambda x, *a, **k: forwards.append(x.shape[-1]) or real(x, *a, **k))
+    traces = [first, run_ignoring_eos(llama, "layer_skip", PROMPTS[1], params, max_new_tokens=4)]
+    # the first run's step time serves the second: its prompt runs in one forward, no timed step
+    assert forwards[0] == len(traces[1].prompt_token_ids)  # (timed: all but the last token first)
     memory = hot_start.store("layer_skip")[(llama.name, 2, 1, (1,))]
     record = memory.sets[(1,)]
     details = [{e.name: e.detail for e in trace.events if isinstance(e, DecoderMetric)} for trace in traces]

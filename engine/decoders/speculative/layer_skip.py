@@ -33,7 +33,9 @@ and skip choice for the process's later runs (:mod:`engine.hot_start`). Cost-awa
 once the memory is clear (:meth:`SkipMemory.settled`): drafting pays when the best set, scored on ``MIN_PROMPTS``
 prompts, agrees more than two standard errors above its mean draft cost; it does not once ``MIN_PROMPTS`` runs
 scored and every set scored agrees more than two standard errors below its own. Such a run takes that set and that
-decision with no timed tail: the prompt runs in one forward, as greedy's. ``reset_search`` scores again. Scoring costs a run 0.1-0.2 s of 2 s on SmolLM2 with 32 new tokens.
+decision with no timed tail: the prompt runs in one forward, as greedy's. Until then a run that scores still times
+no step of its own: the first scoring run's one-token step time serves the later ones. ``reset_search`` forgets all
+of it. Scoring costs a run 0.1-0.2 s of 2 s on SmolLM2 with 32 new tokens.
 """
 
 from __future__ import annotations
@@ -78,28 +80,36 @@ class SkipChoice:
 class PromptTail:
     """The prompt's last ``window`` positions, on which skip sets are scored (module docstring).
 
-    It runs the prompt into the run's empty target cache as greedy's prefill would, in two forwards: all but the last
-    token, then the last as a timed one-token step. It sets the tail's KV aside while sets are scored against the
-    rest, and :meth:`restore` puts it back with the step's logits, so the run's first round runs no forward. ``full``
-    are the full model's greedy next tokens after each tail token, ``step_seconds`` the time of a one-token target
-    step, ``tail_seconds`` that of the target over the tail (its share of the prefill's time plus the step: a
-    forward of the tail alone beside one of the head had cost 0.1 s more than the prefill on a 57-token prompt), and
-    ``seconds`` that of each scored set over it.
+    It runs the prompt into the run's empty target cache as greedy's prefill would. Given ``step_seconds`` (the
+    time of a one-token target step, remembered from an earlier run on the model) that is one forward; otherwise two:
+    all but the last token, then the last as a timed one-token step (about 50 ms more than one forward on SmolLM2).
+    It sets the tail's KV aside while sets are scored against the rest, and :meth:`restore` puts it back with the
+    logits after the prompt, so the run's first round runs no forward. ``full`` are the full model's greedy next
+    tokens after each tail token, ``tail_seconds`` the time of the target over the tail (its share of the prefill's
+    time plus a step: a forward of the tail alone beside one of the head had cost 0.1 s more than the prefill on a
+    57-token prompt), and ``seconds`` that of each scored set over it.
     """
 
-    def __init__(self, target: PrefixCache, prompt_ids: list[int], window: int) -> None:
+    def __init__(self, target: PrefixCache, prompt_ids: list[int], window: int,
+                 step_seconds: float | None = None) -> None:
         size = min(window, len(prompt_ids))
         self.tokens = prompt_ids[-size:]
         self.target = target
+        timed_step = step_seconds is None and len(prompt_ids) > 1
         start = time.perf_counter()
-        # Every token but the last (logits of the tail's first size - 1 only; at least one row is computed).
-        head = target.forward(prompt_ids[:-1], keep=max(size - 1, 1)).logits[0] if len(prompt_ids) > 1 else None
+        # The prompt, or every token but the last; logits of the tail's positions only (at least one row).
+        ran = prompt_ids[:-1] if timed_step else prompt_ids
+        logits = target.forward(ran, keep=max(size - timed_step, 1)).logits[0]
         prefill_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        last = target.forward(prompt_ids[-1:], keep=1).logits[0]
-        self.step_seconds = time.perf_counter() - start
-        self.tail_seconds = prefill_seconds * (size - 1) / max(len(prompt_ids) - 1, 1) + self.step_seconds
-        self.full = (last if head is None else torch.cat([head[len(head) - (size - 1):], last])).argmax(-1)
+        if timed_step:
+            start = time.perf_counter()
+            logits = torch.cat([logits[len(logits) - (size - 1):], target.forward(prompt_ids[-1:], keep=1).logits[0]])
+            step_seconds = time.perf_counter() - start
+        elif step_seconds is None:  # a one-token prompt: its forward is a step
+            step_seconds = prefill_seconds
+        self.step_seconds = step_seconds
+        self.tail_seconds = prefill_seconds * (size - 1) / max(len(ran), 1) + step_seconds
+        self.full = logits.argmax(-1)
         self.aside = target.set_aside(size)
         self.seconds: dict[tuple[int, ...], float] = {}
         self.scored: dict[tuple[int, ...], tuple[float, int]] = {}  # each scored set's agreement, positions covered
@@ -177,14 +187,17 @@ class SetRecord:
 
 @dataclass
 class SkipMemory:
-    """What earlier runs on a model scored for one skip choice: every set scored, and how many runs scored."""
+    """What earlier runs on a model scored for one skip choice: every set scored, how many runs scored, and the time
+    of a one-token target step the first of them measured (:class:`PromptTail`)."""
 
     sets: dict[tuple[int, ...], SetRecord] = field(default_factory=dict)
     runs: int = 0
+    step_seconds: float | None = None
 
     def add(self, tail: PromptTail) -> None:
         """The sets ``tail`` scored, one run's worth."""
         self.runs += 1
+        self.step_seconds = tail.step_seconds
         for skip, (score, positions) in tail.scored.items():
             self.sets.setdefault(skip, SetRecord()).add(score, positions, tail.draft_cost(skip))
 
@@ -346,7 +359,7 @@ def decide(ctx: DecodeContext, target: PrefixCache, given: tuple[int, ...] | Non
         return SkipDecision(SkipChoice(skip, record.agreement, 0), record.cost, pays,
                             f"{record.positions} positions of {record.prompts} earlier prompts",
                             "its mean over earlier prompts")
-    tail = PromptTail(target, ctx.prompt_ids, params["context_window"])
+    tail = PromptTail(target, ctx.prompt_ids, params["context_window"], memory.step_seconds)
     choice = choose_skip(ctx, tail, given, num_skip)
     tail.restore()
     memory.add(tail)
@@ -392,8 +405,8 @@ SPEC = register(
             Param("search_budget", "float", 0.1, "Search: the most it may cost, as a share of the run's expected greedy "
                   "time (fewer sets when they cost more; under two: the evenly spread set); 0 = no limit.", 0.0, 100.0),
             Param("context_window", "int", 50, "Search: score agreement over the prompt's last N positions.", 1, 100_000),
-            Param("reset_search", "bool", False, "Score skip sets on this prompt even when earlier runs on this model "
-                  "already settled whether drafting pays."),
+            Param("reset_search", "bool", False, "Forget what earlier runs on this model scored (and the step time "
+                  "they measured): score skip sets on this prompt."),
             Param("num_draft_tokens", "int", 10, "Most tokens per draft.", 1, 64, limit="draft_tokens"),
             Param("stop_threshold", "float", 0.8, "Stop drafting once the draft's p(token) is below this (SWIFT: 0.8).", 0.0, 1.0),
             *SAMPLING_PARAMS,
