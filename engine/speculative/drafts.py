@@ -17,7 +17,7 @@ from engine.models import canonical_name, load_model
 from engine.models.handle import ForwardResult, LoadedModel, ModelError
 from engine.params import Param, ParamError
 from engine.speculative.cache import PrefixCache
-from engine.speculative.rounds import Draft, Drafter, Outcome, Sampling
+from engine.speculative.rounds import NO_DRAFT, Draft, Drafter, Outcome, Sampling
 from engine.speculative.skip import SharedSkipCache, layer_skipped_model
 from engine.speculative.truncated import truncated_model
 
@@ -50,7 +50,8 @@ class DraftModelDrafter(Drafter):
 
     ``num_draft_tokens`` is k, the next round's draft length, which the ``heuristic`` schedule moves after each
     round. ``stop_rule`` (SpecDec++) and the ``confidence`` schedule end a draft early; a round's chain length is
-    the k it used.
+    the k it used. With a :class:`SharedSkipCache` it drafts only once the target's cache is ready (from the round
+    after the prompt's) and crops its draft back before the target verifies.
     """
 
     partial_verify = True  # its cache follows the committed context, whatever was verified
@@ -77,6 +78,16 @@ class DraftModelDrafter(Drafter):
         self.stop_rule = stop_rule
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
+        if not isinstance(self.cache, SharedSkipCache):
+            return self._chain(context, max_depth)
+        if not self.cache.ready(context):  # the prompt's round: the target holds nothing to draft from yet
+            return NO_DRAFT
+        try:
+            return self._chain(context, max_depth)
+        finally:
+            self.cache.release()  # the target verifies from its own verified context
+
+    def _chain(self, context: list[int], max_depth: int) -> Draft:
         k = min(self.num_draft_tokens, max_depth)
         tokens: list[int] = []
         probs: list[float] = []
@@ -118,9 +129,9 @@ def draft_model_drafter(
     ``options`` go to :class:`DraftModelDrafter` (``schedule``, ``confidence_threshold``, ``stop_rule``). Given the
     round loop's ``target`` cache, a draft made of the target's first layers drafts in it (:class:`SharedSkipCache`):
     the target's KV of those layers is the draft's own, so the draft never runs the prompt or catches up on
-    committed tokens (on a 600-token prompt its prefill had cost a tenth of a 32-token run). The caller drafts only
-    when the cache is ``ready`` (from the round after the prompt's) and crops its draft back before the target
-    verifies (``sync``/``release``), as DySpec's tree grower and layer_skip's drafter do.
+    committed tokens (on a 600-token prompt its prefill had cost a tenth of a 32-token run). The chain drafter's
+    ``propose`` keeps to the shared cache's terms; a caller that drafts on the cache itself (DySpec's tree grower)
+    drafts only when it is ``ready`` and crops its draft back before the target verifies (``sync``/``release``).
     """
     name, layers = ctx.params["draft_model"], ctx.params["draft_layers"]
     model = same_tokenizer_model(ctx, name, layers, "draft_model", "draft_layers")

@@ -318,20 +318,12 @@ class SkipDrafter(DraftModelDrafter):
 
     def __init__(self, view: LoadedModel, target: PrefixCache, source: str, sampling: Sampling, num_draft_tokens: int,
                  stop_threshold: float, drafting: bool = True) -> None:
-        self.shared = SharedSkipCache(view, target)
         super().__init__(view, source, sampling, num_draft_tokens, schedule="confidence",
-                         confidence_threshold=stop_threshold, cache=self.shared)
+                         confidence_threshold=stop_threshold, cache=SharedSkipCache(view, target))
         self.drafting = drafting
 
     def propose(self, context: list[int], max_depth: int) -> Draft:
-        if not self.drafting:
-            return NO_DRAFT
-        if not self.shared.ready(context):  # the prompt's round: nothing to share yet
-            return NO_DRAFT
-        try:
-            return super().propose(context, max_depth)
-        finally:
-            self.shared.release()
+        return super().propose(context, max_depth) if self.drafting else NO_DRAFT
 
 
 @dataclass(frozen=True)
