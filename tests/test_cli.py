@@ -120,12 +120,13 @@ def test_a_bench_repeat_starts_from_the_hot_start_its_prompts_first_run_had(caps
     """Token Recycling's matrix outlives a run: a repeat must not draft from what the prompt's first run learnt."""
     import cli.bench as bench
 
-    real_run, known = bench._spec_run, []
+    real_run, known, ran = bench._spec_run, [], []
 
     def record_known(model, name, params, prompt, tokens):
         trace, seconds = real_run(model, name, params, prompt, tokens)
         if name == "token_recycling":
             known.append(trace.metrics["matrix_rows_known_at_start"])
+            ran.append(prompt)
         return trace, seconds
 
     monkeypatch.setattr(bench, "_spec_run", record_known)
@@ -134,6 +135,8 @@ def test_a_bench_repeat_starts_from_the_hot_start_its_prompts_first_run_had(caps
     assert main(["bench", "spec", "--model", "tiny-random-llama", "--tokens", "6", "--decoders", "token_recycling",
                  "--hf", "", "--repeats", "2"]) == 0
     warmup, *timed = known
+    # the warm-up learns from a prompt outside the measured ones, never from a measured prompt's own run
+    assert ran[0] == bench.SPEC_WARM_UP_PROMPT and ran[0] not in ran[1:] and known[0] == 0
     assert len(timed) == 4 and timed[0] == timed[1] and timed[2] == timed[3]  # each prompt's two runs alike
     assert timed[2] > timed[0]  # while the matrix still carries over from one prompt to the next
     assert "greedy-equality mismatches: 0" in capsys.readouterr().out
