@@ -15,6 +15,7 @@ from engine.speculative.draft_length import (
     DraftLengthController,
     LinearCost,
     PayoffSwitch,
+    ProbeBudget,
     VerifyCost,
 )
 from engine.speculative.rounds import Draft, subdraft
@@ -374,3 +375,14 @@ def test_the_verify_cost_follows_a_kernel_step_once_each_size_was_seen():
     assert cost(4) == pytest.approx(step(3) + cost.fit(4) - cost.fit(3))  # 3 and 5 equally near: the smaller
     assert cost(3.5) == pytest.approx((step(3) + cost(4)) / 2)  # a mean size: between its neighbours
     assert cost.fit(3) > step(3) + 0.005  # the line over all sizes overrates three tokens
+
+
+def test_without_a_prior_no_probe_is_due_before_a_try_was_measured():
+    budget = ProbeBudget()
+    budget.plain(1000.0)
+    assert not budget.due(0.1) and budget.due(0.1, prior_loss=0.5)  # a prior prices the first try
+    budget.tried(0.3, 1)  # a try lost 0.2 s against a 0.1 s step
+    budget.plain(0.2 / PROBE_BUDGET - 0.01)
+    assert not budget.due(0.1)
+    budget.plain(0.02)
+    assert budget.due(0.1)

@@ -165,7 +165,7 @@ def test_a_paused_pearl_takes_plain_steps_but_never_with_drafts_pending(llama, m
     from engine.speculative import draft_length
 
     monkeypatch.setattr(draft_length.PayoffSwitch, "rate", lambda self, speculated: 0.0 if speculated else 1.0)
-    monkeypatch.setattr(draft_length.ProbeBudget, "due", lambda self, token_seconds, prior_loss: self.waited >= 6)  # six rounds
+    monkeypatch.setattr(draft_length.ProbeBudget, "due", lambda self, token_seconds, prior_loss=None: self.waited >= 6)  # six rounds
     observe = draft_length.PayoffSwitch.observe  # every round timed at 1 s
     monkeypatch.setattr(draft_length.PayoffSwitch, "observe", lambda self, spec, tokens, _: observe(self, spec, tokens, 1.0))
     trace = _assert_greedy_equal(llama, "pearl", {"draft_layers": 1, "gamma": 3}, PROMPTS[1], 40)

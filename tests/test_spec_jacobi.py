@@ -263,7 +263,7 @@ def test_a_paused_lookahead_runs_plain_steps_and_probes_its_window(llama, monkey
     from engine.speculative import draft_length
 
     monkeypatch.setattr(draft_length.PayoffSwitch, "rate", lambda self, speculated: 0.0 if speculated else 1.0)
-    monkeypatch.setattr(draft_length.ProbeBudget, "due", lambda self, token_seconds, prior_loss: self.waited >= 5)  # five rounds
+    monkeypatch.setattr(draft_length.ProbeBudget, "due", lambda self, token_seconds, prior_loss=None: self.waited >= 5)  # five rounds
     observe = draft_length.PayoffSwitch.observe  # every round timed at 1 s
     monkeypatch.setattr(draft_length.PayoffSwitch, "observe", lambda self, spec, tokens, _: observe(self, spec, tokens, 1.0))
     trace = run_ignoring_eos(llama, "lookahead", PROMPTS[2], {"window": 3, "ngram": 3}, max_new_tokens=40)

@@ -107,12 +107,13 @@ class ProbeBudget:
         self.seconds.add(seconds)
         self.committed.add(committed)
 
-    def due(self, token_seconds: float, prior_loss: float) -> bool:
+    def due(self, token_seconds: float, prior_loss: float | None = None) -> bool:
         """Whether a try is due: each try loses its time minus ``token_seconds`` (what a plain step takes to commit a
         token) per token it committed; ``prior_loss`` is what one is expected to lose before any try was measured
-        (a model's guess: averaged with the first measured try, it had halved PPD's real loss)."""
+        (a model's guess: averaged with the first measured try, it had halved PPD's real loss; without one, no try
+        is due until one was measured)."""
         if not self.seconds.count:
-            return self.waited * PROBE_BUDGET >= prior_loss
+            return prior_loss is not None and self.waited * PROBE_BUDGET >= prior_loss
         loss = self.seconds.mean() - token_seconds * self.committed.mean()
         return self.waited * PROBE_BUDGET >= loss
 
@@ -134,15 +135,11 @@ class PayoffSwitch:
     def rate(self, speculated: bool) -> float:
         return self.tokens[speculated].total / max(self.seconds[speculated].total, 1e-9)
 
-    def probe_loss(self) -> float:
-        """Seconds a speculative round is expected to lose against plain steps committing as many tokens."""
-        return self.seconds[True].mean() - self.tokens[True].mean() / max(self.rate(False), 1e-9)
-
     def speculate(self) -> bool:
         if self.rounds <= self.WARM_ROUNDS or not self.seconds[False].count:
             return self.rounds != self.WARM_ROUNDS  # the warm-up, then one timed plain step
-        return self.rate(True) >= self.rate(False) or self.probes.due(1.0 / max(self.rate(False), 1e-9),
-                                                                        self.probe_loss())
+        # The warm-up's speculative round was a try: the budget prices probes from measured tries only.
+        return self.rate(True) >= self.rate(False) or self.probes.due(1.0 / max(self.rate(False), 1e-9))
 
     def observe(self, speculated: bool, tokens: int, seconds: float) -> None:
         """A finished round; the first one (it runs the prompt too) is not a step-sized forward."""
