@@ -10,10 +10,12 @@ from engine import hot_start, load_model
 from engine.decoders.speculative.layer_skip import (
     MIN_PROMPTS,
     QUICK_POSITIONS as QUICK,
+    SPEC,
     PromptTail,
     SetRecord,
-    SkipMemory,
     SkipDrafter,
+    SkipMemory,
+    remembered,
     search_skip_layers,
     spread_layers,
 )
@@ -249,7 +251,7 @@ def test_scored_sets_are_pooled_for_later_runs_on_the_model(llama, monkeypatch):
     traces = [first, run_ignoring_eos(llama, "layer_skip", PROMPTS[1], params, max_new_tokens=4)]
     # the first run's step time serves the second: its prompt runs in one forward, no timed step
     assert forwards[0] == len(traces[1].prompt_token_ids)  # (timed: all but the last token first)
-    memory = hot_start.store("layer_skip")[(llama.name, 2, 1, (1,))]
+    [memory] = hot_start.store("layer_skip").values()
     record = memory.sets[(1,)]
     details = [{e.name: e.detail for e in trace.events if isinstance(e, DecoderMetric)} for trace in traces]
     lengths = [min(40, len(trace.prompt_token_ids)) for trace in traces]
@@ -266,8 +268,9 @@ def test_scored_sets_are_pooled_for_later_runs_on_the_model(llama, monkeypatch):
 def test_a_settled_set_is_taken_without_scoring_and_the_prompt_runs_in_one_forward(llama, monkeypatch, agreeing, drafts):
     """Three earlier prompts that agreed at 0 % (or 100 %) against a cost of 0.5 settle it: the run takes the set
     and the decision, scores nothing, and runs the prompt as greedy does; ``reset_search`` scores again."""
-    hot_start.store("layer_skip")[(llama.name, 2, 1, None)] = SkipMemory(
-        {(0,): SetRecord(agreeing=agreeing, positions=300, prompts=3, costs=1.5)}, runs=3)
+    memory = remembered(llama, SPEC.validate({}), None, 1)  # the run's: the defaults skip 1 of 2 layers
+    memory.sets[(0,)] = SetRecord(agreeing=agreeing, positions=300, prompts=3, costs=1.5)
+    memory.runs = 3
     scoring = []
     real_agreement = PromptTail.agreement
     monkeypatch.setattr(PromptTail, "agreement", lambda self, skip, give_up_below=None: scoring.append(skip) or
@@ -282,6 +285,9 @@ def test_a_settled_set_is_taken_without_scoring_and_the_prompt_runs_in_one_forwa
     assert any(r.nodes for r in rounds_of(trace)) == drafts
     monkeypatch.setattr(llama, "forward", real)
     assert trace.output_token_ids == run_ignoring_eos(llama, "greedy", PROMPTS[0], max_new_tokens=12).output_token_ids
+    other = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {"context_window": 20}, max_new_tokens=12)
+    assert scoring and other.metrics["skip_candidates_scored"] >= 1  # other search settings: a memory of their own
+    scoring.clear()
     again = run_ignoring_eos(llama, "layer_skip", PROMPTS[0], {"reset_search": True}, max_new_tokens=12)
     assert scoring and again.metrics["skip_candidates_scored"] >= 1
 

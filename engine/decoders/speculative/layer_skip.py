@@ -29,8 +29,8 @@ single set scored only for that decision (given, or the spread set) is scored on
 the layers (the least that pays).
 
 Hot start (SWIFT amortises its search over a task's inputs): the scores of every set scored are pooled per model
-and skip choice for the process's later runs (:mod:`engine.hot_start`). Cost-aware runs then decide without scoring
-once the memory is clear (:meth:`SkipMemory.settled`): drafting pays when the best set, scored on ``MIN_PROMPTS``
+and skip choice (the given set, or the size of the searched ones, and the search settings) for the process's
+later runs (:mod:`engine.hot_start`). Cost-aware runs then decide without scoring once the memory is clear (:meth:`SkipMemory.settled`): drafting pays when the best set, scored on ``MIN_PROMPTS``
 prompts, agrees more than two standard errors above its mean draft cost; it does not once ``MIN_PROMPTS`` runs
 scored and every set scored agrees more than two standard errors below its own. Such a run takes that set and that
 decision with no timed tail: the prompt runs in one forward, as greedy's. Until then a run that scores still times
@@ -44,7 +44,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -61,6 +61,7 @@ from engine.speculative.skip import SharedSkipCache, layer_skipped_model
 
 SEARCH_SEED = 0
 QUICK_POSITIONS = 16  # a set weighed against its draft cost is scored on this many tail positions first
+SEARCH_SETTINGS = ("context_window", "search_iterations", "search_budget")  # a memory serves runs with the same ones
 MIN_PROMPTS = 3  # a remembered set settles whether drafting pays once scored on this many prompts (agreement varies by prompt)
 
 
@@ -215,12 +216,12 @@ class SkipMemory:
         return None
 
 
-def remembered(model_name: str, total: int, num_skip: int, given: tuple[int, ...] | None, reset: bool) -> SkipMemory:
+def remembered(model: LoadedModel, params: dict[str, Any], given: tuple[int, ...] | None, num_skip: int) -> SkipMemory:
     """What earlier runs on this model scored for this choice (the given set, or searched sets of ``num_skip``
-    layers); ``reset`` forgets it."""
+    layers) under the same search settings; ``reset_search`` forgets it."""
     memories = hot_start.store("layer_skip")
-    key = (model_name, total, num_skip, given)
-    if reset or key not in memories:
+    key = (model.name, model.num_layers, given, num_skip, *(params[name] for name in SEARCH_SETTINGS))
+    if params["reset_search"] or key not in memories:
         memories[key] = SkipMemory()
     return memories[key]
 
@@ -343,7 +344,7 @@ def decide(ctx: DecodeContext, target: PrefixCache, given: tuple[int, ...] | Non
     model settled, without scoring (module docstring)."""
     params = ctx.params
     adaptive = params["draft_length"] == "adaptive"
-    memory = remembered(ctx.model.name, ctx.model.num_layers, num_skip, given, params["reset_search"])
+    memory = remembered(ctx.model, params, given, num_skip)
     settled = memory.settled() if adaptive else None
     if settled:
         skip, pays = settled
