@@ -28,14 +28,15 @@ single set scored only for that decision (given, or the spread set) is scored on
 ``QUICK_POSITIONS`` positions first and given up when its agreement there clearly cannot reach the kept share of
 the layers (the least that pays).
 
-Hot start (SWIFT amortises its search over a task's inputs): the scores of every set scored are pooled per model
-and skip choice (the given set, or the size of the searched ones, and the search settings) for the process's
-later runs (:mod:`engine.hot_start`). Cost-aware runs then decide without scoring once the memory is clear (:meth:`SkipMemory.settled`): drafting pays when the best set, scored on ``MIN_PROMPTS``
-prompts, agrees more than two standard errors above its mean draft cost; it does not once ``MIN_PROMPTS`` runs
-scored and every set scored agrees more than two standard errors below its own. Such a run takes that set and that
-decision with no timed tail: the prompt runs in one forward, as greedy's. Until then a run that scores still times
-no step of its own: the first scoring run's one-token step time serves the later ones. ``reset_search`` forgets all
-of it. Scoring costs a run 0.1-0.2 s of 2 s on SmolLM2 with 32 new tokens.
+Hot start (SWIFT amortises its search over a task's inputs): the scores of every set scored are pooled per model and
+skip choice (the given set, or the size of the searched ones, and the search settings) for the process's later runs
+(:mod:`engine.hot_start`). Cost-aware runs then decide without scoring once the memory is clear
+(:meth:`SkipMemory.settled`): drafting pays when the best set, scored on ``MIN_PROMPTS`` prompts, agrees more than
+two standard errors above its mean draft cost; it does not once ``MIN_PROMPTS`` runs scored and every set scored
+agrees more than two standard errors below its own. Such a run takes that set and that decision with no timed tail:
+the prompt runs in one forward, as greedy's. Until then a run that scores still times no step of its own: the first
+scoring run's one-token step time serves the later ones. ``reset_search`` forgets all of it. Scoring costs a run
+0.1-0.2 s of 2 s on SmolLM2 with 32 new tokens.
 """
 
 from __future__ import annotations
