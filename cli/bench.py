@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,8 +228,9 @@ def speculative(
 ) -> dict[str, dict[str, float]]:
     """Greedy speculation against plain greedy on Spec-Bench prompts, interleaved per prompt, in one run.
 
-    ``decoders`` are ``name`` or ``name:param=value:param=value``; each runs at temperature 0 and must
-    reproduce greedy's tokens exactly. ``hf`` adds transformers' own ``generate``: plain greedy, prompt lookup
+    ``decoders`` are ``name`` or ``name:param=value:param=value``, prefixed ``plain:`` to run the target's linear
+    layers on F.linear alone; each runs at temperature 0 and must reproduce greedy's tokens exactly. ``hf`` adds
+    transformers' own ``generate``: plain greedy, prompt lookup
     (``prompt_lookup_num_tokens=10``) and assisted generation with the target's first ``hf_draft_layers``
     layers as ``assistant_model`` (the same draft as ``speculative:draft_layers=N``). Reports the wall-time
     ratio to our greedy (speedup), mean accepted tokens per target call (Spec-Bench MAT, bonus included), call
@@ -244,11 +246,11 @@ def speculative(
     if repeats < 1:
         raise ParamError(f"repeats must be at least 1, got {repeats}")
     prompts = _spec_prompts(per_category)
-    variants = {"greedy": ("greedy", {}), **{label: _spec_variant(label) for label in decoders}}
+    variants = {"greedy": ("greedy", {}, False), **{label: _spec_variant(label) for label in decoders}}
     tallies = {label: _SpecTally() for label in (*variants, *hf)}
     hf_runner = _HFRunner(model, hf_draft_layers)
-    for name, params in variants.values():  # warm-up: first calls allocate and pick kernels
-        _spec_run(model, name, params, SPEC_WARM_UP_PROMPT, 4)
+    for variant in variants.values():  # warm-up: first calls allocate and pick kernels
+        _spec_run(model, *variant[:2], SPEC_WARM_UP_PROMPT, 4, variant[2])
     for label in hf:
         hf_runner.run(label, SPEC_WARM_UP_PROMPT, 4)
     mismatches = 0
@@ -262,7 +264,8 @@ def speculative(
             hot_start.restore(learnt)  # a repeat starts from what the first run started from
             for label in labels[repeat % len(labels):] + labels[: repeat % len(labels)]:
                 if label in variants:
-                    trace, elapsed = _spec_run(model, *variants[label], turn, tokens)
+                    name, params, plain = variants[label]
+                    trace, elapsed = _spec_run(model, name, params, turn, tokens, plain)
                     if trace.output_token_ids != reference.output_token_ids or trace.status != "finished":
                         mismatches += 1
                         print(f"MISMATCH: {label} differs from greedy on question {prompt['question_id']} "
@@ -388,18 +391,33 @@ def _spec_prompts(per_category: int) -> list[dict]:
     return prompts
 
 
-def _spec_variant(label: str) -> tuple[str, dict[str, str | float]]:
-    """``speculative:draft_layers=6:num_draft_tokens=4`` -> the decoder name and its params at temperature 0."""
+# A variant label's prefix that runs the target's linear layers on F.linear alone (engine.models.cpu_linear's
+# baseline): ``plain:greedy`` against ``greedy`` measures the tuned products in one run.
+PLAIN_LINEAR = "plain:"
+
+
+def _spec_variant(label: str) -> tuple[str, dict[str, str | float], bool]:
+    """``speculative:draft_layers=6:num_draft_tokens=4`` -> the decoder name, its params at temperature 0, and
+    whether the label asks for plain linear layers (``plain:greedy``)."""
     from engine.decoders import get_decoder
     from engine.params import parse_setting
 
-    name, params = parse_setting(label)
-    get_decoder(name).validate(params)  # a typo fails here, before any run
-    return name, {"temperature": 0.0, **params}
+    plain = label.startswith(PLAIN_LINEAR)
+    name, params = parse_setting(label.removeprefix(PLAIN_LINEAR))
+    decoder = get_decoder(name)
+    decoder.validate(params)  # a typo fails here, before any run
+    if any(param.name == "temperature" for param in decoder.params):  # greedy has none
+        params = {"temperature": 0.0, **params}
+    return name, params, plain
 
 
-def _spec_run(model: LoadedModel, name: str, params: dict, prompt: str, tokens: int) -> tuple[Trace, float]:
+def _spec_run(
+    model: LoadedModel, name: str, params: dict, prompt: str, tokens: int, plain: bool = False
+) -> tuple[Trace, float]:
+    from engine.models.cpu_linear import plain_linear
+
     settings = RunSettings(max_new_tokens=tokens, chat=model.has_chat_template, ignore_eos=False)
-    start = time.perf_counter()
-    trace = Run(model, name, prompt, params, settings).to_end()
-    return trace, time.perf_counter() - start
+    with plain_linear(model.model) if plain else nullcontext():
+        start = time.perf_counter()
+        trace = Run(model, name, prompt, params, settings).to_end()
+        return trace, time.perf_counter() - start

@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decoders",
         default="prompt_lookup,speculative:draft_layers=6,speculative:draft_layers=15",
-        help="comma-separated decoders, each NAME or NAME:PARAM=VALUE:PARAM=VALUE",
+        help="comma-separated decoders, each NAME or NAME:PARAM=VALUE:PARAM=VALUE; prefix plain: for F.linear alone",
     )
     p.add_argument(
         "--hf",

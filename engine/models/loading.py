@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from engine.models.cache import cache_dir, is_cached, read_marker
+from engine.models.cpu_linear import tune_linear_layers
 from engine.models.gguf import Progress, convert_to_cache
 from engine.models.handle import LoadedModel, ModelError
 from engine.models.registry import (
@@ -51,10 +52,13 @@ def load_model(
     trust_remote_code: bool = False,
     offline: bool | None = None,
     progress: Progress | None = None,
+    tune_linear: bool = True,
 ) -> LoadedModel:
     """Load a built-in model (optionally ``tiny-random-llama:seed=3``), a local model folder, or a Hub id.
 
     ``offline`` defaults to the HF_HUB_OFFLINE environment variable; built-ins never need a network.
+    ``tune_linear`` routes float32 CPU linear layers through the product timed fastest per row count on this
+    machine (``engine.models.cpu_linear``; the choice is in ``details["row_kernels"]``).
     """
     torch_dtype = _torch_dtype(dtype)
     report = progress or _to_stderr
@@ -85,6 +89,8 @@ def load_model(
     else:
         loaded = _load_hub(spec, torch_dtype, attn_implementation, trust_remote_code, _offline(offline))
     _place(loaded.model, device)
+    if tune_linear:
+        loaded.details["row_kernels"] = tune_linear_layers(loaded.model, report)
     return loaded
 
 
