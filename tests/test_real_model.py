@@ -50,3 +50,28 @@ def test_top_p_sampling_is_reproducible_and_stops_at_end_of_turn(model):
     assert first.status == "finished"
     if first.reason == "end of sequence":
         assert first.output_token_ids[-1] in model.eos_token_ids
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_row_kernels_give_f_linears_logits_and_tokens(model, rows):
+    """Layers routed by row count (engine.models.cpu_linear; here every count forced onto W @ x^T, padded) compute
+    F.linear's products to float32 rounding: the logits of a ``rows``-token forward agree and greedy's tokens
+    stay the same."""
+    from engine.models.cpu_linear import ROW_COUNTS, RowKernelLinear, plain_linear, use_row_kernels
+
+    assert any(isinstance(layer, RowKernelLinear) for layer in model.model.modules())
+    settings = RunSettings(max_new_tokens=24, chat=True)
+    ids = torch.tensor([model.encode(PROMPTS[1], chat=True)[:rows]])
+    table = model.details["row_kernels"]
+    with torch.inference_mode(), plain_linear(model.model):
+        plain_logits = model.model(ids).logits
+        plain_tokens = record(model, "greedy", PROMPTS[1], settings=settings).output_token_ids
+    try:
+        use_row_kernels(model.model, {count: max(count, 2) for count in ROW_COUNTS})
+        with torch.inference_mode():
+            routed_logits = model.model(ids).logits
+        routed_tokens = record(model, "greedy", PROMPTS[1], settings=settings).output_token_ids
+    finally:
+        use_row_kernels(model.model, table)
+    torch.testing.assert_close(routed_logits, plain_logits, rtol=1e-4, atol=2e-4)
+    assert routed_tokens == plain_tokens
