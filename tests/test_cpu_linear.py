@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from engine import load_model
 from engine.models import cpu_linear
 from engine.models.cpu_linear import (
-    RowKernelLinear, choose, columns_for, linear_product, plain_linear, row_kernels, use_row_kernels,
+    RowKernelLinear, by_row_count, choose, columns_for, linear_product, plain_linear, row_kernels, use_row_kernels,
 )
 from tests.helpers import PROMPTS, run_ignoring_eos
 
@@ -57,6 +57,9 @@ def test_the_lookup_takes_the_next_timed_count_and_f_linear_beyond():
 
 def test_the_choice_is_timed_once_per_machine_and_model_shape(tmp_path, monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    assert row_kernels(model, tmp_path / "untouched.json") == {}  # weights this small stay on F.linear, untimed
+    assert not (tmp_path / "untouched.json").exists()
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_BYTES", 0)
     calls = []
     monkeypatch.setattr(cpu_linear, "measure_row_kernels",
                         lambda layers: calls.append(len(layers)) or {r: (1.0, 0.5) for r in cpu_linear.ROW_COUNTS})
@@ -78,7 +81,8 @@ def test_a_loaded_model_is_routed_and_plain_linear_restores_its_table(monkeypatc
     assert model.details["row_kernels"] == ALL_WEIGHT_FIRST
     with plain_linear(model.model):
         assert all(m.row_kernels == {} for m in layers)
-    assert all(m.row_kernels == ALL_WEIGHT_FIRST for m in layers)
+    assert all(m.row_kernels == by_row_count(ALL_WEIGHT_FIRST) for m in layers)
+    assert layers[0].row_kernels[7] == 8 and 33 not in layers[0].row_kernels  # 33 rows and more: F.linear
     assert not any(isinstance(m, RowKernelLinear) for m in load_model("tiny-random-llama", tune_linear=False).model.modules())
 
 

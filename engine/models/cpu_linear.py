@@ -29,20 +29,24 @@ ROW_COUNTS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 # a form must beat F.linear by this much to be chosen: timing noise must not flip the choice
 MARGIN = 0.95
 REPEATS = 3
+# Below this many bytes of weights (tiny test models, drafter heads) the weights sit in cache, both forms take
+# microseconds and a timing would pick by noise: such models keep F.linear, and behave the same on every machine.
+MIN_WEIGHT_BYTES = 64 * 2**20
 
 
 def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: int = 0) -> torch.Tensor:
     """x @ W^T (+ bias): as ``F.linear`` when ``columns`` is 0, else as (W @ x^T)^T with x's rows padded to
-    ``columns`` zero rows more (MKL has fast paths for some column counts only, and one column takes the slow
-    matrix-vector path)."""
+    ``columns`` (MKL has fast paths for some column counts only, and one column takes the slow matrix-vector
+    path)."""
     if not columns:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     count = rows.shape[0]
-    if columns > count:
-        rows = torch.cat((rows, rows.new_zeros(columns - count, rows.shape[1])))
+    if columns > count:  # one row (greedy's steps) doubled: the fastest padding to two
+        rows = torch.cat((rows, rows)) if count == 1 and columns == 2 else F.pad(rows, (0, 0, 0, columns - count))
+    out = torch.mm(weight, rows.t())
     # contiguous: the elementwise operations after a layer run several times slower on a transposed view
-    out = torch.mm(weight, rows.t())[:, :count].t().contiguous()
+    out = (out[:, :count] if columns > count else out).t().contiguous()
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -51,10 +55,10 @@ def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class RowKernelLinear(torch.nn.Linear):
     """An ``nn.Linear`` whose forward takes the product its row count was timed fastest with."""
 
-    row_kernels: dict[int, int]
+    row_kernels: dict[int, int]  # every row count up to the largest timed one -> its columns (see by_row_count)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_product(x, self.weight, self.bias, columns_for(self.row_kernels, x.numel() // x.shape[-1]))
+        return linear_product(x, self.weight, self.bias, self.row_kernels.get(x.numel() // x.shape[-1], 0))
 
 
 def columns_for(table: dict[int, int], rows: int) -> int:
@@ -64,6 +68,11 @@ def columns_for(table: dict[int, int], rows: int) -> int:
         if rows <= count:
             return table.get(count, 0)
     return 0
+
+
+def by_row_count(table: dict[int, int]) -> dict[int, int]:
+    """``table`` spelled out for every row count up to the largest timed one: one dictionary lookup per call."""
+    return {rows: columns_for(table, rows) for rows in range(1, ROW_COUNTS[-1] + 1)}
 
 
 def _layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -132,7 +141,7 @@ def row_kernels(
     """The model's choice of product per row count on this machine: read from ``cache`` (a JSON file under the
     data home by default) or timed now (3 s for a 135M model) and stored there."""
     layers = _layers(model)
-    if not layers:
+    if sum(layer.weight.nbytes for layer in layers) < MIN_WEIGHT_BYTES:
         return {}
     path = cache or data_dir() / "row-kernels.json"
     key = _machine_key(layers)
@@ -155,9 +164,10 @@ def row_kernels(
 
 def use_row_kernels(model: torch.nn.Module, table: dict[int, int]) -> None:
     """Route every float32 CPU linear layer of ``model`` through ``table`` (an empty one: F.linear throughout)."""
+    spelled_out = by_row_count(table)
     for layer in _layers(model):
         layer.__class__ = RowKernelLinear
-        layer.row_kernels = table
+        layer.row_kernels = spelled_out
 
 
 def tune_linear_layers(model: torch.nn.Module, progress: Callable[[str], None] | None = None) -> dict[int, int]:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from engine.models.cpu_linear import columns_for, linear_product, tune_linear_layers
+from engine.models.cpu_linear import by_row_count, linear_product
 from engine.models.handle import LoadedModel
 from engine.params import ParamError
 
@@ -60,7 +60,7 @@ class LMHeadDrafter(nn.Module):
         self.hidden_size, self.vocab_size, self.model_name = config.hidden_size, target.vocab_size, target.name
         self.model_type = config.model_type
         self.draft_vocab: Tensor | None = None
-        self.row_kernels: dict[int, int] = {}  # for the draft vocabulary's rows: see load_head
+        self.row_kernels: dict[int, int] = {}  # for the draft vocabulary's rows (engine.models.cpu_linear)
         self.set_draft_vocab(draft_vocab)
 
     @classmethod
@@ -94,7 +94,7 @@ class LMHeadDrafter(nn.Module):
         if self.draft_vocab is None:
             return self._frozen[1](features)
         rows = features.numel() // features.shape[-1]
-        return linear_product(features, self._draft_rows, None, columns_for(self.row_kernels, rows))
+        return linear_product(features, self._draft_rows, None, self.row_kernels.get(rows, 0))
 
     def target_ids(self, indices: Tensor) -> Tensor:
         """Target token ids of logit indices (the identity without a draft vocabulary)."""
@@ -206,8 +206,9 @@ def load_head(folder: Path | str, target: LoadedModel, kind: type[H] = FeatureHe
     draft_vocab = load_file(str(vocab_file))["token_ids"] if vocab_file.is_file() else None
     head = kind.from_config(target, config, draft_vocab)
     head.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(target.device)))
-    # the head's layers (and its draft vocabulary's rows, read as one of them) on the products timed fastest here
-    head.row_kernels = tune_linear_layers(head)
+    # The draft vocabulary's rows (16k x 576 floats, more than a cache holds) on the products the target's layers
+    # were timed fastest with (engine.models.cpu_linear); the head's own small layers stay on F.linear.
+    head.row_kernels = by_row_count(target.details.get("row_kernels", {}))
     return head.eval()
 
 
