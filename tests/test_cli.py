@@ -100,8 +100,8 @@ def test_bench_spec_times_each_run_by_its_fastest_repeat(capsys, monkeypatch):
     real_run, calls = bench._spec_run, {}
     times = {"greedy": (99.0, 3.0, 1.0), "prompt_lookup": (0.5, 2.0)}  # greedy's first call is the untimed reference
 
-    def fake_times(model, name, params, prompt, tokens):
-        trace, _ = real_run(model, name, params, prompt, tokens)
+    def fake_times(model, name, params, prompt, tokens, plain=False):
+        trace, _ = real_run(model, name, params, prompt, tokens, plain)
         calls[name] = calls.get(name, -1) + 1
         return trace, times[name][calls[name] % len(times[name])]
 
@@ -122,8 +122,8 @@ def test_a_bench_repeat_starts_from_the_hot_start_its_prompts_first_run_had(caps
 
     real_run, known, ran = bench._spec_run, [], []
 
-    def record_known(model, name, params, prompt, tokens):
-        trace, seconds = real_run(model, name, params, prompt, tokens)
+    def record_known(model, name, params, prompt, tokens, plain=False):
+        trace, seconds = real_run(model, name, params, prompt, tokens, plain)
         if name == "token_recycling":
             known.append(trace.metrics["matrix_rows_known_at_start"])
             ran.append(prompt)

@@ -39,6 +39,8 @@ def test_each_bench_refuses_an_unknown_parameter_before_any_run(parse, label):
 
 
 def test_each_bench_keeps_its_own_additions():
-    assert _spec_variant("speculative:num_draft_tokens=4") == ("speculative", {"temperature": 0.0, "num_draft_tokens": "4"})
+    assert _spec_variant("speculative:num_draft_tokens=4") == (
+        "speculative", {"temperature": 0.0, "num_draft_tokens": "4"}, False)
+    assert _spec_variant("plain:greedy") == ("greedy", {}, True)  # F.linear alone; greedy takes no temperature
     assert setting_params("snapkv:budget=16:window=8") == {"policy": "snapkv", "budget": "16", "window": "8"}
     assert dllm_setting("llada:steps=18").params == {"steps": "18"}
