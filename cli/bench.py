@@ -249,8 +249,8 @@ def speculative(
     variants = {"greedy": ("greedy", {}, False), **{label: _spec_variant(label) for label in decoders}}
     tallies = {label: _SpecTally() for label in (*variants, *hf)}
     hf_runner = _HFRunner(model, hf_draft_layers)
-    for variant in variants.values():  # warm-up: first calls allocate and pick kernels
-        _spec_run(model, *variant[:2], SPEC_WARM_UP_PROMPT, 4, variant[2])
+    for name, params, plain in variants.values():  # warm-up: first calls allocate and pick kernels
+        _spec_run(model, name, params, SPEC_WARM_UP_PROMPT, 4, plain)
     for label in hf:
         hf_runner.run(label, SPEC_WARM_UP_PROMPT, 4)
     mismatches = 0

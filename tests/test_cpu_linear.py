@@ -99,3 +99,9 @@ def test_speculation_on_weight_first_products_still_equals_greedy(decoder, param
     trace = run_ignoring_eos(model, decoder, PROMPTS[0], params, max_new_tokens=40)
     assert trace.status == "finished", trace.reason
     assert trace.output_token_ids == greedy.output_token_ids
+
+
+def test_a_model_under_the_size_floor_keeps_plain_layers():
+    model = load_model("tiny-random-llama")  # a few MB of weights: untimed, nothing routed
+    assert model.details["row_kernels"] == {}
+    assert not any(isinstance(m, RowKernelLinear) for m in model.model.modules())

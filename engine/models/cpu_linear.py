@@ -14,7 +14,6 @@ round in a different order.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from engine.models.cache import data_dir
+from engine.models.cache import data_dir, write_atomically
 
 ROW_COUNTS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 # a form must beat F.linear by this much to be chosen: timing noise must not flip the choice
@@ -156,18 +155,18 @@ def row_kernels(
             progress("timing this model's linear layers on this machine (once; a few seconds)")
         known[key] = {str(rows): columns for rows, columns in choose(measure_row_kernels(layers)).items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # a reader never sees half a file
-        partial.write_text(json.dumps(known, indent=1))
-        partial.replace(path)
+        write_atomically(path, lambda partial: partial.write_text(json.dumps(known, indent=1)))
     return {int(rows): int(columns) for rows, columns in known[key].items()}
 
 
 def use_row_kernels(model: torch.nn.Module, table: dict[int, int]) -> None:
-    """Route every float32 CPU linear layer of ``model`` through ``table`` (an empty one: F.linear throughout)."""
+    """Route every float32 CPU linear layer of ``model`` through ``table``. An empty table means F.linear
+    throughout: routed layers go back to it, and the others stay plain (no lookup added to their calls)."""
     spelled_out = by_row_count(table)
     for layer in _layers(model):
-        layer.__class__ = RowKernelLinear
-        layer.row_kernels = spelled_out
+        if table or isinstance(layer, RowKernelLinear):
+            layer.__class__ = RowKernelLinear
+            layer.row_kernels = spelled_out
 
 
 def tune_linear_layers(model: torch.nn.Module, progress: Callable[[str], None] | None = None) -> dict[int, int]:

@@ -8,12 +8,12 @@ continues from it; settings in ``free`` (a time cap, a logging rate) may change 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.models.cache import write_atomically
 from engine.params import ParamError
 
 CHECKPOINT = "checkpoint.pt"
@@ -34,9 +34,7 @@ def load_checkpoint(path: Path, settings: dict[str, Any], free: tuple[str, ...] 
 def save_checkpoint(path: Path, settings: dict[str, Any], record: dict[str, Any], **states: Any) -> None:
     """Write the run's state; a run killed while writing leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"settings": settings, "record": record, **states}, partial)
-    os.replace(partial, path)
+    write_atomically(path, lambda partial: torch.save({"settings": settings, "record": record, **states}, partial))
 
 
 def changed_settings(written: dict[str, Any], current: dict[str, Any], free: tuple[str, ...] = ()) -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from engine.models.cache import data_dir
+from engine.models.cache import data_dir, write_atomically
 from engine.models.handle import LoadedModel
 from engine.offline.drafter_prompts import KINDS, Prompt, build_prompts
 from engine.offline.self_prompts import Draw, self_written_prompts
@@ -151,11 +150,11 @@ def build_drafter_data(
         records = _shard_records(model, [model.encode(p.text, chat=True) for p in chunk], layers, batch_size,
                                  max_new_tokens, bar)
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
-        _write_atomically(out / name, functools.partial(save_file, _shard_tensors(records)))
+        write_atomically(out / name, functools.partial(save_file, _shard_tensors(records)))
         tokens = sum(len(ids) for ids, _, _ in records)
         answer_tokens = sum(len(ids) - start_at for ids, start_at, _ in records)
         _add_shard(manifest, name, chunk, tokens, answer_tokens)
-        _write_atomically(out / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
+        write_atomically(out / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
         if log:
             seconds = time.perf_counter() - began
             log(f"{name}: {len(chunk)} sequences, {tokens} tokens ({answer_tokens} answer) in {seconds:.0f} s, "
@@ -193,7 +192,7 @@ def mixed_prompts(model: LoadedModel, out: Path, count: int, seed: int, share: f
                   desc="self-written prompts") as bar:
             kept = self_written_prompts(model, wanted, seed, draw_batch, progress=bar.update, resume=resume)
         saved = {"batch_size": draw_batch, "next": [kept.next_batch, kept.next_turn], "prompts": kept.prompts}
-        _write_atomically(path, lambda target: target.write_text(json.dumps(saved, indent=0), encoding="utf-8"))
+        write_atomically(path, lambda target: target.write_text(json.dumps(saved, indent=0), encoding="utf-8"))
     own = iter(kept.prompts)
     templates = iter(build_prompts(count - wanted, seed))
     return [Prompt(SELF_KIND, next(own)) if is_self_written(index, share) else next(templates)
@@ -252,13 +251,6 @@ def _add_shard(manifest: dict[str, Any], name: str, chunk: list[Prompt], tokens:
     manifest["answer_tokens"] += answer_tokens
     kinds = Counter(manifest["kinds"]) + Counter(p.kind for p in chunk)
     manifest["kinds"] = {kind: kinds[kind] for kind in (*KINDS, SELF_KIND) if kinds[kind]}
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary sibling and rename it: a crash never leaves a half-written file under ``path``."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- reading it back
