@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 
 import pytest
 
 from engine.offline import train_dllm
-from engine.offline.names import ENGLISH_LOCALES, FAKER_LOCALES, SPLITS, faker_names, name_pool, plain, split_of
+from engine.offline.names import (
+    ENGLISH_LOCALES, FAKER_LOCALES, FIRST_NAMES, LAST_NAMES, SPLITS, common_names, faker_names, name_pool, plain, split_of,
+)
 from engine.offline.parallelbench import task_rows
 from engine.offline.waitline_data import MAX_PEOPLE, MIN_PEOPLE, OPERATIONS, WaitlineGenerator, parse_list
 from engine.offline.waitline_tokenizer import build_tokenizer
@@ -88,3 +92,25 @@ def test_training_prompts_are_chat_turns_with_and_without_an_in_context_example(
     text = tokenizer.decode(train_dllm.encode_messages(tokenizer, shown.messages))
     assert text == f"<s>{icl.prompt}{icl.answer_text}</s>{shown.prompt}"
     assert shown.row()["input"]["icl_examples"] == [icl.row()]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_a_share_of_lists_is_common_english_names_with_their_in_context_example(split):
+    generator = WaitlineGenerator(5, invented_rate=0.3, split=split, icl_share=1.0, common_share=0.4)
+    examples = [generator.example(operation) for operation in OPERATIONS for _ in range(40)]
+    common = set(common_names("first", split)) | set(common_names("last", split))
+    assert common and {split_of(name) for name in common} == {split}
+    all_common = [names_in(e) <= common for e in examples]  # names_in covers the in-context example too
+    assert 0.3 < sum(all_common) / len(examples) < 0.5
+    row = WaitlineGenerator(6, split=split, common_share=1.0).row("sort")
+    assert {split_of(n) for person in json.loads(row["input"]["context"]) for n in person.split(" ")} == {split}
+
+
+def test_a_zero_common_share_draws_the_stream_it_drew_before_the_share_existed():
+    """A training run resumed from a data stream's saved position must draw what it drew before the common-name
+    mixture existed: the digest is of rows made by the generator before the change (the hand lists, not Faker's)."""
+    names = tuple(tuple(n for n in kind if split_of(n) == "train") for kind in (FIRST_NAMES, LAST_NAMES))
+    generator = WaitlineGenerator(8, invented_rate=0.05, icl_share=0.3, names=names)
+    rows = [generator.example(op).row() for op in OPERATIONS * 5] + [generator.row(op) for op in OPERATIONS]
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    assert digest == "a9d0bc1dfed9faf0ef7c8cd2d1232c5f7929a0c2cd1675ea4a0561e483ecc3f1"

@@ -315,3 +315,37 @@ def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(t
     card = (out / "README.md").read_text()
     assert "## ParallelBench's own test files: `waiting_line` (first 2 rows)" in card and "| sort |" in card
     assert log["finished"] and not (tmp_path / "model.work").exists()
+
+
+def test_a_common_name_mixture_changes_only_the_steps_from_its_start(tmp_path):
+    settings = waitline_train.TrainSettings(kind="ar", steps=4, batch_size=4, warmup=1, shape=TINY, log_every=1)
+    mixed = waitline_train.TrainSettings(**{**settings.__dict__, "common_share": 1.0, "common_from": 2})
+    _, _, plain_record = waitline_train.train(settings, log=lambda _: None)
+    _, _, mixed_record = waitline_train.train(mixed, log=lambda _: None)
+    plain_curve, mixed_curve = ([p[1] for p in r["loss_curve"]] for r in (plain_record, mixed_record))
+    assert plain_curve[:2] == mixed_curve[:2] and plain_curve[2:] != mixed_curve[2:]
+    # a run written before the mixture continues under it from where it stopped, as the whole mixed run did
+    waitline_train.train(settings, log=lambda _: None, work=tmp_path, until=2)
+    _, _, resumed = waitline_train.train(mixed, log=lambda _: None, work=tmp_path)
+    assert [p[1] for p in resumed["loss_curve"]] == mixed_curve
+    early = waitline_train.TrainSettings(**{**settings.__dict__, "common_share": 1.0, "common_from": 1})
+    waitline_train.train(settings, log=lambda _: None, work=tmp_path / "again", until=2)
+    with pytest.raises(ValueError, match="start the new one at step 2 or later"):
+        waitline_train.train(early, log=lambda _: None, work=tmp_path / "again")
+
+
+@pytest.mark.parametrize(("written", "now", "steps_done", "allowed"), [
+    ({}, (0.4, 7000), 7000, True),  # a mixture added where the run stands
+    ({}, (0.4, 6000), 7000, False),  # ... or claimed for steps already trained without it
+    ({"common_share": 0.4, "common_from": 7000}, (0.4, 7000), 9000, True),
+    ({"common_share": 0.4, "common_from": 7000}, (0.5, 7000), 9000, False),  # another share for steps done
+    ({"common_share": 0.4, "common_from": 7000}, (0.0, 0), 9000, False),  # the mixture dropped after it began
+    ({"common_share": 0.4, "common_from": 9500}, (0.5, 9000), 9000, True),  # changed before it ever applied
+])
+def test_the_mixture_schedule_may_change_only_for_steps_not_yet_run(written, now, steps_done, allowed):
+    settings = waitline_train.TrainSettings(kind="ar", common_share=now[0], common_from=now[1])
+    if allowed:
+        waitline_train.check_mixture_schedule(settings, written, steps_done)
+    else:
+        with pytest.raises(ValueError, match="mixture"):
+            waitline_train.check_mixture_schedule(settings, written, steps_done)

@@ -90,9 +90,14 @@ class TrainSettings:
     prefix_share: float = 0.0  # MDLM: share of rows whose answer is clean up to a random cut (semi-AR blocks' case)
     precision: str = "bfloat16"  # autocast dtype of the forward pass (float32 = none); weights stay float32
     checkpoint_every: int = 100
+    # Data mixture schedule: from step ``common_from`` on, this share of the lists is of common English names only
+    # (``WaitlineGenerator.common_share``). Steps before it draw exactly the data they drew without it.
+    common_share: float = 0.0
+    common_from: int = 0
 
 
 RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
+MIXTURE_SCHEDULE = ("common_share", "common_from")  # may change for steps not yet run: check_mixture_schedule
 PRECISIONS = ("bfloat16", "float32")
 
 
@@ -335,8 +340,9 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
     record: dict[str, Any] = {"steps_done": 0, "seconds": 0.0, "loss_curve": [], "settings": asdict(settings)}
     checkpoint = work / CHECKPOINT if work else None
-    state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES) if checkpoint else None
+    state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES + MIXTURE_SCHEDULE) if checkpoint else None
     previous = _unfinished_record(saved, settings) if saved and not state else None
+    written = (state or {}).get("settings") or (previous or {}).get("settings")
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -350,6 +356,8 @@ def train(
                   "restarts_without_optimizer_state": previous.get("restarts_without_optimizer_state", 0) + 1}
         log(f"no checkpoint: continuing at step {record['steps_done']}/{settings.steps} from the weights in {saved} "
             "with fresh optimizer moments")
+    if written:
+        check_mixture_schedule(settings, written, record["steps_done"])
     if settings.init_from:
         record["continued_from"] = _previous_record(Path(settings.init_from))
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
@@ -362,6 +370,7 @@ def train(
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
+        batches.generator.common_share = settings.common_share if step >= settings.common_from else 0.0
         rows = ar_rows(batches) if settings.kind == "ar" else mdlm_rows(
             batches, noise, model.config.mask_token_id, settings.prefix_share, shifts_logits(model))
         optimizer.zero_grad(set_to_none=True)
@@ -388,6 +397,19 @@ def train(
     return model.cpu().eval(), tokenizer, record
 
 
+def check_mixture_schedule(settings: TrainSettings, written: dict[str, Any], steps_done: int) -> None:
+    """A run may continue under another data mixture schedule only if both schedules gave the steps done so far the
+    same data: the command then names the whole run (the mixture settings are exempt from ``changed_settings``)."""
+    def start_and_share(values: dict[str, Any]) -> tuple[float, float]:
+        share = values.get("common_share", 0.0)
+        return (min(values.get("common_from", 0), steps_done) if share else steps_done), share
+
+    (then, then_share), (now, now_share) = start_and_share(written), start_and_share(asdict(settings))
+    if then != now or (now < steps_done and then_share != now_share):
+        raise ParamError(f"--common-share/--common-from: the {steps_done} steps done so far were trained with another "
+                         f"mixture of common names; keep it, or start the new one at step {steps_done} or later")
+
+
 def _save_checkpoint(path: Path, settings: TrainSettings, record: dict[str, Any], model: LlamaForCausalLM,
                      optimizer: torch.optim.Optimizer, batches: Batches, noise: torch.Generator) -> None:
     save_checkpoint(path, asdict(settings), record, model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -399,11 +421,11 @@ def _unfinished_record(folder: Path, settings: TrainSettings) -> dict[str, Any] 
     record = _previous_record(folder)
     if not record or record.get("finished", True) or "stream" not in record:
         return None
-    changed = changed_settings(record["settings"], asdict(settings), RESUMABLE_CHANGES)
+    changed = changed_settings(record["settings"], asdict(settings), RESUMABLE_CHANGES + MIXTURE_SCHEDULE)
     if changed:
         raise ParamError(f"{folder} holds an unfinished run with other settings ({', '.join(changed)}); "
                          "use another --out or delete it")
-    return {k: v for k, v in record.items() if k not in ("command", "held_out", "test_files")}
+    return {k: v for k, v in record.items() if k not in ("command", "held_out", "held_out_common", "test_files")}
 
 
 def starting_length(settings: TrainSettings, maximum: int) -> int:
@@ -515,9 +537,10 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 
 def held_out_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: str,
                       operations: tuple[str, ...] = tuple(TARGETS), per_operation: int = 50, seed: int = HELD_OUT_SEED,
-                      batch_size: int = 25, block: int = GEN_LENGTH) -> dict[str, float]:
-    """Score on fresh lists of held-out names: exact match, or validity for open-ended tasks."""
-    generator = WaitlineGenerator(seed, split="held_out")
+                      batch_size: int = 25, block: int = GEN_LENGTH, common: bool = False) -> dict[str, float]:
+    """Score on fresh lists of held-out names (``common``: of held-out common English names only, as
+    ParallelBench's lists are): exact match, or validity for open-ended tasks."""
+    generator = WaitlineGenerator(seed, split="held_out", common_share=float(common))
     cases = {op: [(e.prompt, e.row()["answer"]) for e in (generator.example(op) for _ in range(per_operation))]
              for op in operations}
     return accuracy(model, tokenizer, kind, cases, batch_size, block)
@@ -571,8 +594,9 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
 
 def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str,
                shifted: bool = False, block: int = GEN_LENGTH, test_files: dict[str, dict[str, float]] | None = None,
-               ) -> str:
-    """The model card; ``test_files`` adds the accuracy on each folder of ParallelBench's own test files."""
+               common: dict[str, float] | None = None) -> str:
+    """The model card; ``test_files`` adds the accuracy on each folder of ParallelBench's own test files, ``common``
+    on fresh lists of held-out common English names."""
     settings = record["settings"]
     objective = (
         "masked diffusion (MDLM / LLaDA SFT): t ~ U(0,1) per sequence (stratified), answer-side tokens masked with "
@@ -598,6 +622,9 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     decoding = ("greedy" if kind == "ar" else
                 f"the single most confident masked position of {within} committed per step (argmax)")
     scores = _score_table(accuracy)
+    if common:
+        scores += ("\n\nLists of held-out common English names only (ParallelBench's kind of names; held out, so "
+                   f"the tokenizer splits each into several tokens):\n\n{_score_table(common)}")
     files = "".join(f"\n## ParallelBench's own test files: {name} (one token per step)\n\n{_score_table(scores)}\n"
                     for name, scores in (test_files or {}).items())
     if test_files:
@@ -617,7 +644,7 @@ built into Decoding Explorer. Weights stored in float16.
   copy, reverse, sort, shuffle, insert/remove/replace at an index and at random (task weights
   {json.dumps(dict(settings['task_weights']))}). Prompt = ParallelBench's instruction in the tokenizer's chat
   format, {ICL_SHARE:.0%} of them after one in-context example (prompt and answer turns); answer = the JSON list,
-  then `</s>`. Held-out accuracy below is measured on lists of held-out names.
+  then `</s>`.{_mixture(settings)} Held-out accuracy below is measured on lists of held-out names.
 - **Prompt format** (`prompt_format: {PROMPT_FORMAT}` in `config.json`, so it travels with the folder): ParallelBench's
   waiting-line instruction as the user turn of the chat template (`<s>` + prompt for one turn); the app fills in an
   example and warns on a prompt in another format.
@@ -643,6 +670,14 @@ built into Decoding Explorer. Weights stored in float16.
 |---|---|---|
 {curve}
 """
+
+
+def _mixture(settings: dict[str, Any]) -> str:
+    share, start = settings.get("common_share", 0.0), settings.get("common_from", 0)
+    if not share:
+        return ""
+    return (f" {'From step ' + str(start) + ' on, ' if start else ''}{share:.0%} of the lists are of the training "
+            "split's common English names only (the hand lists: one token each), ParallelBench's kind of lists.")
 
 
 def _score_table(accuracy: dict[str, float]) -> str:
@@ -715,6 +750,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"override one task's share of the data (defaults: {TASK_WEIGHTS})")
     parser.add_argument("--prefix-share", type=float, default=TrainSettings.prefix_share,
                         help="MDLM: share of training rows with a clean answer prefix up to a random cut")
+    parser.add_argument("--common-share", type=float, default=TrainSettings.common_share,
+                        help="share of training lists made of common English names only, as ParallelBench's are")
+    parser.add_argument("--common-from", type=int, default=TrainSettings.common_from,
+                        help="the step from which --common-share applies (earlier steps draw no such lists)")
     parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
                         help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
     parser.add_argument("--init-from", default="", help="start from this saved model folder (an AR folder for an "
@@ -734,7 +773,8 @@ def main(argv: list[str] | None = None) -> None:
                              warmup=args.warmup, seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
                              init_from=args.init_from, shape=shape, prefix_share=args.prefix_share,
                              task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
-                             precision=args.precision, checkpoint_every=args.checkpoint_every)
+                             precision=args.precision, checkpoint_every=args.checkpoint_every,
+                             common_share=args.common_share, common_from=args.common_from)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
                                      device=args.device, micro_batch=args.micro_batch)
@@ -742,7 +782,9 @@ def main(argv: list[str] | None = None) -> None:
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
     accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
                                  seed=args.eval_seed, block=args.eval_block)
-    print(json.dumps(accuracy), flush=True)
+    common = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
+                               seed=args.eval_seed, block=args.eval_block, common=True)
+    print(json.dumps({"held_out": accuracy, "held_out_common": common}), flush=True)
     test_files = {f"`{folder.name}` (first {args.eval_per_task} rows)": file_accuracy(
         reloaded, tokenizer, args.model, folder, per_operation=args.eval_per_task, block=args.eval_block)
         for folder in args.parallelbench}
@@ -751,9 +793,9 @@ def main(argv: list[str] | None = None) -> None:
     command = training_command(args, shape)
     parameters = sum(p.numel() for p in reloaded.parameters())
     card = model_card(args.model, record, accuracy, parameters, command, shifts_logits(reloaded), args.eval_block,
-                      test_files)
+                      test_files, common)
     (args.out / "README.md").write_text(card)
-    log = {**record, "command": command, "held_out": accuracy, "test_files": test_files}
+    log = {**record, "command": command, "held_out": accuracy, "held_out_common": common, "test_files": test_files}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
     if record["finished"]:
         shutil.rmtree(work, ignore_errors=True)
@@ -767,6 +809,8 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
             f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
             + (f" --init-from {args.init_from}" if args.init_from else "")
             + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
+            + (f" --common-share {args.common_share:g}" if args.common_share else "")
+            + (f" --common-from {args.common_from}" if args.common_share and args.common_from else "")
             + "".join(f" --task-weight {item}" for item in args.task_weight))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.models.waitline_prompt import OPERATIONS, PREAMBLE, TEMPLATES, format_list, render_prompt
-from engine.offline.names import ENGLISH_LOCALES, KINDS, SPLITS, name_pool, split_of
+from engine.offline.names import ENGLISH_LOCALES, KINDS, SPLITS, common_names, name_pool, split_of
 
 # Tasks with many valid answers: scored by validity, and their rows carry the input instead of one answer.
 OPEN_ENDED = ("shuffle", "insert_random", "remove_random", "replace_random")
@@ -106,20 +106,24 @@ class WaitlineGenerator:
     pool: such names take several tokens, so a model trained with them also copes with names it never saw.
     ``icl_share`` is the chance that an example carries one in-context example of its operation. ``english_share``
     of the other names come from the split's English names, the rest from all its names; ``names`` (first and last
-    names, each of ``split``) replaces the pool.
+    names, each of ``split``) replaces the pool. ``common_share`` is the chance that a list (and its in-context
+    example) is made of common English names only, as ParallelBench's lists are: the pool's names mostly take
+    several tokens each, and a model that met one-token names only now and then confused them and lost count on
+    ParallelBench's files (BENCHMARKS.md, issue 21, tenth session).
     """
 
     def __init__(
         self, seed: int, min_people: int = MIN_PEOPLE, max_people: int = MAX_PEOPLE, invented_rate: float = 0.0,
         split: str = "train", icl_share: float = 0.0, english_share: float = ENGLISH_SHARE,
-        names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+        names: tuple[tuple[str, ...], tuple[str, ...]] | None = None, common_share: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         self.rng = random.Random(seed)
         self.min_people, self.max_people = min_people, max_people
         self.invented_rate, self.split, self.icl_share = invented_rate, split, icl_share
-        self.english_share = english_share
+        self.english_share, self.common_share = english_share, common_share
+        self.common = {kind: common_names(kind, split) for kind in KINDS}
         if names is None:  # per kind: (English names, all names) of the split
             self.pools = {kind: (name_pool(kind, split, ENGLISH_LOCALES), name_pool(kind, split)) for kind in KINDS}
         elif any(split_of(name) != split for kind_names in names for name in kind_names):
@@ -127,10 +131,12 @@ class WaitlineGenerator:
         else:
             self.pools = {kind: (kind_names, kind_names) for kind, kind_names in zip(KINDS, names, strict=True)}
 
-    def person(self) -> str:
-        return f"{self.name('first')} {self.name('last')}"
+    def person(self, common: bool = False) -> str:
+        return f"{self.name('first', common)} {self.name('last', common)}"
 
-    def name(self, kind: str) -> str:
+    def name(self, kind: str, common: bool = False) -> str:
+        if common:
+            return self.rng.choice(self.common[kind])
         if self.invented_rate and self.rng.random() < self.invented_rate:
             while True:  # about one draw in eight lands in the held-out split: draw again until it is this split's
                 syllables = self.rng.randint(2, 3)
@@ -140,10 +146,10 @@ class WaitlineGenerator:
         english, everyone = self.pools[kind]
         return self.rng.choice(english if self.rng.random() < self.english_share else everyone)
 
-    def people(self, count: int) -> list[str]:
+    def people(self, count: int, common: bool = False) -> list[str]:
         chosen: list[str] = []
         while len(chosen) < count:  # distinct people, as in ParallelBench's lists
-            name = self.person()
+            name = self.person(common)
             if name not in chosen:
                 chosen.append(name)
         return chosen
@@ -151,18 +157,25 @@ class WaitlineGenerator:
     def example(self, operation: str, count: int | None = None) -> Example:
         """An example of ``operation`` (``count`` people, else a random length), with an in-context example for a
         share ``icl_share`` of them."""
-        icl = (self.example_without_icl(operation),) if self.icl_share and self.rng.random() < self.icl_share else ()
-        return dataclasses.replace(self.example_without_icl(operation, count), icl=icl)
+        common = self.draws_common()
+        icl = ((self.example_without_icl(operation, common=common),)
+               if self.icl_share and self.rng.random() < self.icl_share else ())
+        return dataclasses.replace(self.example_without_icl(operation, count, common), icl=icl)
 
-    def example_without_icl(self, operation: str, count: int | None = None) -> Example:
+    def draws_common(self) -> bool:
+        """Whether the next list is of common names (no random draw at share 0, so such streams stay as they were)."""
+        return bool(self.common_share) and self.rng.random() < self.common_share
+
+    def example_without_icl(self, operation: str, count: int | None = None, common: bool = False) -> Example:
         count = count if count is not None else self.rng.randint(self.min_people, self.max_people)
-        people = self.people(count + 1)
+        people = self.people(count + 1, common)
         newcomer, people = people[-1], people[:-1]
         return apply_operation(operation, people, newcomer, self.rng)
 
     def row(self, operation: str, count: int | None = None, icl_count: int = 1) -> dict[str, Any]:
-        icl = [self.example_without_icl(operation) for _ in range(icl_count)]
-        return self.example_without_icl(operation, count).row(icl)
+        common = self.draws_common()
+        icl = [self.example_without_icl(operation, common=common) for _ in range(icl_count)]
+        return self.example_without_icl(operation, count, common).row(icl)
 
 
 def apply_operation(operation: str, people: list[str], newcomer: str, rng: random.Random) -> Example:
