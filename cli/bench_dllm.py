@@ -1,7 +1,8 @@
 """``bench dllm``: diffusion decoders on ParallelBench's waiting-line tasks, accuracy against parallelism, one run.
 
-Every setting decodes the same fresh seeded rows of each task (diffusion decoders on ``waitline-mdlm``, the others
-on its AR twin ``waitline-ar``). Per setting, over copy/reverse/sort, the goal check compares with LLaDA at one
+Every setting decodes the same rows of each task: fresh seeded lists of held-out names, or the first rows of
+ParallelBench's own test files (``test_files``); diffusion decoders run on ``waitline-mdlm``, the others on its AR
+twin ``waitline-ar``. Per setting, over copy/reverse/sort, the goal check compares with LLaDA at one
 token per step: at least 3x fewer model calls at most 2 accuracy points lower.
 """
 
@@ -19,7 +20,7 @@ from engine.decoders import get_decoder
 from engine.events import BenchPoint, RunStarted
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
-    BENCH_SEED, EvalResult, RunFailed, canvas_length, default_model, evaluate, task_rows, task_seed,
+    BENCH_SEED, EvalResult, RunFailed, canvas_length, default_model, evaluate, read_rows, task_rows, task_seed,
 )
 from engine.parallel_goal import BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, bench_summary
 from engine.offline.waitline_data import MAX_PEOPLE, OPERATIONS
@@ -76,6 +77,8 @@ def dllm(
     log: Callable[[str], None] | None = None,
     sinks: Sequence[TraceSink] = (),
     figure: Path | None = None,
+    test_files: Path | None = None,
+    icl: bool = False,
 ) -> dict[str, Any]:
     """Run every setting on ``per_task`` rows of every task; print the table and the goal check (or JSON).
 
@@ -83,21 +86,25 @@ def dllm(
     A setting whose decoder is not registered, or whose parameters it refuses, is skipped with a note.
     The bench is recorded as a run (decoder ``bench_dllm``, one ``BenchPoint`` per cell as it completes) into
     ``sinks``: the Library draws its accuracy-against-parallelism curve, and a bench that fails keeps its cells.
-    ``figure``: an HTML file to write that curve to.
+    ``figure``: an HTML file to write that curve to. ``test_files``: a folder of ParallelBench's own test files
+    (``<task>.jsonl``), whose first ``per_task`` rows replace the fresh lists. ``icl``: each row's in-context
+    example goes before its prompt as chat turns, as ParallelBench prompts.
     """
     log = log or _to_stderr
     unknown = [task for task in tasks if task not in OPERATIONS]
     if unknown:
         raise ParamError(f"unknown task {', '.join(unknown)}; tasks: {', '.join(OPERATIONS)}")
+    rows_of = _test_file_rows(test_files, tasks, per_task) if test_files else {
+        task: task_rows(task, per_task, task_seed(seed, task), max_people) for task in tasks}
     usable, skipped = _usable(settings, log)
     models = models if models is not None else {}
     results: dict[str, dict[str, EvalResult | None]] = {task: {} for task in tasks}
     cells, done = len(tasks) * len(usable), 0
-    recorder = _bench_recorder(per_task, tasks, [s.label for s in usable], seed, max_people, sinks)
+    recorder = _bench_recorder(per_task, tasks, [s.label for s in usable], seed, max_people, sinks, test_files, icl)
     points: list[BenchPoint] = []
     with run_ending(recorder, f"{cells} cells"):
         for task in tasks:
-            rows = task_rows(task, per_task, task_seed(seed, task), max_people)
+            rows = rows_of[task]
             for setting in usable:
                 done += 1
                 if setting.label in skipped:  # failed on an earlier task: it would fail again
@@ -106,7 +113,7 @@ def dllm(
                 model = _model(models, setting.model, load)
                 start = time.perf_counter()
                 try:
-                    result = evaluate(model, setting.decoder, setting.params, rows, task)
+                    result = evaluate(model, setting.decoder, setting.params, rows, task, icl=icl)
                 except RunFailed as error:
                     skipped[setting.label] = str(error)
                     results[task][setting.label] = None
@@ -123,7 +130,7 @@ def dllm(
                     f"{result.model_calls} calls, {result.tokens_per_call:.2f} tokens/call ({seconds:.1f} s)")
     summary = bench_summary(points)
     report = {
-        "per_task": per_task, "seed": seed, "canvas": {name: canvas_length(m) for name, m in models.items()},
+        "per_task": per_task, "seed": seed, "icl": icl, "test_files": str(test_files) if test_files else None, "canvas": {name: canvas_length(m) for name, m in models.items()},
         "results": {task: {label: _cell(r) for label, r in by_setting.items()} for task, by_setting in results.items()},
         "summary": summary, "skipped": skipped, "run_id": recorder.trace.run_id,
     }
@@ -137,11 +144,28 @@ def dllm(
     return report
 
 
+def _test_file_rows(folder: Path, tasks: Sequence[str], per_task: int) -> dict[str, list[dict[str, Any]]]:
+    """The first ``per_task`` rows of each task's file, all read (and checked) before any decoding starts."""
+    rows = {}
+    for task in tasks:
+        path = folder / f"{task}.jsonl"
+        try:
+            rows[task] = read_rows(path, task)[:per_task]
+        except (OSError, ValueError) as error:
+            raise ParamError(f"cannot read ParallelBench's {task} rows from {path}: {error}") from error
+        if len(rows[task]) < per_task:
+            raise ParamError(f"{path} holds {len(rows[task])} rows, fewer than the {per_task} asked for")
+    return rows
+
+
 def _bench_recorder(per_task: int, tasks: Sequence[str], labels: list[str], seed: int, max_people: int,
-                    sinks: Sequence[TraceSink]) -> Recorder:
+                    sinks: Sequence[TraceSink], test_files: Path | None = None, icl: bool = False) -> Recorder:
+    source = (f"first rows of ParallelBench's test files in {test_files}" if test_files
+              else f"lists of up to {max_people} people, seed {seed}")
     prompt = (f"bench dllm: {len(labels)} settings x {len(tasks)} waiting-line tasks, {per_task} rows each "
-              f"(lists of up to {max_people} people, seed {seed})")
-    params = {"per_task": per_task, "tasks": ",".join(tasks), "settings": ",".join(labels), "max_people": max_people}
+              f"({source}{'; each after its in-context example' if icl else ''})")
+    params = {"per_task": per_task, "tasks": ",".join(tasks), "settings": ",".join(labels), "max_people": max_people,
+              **({"test_files": str(test_files)} if test_files else {}), **({"icl": True} if icl else {})}
     info = RunInfo(model="waitline-mdlm + waitline-ar", decoder="bench_dllm", params=params, prompt=prompt, seed=seed,
                    versions=software_versions())
     recorder = Recorder(Trace(run_id=new_run_id(), info=info), str, sinks)
@@ -178,7 +202,9 @@ def _cell(result: EvalResult | None) -> dict[str, Any] | None:
 
 def _print(report: dict[str, Any], usable: list[Setting]) -> None:
     width = max([len(s.label) for s in usable] + [7])
-    print(f"waiting-line bench: {report['per_task']} rows per task (seed {report['seed']}), "
+    rows = (f"the first {report['per_task']} rows of {report['test_files']}" if report["test_files"]
+            else f"{report['per_task']} fresh rows per task (seed {report['seed']})")
+    print(f"waiting-line bench: {rows}, "
           f"diffusion decoders on waitline-mdlm, others on waitline-ar; canvas {report['canvas']}")
     print(f"{'task':15} {'setting':{width}} {'model':14} {'acc %':>6} {'tok/call':>8} {'calls':>7} {'draft':>6}")
     models = {s.label: s.model for s in usable}

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from engine.run import BranchPoint
     from storage import TraceStore
 
+ICL_HELP = ("put each row's in-context example before its prompt as chat turns, as ParallelBench prompts "
+            "(default: the instruction alone)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,7 +174,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="runs of every variant per prompt, order rotated; each run's time is its fastest")
     p.set_defaults(handler=_bench_speculative)
     p = bench.add_parser("dllm", help="diffusion decoders on ParallelBench's waiting-line tasks: accuracy vs calls")
-    p.add_argument("--per-task", type=int, default=20, help="fresh seeded rows per task")
+    p.add_argument("--per-task", type=int, default=20, help="rows per task (fresh seeded lists, or a file's first)")
+    p.add_argument("--parallelbench", type=pathlib.Path, metavar="DIR",
+                   help="a folder of ParallelBench's own test files (<task>.jsonl): their first --per-task rows "
+                        "replace the fresh lists")
+    p.add_argument("--icl", action="store_true", help=ICL_HELP)
     p.add_argument("--tasks", default="", help="comma-separated waiting-line tasks (default: all ten)")
     p.add_argument("--decoders", default="", help="comma-separated settings NAME:PARAM=VALUE:... (default: the set "
                    "in cli/bench_dllm.py); unknown decoders are skipped with a note")
@@ -236,8 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", required=True)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="decoder parameter (repeatable)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
-    p.add_argument("--icl", action="store_true", help="put each row's in-context example before its prompt as chat "
-                   "turns, as ParallelBench prompts (default: the instruction alone)")
+    p.add_argument("--icl", action="store_true", help=ICL_HELP)
     p.add_argument("--json", action="store_true", help="print accuracy, n, model_calls, tokens_per_call as JSON")
 
     data = sub.add_parser("data", help="write benchmark data files").add_subparsers(title="data")
@@ -650,6 +655,8 @@ def _bench_dllm(args: argparse.Namespace) -> None:
         as_json=args.json,
         sinks=[store.sink()] if store else (),
         figure=args.figure,
+        test_files=args.parallelbench,
+        icl=args.icl,
     )
     if store is not None:
         print(f"bench stored as run {report['run_id']} (open it in the Library tab)", file=sys.stderr)

@@ -189,6 +189,29 @@ def test_the_bench_is_stored_as_a_run_and_drawn_as_accuracy_against_parallelism(
     assert "Accuracy against parallelism" in (tmp_path / "curve.html").read_text()
 
 
+
+def test_the_bench_runs_on_the_first_rows_of_parallelbench_test_files(tiny_models, tmp_path, capsys):
+    folder = tmp_path / "waiting_line"
+    for task, seed in (("copy", 31_000), ("shuffle", 31_001)):
+        write_rows(folder / f"{task}.jsonl", task, 3, seed=seed, max_people=4)
+    report = dllm(per_task=2, tasks=["copy", "shuffle"], settings=["llada:steps=4", "greedy"], models=tiny_models,
+                  log=lambda _: None, test_files=folder, icl=True)
+    assert report["test_files"] == str(folder) and report["icl"]
+    for task in ("copy", "shuffle"):  # each cell is that file's first two rows, prompted after their example
+        rows = read_rows(folder / f"{task}.jsonl", task)[:2]
+        for label, decoder, params, model in (("llada:steps=4", "llada", {"steps": "4"}, "waitline-mdlm"),
+                                              ("greedy", "greedy", {}, "waitline-ar")):
+            expected = evaluate(tiny_models[model], decoder, params, rows, task, icl=True)
+            cell = report["results"][task][label]
+            assert (cell["accuracy"], cell["model_calls"], cell["tokens"]) == (
+                expected.accuracy, expected.model_calls, expected.tokens)
+    assert f"the first 2 rows of {folder}" in capsys.readouterr().out
+    with pytest.raises(ParamError, match="holds 3 rows, fewer than the 5 asked for"):
+        dllm(per_task=5, tasks=["copy"], settings=["greedy"], models=tiny_models, test_files=folder)
+    assert main(["bench", "dllm", "--parallelbench", str(folder), "--tasks", "copy,sort", "--per-task", "2",
+                 "--no-save"]) == 2
+    assert "cannot read ParallelBench's sort rows from" in capsys.readouterr().err
+
 def test_a_failing_bench_keeps_its_cells_marked_failed(tiny_models, tmp_path):
     store = TraceStore(f"sqlite:///{tmp_path / 'bench.db'}")
 
