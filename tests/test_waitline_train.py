@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -203,6 +204,25 @@ def test_the_curriculum_watches_the_answers_own_tokens_not_the_padding(tokenizer
     ar = waitline_train.build_model("ar", tokenizer, TINY, 0)
     ar_loss, ar_signal = waitline_train.rows_loss(ar, waitline_train.ar_rows(waitline_train.Batches(tokenizer, 3, 4)))
     assert ar_signal == pytest.approx(ar_loss.item(), rel=1e-5)
+
+
+def test_ar_micro_batches_cut_to_their_rows_lengths_give_the_padded_batchs_loss_and_gradient(tokenizer):
+    """Right padding changes nothing before it in a causal model: rows sorted by length and cut to the longest of
+    their micro-batch give the loss and gradient of the whole padded batch."""
+    batches = waitline_train.Batches(tokenizer, seed=5, batch_size=8)
+    batches.generator.icl_share = 0.5  # in-context rows are long: the batch has very unequal lengths
+    rows = waitline_train.ar_rows(batches)
+    assert rows.lengths.min() < 0.8 * rows.inputs.shape[1]
+    for row, length in enumerate(rows.lengths.tolist()):
+        assert rows.inputs[row, length - 1] == tokenizer.eos_token_id and (rows.targets[row, length - 1:] == -100).all()
+    model = waitline_train.build_model("ar", tokenizer, TINY, 0)
+    whole, _ = waitline_train.rows_loss(model, dataclasses.replace(rows, lengths=None))
+    whole.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss, _ = waitline_train.training_step(model, rows, 3, torch.autocast("cpu", enabled=False))
+    assert loss == pytest.approx(whole.item(), rel=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4) for p, g in zip(model.parameters(), expected))
 
 
 def test_clean_prefix_keeps_a_leading_run_of_the_answer_for_the_chosen_share():

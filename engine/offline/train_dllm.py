@@ -220,6 +220,10 @@ class LossRows:
     # lists grew to 15 people on nothing (BENCHMARKS.md, issue 21).
     own: torch.Tensor  # positions whose target is an answer's own token
     own_count: float
+    # Per row, the columns that matter. A causal model's right padding changes nothing before it, so AR rows are
+    # cut to their own length (about 40 % of an AR batch's columns are padding: the in-context rows are long);
+    # an MDLM canvas is read whole.
+    lengths: torch.Tensor | None = None
 
 
 def ar_rows(batches: Batches) -> LossRows:
@@ -229,7 +233,8 @@ def ar_rows(batches: Batches) -> LossRows:
     targets[:, :-1] = labels[:, 1:]
     scored = targets != -100
     count = float(scored.sum())
-    return LossRows(ids, targets, torch.ones(ids.shape), count, scored, count)  # every scored token is the answer's
+    lengths = labels.shape[1] - (labels != -100).flip(1).int().argmax(1)  # the end of text closes every row
+    return LossRows(ids, targets, torch.ones(ids.shape), count, scored, count, lengths)  # all scored: the answer
 
 
 def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix_share: float = 0.0,
@@ -254,16 +259,19 @@ def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix
                     float(own.sum()))
 
 
-def rows_loss(model: LlamaForCausalLM, rows: LossRows, chunk: slice = slice(None)) -> tuple[torch.Tensor, float]:
-    """The loss of the rows in ``chunk`` (its share of the whole batch's loss), and their share of the curriculum's
-    signal (:class:`LossRows`)."""
-    targets = rows.targets[chunk].to(model.device)
+def rows_loss(model: LlamaForCausalLM, rows: LossRows,
+              chunk: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, float]:
+    """The loss of the rows in ``chunk`` (a slice or row indices; its share of the whole batch's loss), and their
+    share of the curriculum's signal (:class:`LossRows`)."""
+    width = rows.inputs.shape[1] if rows.lengths is None else int(rows.lengths[chunk].max())
+    cut = lambda values: values[chunk, :width].to(model.device)  # noqa: E731
+    targets = cut(rows.targets)
     scored = targets != -100
-    hidden = model.model(input_ids=rows.inputs[chunk].to(model.device)).last_hidden_state
+    hidden = model.model(input_ids=cut(rows.inputs)).last_hidden_state
     # the output layer only where a loss is taken: the prompt's logits would be computed for nothing
     token_loss = F.cross_entropy(model.lm_head(hidden[scored]), targets[scored], reduction="none")
-    weighted = token_loss * rows.weights[chunk].to(model.device)[scored]
-    own = rows.own[chunk].to(model.device)[scored]
+    weighted = token_loss * cut(rows.weights)[scored]
+    own = cut(rows.own)[scored]
     return weighted.sum() / rows.normaliser, weighted.detach()[own].sum().item() / max(rows.own_count, 1.0)
 
 
@@ -280,11 +288,14 @@ def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Genera
 def training_step(model: LlamaForCausalLM, rows: LossRows, micro_batch: int,
                   autocast: torch.autocast) -> tuple[float, float]:
     """Accumulate the batch's gradient ``micro_batch`` rows at a time (the activations of 32 rows of up to 600
-    tokens took over 10 GB), the forward under ``autocast``; returns the batch's loss and curriculum signal."""
+    tokens took over 10 GB), the forward under ``autocast``; returns the batch's loss and curriculum signal.
+    Rows of similar length share a micro-batch, so each is cut to little more than its own length."""
     total = signal = 0.0
-    for start in range(0, rows.inputs.shape[0], micro_batch):
+    count = rows.inputs.shape[0]
+    order = torch.arange(count) if rows.lengths is None else torch.argsort(rows.lengths, stable=True)
+    for start in range(0, count, micro_batch):
         with autocast:
-            loss, own = rows_loss(model, rows, slice(start, start + micro_batch))
+            loss, own = rows_loss(model, rows, order[start: start + micro_batch])
         loss.backward()
         total += loss.item()
         signal += own
