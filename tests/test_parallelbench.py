@@ -186,6 +186,8 @@ def test_the_bench_is_stored_as_a_run_and_drawn_as_accuracy_against_parallelism(
     marked = {t.text[0]: (t.x[0], t.y[0]) for t in goal.data}
     summary = report["summary"]["llada:steps=4"]
     assert marked["llada:steps=4"] == (summary["fewer_calls"], 100 * summary["accuracy_change"])
+    sides = [t.textposition for t in sorted(goal.data, key=lambda t: t.x[0])]  # neighbours' labels alternate
+    assert all(left != right for left, right in zip(sides, sides[1:]))
     assert "Accuracy against parallelism" in (tmp_path / "curve.html").read_text()
 
 

@@ -96,11 +96,14 @@ def goal_figure(trace: Trace) -> go.Figure:
     widest = max([total["fewer_calls"] for total in summary.values()] + [GOAL_FEWER_CALLS * 2])
     fig.add_shape(type="rect", x0=GOAL_FEWER_CALLS, x1=widest * 1.5, y0=-100 * GOAL_MAX_DROP, y1=100,
                   fillcolor="rgba(0, 160, 110, 0.12)", line={"width": 0}, layer="below")
+    # neighbours along the x axis take their labels above and below in turn, so close settings stay readable
+    by_x = sorted(summary, key=lambda label: summary[label]["fewer_calls"])
+    label_side = {label: ("top center", "bottom center")[rank % 2] for rank, label in enumerate(by_x)}
     for label, total in summary.items():
         verdict = "baseline" if label == BASELINE else ("meets the goal" if total.get("goal") else "misses the goal")
         fig.add_trace(go.Scatter(
             x=[total["fewer_calls"]], y=[100 * total["accuracy_change"]], mode="markers+text",
-            text=[escape_text(label)], textposition="top center", showlegend=False,
+            text=[escape_text(label)], textposition=label_side[label], showlegend=False,
             marker={"size": 10, "color": colors[decoders[label]],
                     "symbol": "star" if label == BASELINE else ("circle" if total.get("goal") else "x")},
             hovertemplate=(f"{escape_text(label)}: {verdict}<br>%{{x:.2f}}x fewer calls, %{{y:+.1f}} points "
