@@ -130,7 +130,8 @@ def dllm(
                     f"{result.model_calls} calls, {result.tokens_per_call:.2f} tokens/call ({seconds:.1f} s)")
     summary = bench_summary(points)
     report = {
-        "per_task": per_task, "seed": seed, "icl": icl, "test_files": str(test_files) if test_files else None, "canvas": {name: canvas_length(m) for name, m in models.items()},
+        "per_task": per_task, "seed": seed, "icl": icl, "test_files": str(test_files) if test_files else None,
+        "canvas": {name: canvas_length(m) for name, m in models.items()},
         "results": {task: {label: _cell(r) for label, r in by_setting.items()} for task, by_setting in results.items()},
         "summary": summary, "skipped": skipped, "run_id": recorder.trace.run_id,
     }

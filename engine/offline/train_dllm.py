@@ -221,7 +221,7 @@ class LossRows:
     own: torch.Tensor  # positions whose target is an answer's own token
     own_count: float
     # Per row, the columns that matter. A causal model's right padding changes nothing before it, so AR rows are
-    # cut to their own length (about 40 % of an AR batch's columns are padding: the in-context rows are long);
+    # cut to their own length (half an AR batch's columns were padding: the in-context rows are long);
     # an MDLM canvas is read whole.
     lengths: torch.Tensor | None = None
 
