@@ -134,8 +134,10 @@ def test_score_flag_rescores_a_saved_folder_without_training(tokenizer, tmp_path
     waitline_train.main(["--model", "ar", "--score", str(tmp_path), "--eval-per-task", "2", "--eval-seed", "7"])
     printed = json.loads(capsys.readouterr().out)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()  # float16 on disk
-    assert printed == waitline_train.held_out_accuracy(reloaded, tokenizer, "ar", per_operation=2, seed=7)
-    assert set(printed) == set(waitline_train.TARGETS)
+    assert printed["held_out"] == waitline_train.held_out_accuracy(reloaded, tokenizer, "ar", per_operation=2, seed=7)
+    assert printed["held_out_common"] == waitline_train.held_out_accuracy(reloaded, tokenizer, "ar", per_operation=2,
+                                                                          seed=7, common=True)
+    assert set(printed["held_out"]) == set(waitline_train.TARGETS) and printed["test_files"] == {}
     with pytest.raises(SystemExit):
         waitline_train.main(["--model", "ar", "--steps", "1"])  # training needs --out
 
@@ -334,6 +336,7 @@ def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(t
     assert scores == waitline_train.accuracy(model, tokenizer, "ar", cases)
     card = (out / "README.md").read_text()
     assert "## ParallelBench's own test files: `waiting_line` (first 2 rows)" in card and "| sort |" in card
+    assert "Lists of held-out common English names only" in card and set(log["held_out_common"]) == set(scores)
     assert log["finished"] and not (tmp_path / "model.work").exists()
 
 

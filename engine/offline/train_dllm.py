@@ -583,12 +583,23 @@ def accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: 
     return results
 
 
-def score_saved(folder: Path, kind: str, per_operation: int, seed: int = HELD_OUT_SEED,
-                block: int = GEN_LENGTH) -> dict[str, float]:
-    """``held_out_accuracy`` of a saved model folder, loaded as the app loads it (float32)."""
+def card_scores(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: str, per_operation: int,
+                seed: int = HELD_OUT_SEED, block: int = GEN_LENGTH, folders: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Every score a card shows: fresh lists of held-out names (``held_out``), of held-out common names only
+    (``held_out_common``), and the first rows of each folder of ParallelBench's own test files (``test_files``)."""
+    fresh = functools.partial(held_out_accuracy, model, tokenizer, kind, per_operation=per_operation, seed=seed,
+                              block=block)
+    return {"held_out": fresh(), "held_out_common": fresh(common=True), "test_files": {
+        f"`{folder.name}` (first {per_operation} rows)": file_accuracy(
+            model, tokenizer, kind, folder, per_operation=per_operation, block=block) for folder in folders}}
+
+
+def score_saved(folder: Path, kind: str, per_operation: int, seed: int = HELD_OUT_SEED, block: int = GEN_LENGTH,
+                test_folders: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``card_scores`` of a saved model folder, loaded as the app loads it (float32)."""
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-    return held_out_accuracy(model, tokenizer, kind, per_operation=per_operation, seed=seed, block=block)
+    return card_scores(model, tokenizer, kind, per_operation, seed, block, test_folders)
 
 
 # --- saving ------------------------------------------------------------------------------------------------------
@@ -732,7 +743,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=KINDS, required=True)
     parser.add_argument("--out", type=Path, help="folder to save the trained model in (required unless --score)")
     parser.add_argument("--work", type=Path, help="checkpoints (default: OUT.work beside --out; removed when done)")
-    parser.add_argument("--score", metavar="FOLDER", help="no training: print a saved model's held-out accuracy")
+    parser.add_argument("--score", metavar="FOLDER", help="no training: print a saved model's scores as its card has them "
+                                                      "(fresh lists, and --parallelbench folders)")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="stop after this long, saving the model so far and a checkpoint that the same command "
@@ -775,7 +787,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.score:
-        print(json.dumps(score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block)))
+        print(json.dumps(score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block,
+                                     tuple(args.parallelbench))))
         return
     if args.out is None:
         parser.error("--out is required when training")
@@ -791,22 +804,15 @@ def main(argv: list[str] | None = None) -> None:
                                      device=args.device, micro_batch=args.micro_batch)
     save(model, tokenizer, args.out, "")
     reloaded = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()  # what ships (float16 weights)
-    accuracy = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
-                                 seed=args.eval_seed, block=args.eval_block)
-    common = held_out_accuracy(reloaded, tokenizer, args.model, per_operation=args.eval_per_task,
-                               seed=args.eval_seed, block=args.eval_block, common=True)
-    print(json.dumps({"held_out": accuracy, "held_out_common": common}), flush=True)
-    test_files = {f"`{folder.name}` (first {args.eval_per_task} rows)": file_accuracy(
-        reloaded, tokenizer, args.model, folder, per_operation=args.eval_per_task, block=args.eval_block)
-        for folder in args.parallelbench}
-    if test_files:
-        print(json.dumps(test_files), flush=True)
+    scores = card_scores(reloaded, tokenizer, args.model, args.eval_per_task, args.eval_seed, args.eval_block,
+                         tuple(args.parallelbench))
+    print(json.dumps(scores), flush=True)
     command = training_command(args, shape)
     parameters = sum(p.numel() for p in reloaded.parameters())
-    card = model_card(args.model, record, accuracy, parameters, command, shifts_logits(reloaded), args.eval_block,
-                      test_files, common)
+    card = model_card(args.model, record, scores["held_out"], parameters, command, shifts_logits(reloaded),
+                      args.eval_block, scores["test_files"], scores["held_out_common"])
     (args.out / "README.md").write_text(card)
-    log = {**record, "command": command, "held_out": accuracy, "held_out_common": common, "test_files": test_files}
+    log = {**record, "command": command, **scores}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
     if record["finished"]:
         shutil.rmtree(work, ignore_errors=True)
