@@ -89,15 +89,6 @@ def faker_names(locale: str, kind: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def common_names(kind: str, split: str) -> tuple[str, ...]:
-    """The hand-listed common English first (``kind`` "first") or last names of ``split``: the kind of names
-    ParallelBench's lists are made of, and (the training split's) one token each in the waitline tokenizer."""
-    if kind not in KINDS or split not in SPLITS:
-        raise ValueError(f"kind must be one of {KINDS} and split one of {SPLITS}, not {kind!r} and {split!r}")
-    return tuple(sorted({name for name in (FIRST_NAMES if kind == "first" else LAST_NAMES) if split_of(name) == split}))
-
-
-@functools.cache
 def name_pool(kind: str, split: str, locales: tuple[str, ...] = FAKER_LOCALES) -> tuple[str, ...]:
     """Every first (``kind`` "first") or last name of ``split`` ("train" or "held_out") in the hand lists and
     ``locales``' lists, sorted and distinct."""
@@ -107,3 +98,9 @@ def name_pool(kind: str, split: str, locales: tuple[str, ...] = FAKER_LOCALES) -
     for locale in locales:
         names.update(faker_names(locale, kind))
     return tuple(sorted(name for name in names if split_of(name) == split))
+
+
+def common_names(kind: str, split: str) -> tuple[str, ...]:
+    """The hand-listed common English first (``kind`` "first") or last names of ``split``: the kind of names
+    ParallelBench's lists are made of, and (the training split's) one token each in the waitline tokenizer."""
+    return name_pool(kind, split, locales=())  # the pool without any locale's lists is the hand lists
