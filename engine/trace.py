@@ -38,6 +38,7 @@ from engine.events import (
     event_from_dict,
     event_to_dict,
 )
+from engine.files import write_atomically
 
 TOP_LEVEL_KEYS = ("format", "version", "run", "vocab", "events")
 
@@ -281,13 +282,15 @@ def write_file(trace: Trace, path: str | Path, events: Iterable[Event] | None = 
     A ``.gz`` suffix writes it gzip-compressed. The bytes are :func:`dumps`'s."""
     path = Path(path)
     head = dumps(replace(trace, events=[]))  # ends with the empty events list: '"events":[]}'
-    tmp = path.with_name(path.name + ".partial")
-    with (gzip.open(tmp, "wb") if path.suffix == ".gz" else open(tmp, "wb")) as fh:
-        fh.write(head[: -len("]}")].encode("utf-8"))
-        for i, event in enumerate(trace.events if events is None else events):
-            fh.write((("," if i else "") + _json(event_to_dict(event))).encode("utf-8"))
-        fh.write(b"]}")
-    tmp.replace(path)
+
+    def write(partial: Path) -> None:
+        with (gzip.open(partial, "wb") if path.suffix == ".gz" else open(partial, "wb")) as fh:
+            fh.write(head[: -len("]}")].encode("utf-8"))
+            for i, event in enumerate(trace.events if events is None else events):
+                fh.write((("," if i else "") + _json(event_to_dict(event))).encode("utf-8"))
+            fh.write(b"]}")
+
+    write_atomically(path, write)
     return path
 
 

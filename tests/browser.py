@@ -81,9 +81,17 @@ def shot(page, name: str) -> None:
 
 
 def wait_text(page, elem_id: str, text: str, timeout: float = 60_000) -> None:
-    page.wait_for_function(
-        "([id, text]) => (document.querySelector('#' + id)?.innerText || '').includes(text)", arg=[elem_id, text],
-        timeout=timeout)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "([id, text]) => (document.querySelector('#' + id)?.innerText || '').includes(text)", arg=[elem_id, text],
+            timeout=timeout)
+    except PlaywrightTimeout:  # say what the page showed instead, so a failure under load can be told from a bug
+        element = page.locator(f"#{elem_id}").first
+        shown = element.inner_text(timeout=5_000) if element.count() else None
+        message = f"#{elem_id} never showed {text!r} in {timeout / 1000:.0f} s; it shows {shown!r}"
+        raise AssertionError(message) from None
 
 
 def open_tab(page, name: str) -> None:

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,14 +39,6 @@ def read_marker(folder: Path) -> dict[str, Any]:
         return json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary sibling and rename it: a crash never leaves a half-written file under ``path``,
-    and the sibling is this process's own, so two processes writing ``path`` at once never mix their bytes."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    write(partial)
-    os.replace(partial, path)
 
 
 def write_marker(folder: Path, values: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from engine.models.cache import data_dir, write_atomically
+from engine.files import write_atomically
+from engine.models.cache import data_dir
 
 ROW_COUNTS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 # a form must beat F.linear by this much to be chosen: timing noise must not flip the choice

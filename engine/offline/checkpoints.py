@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.models.cache import write_atomically
+from engine.files import write_atomically
 from engine.params import ParamError
 
 CHECKPOINT = "checkpoint.pt"

@@ -39,7 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from engine.models.cache import data_dir, write_atomically
+from engine.files import write_atomically
+from engine.models.cache import data_dir
 from engine.models.handle import LoadedModel
 from engine.offline.drafter_prompts import KINDS, Prompt, build_prompts
 from engine.offline.self_prompts import Draw, self_written_prompts
