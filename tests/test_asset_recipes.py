@@ -11,7 +11,7 @@ import pytest
 from cli.main import main as cli
 from engine.diffusion.learn2pd import load_filter
 from engine.models import load_model
-from engine.offline.recipes import RECIPES, ROOT, WAITLINE_STEPS, WORK, get_recipe, rebuild
+from engine.offline.recipes import ADAPT_STEPS, RECIPES, ROOT, WAITLINE_STEPS, WORK, get_recipe, rebuild
 from engine.offline.sample_traces import read_recipes, record_samples
 from engine.trace import read_file
 from storage import TraceStore
@@ -31,16 +31,21 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
     assert len(set(written)) == len(written)
 
 
-def test_each_waitline_model_is_one_seeded_run_from_scratch_of_one_shape():
+def test_the_dllm_recipe_runs_the_ar_twins_own_recipe_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    assert len(ar) == len(mdlm) == 1 and not ar[0].inputs(OUT) and not mdlm[0].inputs(OUT)
+    assert len(ar) == 1 and not ar[0].inputs(OUT) and "--minutes" not in ar[0].args
+    twin, adapted = mdlm
+    assert twin.args[:twin.args.index("--out")] == ar[0].args[:ar[0].args.index("--out")]  # the same run, seeded
+    assert twin.args[twin.args.index("--out") + 2:] == ar[0].args[ar[0].args.index("--out") + 2:]
+    assert adapted.inputs(OUT) == [twin.output_path(OUT)] and adapted.output_path(OUT) == OUT
 
     def option(stage, name: str) -> str:
         return stage.args[stage.args.index(name) + 1]
 
-    for name in ("--seed", "--steps", "--hidden", "--layers", "--heads", "--ffn", "--lr", "--batch-size"):
-        assert option(ar[0], name) == option(mdlm[0], name), name
-    assert int(option(ar[0], "--steps")) == WAITLINE_STEPS and "--minutes" not in ar[0].args
+    assert option(ar[0], "--model") == "ar" and option(adapted, "--model") == "mdlm"
+    assert int(option(ar[0], "--steps")) == WAITLINE_STEPS
+    for name in ("--seed", "--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
+        assert option(ar[0], name) == option(adapted, name), name
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)
@@ -53,7 +58,7 @@ def test_the_cli_lists_every_recipe_and_refuses_in_one_line(capsys, tmp_path):
     assert cli(["assets", "list"]) == 0
     listed = capsys.readouterr().out
     assert all(recipe.command in listed for recipe in RECIPES)
-    assert f"--model mdlm --steps {WAITLINE_STEPS}" in listed
+    assert f"--model ar --steps {WAITLINE_STEPS}" in listed and f"--model mdlm --steps {ADAPT_STEPS}" in listed
     assert cli(["assets", "rebuild", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: no recipe 'nope'")
     assert cli(["assets", "rebuild", "learn2pd-filter", "--smoke"]) == 2  # never a few-steps asset where it ships
@@ -69,11 +74,16 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     model = load_model(str(out))
     assert getattr(model.model.config, "is_causal", True) == (name == "waitline-ar")
     log = json.loads((out / "training_log.json").read_text())
-    assert log["finished"] and log["steps_done"] == 3 and "continued_from" not in log
+    assert log["finished"] and log["steps_done"] == 3
+    assert ("continued_from" in log) == (name == "waitline-mdlm")  # the dLLM starts from the AR twin's weights
     assert model.prompt_format is not None and model.prompt_format.name == "parallelbench-waiting-line"
-    assert "`decoding-explorer assets rebuild " + name + "`" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "`decoding-explorer assets rebuild " + name + "`" in card
+    assert ("from scratch" in card) == (name == "waitline-ar")  # the dLLM's card names the AR run it starts from
     assert not (out / WORK).exists() and not out.with_name(out.name + ".work").exists()  # checkpoints removed
-    assert lines[0].startswith("[1/1] python -m engine.offline.train_dllm") and "--steps 3" in lines[0]
+    stages = len(get_recipe(name).stages)
+    assert lines[0].startswith(f"[1/{stages}] python -m engine.offline.train_dllm --model ar ")
+    assert len(lines) == stages + 1 and all("--steps 3" in line for line in lines[:-1])
 
 
 def test_a_few_examples_of_the_learn2pd_recipe_leave_a_filter_that_loads(tmp_path):

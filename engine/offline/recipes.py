@@ -3,8 +3,9 @@
 A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(argv)`` (the same arguments as
 ``python -m <tool>``). Intermediate outputs go to a work folder under the output, removed once the recipe is done.
 
-The built-in dLLM and its AR twin are each one seeded run from scratch; ``--minutes`` (added by hand) only stops a
-run resumably, and the same command continues it, so an interrupted rebuild ends where an uninterrupted one does.
+The built-in AR twin is one seeded run from scratch, and the built-in dLLM the same run followed by a seeded
+masked-diffusion run from its weights; ``--minutes`` (added by hand) only stops a run resumably, and the same command
+continues it, so an interrupted rebuild ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -69,18 +70,27 @@ def _filled(arg: str, out: Path) -> str:
 
 _TRAIN_SMOKE = ("--steps", "3", "--batch-size", "4", "--eval-per-task", "1", "--checkpoint-every", "2")
 WAITLINE_STEPS = 12_000  # resumable: --minutes stops a run, the same command continues it
-# ParallelBench's lists are common English names, one token each in the waitline tokenizer; the runs drew such lists
-# too rarely to learn them (BENCHMARKS.md, issue 21, tenth session), so from the step each run had reached when that
+# ParallelBench's lists are common English names, one token each in the waitline tokenizer; the AR run drew such
+# lists too rarely to learn them (BENCHMARKS.md, issue 21, tenth session), so from the step it had reached when that
 # was found, this share of the lists is of them (a data mixture schedule: the earlier steps' data is unchanged).
 COMMON_SHARE = "0.4"
+AR_MIXTURE = ("--common-share", COMMON_SHARE, "--common-from", "7000")
+# The dLLM is adapted from the finished AR twin (as Dream and DiffuLLaMA adapt AR models): 1,537 steps of masked
+# diffusion from scratch (3.5 CPU-hours) still answered nothing right (BENCHMARKS.md, issue 21, eleventh session).
+ADAPT_STEPS = 3000
 
 
-def _train_waitline(kind: str, *extra: str) -> Stage:
-    """The whole training of one waiting-line model: seeded, fixed steps, from scratch, checkpointed."""
-    args = ("--model", kind, "--steps", str(WAITLINE_STEPS), "--batch-size", "32", "--lr", "0.001",
-            "--warmup", "200", "--grow-below", "1", "--seed", "0", "--precision", "bfloat16", "--hidden", "256",
-            "--layers", "6", "--heads", "8", "--ffn", "1024", "--out", "{out}", *extra)
-    return Stage("engine.offline.train_dllm", args, smoke=_TRAIN_SMOKE)
+def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAITLINE_STEPS, lr: str = "0.001",
+                    warmup: int = 200) -> Stage:
+    """One seeded, fixed-steps, checkpointed training run of a waiting-line model into ``out``: from scratch, or
+    from a saved model when ``extra`` names ``--init-from`` (its shape, whatever the shape flags say)."""
+    args = ("--model", kind, "--steps", str(steps), "--batch-size", "32", "--lr", lr, "--warmup", str(warmup),
+            "--grow-below", "1", "--seed", "0", "--precision", "bfloat16", "--hidden", "256", "--layers", "6",
+            "--heads", "8", "--ffn", "1024", "--out", out, *extra)
+    return Stage("engine.offline.train_dllm", args, out, smoke=_TRAIN_SMOKE)
+
+
+AR_TWIN = "{work}/waitline-ar"
 
 
 TEMPLATE_DATA = (2500, 0.0)  # (sequences, share the target wrote itself): the set falcon, medusa and ppd trained on
@@ -106,9 +116,13 @@ def _train_head(head: str, *args: str) -> Stage:
 
 RECIPES = (
     Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: one train_dllm run",
-           (_train_waitline("ar", "--common-share", COMMON_SHARE, "--common-from", "7000"),)),
-    Recipe("waitline-mdlm", "assets/models/waitline-mdlm", "the built-in dLLM: one train_dllm run",
-           (_train_waitline("mdlm", "--prefix-share", "0.5", "--common-share", COMMON_SHARE, "--common-from", "1537"),)),
+           (_train_waitline("ar", *AR_MIXTURE),)),
+    Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
+           "the built-in dLLM: the AR twin's run, then masked diffusion from its weights", (
+               _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN),
+               _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
+                               COMMON_SHARE, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
+           )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
               ("--model", "waitline-mdlm", "--examples", "100", "--seed", "20000", "--gen-length", "72",

@@ -679,8 +679,8 @@ built into Decoding Explorer. Weights stored in float16.
   3-{CURRICULUM_START} people first, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
   {record['seconds']:.0f} s on CPU, forward pass autocast to {settings.get('precision', 'float32')}.
-- **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` (the training command above,
-  seeded, from scratch: `engine/offline/recipes.py`).
+- **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` ({_rebuilt_as(history)}:
+  `engine/offline/recipes.py`).
 
 ## Held-out accuracy (fresh lists, one token per step: {decoding})
 
@@ -719,6 +719,12 @@ def _whole_curve(history: list[dict[str, Any]]) -> list[tuple[int, float, int | 
         curve += [(offset + point[0], point[1], point[2] if len(point) > 2 else "") for point in run["loss_curve"]]
         offset += run["steps_done"]
     return curve
+
+
+def _rebuilt_as(history: list[dict[str, Any]]) -> str:
+    if len(history) == 1:
+        return "the training command above, seeded, from scratch"
+    return "the earlier runs' commands above in turn, then the training command above from their weights, each seeded"
 
 
 def _earlier_runs(runs: list[dict[str, Any]]) -> str:
