@@ -16,8 +16,8 @@ FRONT_ENDS = ("ui", "storage", "cli")
 # A module belongs to the layer of the longest name below that is it or a package holding it; an unlisted module
 # is an entry point.
 LAYERS = (
-    ("engine.events", "engine.params", "engine.trace", "engine.recorder", "engine.limits", "engine.event_arrays",
-     "engine.shared_params", "engine.constraints", "engine.ngram", "engine.hot_start"),
+    ("engine.events", "engine.files", "engine.params", "engine.trace", "engine.recorder", "engine.limits",
+     "engine.event_arrays", "engine.shared_params", "engine.constraints", "engine.ngram", "engine.hot_start"),
     ("engine.models", "engine.attention", "engine.ffn", "engine.processing"),
     ("engine.context", "engine.decoding", "engine.speculative", "engine.diffusion", "engine.kv_compress",
      "engine.prompt_spans", "engine.adadec_threshold"),
