@@ -80,6 +80,7 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     card = (out / "README.md").read_text()
     assert "`decoding-explorer assets rebuild " + name + "`" in card
     assert ("from scratch" in card) == (name == "waitline-ar")  # the dLLM's card names the AR run it starts from
+    assert ("people first" in card) == (name == "waitline-ar")  # and its lists start where the AR run's ended
     assert not (out / WORK).exists() and not out.with_name(out.name + ".work").exists()  # checkpoints removed
     stages = len(get_recipe(name).stages)
     assert lines[0].startswith(f"[1/{stages}] python -m engine.offline.train_dllm --model ar ")

@@ -675,8 +675,8 @@ built into Decoding Explorer. Weights stored in float16.
 - **Objective**: {objective}
 - **Earlier runs continued from**: {_earlier_runs(history[:-1])}
 {status}- **Training**: `{command}`: {record['steps_done']} of {settings['steps']} steps of batch {settings['batch_size']}, AdamW
-  lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']}, curriculum: lists of
-  3-{CURRICULUM_START} people first, one more person allowed whenever a 50-step window's loss fell below
+  lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']}, curriculum:
+  {_curriculum_start(history)}, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
   {record['seconds']:.0f} s on CPU, forward pass autocast to {settings.get('precision', 'float32')}.
 - **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` ({_rebuilt_as(history)}:
@@ -719,6 +719,16 @@ def _whole_curve(history: list[dict[str, Any]]) -> list[tuple[int, float, int | 
         curve += [(offset + point[0], point[1], point[2] if len(point) > 2 else "") for point in run["loss_curve"]]
         offset += run["steps_done"]
     return curve
+
+
+def _curriculum_start(history: list[dict[str, Any]]) -> str:
+    """Where the lists' length started: short lists, or where the earlier run had got to (``starting_length``)."""
+    if len(history) == 1:
+        return f"lists of 3-{CURRICULUM_START} people first"
+    last = (history[-2].get("loss_curve") or [[]])[-1]
+    if len(last) > 2:
+        return f"lists of up to {last[2]} people from the start, where the earlier run ended"
+    return "lists of any length from the start"
 
 
 def _rebuilt_as(history: list[dict[str, Any]]) -> str:
