@@ -212,6 +212,11 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     p.set_defaults(handler=_bench_ffn)
+    p = bench.add_parser("mdlm-widths", help="MDLM training steps: one canvas width per batch against one per group "
+                         "of rows of similar length, interleaved, one run")
+    p.add_argument("--steps", type=int, default=8, help="batches timed per setting")
+    p.add_argument("--width-group", type=int, default=8, help="rows per shared width")
+    p.set_defaults(handler=_bench_mdlm_widths)
     p = bench.add_parser("quantizers", help="torchao, optimum-quanto and hqq on the CPU: quantise time, forward, "
                          "dequantisation error and size, one run")
     _model_args(p)
@@ -595,6 +600,12 @@ def _bench_ffn(args: argparse.Namespace) -> None:
     from cli import bench_ffn
 
     bench_ffn.main(_load(args), tokens=args.tokens)
+
+
+def _bench_mdlm_widths(args: argparse.Namespace) -> None:
+    from cli import bench_mdlm_widths
+
+    bench_mdlm_widths.main(steps=args.steps, width_group=args.width_group)
 
 
 def _bench_kv(args: argparse.Namespace) -> None:

@@ -218,13 +218,63 @@ def test_ar_micro_batches_cut_to_their_rows_lengths_give_the_padded_batchs_loss_
     for row, length in enumerate(rows.lengths.tolist()):
         assert rows.inputs[row, length - 1] == tokenizer.eos_token_id and (rows.targets[row, length - 1:] == -100).all()
     model = waitline_train.build_model("ar", tokenizer, TINY, 0)
-    whole, _ = waitline_train.rows_loss(model, dataclasses.replace(rows, lengths=None))
-    whole.backward()
+    _assert_step_equals(model, rows, 3, waitline_train.rows_loss(model, dataclasses.replace(rows, lengths=None))[0])
+
+
+def _assert_step_equals(model: LlamaForCausalLM, rows: waitline_train.LossRows, micro_batch: int,
+                        reference: torch.Tensor) -> None:
+    """training_step's loss and gradient in micro-batches equal those of ``reference`` (a loss, not backpropagated)."""
+    reference.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss, _ = waitline_train.training_step(model, rows, 3, torch.autocast("cpu", enabled=False))
-    assert loss == pytest.approx(whole.item(), rel=1e-5)
+    loss, _ = waitline_train.training_step(model, rows, micro_batch, torch.autocast("cpu", enabled=False))
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4) for p, g in zip(model.parameters(), expected))
+
+
+def test_width_groups_pad_rows_of_similar_length_together_and_micro_batches_never_mix_widths(tokenizer):
+    """--width-group: each group of rows of similar length gets LLaDA's random common width (the canvas of the
+    group's shortest prompt at most GEN_LENGTH, unless the longest row is longer); a micro-batch holds one width only
+    (a bidirectional row would otherwise read the wider rows' padding), so the batch's loss and gradient are those of
+    each group run at its own width."""
+    batches = waitline_train.Batches(tokenizer, seed=5, batch_size=8)
+    batches.generator.icl_share = 0.5  # in-context rows are long: the batch has very unequal lengths
+    pairs = waitline_train.Batches(tokenizer, seed=5, batch_size=8)
+    pairs.generator.icl_share = 0.5
+    pairs = sorted(pairs.encoded(), key=lambda pair: len(pair[0]) + len(pair[1]))
+    rows = waitline_train.mdlm_rows(batches, torch.Generator().manual_seed(2), 3, prefix_share=0.5, shift=True,
+                                    width_group=4)
+    widths = rows.lengths.tolist()
+    assert widths == [widths[0]] * 4 + [widths[4]] * 4
+    for group, width in ((pairs[:4], widths[0]), (pairs[4:], widths[4])):
+        longest = max(len(p) + len(a) for p, a in group)
+        assert longest <= width <= max(longest, min(len(p) for p, _ in group) + waitline_train.GEN_LENGTH)
+    for row, (prompt, answer) in enumerate(pairs):
+        assert rows.inputs[row, : len(prompt)].tolist() == prompt  # the prompt is never masked
+        assert (rows.targets[row, widths[row]:] == -100).all()  # nothing is scored past the row's own canvas
+    assert rows.normaliser == sum(width - len(prompt) for width, (prompt, _) in zip(widths, pairs))
+    assert [len(chunk) for chunk in waitline_train.micro_batches(rows, 8)] == [4, 4]
+    assert [len(chunk) for chunk in waitline_train.micro_batches(rows, 3)] == [3, 1, 3, 1]
+    model = waitline_train.build_model("mdlm", tokenizer, TINY, 0)
+    expected = 0.0
+    for group in (slice(0, 4), slice(4, 8)):  # each group alone, cut to its width by hand
+        width = widths[group.start]
+        alone = waitline_train.LossRows(*(values[group, :width] for values in (rows.inputs, rows.targets,
+                                                                                rows.weights)),
+                                        rows.normaliser, rows.own[group, :width], rows.own_count)
+        expected = expected + waitline_train.rows_loss(model, alone)[0]
+    _assert_step_equals(model, rows, 8, expected)
+    with pytest.raises(ValueError, match="MDLM only"):
+        waitline_train.train(waitline_train.TrainSettings(kind="ar", steps=1, shape=TINY, width_group=4))
+
+
+def test_the_width_bench_times_both_paddings_on_the_same_batches(capsys):
+    from cli import bench_mdlm_widths
+
+    ratios = bench_mdlm_widths.main(steps=1, width_group=2, batch_size=4, micro_batch=2)
+    shown = capsys.readouterr().out
+    assert "one width per batch" in shown and "one width per 2 rows" in shown
+    assert ratios["speedup"] > 0 and ratios["columns"] > 0
 
 
 def test_clean_prefix_keeps_a_leading_run_of_the_answer_for_the_chosen_share():
@@ -241,6 +291,8 @@ def test_clean_prefix_keeps_a_leading_run_of_the_answer_for_the_chosen_share():
     assert set(lengths.tolist()) == set(range(8))  # every cut from 0 to 7 of the 8 answer positions: one stays
     assert not waitline_train.clean_prefix(answer_side, 0.0, noise).any()
     assert waitline_train.clean_prefix(answer_side, 1.0, noise).sum(-1).float().mean() > 3
+    answer_side[200:, 8:] = False  # shorter canvases: a cut stays inside each row's own answer side
+    assert set(waitline_train.clean_prefix(answer_side, 1.0, noise)[200:].sum(-1).tolist()) == set(range(4))
 
 
 def test_task_weights_override_the_mix_and_reject_unknown_tasks(tokenizer):

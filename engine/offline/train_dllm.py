@@ -88,6 +88,7 @@ class TrainSettings:
     init_from: str = ""  # a saved folder of the same kind to continue from (fresh optimizer and schedule)
     task_weights: tuple[tuple[str, float], ...] = tuple(TASK_WEIGHTS.items())
     prefix_share: float = 0.0  # MDLM: share of rows whose answer is clean up to a random cut (semi-AR blocks' case)
+    width_group: int = 0  # MDLM: rows of similar length per common canvas width (Batches.mdlm); 0 = the whole batch
     precision: str = "bfloat16"  # autocast dtype of the forward pass (float32 = none); weights stay float32
     checkpoint_every: int = 100
     # Data mixture schedule: from step ``common_from`` on, this share of the lists is of common English names only
@@ -160,21 +161,32 @@ class Batches:
             labels[row, len(prompt): len(prompt) + len(answer)] = torch.tensor(answer)
         return ids, labels
 
-    def mdlm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clean canvases (answer side padded with end of text to a random common width), the answer-side mask, and
-        the mask of the answers' own tokens (each answer and its first end of text, not the padding)."""
+    def mdlm(self, width_group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean canvases, the answer-side mask, and the mask of the answers' own tokens (each answer and its first
+        end of text, not the padding). Each answer side is padded with end of text to a random width common to its
+        group (LLaDA's padding): the whole batch, or ``width_group`` rows of similar length each. A batch of 32 with
+        one long in-context row is otherwise read at that row's width throughout (1.7x the columns of groups of 8)."""
         pairs = self.encoded()
-        longest = max(len(p) + len(a) for p, a in pairs)
-        shortest_prompt = min(len(p) for p, _ in pairs)
-        width = longest + self.rng.randint(0, max(0, shortest_prompt + GEN_LENGTH - longest))
-        ids = torch.full((len(pairs), width), self.tokenizer.eos_token_id)
-        answer_side = torch.zeros((len(pairs), width), dtype=torch.bool)
+        if width_group:
+            pairs.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+        size, widths = width_group or len(pairs), []
+        for start in range(0, len(pairs), size):
+            group = pairs[start: start + size]
+            widths += [self._common_width(group)] * len(group)
+        ids = torch.full((len(pairs), max(widths)), self.tokenizer.eos_token_id)
+        answer_side = torch.zeros(ids.shape, dtype=torch.bool)
         own = torch.zeros_like(answer_side)
-        for row, (prompt, answer) in enumerate(pairs):
+        for row, ((prompt, answer), width) in enumerate(zip(pairs, widths, strict=True)):
             ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            answer_side[row, len(prompt):] = True
+            answer_side[row, len(prompt): width] = True
             own[row, len(prompt): len(prompt) + len(answer)] = True
         return ids, answer_side, own
+
+    def _common_width(self, pairs: list[tuple[list[int], list[int]]]) -> int:
+        """The longest row plus a random run of padding, the canvas at most ``GEN_LENGTH`` for the shortest prompt."""
+        longest = max(len(p) + len(a) for p, a in pairs)
+        shortest_prompt = min(len(p) for p, _ in pairs)
+        return longest + self.rng.randint(0, max(0, shortest_prompt + GEN_LENGTH - longest))
 
 
 def _json_random_state(rng: random.Random) -> list[Any]:
@@ -221,9 +233,11 @@ class LossRows:
     own: torch.Tensor  # positions whose target is an answer's own token
     own_count: float
     # Per row, the columns that matter. A causal model's right padding changes nothing before it, so AR rows are
-    # cut to their own length (half an AR batch's columns were padding: the in-context rows are long);
-    # an MDLM canvas is read whole.
+    # cut to their own length (half an AR batch's columns were padding: the in-context rows are long) and rows of
+    # any lengths share a micro-batch. A bidirectional canvas is read at exactly its width: a micro-batch holds
+    # rows of one width only.
     lengths: torch.Tensor | None = None
+    bidirectional: bool = False
 
 
 def ar_rows(batches: Batches) -> LossRows:
@@ -238,9 +252,9 @@ def ar_rows(batches: Batches) -> LossRows:
 
 
 def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix_share: float = 0.0,
-              shift: bool = False) -> LossRows:
+              shift: bool = False, width_group: int = 0) -> LossRows:
     """Masked diffusion: every answer-side token masked with probability p (one t per row), weighted 1/p."""
-    ids, answer_side, own = batches.mdlm()
+    ids, answer_side, own = batches.mdlm(width_group)
     rows = ids.shape[0]
     # Stratified t: one uniform offset, evenly spaced across the batch (lower-variance ELBO estimate, as in MDLM).
     t = (torch.rand(1, generator=generator) + torch.arange(rows) / rows) % 1.0
@@ -255,8 +269,9 @@ def mdlm_rows(batches: Batches, generator: torch.Generator, mask_id: int, prefix
         own_targets = torch.cat([own[:, 1:], torch.zeros((rows, 1), dtype=torch.bool)], dim=1)
     else:
         own_targets = own
+    widths = ids.shape[1] - answer_side.flip(1).int().argmax(1)  # each canvas ends where its answer side does
     return LossRows(ids.masked_fill(masked, mask_id), targets, weights, float(answer_side.sum()), own_targets,
-                    float(own.sum()))
+                    float(own.sum()), widths, bidirectional=True)
 
 
 def rows_loss(model: LlamaForCausalLM, rows: LossRows,
@@ -285,17 +300,25 @@ def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Genera
                                       shifts_logits(model)))[0]
 
 
+def micro_batches(rows: LossRows, size: int) -> list[torch.Tensor]:
+    """Row indices, at most ``size`` per micro-batch: rows sorted by length, each bidirectional width apart."""
+    if rows.lengths is None:
+        return list(torch.arange(rows.inputs.shape[0]).split(size))
+    order = torch.argsort(rows.lengths, stable=True)
+    runs = torch.unique_consecutive(rows.lengths[order], return_counts=True)[1].tolist() if rows.bidirectional \
+        else [len(order)]
+    return [chunk for run in order.split(runs) for chunk in run.split(size)]
+
+
 def training_step(model: LlamaForCausalLM, rows: LossRows, micro_batch: int,
                   autocast: torch.autocast) -> tuple[float, float]:
     """Accumulate the batch's gradient ``micro_batch`` rows at a time (the activations of 32 rows of up to 600
     tokens took over 10 GB), the forward under ``autocast``; returns the batch's loss and curriculum signal.
     Rows of similar length share a micro-batch, so each is cut to little more than its own length."""
     total = signal = 0.0
-    count = rows.inputs.shape[0]
-    order = torch.arange(count) if rows.lengths is None else torch.argsort(rows.lengths, stable=True)
-    for start in range(0, count, micro_batch):
+    for chunk in micro_batches(rows, micro_batch):
         with autocast:
-            loss, own = rows_loss(model, rows, order[start: start + micro_batch])
+            loss, own = rows_loss(model, rows, chunk)
         loss.backward()
         total += loss.item()
         signal += own
@@ -311,7 +334,7 @@ def clean_prefix(answer_side: torch.Tensor, share: float, generator: torch.Gener
     rows, width = answer_side.shape
     chosen = torch.rand(rows, generator=generator) < share
     start = answer_side.float().argmax(-1)
-    cut = start + (torch.rand(rows, generator=generator) * (width - start)).long()
+    cut = start + (torch.rand(rows, generator=generator) * answer_side.sum(-1)).long()
     columns = torch.arange(width)[None]
     return chosen[:, None] & answer_side & (columns < cut[:, None])
 
@@ -341,6 +364,8 @@ def train(
         raise ValueError(f"--model must be one of {', '.join(KINDS)}, not {settings.kind!r}")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {settings.precision!r}")
+    if settings.width_group and settings.kind != "mdlm":
+        raise ValueError("--width-group applies to MDLM only: AR rows are each cut to their own length")
     torch.manual_seed(settings.seed)
     tokenizer = build_tokenizer()  # one tokenizer for the whole family, whatever the training seed
     model = _initial_model(settings, tokenizer).train()
@@ -383,7 +408,8 @@ def train(
             group["lr"] = learning_rate(step, settings)
         batches.generator.common_share = settings.common_share if step >= settings.common_from else 0.0
         rows = ar_rows(batches) if settings.kind == "ar" else mdlm_rows(
-            batches, noise, model.config.mask_token_id, settings.prefix_share, shifts_logits(model))
+            batches, noise, model.config.mask_token_id, settings.prefix_share, shifts_logits(model),
+            settings.width_group)
         optimizer.zero_grad(set_to_none=True)
         window.append(training_step(model, rows, micro_batch, autocast))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -623,7 +649,9 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     objective = (
         "masked diffusion (MDLM / LLaDA SFT): t ~ U(0,1) per sequence (stratified), answer-side tokens masked with "
         "p = (1-1e-3) t + 1e-3, cross-entropy on masked tokens weighted 1/p; the prompt is never masked; answers "
-        "padded with end-of-text (trained on too). Bidirectional attention (`is_causal: false`), "
+        "padded with end-of-text (trained on too) to a random width common to "
+        + (f"each group of {settings['width_group']} rows of similar length" if settings.get("width_group")
+           else "the batch") + ". Bidirectional attention (`is_causal: false`), "
         + ("initialised from the AR twin's weights and keeping its logits shift (`diffusion_shift_logits`: position "
            "i-1 predicts the masked token at i, as Dream adapts an AR model), " if shifted
            else "no logits shift, ")
@@ -789,6 +817,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"override one task's share of the data (defaults: {TASK_WEIGHTS})")
     parser.add_argument("--prefix-share", type=float, default=TrainSettings.prefix_share,
                         help="MDLM: share of training rows with a clean answer prefix up to a random cut")
+    parser.add_argument("--width-group", type=int, default=TrainSettings.width_group,
+                        help="MDLM: rows of similar length that share one random canvas width (0 = the whole batch, "
+                             "as LLaDA pads)")
     parser.add_argument("--common-share", type=float, default=TrainSettings.common_share,
                         help="share of training lists made of common English names only, as ParallelBench's are")
     parser.add_argument("--common-from", type=int, default=TrainSettings.common_from,
@@ -814,7 +845,8 @@ def main(argv: list[str] | None = None) -> None:
                              init_from=args.init_from, shape=shape, prefix_share=args.prefix_share,
                              task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
                              precision=args.precision, checkpoint_every=args.checkpoint_every,
-                             common_share=args.common_share, common_from=args.common_from)
+                             common_share=args.common_share, common_from=args.common_from,
+                             width_group=args.width_group)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
                                      device=args.device, micro_batch=args.micro_batch)
@@ -842,6 +874,7 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
             f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
             + (f" --init-from {args.init_from}" if args.init_from else "")
             + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
+            + (f" --width-group {args.width_group}" if args.width_group else "")
             + (f" --common-share {args.common_share:g}" if args.common_share else "")
             + (f" --common-from {args.common_from}" if args.common_share and args.common_from else "")
             + "".join(f" --task-weight {item}" for item in args.task_weight))
