@@ -546,8 +546,10 @@ def answer_mdlm(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[list[int]], block: int = GEN_LENGTH
 ) -> list[list[int]]:
     """Unmask ``[prompt | <mask> x GEN_LENGTH]`` one position per step: the most confident argmax within the current
-    block of ``block`` positions (LLaDA's semi-autoregressive blocks; the whole canvas by default), never revised."""
-    mask_id = model.config.mask_token_id
+    block of ``block`` positions (LLaDA's semi-autoregressive blocks; the whole canvas by default), never revised.
+    Stops once every answer is settled (an end of text with nothing masked before it): later steps only fill the
+    padding after it, which the answer never includes."""
+    mask_id, eos = model.config.mask_token_id, tokenizer.eos_token_id
     ids, attention = _left_padded(prompts, tokenizer.pad_token_id)
     canvas = torch.cat([ids, torch.full((len(prompts), GEN_LENGTH), mask_id)], dim=1)
     attention = torch.cat([attention, torch.ones(len(prompts), GEN_LENGTH, dtype=torch.long)], dim=1)
@@ -555,6 +557,8 @@ def answer_mdlm(
     rows = torch.arange(len(prompts))
     answer_column = torch.arange(GEN_LENGTH)
     for step in range(GEN_LENGTH):
+        if _settled(canvas[:, ids.shape[1]:], mask_id, eos).all():
+            break
         outside = answer_column // block != step // block
         logits = model(input_ids=canvas, attention_mask=attention, position_ids=positions).logits.float()
         if shifts_logits(model):
@@ -566,6 +570,14 @@ def answer_mdlm(
         position = confidence.argmax(-1)
         canvas[rows, position] = proposal[rows, position]
     return [_until_eos(row[ids.shape[1]:].tolist(), tokenizer.eos_token_id) for row in canvas]
+
+
+def _settled(answers: torch.Tensor, mask_id: int, eos: int) -> torch.Tensor:
+    """Per row: an end of text is committed and no position before the first one is still masked."""
+    is_eos = answers == eos
+    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), answers.shape[1])
+    masked_before = (answers == mask_id) & (torch.arange(answers.shape[1]) < first_eos[:, None])
+    return is_eos.any(-1) & ~masked_before.any(-1)
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
