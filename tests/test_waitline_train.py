@@ -421,6 +421,16 @@ def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(t
     assert log["finished"] and not (tmp_path / "model.work").exists()
 
 
+def test_the_width_group_is_part_of_the_command_and_the_card(tmp_path):
+    out = tmp_path / "model"
+    waitline_train.main(["--model", "mdlm", "--steps", "2", "--batch-size", "4", "--warmup", "1", "--hidden", "32",
+                         "--layers", "1", "--heads", "2", "--ffn", "64", "--eval-per-task", "1", "--width-group", "2",
+                         "--out", str(out)])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["command"].endswith("--width-group 2") and log["settings"]["width_group"] == 2
+    assert "to a random width common to each group of 2 rows of similar length" in (out / "README.md").read_text()
+
+
 def test_a_common_name_mixture_changes_only_the_steps_from_its_start(tmp_path):
     settings = waitline_train.TrainSettings(kind="ar", steps=4, batch_size=4, warmup=1, shape=TINY, log_every=1)
     mixed = waitline_train.TrainSettings(**{**settings.__dict__, "common_share": 1.0, "common_from": 2})
