@@ -431,6 +431,15 @@ def test_the_width_group_is_part_of_the_command_and_the_card(tmp_path):
     assert "to a random width common to each group of 2 rows of similar length" in (out / "README.md").read_text()
 
 
+def test_a_setting_added_since_a_run_began_must_stay_at_its_default():
+    settings = waitline_train.TrainSettings(kind="mdlm", shape=TINY)
+    written = {key: value for key, value in dataclasses.asdict(settings).items() if key != "width_group"}
+    waitline_train.check_added_settings(settings, written)
+    with pytest.raises(ValueError, match="width_group: the run so far was trained before this setting existed"):
+        waitline_train.check_added_settings(dataclasses.replace(settings, width_group=8), written)
+    waitline_train.check_added_settings(dataclasses.replace(settings, width_group=8), {**written, "width_group": 8})
+
+
 def test_a_common_name_mixture_changes_only_the_steps_from_its_start(tmp_path):
     settings = waitline_train.TrainSettings(kind="ar", steps=4, batch_size=4, warmup=1, shape=TINY, log_every=1)
     mixed = waitline_train.TrainSettings(**{**settings.__dict__, "common_share": 1.0, "common_from": 2})

@@ -394,6 +394,7 @@ def train(
             "with fresh optimizer moments")
     if written:
         check_mixture_schedule(settings, written, record["steps_done"])
+        check_added_settings(settings, written)
     if settings.init_from:
         record["continued_from"] = _previous_record(Path(settings.init_from))
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
@@ -445,6 +446,17 @@ def check_mixture_schedule(settings: TrainSettings, written: dict[str, Any], ste
     if then != now or (now < steps_done and then_share != now_share):
         raise ParamError(f"--common-share/--common-from: the {steps_done} steps done so far were trained with another "
                          f"mixture of common names; keep it, or start the new one at step {steps_done} or later")
+
+
+def check_added_settings(settings: TrainSettings, written: dict[str, Any]) -> None:
+    """A setting added since a run began (``changed_settings`` lets it pass) was at its default for the steps done:
+    each new setting's default is the behaviour before it. Any other value would make the card's command wrong."""
+    defaults = asdict(TrainSettings(kind=settings.kind))
+    added = [key for key, value in asdict(settings).items() if key not in written
+             and key not in RESUMABLE_CHANGES + MIXTURE_SCHEDULE and value != defaults[key]]
+    if added:
+        raise ParamError(f"{', '.join(added)}: the run so far was trained before this setting existed, so at its "
+                         "default; keep the default, or start a new run")
 
 
 def _save_checkpoint(path: Path, settings: TrainSettings, record: dict[str, Any], model: LlamaForCausalLM,
