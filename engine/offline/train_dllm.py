@@ -165,7 +165,7 @@ class Batches:
         """Clean canvases, the answer-side mask, and the mask of the answers' own tokens (each answer and its first
         end of text, not the padding). Each answer side is padded with end of text to a random width common to its
         group (LLaDA's padding): the whole batch, or ``width_group`` rows of similar length each. A batch of 32 with
-        one long in-context row is otherwise read at that row's width throughout (1.7x the columns of groups of 8)."""
+        one long in-context row is otherwise read at that row's width throughout (1.6x the columns of groups of 8)."""
         pairs = self.encoded()
         if width_group:
             pairs.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
@@ -301,7 +301,8 @@ def mdlm_loss(model: LlamaForCausalLM, batches: Batches, generator: torch.Genera
 
 
 def micro_batches(rows: LossRows, size: int) -> list[torch.Tensor]:
-    """Row indices, at most ``size`` per micro-batch: rows sorted by length, each bidirectional width apart."""
+    """Row indices, at most ``size`` per micro-batch, rows sorted by length; bidirectional rows of different widths
+    never share one."""
     if rows.lengths is None:
         return list(torch.arange(rows.inputs.shape[0]).split(size))
     order = torch.argsort(rows.lengths, stable=True)
