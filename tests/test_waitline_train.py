@@ -472,3 +472,17 @@ def test_the_mixture_schedule_may_change_only_for_steps_not_yet_run(written, now
     else:
         with pytest.raises(ValueError, match="mixture"):
             waitline_train.check_mixture_schedule(settings, written, steps_done)
+
+
+def test_the_card_states_where_the_curriculum_started_as_the_run_recorded_it(tmp_path):
+    growing = waitline_train.TrainSettings(kind="ar", steps=0, shape=TINY)
+    _, _, record = waitline_train.train(growing, log=lambda _: None)
+    start = waitline_train.CURRICULUM_START
+    assert record["starting_length"] == start
+    assert waitline_train._curriculum_start([record]) == f"lists of 3-{start} people first"
+    _, _, whole = waitline_train.train(dataclasses.replace(growing, grow_below=0.0), log=lambda _: None)
+    assert waitline_train._curriculum_start([whole]) == "lists of any length (up to 15 people) from the start"
+    earlier = {**record, "loss_curve": [[50, 0.5, 9]]}
+    assert waitline_train._curriculum_start([earlier, {**record, "starting_length": 9}]).startswith("lists of up to 9")
+    older = {key: value for key, value in record.items() if key != "starting_length"}  # a log from before the field
+    assert waitline_train._curriculum_start([earlier, older]).startswith("lists of up to 9 people")

@@ -375,7 +375,8 @@ def train(
     noise = torch.Generator().manual_seed(settings.seed + 2)
     model.to(device)  # a lent GPU trains the same recipe; the data and masking streams stay on the CPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    record: dict[str, Any] = {"steps_done": 0, "seconds": 0.0, "loss_curve": [], "settings": asdict(settings)}
+    record: dict[str, Any] = {"steps_done": 0, "seconds": 0.0, "loss_curve": [], "settings": asdict(settings),
+                              "starting_length": batches.longest}
     checkpoint = work / CHECKPOINT if work else None
     state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES + MIXTURE_SCHEDULE) if checkpoint else None
     previous = _unfinished_record(saved, settings) if saved and not state else None
@@ -775,13 +776,17 @@ def _whole_curve(history: list[dict[str, Any]]) -> list[tuple[int, float, int | 
 
 
 def _curriculum_start(history: list[dict[str, Any]]) -> str:
-    """Where the lists' length started: short lists, or where the earlier run had got to (``starting_length``)."""
-    if len(history) == 1:
-        return f"lists of 3-{CURRICULUM_START} people first"
-    last = (history[-2].get("loss_curve") or [[]])[-1]
-    if len(last) > 2:
-        return f"lists of up to {last[2]} people from the start, where the earlier run ended"
-    return "lists of any length from the start"
+    """Where the lists' length started, as the run recorded it (``starting_length``)."""
+    run = history[-1]
+    start = run.get("starting_length")
+    if start is None:  # runs begun before the record kept it started by the same rule
+        last = (history[-2].get("loss_curve") or [[]])[-1] if len(history) > 1 else [0, 0, CURRICULUM_START]
+        start = last[2] if len(last) > 2 else None
+    if start is None or not run["settings"].get("grow_below"):
+        return f"lists of any length{f' (up to {start} people)' if start else ''} from the start"
+    if len(history) > 1:
+        return f"lists of up to {start} people from the start, where the earlier run ended"
+    return f"lists of 3-{start} people first"
 
 
 def _rebuilt_as(history: list[dict[str, Any]]) -> str:
