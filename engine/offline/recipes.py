@@ -3,8 +3,8 @@
 A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(argv)`` (the same arguments as
 ``python -m <tool>``). Intermediate outputs go to a work folder under the output, removed once the recipe is done.
 
-The built-in AR twin is one seeded run from scratch, and the built-in dLLM the same run followed by a seeded
-masked-diffusion run from its weights; ``--minutes`` (added by hand) only stops a run resumably, and the same command
+The built-in AR twin is one seeded run from scratch, and the built-in dLLM the same run followed by two seeded
+masked-diffusion runs from its weights (an adaptation, then a warm restart on rows padded per group of similar length); ``--minutes`` (added by hand) only stops a run resumably, and the same command
 continues it, so an interrupted rebuild ends where an uninterrupted one does.
 """
 
@@ -78,6 +78,10 @@ AR_MIXTURE = ("--common-share", COMMON_SHARE, "--common-from", "7000")
 # The dLLM is adapted from the finished AR twin (as Dream and DiffuLLaMA adapt AR models): 1,537 steps of masked
 # diffusion from scratch (3.5 CPU-hours) still answered nothing right (BENCHMARKS.md, issue 21, eleventh session).
 ADAPT_STEPS = 3000
+ADAPTED = "{work}/waitline-mdlm-adapted"
+# Then a warm restart on batches padded per group of 8 rows of similar length (1.5x faster steps: BENCHMARKS.md,
+# issue 21, twelfth session); after the adaptation the 15-person and held-out lists were still far below target.
+REFINE_STEPS = 2000
 
 
 def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAITLINE_STEPS, lr: str = "0.001",
@@ -118,10 +122,12 @@ RECIPES = (
     Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: one train_dllm run",
            (_train_waitline("ar", *AR_MIXTURE),)),
     Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
-           "the built-in dLLM: the AR twin's run, then masked diffusion from its weights", (
+           "the built-in dLLM: the AR twin's run, then two masked-diffusion runs from its weights", (
                _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN),
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
-                               COMMON_SHARE, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
+                               COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
+               _train_waitline("mdlm", "--init-from", ADAPTED, "--prefix-share", "0.5", "--common-share",
+                               COMMON_SHARE, "--width-group", "8", steps=REFINE_STEPS, lr="0.0003", warmup=50),
            )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
