@@ -127,7 +127,7 @@ RECIPES = (
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
                                COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
                _train_waitline("mdlm", "--init-from", ADAPTED, "--prefix-share", "0.5", "--common-share",
-                               COMMON_SHARE, "--width-group", "8", steps=REFINE_STEPS, lr="0.0003", warmup=50),
+                               COMMON_SHARE, "--width-group", "8", steps=REFINE_STEPS, lr="0.0002", warmup=50),
            )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
