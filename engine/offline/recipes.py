@@ -4,8 +4,9 @@ A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(
 ``python -m <tool>``). Intermediate outputs go to a work folder under the output, removed once the recipe is done.
 
 The built-in AR twin is one seeded run from scratch, and the built-in dLLM the same run followed by two seeded
-masked-diffusion runs from its weights (an adaptation, then a warm restart on rows padded per group of similar length); ``--minutes`` (added by hand) only stops a run resumably, and the same command
-continues it, so an interrupted rebuild ends where an uninterrupted one does.
+masked-diffusion runs from its weights (an adaptation, then a warm restart on rows padded per group of similar
+length); ``--minutes`` (added by hand) only stops a run resumably, and the same command continues it, so an
+interrupted rebuild ends where an uninterrupted one does.
 """
 
 from __future__ import annotations

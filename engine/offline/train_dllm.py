@@ -778,15 +778,20 @@ def _whole_curve(history: list[dict[str, Any]]) -> list[tuple[int, float, int | 
 def _curriculum_start(history: list[dict[str, Any]]) -> str:
     """Where the lists' length started, as the run recorded it (``starting_length``)."""
     run = history[-1]
-    start = run.get("starting_length")
-    if start is None:  # runs begun before the record kept it started by the same rule
-        last = (history[-2].get("loss_curve") or [[]])[-1] if len(history) > 1 else [0, 0, CURRICULUM_START]
-        start = last[2] if len(last) > 2 else None
+    start = run.get("starting_length") or _start_before_it_was_recorded(history)
     if start is None or not run["settings"].get("grow_below"):
         return f"lists of any length{f' (up to {start} people)' if start else ''} from the start"
     if len(history) > 1:
         return f"lists of up to {start} people from the start, where the earlier run ended"
     return f"lists of 3-{start} people first"
+
+
+def _start_before_it_was_recorded(history: list[dict[str, Any]]) -> int | None:
+    """``starting_length``'s rule for logs from before the record kept it: the earlier run's last longest list."""
+    if len(history) == 1:
+        return CURRICULUM_START
+    last = (history[-2].get("loss_curve") or [[]])[-1]
+    return last[2] if len(last) > 2 else None
 
 
 def _rebuilt_as(history: list[dict[str, Any]]) -> str:
