@@ -20,7 +20,8 @@ from engine.decoders import get_decoder
 from engine.events import BenchPoint, RunStarted
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
-    BENCH_SEED, EvalResult, RunFailed, canvas_length, default_model, evaluate, read_rows, task_rows, task_seed,
+    BENCH_SEED, DEFAULT_CANVAS, EvalResult, RunFailed, canvas_length, default_model, evaluate, read_rows, task_rows,
+    task_seed,
 )
 from engine.parallel_goal import BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, bench_summary
 from engine.offline.waitline_data import MAX_PEOPLE, OPERATIONS
@@ -30,23 +31,23 @@ from engine.run import software_versions
 from engine.trace import RunInfo, Trace, new_run_id
 from ui.figures.parallelism import parallelism_figure
 
-DEFAULT_SETTINGS = (
-    "llada",  # one token per step (steps = canvas): the baseline
-    "llada:steps=96",  # 2 tokens per step on the 192-token canvas
-    "llada:steps=48",  # 4
-    "llada:steps=24",  # 8
-    "fast_dllm:threshold=0.9",
-    "fast_dllm:threshold=0.7",
-    "fast_dllm:threshold=0.5",
-    "fast_dllm:rule=factor:factor=1.0",
-    "fast_dllm:threshold=0.9:cache=dual",
-    "dream:steps=48",
-    "localleap",
-    "learn2pd",
-    "dkv_cache",
-    "greedy",  # the AR twin: the reference line
-    "diffuspec",  # AR target, diffusion drafter: its tokens per target call
-)
+def default_settings(canvas: int = DEFAULT_CANVAS) -> tuple[str, ...]:
+    """The bench's settings when none are given; fixed-step schedules are in tokens per step of ``canvas``."""
+    return (
+        "llada",  # one token per step (steps = canvas): the baseline
+        *(f"llada:steps={canvas // tokens}" for tokens in (2, 4, 8)),
+        "fast_dllm:threshold=0.9",
+        "fast_dllm:threshold=0.7",
+        "fast_dllm:threshold=0.5",
+        "fast_dllm:rule=factor:factor=1.0",
+        "fast_dllm:threshold=0.9:cache=dual",
+        f"dream:steps={canvas // 4}",
+        "localleap",
+        "learn2pd",
+        "dkv_cache",
+        "greedy",  # the AR twin: the reference line
+        "diffuspec",  # AR target, diffusion drafter: its tokens per target call
+    )
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def parse_setting(label: str) -> Setting:
 def dllm(
     per_task: int = 20,
     tasks: Sequence[str] = OPERATIONS,
-    settings: Sequence[str] = DEFAULT_SETTINGS,
+    settings: Sequence[str] | None = None,
     *,
     models: dict[str, LoadedModel] | None = None,
     load: Callable[[str], LoadedModel] | None = None,
@@ -79,6 +80,7 @@ def dllm(
     figure: Path | None = None,
     test_files: Path | None = None,
     icl: bool = False,
+    canvas: int | None = None,
 ) -> dict[str, Any]:
     """Run every setting on ``per_task`` rows of every task; print the table and the goal check (or JSON).
 
@@ -88,7 +90,8 @@ def dllm(
     ``sinks``: the Library draws its accuracy-against-parallelism curve, and a bench that fails keeps its cells.
     ``figure``: an HTML file to write that curve to. ``test_files``: a folder of ParallelBench's own test files
     (``<task>.jsonl``), whose first ``per_task`` rows replace the fresh lists. ``icl``: each row's in-context
-    example goes before its prompt as chat turns, as ParallelBench prompts.
+    example goes before its prompt as chat turns, as ParallelBench prompts. ``canvas``: every row's answer length in
+    tokens (default: each model's own); ``settings`` default to ``default_settings`` of it.
     """
     log = log or _to_stderr
     unknown = [task for task in tasks if task not in OPERATIONS]
@@ -96,11 +99,12 @@ def dllm(
         raise ParamError(f"unknown task {', '.join(unknown)}; tasks: {', '.join(OPERATIONS)}")
     rows_of = _test_file_rows(test_files, tasks, per_task) if test_files else {
         task: task_rows(task, per_task, task_seed(seed, task), max_people) for task in tasks}
-    usable, skipped = _usable(settings, log)
+    usable, skipped = _usable(settings or default_settings(canvas or DEFAULT_CANVAS), log)
     models = models if models is not None else {}
     results: dict[str, dict[str, EvalResult | None]] = {task: {} for task in tasks}
     cells, done = len(tasks) * len(usable), 0
-    recorder = _bench_recorder(per_task, tasks, [s.label for s in usable], seed, max_people, sinks, test_files, icl)
+    recorder = _bench_recorder(per_task, tasks, [s.label for s in usable], seed, max_people, sinks, test_files, icl,
+                               canvas)
     points: list[BenchPoint] = []
     with run_ending(recorder, f"{cells} cells"):
         for task in tasks:
@@ -113,7 +117,7 @@ def dllm(
                 model = _model(models, setting.model, load)
                 start = time.perf_counter()
                 try:
-                    result = evaluate(model, setting.decoder, setting.params, rows, task, icl=icl)
+                    result = evaluate(model, setting.decoder, setting.params, rows, task, icl=icl, canvas=canvas)
                 except RunFailed as error:
                     skipped[setting.label] = str(error)
                     results[task][setting.label] = None
@@ -131,7 +135,7 @@ def dllm(
     summary = bench_summary(points)
     report = {
         "per_task": per_task, "seed": seed, "icl": icl, "test_files": str(test_files) if test_files else None,
-        "canvas": {name: canvas_length(m) for name, m in models.items()},
+        "canvas": {name: canvas or canvas_length(m) for name, m in models.items()},
         "results": {task: {label: _cell(r) for label, r in by_setting.items()} for task, by_setting in results.items()},
         "summary": summary, "skipped": skipped, "run_id": recorder.trace.run_id,
     }
@@ -160,13 +164,15 @@ def _test_file_rows(folder: Path, tasks: Sequence[str], per_task: int) -> dict[s
 
 
 def _bench_recorder(per_task: int, tasks: Sequence[str], labels: list[str], seed: int, max_people: int,
-                    sinks: Sequence[TraceSink], test_files: Path | None = None, icl: bool = False) -> Recorder:
+                    sinks: Sequence[TraceSink], test_files: Path | None = None, icl: bool = False,
+                    canvas: int | None = None) -> Recorder:
     source = (f"first rows of ParallelBench's test files in {test_files}" if test_files
               else f"lists of up to {max_people} people, seed {seed}")
     prompt = (f"bench dllm: {len(labels)} settings x {len(tasks)} waiting-line tasks, {per_task} rows each "
               f"({source}{'; each after its in-context example' if icl else ''})")
     params = {"per_task": per_task, "tasks": ",".join(tasks), "settings": ",".join(labels), "max_people": max_people,
-              **({"test_files": str(test_files)} if test_files else {}), **({"icl": True} if icl else {})}
+              **({"test_files": str(test_files)} if test_files else {}), **({"icl": True} if icl else {}),
+              **({"canvas": canvas} if canvas else {})}
     info = RunInfo(model="waitline-mdlm + waitline-ar", decoder="bench_dllm", params=params, prompt=prompt, seed=seed,
                    versions=software_versions())
     recorder = Recorder(Trace(run_id=new_run_id(), info=info), str, sinks)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from engine.models.registry import DEFAULT_MODEL
+from engine.offline.waitline_data import PARALLELBENCH_CANVAS
 from engine.params import Param, ParamError
 from storage.user_errors import USER_ERRORS, user_message
 
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     from engine.run import BranchPoint
     from storage import TraceStore
 
+CANVAS = Param("canvas", "int", 0, "answer length in tokens", min=1, max=4096)
+CANVAS_HELP = ("answer length in tokens: a diffusion decoder's canvas, an AR decoder's limit (default: the model's; "
+               "ParallelBench's own runs: " + ", ".join(f"{name} {tokens}" for name, tokens in PARALLELBENCH_CANVAS.items())
+               + ")")
 ICL_HELP = ("put each row's in-context example before its prompt as chat turns, as ParallelBench prompts "
             "(default: the instruction alone)")
 
@@ -181,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--icl", action="store_true", help=ICL_HELP)
     p.add_argument("--tasks", default="", help="comma-separated waiting-line tasks (default: all ten)")
     p.add_argument("--decoders", default="", help="comma-separated settings NAME:PARAM=VALUE:... (default: the set "
-                   "in cli/bench_dllm.py); unknown decoders are skipped with a note")
+                   "in cli/bench_dllm.py, its step counts scaled to --canvas); unknown decoders are skipped with a note")
+    p.add_argument("--canvas", type=_checked(CANVAS), metavar="TOKENS", help=CANVAS_HELP)
     p.add_argument("--seed", type=int, help="base seed of the rows (default 30000: training uses 0.., held-out 10000)")
     p.add_argument("--max-people", type=int, default=15, help="longest list (ParallelBench's own files: 6)")
     p.add_argument("--device", default="cpu")
@@ -248,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="decoder parameter (repeatable)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
     p.add_argument("--icl", action="store_true", help=ICL_HELP)
+    p.add_argument("--canvas", type=_checked(CANVAS), metavar="TOKENS", help=CANVAS_HELP)
     p.add_argument("--json", action="store_true", help="print accuracy, n, model_calls, tokens_per_call as JSON")
 
     data = sub.add_parser("data", help="write benchmark data files").add_subparsers(title="data")
@@ -650,7 +657,7 @@ def _bench_speculative(args: argparse.Namespace) -> None:
 
 
 def _bench_dllm(args: argparse.Namespace) -> None:
-    from cli.bench_dllm import DEFAULT_SETTINGS, dllm
+    from cli.bench_dllm import dllm
     from engine.models import load_model
     from engine.offline.parallelbench import BENCH_SEED
     from engine.offline.waitline_data import OPERATIONS
@@ -659,7 +666,7 @@ def _bench_dllm(args: argparse.Namespace) -> None:
     report = dllm(
         per_task=args.per_task,
         tasks=[task for task in args.tasks.split(",") if task] or OPERATIONS,
-        settings=[label for label in args.decoders.split(",") if label] or DEFAULT_SETTINGS,
+        settings=[label for label in args.decoders.split(",") if label] or None,
         load=lambda name: load_model(name, device=args.device, progress=lambda message: print(message, file=sys.stderr)),
         seed=BENCH_SEED if args.seed is None else args.seed,
         max_people=args.max_people,
@@ -668,6 +675,7 @@ def _bench_dllm(args: argparse.Namespace) -> None:
         figure=args.figure,
         test_files=args.parallelbench,
         icl=args.icl,
+        canvas=args.canvas,
     )
     if store is not None:
         print(f"bench stored as run {report['run_id']} (open it in the Library tab)", file=sys.stderr)
@@ -678,7 +686,7 @@ def _bench_dllm(args: argparse.Namespace) -> None:
 
 def _eval_parallelbench(args: argparse.Namespace) -> int:
     from engine.decoders import get_decoder
-    from engine.offline.parallelbench import RunFailed, default_model, evaluate, read_rows
+    from engine.offline.parallelbench import RunFailed, canvas_length, default_model, evaluate, read_rows
     from engine.offline.waitline_data import operation_of
     from engine.params import parse_assignments
 
@@ -698,13 +706,14 @@ def _eval_parallelbench(args: argparse.Namespace) -> int:
 
     try:
         result = evaluate(model, args.decoder, params, rows, operation, limit=args.limit, progress=progress,
-                          icl=args.icl)
+                          icl=args.icl, canvas=args.canvas)
     except RunFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.json:
         typed = get_decoder(args.decoder).validate(params)  # every parameter as the run used it, defaults included
-        _print_json({**result.summary(), "task": operation, "decoder": args.decoder, "params": typed, "model": model.name})
+        _print_json({**result.summary(), "task": operation, "decoder": args.decoder, "params": typed, "model": model.name,
+                     "canvas": args.canvas or canvas_length(model)})
     else:
         print(f"{operation}: accuracy {result.accuracy:.1%} over {result.n} rows "
               f"({' '.join([args.decoder, *args.param])} on {model.name})\n"

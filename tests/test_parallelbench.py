@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli.bench_dllm import dllm
+from cli.bench_dllm import default_settings, dllm
 from cli.main import main
 from engine.events import BenchPoint
 from engine.models.handle import LoadedModel
@@ -108,6 +108,31 @@ def test_evaluate_runs_on_the_models_canvas_with_limit_and_progress(tiny_models)
     assert result.tokens_per_call == result.tokens / result.model_calls
     again = evaluate(tiny_models["waitline-mdlm"], "llada", {}, rows, "sort", limit=3)
     assert [row.output for row in again.per_row] == [row.output for row in result.per_row]  # seeded
+    shorter = evaluate(tiny_models["waitline-mdlm"], "llada", {}, rows, "sort", limit=3, canvas=CANVAS // 2)
+    assert shorter.model_calls == 3 * CANVAS // 2 and all(0 < row.tokens <= CANVAS // 2 for row in shorter.per_row)
+
+
+def test_the_bench_decodes_on_the_canvas_asked_for_and_scales_its_default_schedules(tiny_models, tmp_path, capsys):
+    assert default_settings()[:4] == ("llada", "llada:steps=96", "llada:steps=48", "llada:steps=24")  # 192 tokens
+    assert default_settings(32)[:4] == ("llada", "llada:steps=16", "llada:steps=8", "llada:steps=4")
+    assert "dream:steps=8" in default_settings(32)
+    store = TraceStore(f"sqlite:///{tmp_path / 'bench.db'}")
+    report = dllm(per_task=2, tasks=["copy"], settings=["llada", "greedy"], models=tiny_models, canvas=8,
+                  log=lambda _: None, sinks=[store.sink()])
+    assert report["canvas"] == {"waitline-mdlm": 8, "waitline-ar": 8}
+    assert report["results"]["copy"]["llada"]["model_calls"] == 2 * 8  # one token per step over 8, not the model's 16
+    assert report["results"]["copy"]["greedy"]["tokens"] <= 2 * 8
+    assert store.load(report["run_id"]).info.params["canvas"] == 8  # the stored bench says how it decoded
+    assert "canvas {'waitline-mdlm': 8, 'waitline-ar': 8}" in capsys.readouterr().out
+
+    path = write_rows(tmp_path / "copy.jsonl", "copy", 2, seed=30_000)
+    argv = ["eval", "parallelbench", "--file", str(path), "--decoder", "llada", "--model", "waitline-mdlm"]
+    assert main([*argv, "--canvas", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["canvas"], report["model_calls"]) == (5, 2 * 5)
+    with pytest.raises(SystemExit):  # argparse refuses it before anything loads
+        main([*argv, "--canvas", "0"])
+    assert "canvas=0 is below the minimum 1" in capsys.readouterr().err
 
 
 def test_eval_command_prints_the_four_keys(tmp_path, capsys):

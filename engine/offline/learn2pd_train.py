@@ -172,7 +172,7 @@ the active block, whether the current argmax proposal already equals the token t
 - **Input**: {config['input']}
 - **Data**: {config['data']}
 - **Labels**: 1 where the proposal equals the final token of the same reference decode; only still-masked
-  positions count. Positive rate {scores['positive_rate']} (imbalanced; trained with plain BCE so the
+  positions count. Positive rate {scores['positive_rate']} (trained with plain BCE, not re-weighted, so the
   probabilities stay calibrated for the accept threshold).
 - **Training**: `{config['command']}`, {config['epochs']} epochs of Adam on {config['train_steps']} decode
   steps ({config['train_examples']} decodes), {config['seconds']} s on CPU.

@@ -2,7 +2,8 @@
 
 A test file (``waiting_line/<task>.jsonl``) holds one row per line in ParallelBench's layout (see
 ``waitline_data``). Each row's prompt is rendered without its in-context examples, decoded by any registered
-decoder through ``engine.run.Run`` on a canvas of the model's length, and scored by ParallelBench's rules.
+decoder through ``engine.run.Run`` on a canvas of the model's length (or one given: ParallelBench's own runs use
+``waitline_data.PARALLELBENCH_CANVAS``), and scored by ParallelBench's rules.
 Model calls and output tokens are summed over the rows, so ``tokens_per_call`` is the parallelism achieved.
 """
 
@@ -191,9 +192,12 @@ def evaluate(
     limit: int | None = None,
     progress: Progress | None = None,
     icl: bool = False,
+    canvas: int | None = None,
 ) -> EvalResult:
     """Decode every row's prompt with ``decoder`` and score the output text. Without ``icl`` the prompt is the row's
     instruction alone; with it, the row's in-context examples come first as chat turns, as ParallelBench prompts.
+    ``canvas``: the answer's length in tokens (a diffusion decoder's canvas, an AR decoder's limit); default the
+    model's (``canvas_length``).
 
     Runs are seeded (seed 0) and so deterministic. A failed run raises ``RunFailed`` with its reason.
     """
@@ -201,8 +205,8 @@ def evaluate(
     results: list[RowResult] = []
     for row in rows:
         history = icl_turns(row, operation) if icl else ()
-        settings = RunSettings(max_new_tokens=canvas_length(model), chat=model.has_chat_template or bool(history),
-                               history=history)
+        settings = RunSettings(max_new_tokens=canvas or canvas_length(model),
+                               chat=model.has_chat_template or bool(history), history=history)
         trace = Run(model, decoder, prompt_text(row, operation), params, settings).to_end()
         if trace.status != "finished":
             raise RunFailed(f"{decoder} on {model.name} ({operation}, row {len(results) + 1}): {trace.reason}")

@@ -33,6 +33,8 @@ from engine.offline.names import ENGLISH_LOCALES, KINDS, SPLITS, common_names, n
 # Tasks with many valid answers: scored by validity, and their rows carry the input instead of one answer.
 OPEN_ENDED = ("shuffle", "insert_random", "remove_random", "replace_random")
 MIN_PEOPLE, MAX_PEOPLE = 3, 15  # ParallelBench's files use 3-6 and 15
+# ParallelBench's own answer length (max_tokens) per test set, as its cfg/paper/benchmark configs decode them
+PARALLELBENCH_CANVAS = {"waiting_line": 32, "waiting_line_n15": 128}
 ONSETS = ("b", "br", "c", "ch", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "t", "v", "w", "z")
 VOWELS = ("a", "e", "i", "o", "u", "ay", "ee", "on", "er", "an")
 ENGLISH_SHARE = 0.5  # of names drawn from the English lists (ParallelBench's kind of names), the rest from all locales
