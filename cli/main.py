@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from storage import TraceStore
 
 CANVAS = Param("canvas", "int", 0, "answer length in tokens", min=1, max=4096)
+_PARALLELBENCH_LENGTHS = ", ".join(f"{name} {tokens}" for name, tokens in PARALLELBENCH_CANVAS.items())
 CANVAS_HELP = ("answer length in tokens: a diffusion decoder's canvas, an AR decoder's limit (default: the model's; "
-               "ParallelBench's own runs: " + ", ".join(f"{name} {tokens}" for name, tokens in PARALLELBENCH_CANVAS.items())
-               + ")")
+               f"ParallelBench's own runs: {_PARALLELBENCH_LENGTHS})")
 ICL_HELP = ("put each row's in-context example before its prompt as chat turns, as ParallelBench prompts "
             "(default: the instruction alone)")
 
@@ -186,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--icl", action="store_true", help=ICL_HELP)
     p.add_argument("--tasks", default="", help="comma-separated waiting-line tasks (default: all ten)")
     p.add_argument("--decoders", default="", help="comma-separated settings NAME:PARAM=VALUE:... (default: the set "
-                   "in cli/bench_dllm.py, its step counts scaled to --canvas); unknown decoders are skipped with a note")
+                   "in cli/bench_dllm.py, its step counts scaled to --canvas); unknown decoders are skipped with a "
+                   "note")
     p.add_argument("--canvas", type=_checked(CANVAS), metavar="TOKENS", help=CANVAS_HELP)
     p.add_argument("--seed", type=int, help="base seed of the rows (default 30000: training uses 0.., held-out 10000)")
     p.add_argument("--max-people", type=int, default=15, help="longest list (ParallelBench's own files: 6)")
@@ -712,8 +713,8 @@ def _eval_parallelbench(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         typed = get_decoder(args.decoder).validate(params)  # every parameter as the run used it, defaults included
-        _print_json({**result.summary(), "task": operation, "decoder": args.decoder, "params": typed, "model": model.name,
-                     "canvas": args.canvas or canvas_length(model)})
+        _print_json({**result.summary(), "task": operation, "decoder": args.decoder, "params": typed,
+                     "model": model.name, "canvas": args.canvas or canvas_length(model)})
     else:
         print(f"{operation}: accuracy {result.accuracy:.1%} over {result.n} rows "
               f"({' '.join([args.decoder, *args.param])} on {model.name})\n"
