@@ -236,8 +236,9 @@ def _print(report: dict[str, Any], usable: list[Setting]) -> None:
             print(f"{label:{width}} {total['accuracy'] * 100:10.1f} {total['model_calls']:7d} "
                   f"{total['tokens_per_call']:8.2f}  (no {BASELINE} baseline in this run)")
             continue
-        goal = "reference" if label == BASELINE else ("PASS" if total["goal"] else "FAIL")
-        if label != BASELINE and base_accuracy < MEANINGFUL_BASELINE:  # "no lower than 0 %" proves nothing
+        goal = ("reference" if label == BASELINE else f"not judged ({total['model']})" if "goal" not in total
+                else "PASS" if total["goal"] else "FAIL")
+        if "goal" in total and base_accuracy < MEANINGFUL_BASELINE:  # "no lower than 0 %" proves nothing
             goal += f" (vacuous: the baseline scores {base_accuracy:.0%})"
         print(f"{label:{width}} {total['accuracy'] * 100:10.1f} {total['model_calls']:7d} "
               f"{total['tokens_per_call']:8.2f} {total['fewer_calls']:10.2f}x {total['accuracy_change'] * 100:+10.1f}  {goal}")

@@ -23,7 +23,8 @@ def meets_goal(calls: int, baseline_calls: int, accuracy: float, baseline_accura
 
 def bench_summary(points: Iterable[BenchPoint]) -> dict[str, dict[str, Any]]:
     """Per setting with a cell on every scored task present: mean accuracy, calls, tokens per call, and against the
-    baseline (when it ran) how many times fewer calls, the accuracy change and the goal check."""
+    baseline (when it ran) how many times fewer calls, the accuracy change and the goal check. The goal is judged
+    only for settings on the baseline's model: another model (the AR twin) is a reference line, not a candidate."""
     cells = {(p.task, p.setting): p for p in points}
     scored = [task for task in SCORED_TASKS if any(task == t for t, _ in cells)]
     labels = list(dict.fromkeys(setting for _, setting in cells))
@@ -34,11 +35,11 @@ def bench_summary(points: Iterable[BenchPoint]) -> dict[str, dict[str, Any]]:
             calls = sum(p.model_calls for p in mine)
             tokens = sum(p.tokens_per_call * p.model_calls for p in mine)
             totals[label] = {"accuracy": sum(p.accuracy for p in mine) / len(mine), "model_calls": calls,
-                             "tokens_per_call": tokens / max(1, calls), "tasks": scored}
+                             "tokens_per_call": tokens / max(1, calls), "tasks": scored, "model": mine[0].model}
     base = totals.get(BASELINE)
     for label, total in totals.items() if base else ():
         total["fewer_calls"] = base["model_calls"] / total["model_calls"] if total["model_calls"] else 0.0
         total["accuracy_change"] = total["accuracy"] - base["accuracy"]
-        if label != BASELINE:
+        if label != BASELINE and total["model"] == base["model"]:
             total["goal"] = meets_goal(total["model_calls"], base["model_calls"], total["accuracy"], base["accuracy"])
     return totals

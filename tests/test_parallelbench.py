@@ -174,12 +174,14 @@ def test_bench_skips_what_cannot_run_and_compares_calls_with_one_token_per_step(
     summary = report["summary"]  # over the scored tasks present: copy only
     assert summary["llada"]["tasks"] == ["copy"] and "goal" not in summary["llada"]
     assert summary["llada:steps=4"]["fewer_calls"] == CANVAS / 4
-    for label in ("llada:steps=4", "greedy"):
-        total, base = summary[label], summary["llada"]
-        expected = meets_goal(total["model_calls"], base["model_calls"], total["accuracy"], base["accuracy"])
-        assert total["goal"] is expected
+    total, base = summary["llada:steps=4"], summary["llada"]
+    expected = meets_goal(total["model_calls"], base["model_calls"], total["accuracy"], base["accuracy"])
+    assert total["goal"] is expected
+    assert "goal" not in summary["greedy"] and summary["greedy"]["model"] == "waitline-ar"  # a reference line
     table = capsys.readouterr().out
     assert "summary over copy;" in table
+    assert next(line for line in table.splitlines() if line.startswith("greedy ") and "x " in line).endswith(
+        "not judged (waitline-ar)")
     line = next(line for line in table.splitlines() if line.startswith("llada:steps=4 "))  # the summary row
     verdict = "PASS" if summary["llada:steps=4"]["goal"] else "FAIL"
     base = summary["llada"]["accuracy"]  # a random tiny model scores ~0 %: keeping that proves nothing
@@ -211,6 +213,9 @@ def test_the_bench_is_stored_as_a_run_and_drawn_as_accuracy_against_parallelism(
     marked = {t.text[0]: (t.x[0], t.y[0]) for t in goal.data}
     summary = report["summary"]["llada:steps=4"]
     assert marked["llada:steps=4"] == (summary["fewer_calls"], 100 * summary["accuracy_change"])
+    symbols = {t.text[0]: (t.marker.symbol, t.hovertemplate) for t in goal.data}
+    assert symbols["llada:steps=4"][0] == ("circle" if summary["goal"] else "x")
+    assert symbols["greedy"][0] == "diamond-open" and "waitline-ar: a reference, not judged" in symbols["greedy"][1]
     sides = [t.textposition for t in sorted(goal.data, key=lambda t: t.x[0])]  # neighbours' labels alternate
     assert all(left != right for left, right in zip(sides, sides[1:]))
     assert "Accuracy against parallelism" in (tmp_path / "curve.html").read_text()

@@ -100,12 +100,14 @@ def goal_figure(trace: Trace) -> go.Figure:
     by_x = sorted(summary, key=lambda label: summary[label]["fewer_calls"])
     label_side = {label: ("top center", "bottom center")[rank % 2] for rank, label in enumerate(by_x)}
     for label, total in summary.items():
-        verdict = "baseline" if label == BASELINE else ("meets the goal" if total.get("goal") else "misses the goal")
+        verdict = ("baseline" if label == BASELINE else f"{total['model']}: a reference, not judged"
+                   if "goal" not in total else "meets the goal" if total["goal"] else "misses the goal")
         fig.add_trace(go.Scatter(
             x=[total["fewer_calls"]], y=[100 * total["accuracy_change"]], mode="markers+text",
             text=[escape_text(label)], textposition=label_side[label], showlegend=False,
             marker={"size": 10, "color": colors[decoders[label]],
-                    "symbol": "star" if label == BASELINE else ("circle" if total.get("goal") else "x")},
+                    "symbol": "star" if label == BASELINE else "diamond-open" if "goal" not in total
+                    else "circle" if total["goal"] else "x"},
             hovertemplate=(f"{escape_text(label)}: {verdict}<br>%{{x:.2f}}x fewer calls, %{{y:+.1f}} points "
                            f"(mean accuracy {100 * total['accuracy']:.1f} %)<extra></extra>"),
         ))
