@@ -20,10 +20,12 @@ from engine.decoders import get_decoder
 from engine.events import BenchPoint, RunStarted
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
-    BENCH_SEED, DEFAULT_CANVAS, EvalResult, RunFailed, canvas_length, default_model, evaluate, read_rows, task_rows,
+    BENCH_SEED, DEFAULT_CANVAS, EvalResult, RunFailed, answer_length, default_model, evaluate, read_rows, task_rows,
     task_seed,
 )
-from engine.parallel_goal import BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, bench_summary
+from engine.parallel_goal import (
+    BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, bench_summary, verdict,
+)
 from engine.offline.waitline_data import MAX_PEOPLE, OPERATIONS
 from engine.params import ParamError, parse_setting as parse_label
 from engine.recorder import Recorder, TraceSink, run_ending
@@ -135,7 +137,7 @@ def dllm(
     summary = bench_summary(points)
     report = {
         "per_task": per_task, "seed": seed, "icl": icl, "test_files": str(test_files) if test_files else None,
-        "canvas": {name: canvas or canvas_length(m) for name, m in models.items()},
+        "canvas": {name: answer_length(m, canvas) for name, m in models.items()},
         "results": {task: {label: _cell(r) for label, r in by_setting.items()} for task, by_setting in results.items()},
         "summary": summary, "skipped": skipped, "run_id": recorder.trace.run_id,
     }
@@ -236,9 +238,10 @@ def _print(report: dict[str, Any], usable: list[Setting]) -> None:
             print(f"{label:{width}} {total['accuracy'] * 100:10.1f} {total['model_calls']:7d} "
                   f"{total['tokens_per_call']:8.2f}  (no {BASELINE} baseline in this run)")
             continue
-        goal = ("reference" if label == BASELINE else f"not judged ({total['model']})" if "goal" not in total
-                else "PASS" if total["goal"] else "FAIL")
-        if "goal" in total and base_accuracy < MEANINGFUL_BASELINE:  # "no lower than 0 %" proves nothing
+        standing = verdict(label, total)
+        goal = {"baseline": "reference", "reference": f"not judged ({total['model']})", "met": "PASS",
+                "missed": "FAIL"}[standing]
+        if standing in ("met", "missed") and base_accuracy < MEANINGFUL_BASELINE:  # "no lower than 0 %" proves nothing
             goal += f" (vacuous: the baseline scores {base_accuracy:.0%})"
         print(f"{label:{width}} {total['accuracy'] * 100:10.1f} {total['model_calls']:7d} "
               f"{total['tokens_per_call']:8.2f} {total['fewer_calls']:10.2f}x {total['accuracy_change'] * 100:+10.1f}  {goal}")

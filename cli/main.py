@@ -687,7 +687,7 @@ def _bench_dllm(args: argparse.Namespace) -> None:
 
 def _eval_parallelbench(args: argparse.Namespace) -> int:
     from engine.decoders import get_decoder
-    from engine.offline.parallelbench import RunFailed, canvas_length, default_model, evaluate, read_rows
+    from engine.offline.parallelbench import RunFailed, answer_length, default_model, evaluate, read_rows
     from engine.offline.waitline_data import operation_of
     from engine.params import parse_assignments
 
@@ -714,7 +714,7 @@ def _eval_parallelbench(args: argparse.Namespace) -> int:
     if args.json:
         typed = get_decoder(args.decoder).validate(params)  # every parameter as the run used it, defaults included
         _print_json({**result.summary(), "task": operation, "decoder": args.decoder, "params": typed,
-                     "model": model.name, "canvas": args.canvas or canvas_length(model)})
+                     "model": model.name, "canvas": answer_length(model, args.canvas)})
     else:
         print(f"{operation}: accuracy {result.accuracy:.1%} over {result.n} rows "
               f"({' '.join([args.decoder, *args.param])} on {model.name})\n"

@@ -43,3 +43,12 @@ def bench_summary(points: Iterable[BenchPoint]) -> dict[str, dict[str, Any]]:
         if label != BASELINE and total["model"] == base["model"]:
             total["goal"] = meets_goal(total["model_calls"], base["model_calls"], total["accuracy"], base["accuracy"])
     return totals
+
+
+def verdict(label: str, total: dict[str, Any]) -> str:
+    """Where a ``bench_summary`` row stands: "baseline", "reference" (another model, not judged), "met" or "missed"."""
+    if label == BASELINE:
+        return "baseline"
+    if "goal" not in total:
+        return "reference"
+    return "met" if total["goal"] else "missed"

@@ -177,9 +177,10 @@ def icl_turns(row: dict[str, Any], operation: str) -> tuple[tuple[str, str], ...
     return tuple(turns)
 
 
-def canvas_length(model: LoadedModel) -> int:
-    """The diffusion canvas a waitline model was trained with; AR models get as long, then stop at end of text."""
-    return int(getattr(model.model.config, "diffusion_gen_length", None) or DEFAULT_CANVAS)
+def answer_length(model: LoadedModel, canvas: int | None = None) -> int:
+    """The answer length rows are decoded on: ``canvas`` where given, else the diffusion canvas the model was
+    trained with (an AR model gets as long, then stops at end of text)."""
+    return canvas or int(getattr(model.model.config, "diffusion_gen_length", None) or DEFAULT_CANVAS)
 
 
 def evaluate(
@@ -197,7 +198,7 @@ def evaluate(
     """Decode every row's prompt with ``decoder`` and score the output text. Without ``icl`` the prompt is the row's
     instruction alone; with it, the row's in-context examples come first as chat turns, as ParallelBench prompts.
     ``canvas``: the answer's length in tokens (a diffusion decoder's canvas, an AR decoder's limit); default the
-    model's (``canvas_length``).
+    model's (``answer_length``).
 
     Runs are seeded (seed 0) and so deterministic. A failed run raises ``RunFailed`` with its reason.
     """
@@ -205,7 +206,7 @@ def evaluate(
     results: list[RowResult] = []
     for row in rows:
         history = icl_turns(row, operation) if icl else ()
-        settings = RunSettings(max_new_tokens=canvas or canvas_length(model),
+        settings = RunSettings(max_new_tokens=answer_length(model, canvas),
                                chat=model.has_chat_template or bool(history), history=history)
         trace = Run(model, decoder, prompt_text(row, operation), params, settings).to_end()
         if trace.status != "finished":

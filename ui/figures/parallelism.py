@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 
 from engine.events import BenchPoint
 from engine.parallel_goal import (
-    BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, SCORED_TASKS, bench_summary,
+    BASELINE, GOAL_FEWER_CALLS, GOAL_MAX_DROP, MEANINGFUL_BASELINE, SCORED_TASKS, bench_summary, verdict,
 )
 from engine.trace import Trace
 from ui.figures.common import TEXT_COLOR, empty_figure, escape_text, style_figure
@@ -24,6 +24,7 @@ from ui.figures.common import TEXT_COLOR, empty_figure, escape_text, style_figur
 NO_BENCH = "This run has no bench cells: record one with <b>decoding-explorer bench dllm</b>."
 COLUMNS = 5
 PANEL_PX = 250
+GOAL_SYMBOLS = {"baseline": "star", "reference": "diamond-open", "met": "circle", "missed": "x"}
 LOG_TICKS = (0.01, 0.03, 0.1, 0.3, 1, 2, 3, 5, 10, 20, 50, 100, 200)
 
 
@@ -100,15 +101,14 @@ def goal_figure(trace: Trace) -> go.Figure:
     by_x = sorted(summary, key=lambda label: summary[label]["fewer_calls"])
     label_side = {label: ("top center", "bottom center")[rank % 2] for rank, label in enumerate(by_x)}
     for label, total in summary.items():
-        verdict = ("baseline" if label == BASELINE else f"{total['model']}: a reference, not judged"
-                   if "goal" not in total else "meets the goal" if total["goal"] else "misses the goal")
+        standing = verdict(label, total)
+        described = {"baseline": "baseline", "reference": f"{escape_text(total['model'])}: a reference, not judged",
+                     "met": "meets the goal", "missed": "misses the goal"}[standing]
         fig.add_trace(go.Scatter(
             x=[total["fewer_calls"]], y=[100 * total["accuracy_change"]], mode="markers+text",
             text=[escape_text(label)], textposition=label_side[label], showlegend=False,
-            marker={"size": 10, "color": colors[decoders[label]],
-                    "symbol": "star" if label == BASELINE else "diamond-open" if "goal" not in total
-                    else "circle" if total["goal"] else "x"},
-            hovertemplate=(f"{escape_text(label)}: {verdict}<br>%{{x:.2f}}x fewer calls, %{{y:+.1f}} points "
+            marker={"size": 10, "color": colors[decoders[label]], "symbol": GOAL_SYMBOLS[standing]},
+            hovertemplate=(f"{escape_text(label)}: {described}<br>%{{x:.2f}}x fewer calls, %{{y:+.1f}} points "
                            f"(mean accuracy {100 * total['accuracy']:.1f} %)<extra></extra>"),
         ))
     lowest = min(100 * total["accuracy_change"] for total in summary.values())
