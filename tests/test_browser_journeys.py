@@ -287,8 +287,14 @@ def test_a_model_folder_prompt_format_is_applied_said_and_checked(app, person):
     person.wait_for_function("document.querySelector('#chat input[type=checkbox]').checked")
     assert "waiting line" in field(person, "prompt").input_value()
     pick(person, "decoder", "greedy", option="· greedy —")
-    type_into(person, "prompt", "Sort these: Bo, Al")
     type_into(person, "max-new-tokens", "3")
+    before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
+    person.click("#run-button")  # the example as filled in: the trained form, its final line break kept, no warning
+    run_id = _new_run(person, app, before)
+    assert TraceStore(app.db_url).load(run_id).info.prompt.endswith("provide only the final list.\n")
+    wait_text(person, "run-status", "finished")
+    assert not any("format" in text for text in person.locator("[data-testid=toast-body]").all_inner_texts())
+    type_into(person, "prompt", "Sort these: Bo, Al")
     before = {r.run_id for r in TraceStore(app.db_url).list_runs(limit=500)}
     person.click("#run-button")
     person.wait_for_selector("[data-testid=toast-body]")

@@ -24,7 +24,12 @@ def test_every_waiting_line_prompt_fits_and_near_misses_do_not(operation):
     generator = WaitlineGenerator(3, split="held_out")
     for _ in range(5):
         prompt = generator.example(operation).prompt
-        assert WAITLINE.fits(prompt) and WAITLINE.fits(prompt.strip()) and WAITLINE.fits(f"  {prompt}\n\n")
+        assert WAITLINE.fits(prompt) and WAITLINE.mismatch("m", prompt, chat=True) is None
+        # the final line break is part of the instruction's one token as trained: without it the built-ins answer
+        # garbage, so a trimmed or padded prompt is flagged, with what differs
+        for near in {prompt.strip(), f"  {prompt}\n\n"} - {prompt}:
+            assert not WAITLINE.fits(near) and WAITLINE.fits_trimmed(near)
+            assert "only in the whitespace around it" in WAITLINE.mismatch("m", near, chat=True)
         assert not WAITLINE.fits(prompt.replace("waiting line at a customer", "queue at a"))
         assert not WAITLINE.fits(prompt + "Answer in French.\n")
     row = task_rows(operation, 1, seed=5)[0]  # a ParallelBench test-file row, rendered as the eval renders it
