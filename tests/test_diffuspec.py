@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from engine import RunSettings, record
 from engine.decoders.diffusion.diffuspec import AdaptiveLength
 from engine.diffusion.lattice_path import NgramProxy, build_lattice, search_path
 from engine.models.handle import LoadedModel
+from engine.offline.waitline_tokenizer import with_rainbow_pads
 from engine.speculative.drafts import _DRAFT_MODELS
 from tests.helpers import (
     PROMPTS,
@@ -271,6 +273,34 @@ def test_first_token_follows_the_target(target, drafters, drafter, params):
 def test_a_drafter_with_another_vocabulary_is_refused(target):
     other = _offer(_llama("tiny-mdlm-other-vocab", causal=False, seed=1, vocab_size=len(TOKENIZER) + 7))
     _assert_refused(run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": other}, max_new_tokens=4), f"vocabulary of {len(TOKENIZER) + 7}")
+
+
+class PaddedOracle(Oracle):
+    """The oracle with Rainbow Padding's pad tokens after the target's ids, the highest logit always on one of them."""
+
+    def __init__(self, target: LoadedModel, pads: int) -> None:
+        super().__init__(target)
+        self.pads = pads
+        self.head = torch.nn.Linear(1, target.vocab_size + pads, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+        logits = super().forward(input_ids).logits
+        padding = torch.zeros(*logits.shape[:2], self.pads)
+        padding[..., 1] = 1e3
+        return SimpleNamespace(logits=torch.cat([logits, padding], -1))
+
+
+def test_a_drafter_whose_own_pad_tokens_follow_the_targets_ids_drafts_only_the_targets_ids(target):
+    """waitline-mdlm trained with Rainbow Padding has 7 special pad tokens after the AR twin's ids: it still drafts
+    for it, from its distribution over the shared ids (the pads are never drafted, though they win every argmax)."""
+    tokenizer = copy.deepcopy(TOKENIZER)
+    with_rainbow_pads(tokenizer, 7)
+    drafter = _offer(LoadedModel(f"padded-oracle-{target.name}", PaddedOracle(target, 7), tokenizer, "test"))
+    trace = run_ignoring_eos(target, "diffuspec", PROMPTS[0], {"drafter": drafter, "adl": False, "k_max": 5, **FIXED},
+                             max_new_tokens=24)
+    assert trace.status == "finished", trace.reason
+    assert trace.output_token_ids == greedy_ids(target, PROMPTS[0], 24)
+    assert [len(r.accepted_path) for r in rounds_of(trace)] == [5, 5, 5, 5]  # the oracle's drafts, accepted whole
 
 
 def test_an_autoregressive_drafter_is_refused(target):

@@ -25,7 +25,7 @@ from engine.offline.waitline_data import (
     prompt_text,
     score,
 )
-from engine.offline.waitline_tokenizer import build_tokenizer
+from engine.offline.waitline_tokenizer import build_tokenizer, with_rainbow_pads
 
 TINY = waitline_train.Shape(hidden=32, layers=1, heads=2, ffn=64)
 
@@ -486,3 +486,42 @@ def test_the_card_states_where_the_curriculum_started_as_the_run_recorded_it(tmp
     assert waitline_train._curriculum_start([earlier, {**record, "starting_length": 9}]).startswith("lists of up to 9")
     older = {key: value for key, value in record.items() if key != "starting_length"}  # a log from before the field
     assert waitline_train._curriculum_start([earlier, older]).startswith("lists of up to 9 people")
+
+
+def test_rainbow_padding_ends_each_answer_with_one_eos_then_cycles_the_pad_tokens():
+    """--rainbow-pads K: every canvas is prompt, answer, one end of text, then pad_0..pad_{K-1} in a cycle to the
+    row's width (Kim et al.); the pads are trained on as padding, not counted as the answer's own tokens."""
+    tokenizer = build_tokenizer()
+    cycle = tuple(with_rainbow_pads(tokenizer, 3))
+    assert cycle == tuple(range(len(tokenizer) - 3, len(tokenizer)))  # after every id the AR twin knows
+    assert tokenizer.decode([*tokenizer.encode('["Ann"]'), tokenizer.eos_token_id, *cycle], skip_special_tokens=True) \
+        == '["Ann"]'
+    plain, padded = (waitline_train.Batches(tokenizer, seed=5, batch_size=8, pad_cycle=pads) for pads in ((), cycle))
+    pairs = waitline_train.Batches(tokenizer, seed=5, batch_size=8).encoded()
+    (ids, side, own), (rainbow, rainbow_side, rainbow_own) = plain.mdlm(width_group=4), padded.mdlm(width_group=4)
+    assert torch.equal(side, rainbow_side) and torch.equal(own, rainbow_own)  # same widths, same answers
+    pairs.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+    for row, (prompt, answer) in enumerate(pairs):
+        end, width = len(prompt) + len(answer), int(side[row].nonzero().max()) + 1
+        assert rainbow[row, :end].tolist() == ids[row, :end].tolist() == prompt + answer  # answer closes with EOS
+        assert rainbow[row, end:width].tolist() == [cycle[i % 3] for i in range(width - end)]
+        assert (ids[row, end:width] == tokenizer.eos_token_id).all()
+
+
+def test_rainbow_pads_extend_a_saved_models_vocabulary_and_are_named_in_the_command_and_card(tmp_path):
+    start, out = tmp_path / "start", tmp_path / "model"
+    tiny = ["--batch-size", "4", "--warmup", "1", "--hidden", "32", "--layers", "1", "--heads", "2", "--ffn", "64",
+            "--eval-per-task", "1"]
+    waitline_train.main(["--model", "mdlm", "--steps", "1", *tiny, "--out", str(start)])
+    waitline_train.main(["--model", "mdlm", "--steps", "2", *tiny, "--init-from", str(start), "--rainbow-pads", "7",
+                         "--out", str(out)])
+    before, after = (LlamaForCausalLM.from_pretrained(folder) for folder in (start, out))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    assert after.config.vocab_size == len(tokenizer) == before.config.vocab_size + 7
+    assert tokenizer.convert_ids_to_tokens(list(range(before.config.vocab_size, len(tokenizer)))) == \
+        [f"<pad_{i}>" for i in range(7)]
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["command"].endswith("--rainbow-pads 7") and log["settings"]["rainbow_pads"] == 7
+    assert "Rainbow Padding" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="MDLM only"):
+        waitline_train.train(waitline_train.TrainSettings(kind="ar", steps=1, shape=TINY, rainbow_pads=7))

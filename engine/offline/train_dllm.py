@@ -48,7 +48,7 @@ from engine.offline.checkpoints import CHECKPOINT, changed_settings, load_checkp
 from engine.offline.names import name_pool
 from engine.offline.parallelbench import read_rows
 from engine.offline.waitline_data import OPERATIONS, Example, WaitlineGenerator, prompt_text, score
-from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer
+from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer, with_rainbow_pads
 from engine.params import ParamError
 
 KINDS = ("mdlm", "ar")
@@ -95,6 +95,7 @@ class TrainSettings:
     # (``WaitlineGenerator.common_share``). Steps before it draw exactly the data they drew without it.
     common_share: float = 0.0
     common_from: int = 0
+    rainbow_pads: int = 0  # MDLM: one end of text, then a cycle of this many pad tokens; 0 = end of text throughout
 
 
 RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
@@ -121,8 +122,8 @@ class Batches:
     """Seeded training batches; all lists of one batch have the same length so that little padding is needed."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int,
-                 task_weights: dict[str, float] = TASK_WEIGHTS) -> None:
-        self.tokenizer, self.batch_size = tokenizer, batch_size
+                 task_weights: dict[str, float] = TASK_WEIGHTS, pad_cycle: tuple[int, ...] = ()) -> None:
+        self.tokenizer, self.batch_size, self.pad_cycle = tokenizer, batch_size, pad_cycle
         self.generator = WaitlineGenerator(seed, invented_rate=INVENTED_NAME_RATE, split="train", icl_share=ICL_SHARE)
         self.rng = random.Random(seed + 1)
         self.operations, self.weights = list(task_weights), list(task_weights.values())
@@ -163,8 +164,9 @@ class Batches:
 
     def mdlm(self, width_group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clean canvases, the answer-side mask, and the mask of the answers' own tokens (each answer and its first
-        end of text, not the padding). Each answer side is padded with end of text to a random width common to its
-        group (LLaDA's padding): the whole batch, or ``width_group`` rows of similar length each. A batch of 32 with
+        end of text, not the padding). Each answer side is padded to a random width common to its group (LLaDA's
+        padding): the whole batch, or ``width_group`` rows of similar length each; the padding is end of text, or the
+        ``pad_cycle`` after the answer's one end of text (Rainbow Padding). A batch of 32 with
         one long in-context row is otherwise read at that row's width throughout (1.6x the columns of groups of 8)."""
         pairs = self.encoded()
         if width_group:
@@ -178,6 +180,9 @@ class Batches:
         own = torch.zeros_like(answer_side)
         for row, ((prompt, answer), width) in enumerate(zip(pairs, widths, strict=True)):
             ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            if self.pad_cycle:
+                tail = width - len(prompt) - len(answer)
+                ids[row, width - tail: width] = torch.tensor(self.pad_cycle * (tail // len(self.pad_cycle) + 1))[:tail]
             answer_side[row, len(prompt): width] = True
             own[row, len(prompt): len(prompt) + len(answer)] = True
         return ids, answer_side, own
@@ -367,10 +372,13 @@ def train(
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {settings.precision!r}")
     if settings.width_group and settings.kind != "mdlm":
         raise ValueError("--width-group applies to MDLM only: AR rows are each cut to their own length")
+    if settings.rainbow_pads and settings.kind != "mdlm":
+        raise ValueError("--rainbow-pads applies to MDLM only: an AR answer ends at its end of text")
     torch.manual_seed(settings.seed)
     tokenizer = build_tokenizer()  # one tokenizer for the whole family, whatever the training seed
+    pad_cycle = tuple(with_rainbow_pads(tokenizer, settings.rainbow_pads)) if settings.rainbow_pads else ()
     model = _initial_model(settings, tokenizer).train()
-    batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights))
+    batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights), pad_cycle)
     batches.longest = starting_length(settings, batches.generator.max_people)
     noise = torch.Generator().manual_seed(settings.seed + 2)
     model.to(device)  # a lent GPU trains the same recipe; the data and masking streams stay on the CPU
@@ -505,6 +513,8 @@ def _initial_model(settings: TrainSettings, tokenizer: PreTrainedTokenizerFast) 
     if not settings.init_from:
         return build_model(settings.kind, tokenizer, settings.shape, settings.seed)
     model = LlamaForCausalLM.from_pretrained(settings.init_from, dtype=torch.float32)
+    if model.config.vocab_size < len(tokenizer):  # new pad tokens: rows drawn around the trained ones' mean
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     causal = getattr(model.config, "is_causal", True)
     if settings.kind == "mdlm" and causal:
         return _diffusion_from_ar(model, tokenizer, settings)
@@ -675,7 +685,11 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     objective = (
         "masked diffusion (MDLM / LLaDA SFT): t ~ U(0,1) per sequence (stratified), answer-side tokens masked with "
         "p = (1-1e-3) t + 1e-3, cross-entropy on masked tokens weighted 1/p; the prompt is never masked; answers "
-        "padded with end-of-text (trained on too) to a random width common to "
+        + ("end with one end-of-text, then Rainbow Padding (Kim et al., ICLR 2026): a cycle of "
+           f"{settings['rainbow_pads']} distinct pad tokens (`<pad_0>`...; trained on too, so far positions are no "
+           "longer all but certainly end of text)" if settings.get("rainbow_pads")
+           else "padded with end-of-text (trained on too)")
+        + " to a random width common to "
         + (f"each group of {settings['width_group']} rows of similar length" if settings.get("width_group")
            else "the batch") + ". Bidirectional attention (`is_causal: false`), "
         + ("initialised from the AR twin's weights and keeping its logits shift (`diffusion_shift_logits`: position "
@@ -859,6 +873,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of training lists made of common English names only, as ParallelBench's are")
     parser.add_argument("--common-from", type=int, default=TrainSettings.common_from,
                         help="the step from which --common-share applies (earlier steps draw no such lists)")
+    parser.add_argument("--rainbow-pads", type=int, default=TrainSettings.rainbow_pads, metavar="K",
+                        help="MDLM: pad each answer with one end of text, then a cycle of K distinct pad tokens "
+                             "(Rainbow Padding; 0 = end of text throughout, as LLaDA pads)")
     parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
                         help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
     parser.add_argument("--init-from", default="", help="start from this saved model folder (an AR folder for an "
@@ -881,7 +898,7 @@ def main(argv: list[str] | None = None) -> None:
                              task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
                              precision=args.precision, checkpoint_every=args.checkpoint_every,
                              common_share=args.common_share, common_from=args.common_from,
-                             width_group=args.width_group)
+                             width_group=args.width_group, rainbow_pads=args.rainbow_pads)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
                                      device=args.device, micro_batch=args.micro_batch)
@@ -910,6 +927,7 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
             + (f" --init-from {args.init_from}" if args.init_from else "")
             + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
             + (f" --width-group {args.width_group}" if args.width_group else "")
+            + (f" --rainbow-pads {args.rainbow_pads}" if args.rainbow_pads else "")
             + (f" --common-share {args.common_share:g}" if args.common_share else "")
             + (f" --common-from {args.common_from}" if args.common_share and args.common_from else "")
             + "".join(f" --task-weight {item}" for item in args.task_weight))

@@ -5,7 +5,8 @@ make each name and instruction word one token (a name list costs 4 tokens per pe
 The fixed sentences of the task instructions are also single (added, non-special) tokens: they would otherwise be
 two thirds of every training sequence, and a tiny model learns the lists far sooner without them. Text that merely
 contains such a sentence still round-trips exactly.
-Special tokens: ``<pad>`` 0, ``<s>`` 1 (begin), ``</s>`` 2 (end of text), ``<mask>`` 3 (the diffusion mask).
+Special tokens: ``<pad>`` 0, ``<s>`` 1 (begin), ``</s>`` 2 (end of text), ``<mask>`` 3 (the diffusion mask); an MDLM
+trained with Rainbow Padding adds its padding tokens after the whole vocabulary (:func:`with_rainbow_pads`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from engine.offline.names import FIRST_NAMES, LAST_NAMES, split_of
 from engine.offline.waitline_data import OPERATIONS, PREAMBLE, TEMPLATES, WaitlineGenerator
 
 MASK = "<mask>"
+RAINBOW_PAD = "<pad_{}>"
 SPECIALS = (PAD, BOS, EOS, MASK)
 VOCAB_SIZE = 2048
 PHRASE_MIN_CHARS = 20  # shorter template fragments (":\n", '"') stay ordinary text
@@ -66,3 +68,16 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     backend.train_from_iterator(training_corpus(seed), trainer=trainer)
     backend.add_tokens([AddedToken(phrase, special=False, normalized=False) for phrase in instruction_phrases()])
     return wrap_byte_level(backend, SPECIALS, CHAT_TEMPLATE, mask_token=MASK)
+
+
+def with_rainbow_pads(tokenizer: PreTrainedTokenizerFast, count: int) -> list[int]:
+    """Add Rainbow Padding's ``count`` distinct padding tokens (special, after every other id, so the AR twin's ids
+    keep their meaning) and return their ids in cycle order.
+
+    Kim et al. (ICLR 2026): an answer padded with repeated end of text puts nearly all the probability of the far
+    canvas on end of text, so most-confident-first decoding commits the padding first, from the back, and fixes a
+    wrong length before any content; one end of text then a cycle of distinct pads spreads that mass wherever the
+    length is uncertain."""
+    tokens = [RAINBOW_PAD.format(index) for index in range(count)]
+    tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(tokens)

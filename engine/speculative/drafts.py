@@ -143,26 +143,33 @@ def draft_model_drafter(
                              cache=cache, **options)
 
 
-def same_tokenizer_model(ctx: DecodeContext, name: str, layers: int, name_param: str, layers_param: str) -> LoadedModel:
-    """The model ``name`` (which must share the target's vocabulary), or without a name the target's first ``layers``."""
+def same_tokenizer_model(ctx: DecodeContext, name: str, layers: int, name_param: str, layers_param: str,
+                         extra_specials: bool = False) -> LoadedModel:
+    """The model ``name`` (which must share the target's vocabulary; ``extra_specials``: see :func:`tokenizer_twin`),
+    or without a name the target's first ``layers``."""
     if not name:
         try:
             return truncated_model(ctx.model, layers)
         except ValueError as error:
             raise ParamError(str(error).replace("num_layers", layers_param)) from None
-    return tokenizer_twin(name, ctx.model, name_param)
+    return tokenizer_twin(name, ctx.model, name_param, extra_specials)
 
 
-def tokenizer_twin(name: str, target: LoadedModel, name_param: str) -> LoadedModel:
+def tokenizer_twin(name: str, target: LoadedModel, name_param: str, extra_specials: bool = False) -> LoadedModel:
     """The model ``name`` loaded beside ``target`` (:func:`load_draft_model`), refused unless its token ids mean the
-    target's tokens: the same vocabulary size, and the same tokens at TOKENIZER_PROBES ids spread over it."""
+    target's tokens: the same vocabulary size, and the same tokens at TOKENIZER_PROBES ids spread over it.
+
+    ``extra_specials``: it may also have special tokens after the target's last id (a dLLM's padding tokens, as
+    waitline-mdlm's Rainbow Padding adds to the AR twin's vocabulary); the caller then reads only the target's ids."""
     model = load_draft_model(name, target, role=name_param)
-    if model.vocab_size != target.vocab_size:
+    extended = extra_specials and model.vocab_size > target.vocab_size and _specials_from(model, target.vocab_size)
+    if model.vocab_size != target.vocab_size and not extended:
         raise ParamError(
             f"{name_param} {name!r} has a vocabulary of {model.vocab_size}, the target {target.vocab_size}: "
             "it needs the target's tokenizer"
         )
-    if model.tokenizer is not target.tokenizer and _probed_tokens(model) != _probed_tokens(target):
+    compared = len(target.tokenizer) if extended else None  # an extended vocabulary: only the target's ids
+    if model.tokenizer is not target.tokenizer and _probed_tokens(model, compared) != _probed_tokens(target):
         raise ParamError(
             f"{name_param} {name!r} has the target's vocabulary size but another tokenizer (its token ids stand for "
             "other tokens): it needs the target's tokenizer"
@@ -170,9 +177,15 @@ def tokenizer_twin(name: str, target: LoadedModel, name_param: str) -> LoadedMod
     return model
 
 
-def _probed_tokens(model: LoadedModel) -> tuple[int, list[str]]:
-    """The tokenizer's length and its tokens at TOKENIZER_PROBES ids spread evenly (comparing all ~0.1 s per 50k)."""
-    size = len(model.tokenizer)
+def _specials_from(model: LoadedModel, first: int) -> bool:
+    """Whether every id of ``model`` from ``first`` on is one of its tokenizer's special tokens."""
+    return set(range(first, model.vocab_size)) <= set(model.tokenizer.all_special_ids)
+
+
+def _probed_tokens(model: LoadedModel, size: int | None = None) -> tuple[int, list[str]]:
+    """The tokenizer's length (or ``size``: its first ``size`` ids) and its tokens at TOKENIZER_PROBES ids spread
+    evenly (comparing all ~0.1 s per 50k)."""
+    size = size or len(model.tokenizer)
     return size, model.tokenizer.convert_ids_to_tokens(list(range(0, size, max(1, size // TOKENIZER_PROBES))))
 
 

@@ -86,6 +86,7 @@ class DiffuSpecDrafter(Drafter):
         self.length = length
         self.adaptive = adaptive
         self.search = search
+        self.vocab_size = vocab_size  # the target's
         self.proxy = NgramProxy(vocab_size)
         self.raw_length = 0  # this round's L_gen, for observe
         self.rounds = self.drafted_k = self.positions = self.candidates = 0  # running totals for the metrics
@@ -98,7 +99,9 @@ class DiffuSpecDrafter(Drafter):
         # A fixed-canvas dLLM (trained on [prompt | answer padded to N]) sees the room it was trained with.
         masks = max(k, self.answer_end - len(context))
         canvas = torch.tensor(context + [self.predictor.mask_id] * masks)
-        logq = self.predictor.logits(canvas)[len(context): len(context) + k].float().cpu().log_softmax(-1)
+        # only the target's ids: a drafter's own padding tokens after them are never drafted
+        logits = self.predictor.logits(canvas)[len(context): len(context) + k, : self.vocab_size]
+        logq = logits.float().cpu().log_softmax(-1)
         eos = self.predictor.eos_id
         self.raw_length = length_before_eos(logq.argmax(-1).tolist(), eos)
         self.rounds += 1
@@ -154,7 +157,8 @@ def diffuspec(ctx: DecodeContext) -> Iterator[Event]:
         raise ParamError("drafter must name a diffusion LM with the target's tokenizer, e.g. waitline-mdlm")
     if params["k_min"] > params["k_max"]:
         raise ParamError(f"k_min={params['k_min']} must not exceed k_max={params['k_max']}")
-    predictor = predictor_for(same_tokenizer_model(ctx, params["drafter"], 0, "drafter", "drafter"))
+    drafter_model = same_tokenizer_model(ctx, params["drafter"], 0, "drafter", "drafter", extra_specials=True)
+    predictor = predictor_for(drafter_model)
     sampling = Sampling.of(ctx)
     length = AdaptiveLength(params["k_min"], params["k_max"], params["delta"], params["rho"])
     search = Search(params["tau"], params["m_max"], params["beam"], params["lam"]) if params["cps"] else None
