@@ -347,6 +347,29 @@ def test_end_at_eos_fills_the_tail_without_model_calls(mdlm):
     assert len(calls) == len(events) == 3  # then positions 0 and 1, one per step
 
 
+@pytest.mark.parametrize("stop", [False, True])
+def test_stop_when_settled_ends_once_nothing_before_the_first_eos_is_masked(mdlm, stop):
+    """End of text at 2, then its two left neighbours, then the padding: settled after three calls, when the answer
+    can no longer change; the padding's five calls are saved and the answer is the same."""
+    vocab = mdlm.vocab_size
+    calls = []
+
+    def eos_at_two(canvas, prompt_length, block, fresh):
+        calls.append(1)
+        logits = torch.zeros(8, vocab)
+        logits[:, 11] = 1.0  # the padding: the least confident proposals
+        logits[:2, 10] = torch.tensor([6.0, 5.0])
+        logits[2, EOS] = 20.0
+        return Denoised(logits)
+
+    settings = UnmaskSettings(gen_length=8, block_length=8, steps=8, stop_when_settled=stop)
+    events = list(unmask(context(mdlm, [1, 5]), MaskPredictor(mdlm, MASK, EOS), top_k_rule, settings, eos_at_two))
+    steps = [e for e in events if isinstance(e, DiffusionStep)]
+    assert [sorted(e.committed_positions) for e in steps[:3]] == [[2], [0], [1]]
+    assert len(calls) == len(steps) == (3 if stop else 8)
+    assert events[-1].token_ids == [10, 10, EOS]
+
+
 def test_cfg_doubles_calls_and_mixes_conditional_and_unconditional(mdlm):
     predictor = predictor_for(mdlm)
     canvas = torch.tensor([1, 40, 41, 42] + [MASK] * 6)

@@ -31,6 +31,6 @@ def decode_until_blocks_full(ctx: DecodeContext, rule: CommitRule) -> Iterator[E
     gen_length, block_length = canvas_lengths(ctx)
     settings = UnmaskSettings(
         gen_length=gen_length, block_length=block_length, steps=len(blocks(gen_length, block_length)),
-        temperature=ctx.params["temperature"],
+        temperature=ctx.params["temperature"], stop_when_settled=ctx.params["stop_when_settled"],
     )
     return unmask(ctx, predictor, rule, settings, block_cache(predictor, ctx.params["cache"]))

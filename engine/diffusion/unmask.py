@@ -215,6 +215,7 @@ class UnmaskSettings:
     temperature: float = 0.0
     confidence: str = "probability"
     end_at_eos: bool = False  # Learn2PD's end-of-text prediction: a committed EOS ends the canvas there
+    stop_when_settled: bool = False  # stop once the answer can no longer change (_settled)
     max_steps: int = 0  # safety bound for rules that may commit nothing; 0 = 4 x gen_length
 
 
@@ -273,6 +274,9 @@ def unmask(
             truncated = _end_at_eos(canvas, predictor, step) if settings.end_at_eos else []
             yield _step_event(ctx, canvas, view, denoised, chosen, remasked, block, started, truncated)
             step, step_in_block = step + 1, step_in_block + 1
+            if settings.stop_when_settled and _settled(canvas, predictor):
+                yield _output(canvas, predictor)
+                return
     yield _output(canvas, predictor)
 
 
@@ -316,6 +320,14 @@ def _end_at_eos(canvas: _Canvas, predictor: MaskPredictor, step: int) -> list[in
     for position in filled:
         canvas.order.setdefault(position, step)
     return filled
+
+
+def _settled(canvas: _Canvas, predictor: MaskPredictor) -> bool:
+    """An end of text is committed and nothing before it is masked: as committed tokens are never revised, the answer
+    is final, and later steps would only fill the padding after it."""
+    generated = canvas.generated
+    hits = (generated == predictor.eos_id).nonzero().flatten()
+    return predictor.eos_id is not None and bool(len(hits)) and not bool(canvas.masked()[: int(hits[0])].any())
 
 
 def _step_event(ctx: DecodeContext, canvas: _Canvas, view: StepView, denoised: Denoised, chosen: Tensor,
@@ -376,6 +388,9 @@ CANVAS_PARAMS = (
     Param("gen_length", "int", 0, "Canvas length (masked positions); 0 = the run's max new tokens.", 0, 4096, limit="max_new_tokens"),
     Param("block_length", "int", 0, "Semi-autoregressive block length; 0 = one block over the whole canvas.", 0, 4096),
     Param("temperature", "float", 0.0, "0 = argmax proposals; > 0 = Gumbel-max sampling in float64.", 0.0, 5.0),
+    Param("stop_when_settled", "bool", False, "Stop once an end of text is committed with every position before it "
+          "committed: the answer is final (committed tokens are never revised), so the calls that would fill the "
+          "padding after it are saved. Off = every step of the schedule, as the reference implementations run."),
 )
 
 

@@ -59,7 +59,7 @@ def dkv_cache(ctx: DecodeContext) -> Iterator[Event]:
     steps = ctx.params["steps"] or gen_length
     settings = UnmaskSettings(
         gen_length=gen_length, block_length=block_length, steps=steps, temperature=ctx.params["temperature"],
-        confidence=REMASKING[ctx.params["remasking"]],
+        confidence=REMASKING[ctx.params["remasking"]], stop_when_settled=ctx.params["stop_when_settled"],
     )
     reload_every = ctx.params["cache_reloading_step"]
     if ctx.params["variant"] == "decode":

@@ -39,7 +39,7 @@ def dream(ctx: DecodeContext) -> Iterator[Event]:
     alg = ctx.params["alg"]
     settings = UnmaskSettings(
         gen_length=gen_length, block_length=block_length, steps=steps, temperature=ctx.params["temperature"],
-        confidence=ALG_CONFIDENCE[alg],
+        confidence=ALG_CONFIDENCE[alg], stop_when_settled=ctx.params["stop_when_settled"],
         # every block ends at its last timestep, so this bound is never what stops the loop
         max_steps=max(steps, len(blocks(gen_length, block_length))),
     )

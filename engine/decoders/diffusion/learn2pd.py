@@ -38,6 +38,7 @@ def learn2pd(ctx: DecodeContext) -> Iterator[Event]:
         gen_length=gen_length, block_length=block_length,
         steps=ctx.params["steps"] or one_token_per_step(gen_length, block_length),
         temperature=ctx.params["temperature"], end_at_eos=ctx.params["eot_prediction"],
+        stop_when_settled=ctx.params["stop_when_settled"],
     )
     return unmask(ctx, predictor, filter_rule(learnt, ctx.params["accept_threshold"]), settings)
 

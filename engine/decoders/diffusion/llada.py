@@ -25,6 +25,7 @@ def llada(ctx: DecodeContext) -> Iterator[Event]:
     settings = UnmaskSettings(
         gen_length=gen_length, block_length=block_length, steps=ctx.params["steps"] or gen_length,
         temperature=ctx.params["temperature"], confidence=REMASKING[ctx.params["remasking"]],
+        stop_when_settled=ctx.params["stop_when_settled"],
     )
     return unmask(ctx, predictor, top_k_rule, settings, FullForward(predictor, ctx.params["cfg_scale"]))
 

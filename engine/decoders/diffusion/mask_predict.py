@@ -65,7 +65,8 @@ SPEC = register(
         summary="Mask-Predict: predict every position, then re-mask and re-predict the least probable tokens "
                 "for a fixed number of iterations (committed tokens may change).",
         params=(
-            *CANVAS_PARAMS,
+            # its committed tokens may change, so an answer is never settled before the last iteration
+            *(p for p in CANVAS_PARAMS if p.name != "stop_when_settled"),
             Param("iterations", "int", 10, "Iterations T per block (model calls); iteration t re-masks "
                   "N (T - t) / T tokens.", 1, 1000),
         ),
