@@ -718,7 +718,9 @@ def _eval_parallelbench(args: argparse.Namespace) -> int:
     else:
         print(f"{operation}: accuracy {result.accuracy:.1%} over {result.n} rows "
               f"({' '.join([args.decoder, *args.param])} on {model.name})\n"
-              f"{result.model_calls} model calls, {result.tokens_per_call:.2f} tokens per call")
+              f"{result.model_calls} model calls, {result.tokens_per_call:.2f} tokens per call"
+              + ("" if result.order_tau is None else f", unmasking order tau {result.order_tau:+.2f} "
+                 "(1 = left to right)"))
     return 0
 
 

@@ -106,6 +106,10 @@ def test_evaluate_runs_on_the_models_canvas_with_limit_and_progress(tiny_models)
     assert all(0 < row.tokens <= CANVAS for row in result.per_row)
     assert result.tokens == sum(row.tokens for row in result.per_row)
     assert result.tokens_per_call == result.tokens / result.model_calls
+    taus = [row.order_tau for row in result.per_row]  # each run's unmasking order, and their mean in the JSON
+    assert all(-1 <= tau <= 1 for tau in taus) and result.summary()["order_kendall_tau"] == round(sum(taus) / 3, 4)
+    left_to_right = evaluate(tiny_models["waitline-mdlm"], "llada", {"block_length": 1}, rows, "sort", limit=1)
+    assert left_to_right.order_tau == 1.0
     again = evaluate(tiny_models["waitline-mdlm"], "llada", {}, rows, "sort", limit=3)
     assert [row.output for row in again.per_row] == [row.output for row in result.per_row]  # seeded
     shorter = evaluate(tiny_models["waitline-mdlm"], "llada", {}, rows, "sort", limit=3, canvas=CANVAS // 2)
@@ -144,6 +148,7 @@ def test_eval_command_prints_the_four_keys(tmp_path, capsys):
     assert {"accuracy", "n", "model_calls", "tokens_per_call"} <= report.keys()
     assert report["n"] == 2 and report["task"] == "copy" and report["model_calls"] > 0
     assert report["tokens_per_call"] == 1.0  # greedy: one token per call
+    assert "order_kendall_tau" not in report  # an order only diffusion decoders choose
     assert "2/2 rows" in captured.err  # progress on stderr
 
     assert main([*argv, "--limit", "1"]) == 0

@@ -39,6 +39,7 @@ class RowResult:
     model_calls: int
     draft_calls: int
     tokens: int
+    order_tau: float | None = None  # a diffusion decoder's unmasking order against left to right (Kendall tau-b)
 
 
 @dataclass
@@ -54,9 +55,16 @@ class EvalResult:
     def tokens_per_call(self) -> float:
         return self.tokens / self.model_calls if self.model_calls else 0.0
 
+    @property
+    def order_tau(self) -> float | None:
+        """The rows' mean unmasking-order tau (ParallelBench's decoding-order measure); None for other decoders."""
+        taus = [row.order_tau for row in self.per_row if row.order_tau is not None]
+        return sum(taus) / len(taus) if taus else None
+
     def summary(self) -> dict[str, float | int]:
+        order = {} if self.order_tau is None else {"order_kendall_tau": round(self.order_tau, 4)}
         return {"accuracy": self.accuracy, "n": self.n, "model_calls": self.model_calls,
-                "tokens_per_call": round(self.tokens_per_call, 4)}
+                "tokens_per_call": round(self.tokens_per_call, 4), **order}
 
 
 # --- test files --------------------------------------------------------------------------------------------------
@@ -215,7 +223,7 @@ def evaluate(
         results.append(RowResult(
             output=text, score=score(operation, text, row["answer"]),
             model_calls=trace.metrics.get("model_calls", 0), draft_calls=trace.metrics.get("draft_calls", 0),
-            tokens=len(trace.output_token_ids),
+            tokens=len(trace.output_token_ids), order_tau=trace.metrics.get("order_kendall_tau"),
         ))
         if progress:
             progress(len(results), len(rows), sum(r.score for r in results) / len(results))
