@@ -34,19 +34,23 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
 def test_the_dllm_recipe_runs_the_ar_twins_own_recipe_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
     assert len(ar) == 1 and not ar[0].inputs(OUT) and "--minutes" not in ar[0].args
-    twin, adapted, refined = mdlm
+    twin, adapted, refined, polished = mdlm
     assert twin.args[:twin.args.index("--out")] == ar[0].args[:ar[0].args.index("--out")]  # the same run, seeded
     assert twin.args[twin.args.index("--out") + 2:] == ar[0].args[ar[0].args.index("--out") + 2:]
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
-    assert refined.output_path(OUT) == OUT and "--width-group" in refined.args and "--width-group" not in adapted.args
+    assert polished.inputs(OUT) == [refined.output_path(OUT)] and polished.output_path(OUT) == OUT
+    assert "--width-group" in refined.args and "--width-group" not in adapted.args
 
     def option(stage, name: str) -> str:
         return stage.args[stage.args.index(name) + 1]
 
-    assert option(ar[0], "--model") == "ar" and option(adapted, "--model") == option(refined, "--model") == "mdlm"
+    assert option(ar[0], "--model") == "ar" and {option(stage, "--model") for stage in mdlm[1:]} == {"mdlm"}
     assert int(option(ar[0], "--steps")) == WAITLINE_STEPS
-    for name in ("--seed", "--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
-        assert option(ar[0], name) == option(adapted, name) == option(refined, name), name
+    for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
+        assert len({option(stage, name) for stage in (*ar, *mdlm)}) == 1, name
+    # the last run draws a fresh data stream, weighted towards the target tasks
+    assert option(refined, "--seed") == "0" and option(polished, "--seed") == "3"
+    assert "--task-weight" in polished.args and "--task-weight" not in refined.args
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)

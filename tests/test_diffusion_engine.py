@@ -33,6 +33,7 @@ from engine.diffusion.unmask import (
 from engine.events import DiffusionStep
 from engine.models.handle import LoadedModel, ModelError
 from engine.models.loading import load_model
+from engine.models.waitline_prompt import format_list, render_prompt
 from engine.offline.waitline_tokenizer import build_tokenizer
 from engine.params import ParamError
 from engine.run import Run, RunSettings
@@ -368,6 +369,29 @@ def test_stop_when_settled_ends_once_nothing_before_the_first_eos_is_masked(mdlm
     assert [sorted(e.committed_positions) for e in steps[:3]] == [[2], [0], [1]]
     assert len(calls) == len(steps) == (3 if stop else 8)
     assert events[-1].token_ids == [10, 10, EOS]
+
+
+PEOPLE = ["James Smith", "Mary Jones", "Robert Brown"]
+SETTLING_DECODERS = (("llada", {}), ("fast_dllm", {"threshold": 0.9}), ("localleap", {}), ("learn2pd", {}),
+                     ("dkv_cache", {}), ("dream", {}))
+
+
+def test_the_builtin_dllm_settles_before_its_padding_and_stopping_there_changes_no_answer():
+    """Stopping once settled changes no answer of the built-in dLLM, for every decoder that offers it, and saves the
+    calls that would fill the padding when the answer settles first."""
+    model = load_model("waitline-mdlm")
+    prompt = render_prompt("copy", PEOPLE)
+    calls = {}
+    for decoder, params in SETTLING_DECODERS:
+        full, settled = (Run(model, decoder, prompt, {**params, "gen_length": 32, "stop_when_settled": stop},
+                             RunSettings(max_new_tokens=32, chat=True)).to_end() for stop in (False, True))
+        assert settled.status == full.status == "finished", (decoder, settled.reason)
+        assert settled.output_token_ids == full.output_token_ids, decoder
+        calls[decoder] = (settled.metrics["model_calls"], full.metrics["model_calls"])
+        assert calls[decoder][0] <= calls[decoder][1], decoder
+    assert model.decode(full.output_token_ids, skip_special_tokens=True) == format_list(PEOPLE)
+    # Fast-dLLM commits the answer and its end of text in its first call; the padding's calls are the saving
+    assert calls["fast_dllm"][0] < calls["fast_dllm"][1]
 
 
 def test_cfg_doubles_calls_and_mixes_conditional_and_unconditional(mdlm):

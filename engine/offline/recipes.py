@@ -83,14 +83,20 @@ ADAPTED = "{work}/waitline-mdlm-adapted"
 # Then a warm restart on batches padded per group of 8 rows of similar length (1.5x faster steps: BENCHMARKS.md,
 # issue 21, twelfth session); after the adaptation the 15-person and held-out lists were still far below target.
 REFINE_STEPS = 2000
+REFINED = "{work}/waitline-mdlm-refined"
+# Then Rainbow Padding (one end of text, then a cycle of 7 pad tokens, Kim et al. ICLR 2026), weighted further
+# towards the target tasks, on a fresh data stream (seed 3): decoding most-confident-first, the refined model committed
+# its end-of-text padding first, from the back, and fixed wrong lengths (BENCHMARKS.md, issue 21, fifteenth session).
+POLISH_STEPS = 2000
+TARGET_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=3", "--task-weight", "sort=4")
 
 
 def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAITLINE_STEPS, lr: str = "0.001",
-                    warmup: int = 200) -> Stage:
+                    warmup: int = 200, seed: int = 0) -> Stage:
     """One seeded, fixed-steps, checkpointed training run of a waiting-line model into ``out``: from scratch, or
     from a saved model when ``extra`` names ``--init-from`` (its shape, whatever the shape flags say)."""
     args = ("--model", kind, "--steps", str(steps), "--batch-size", "32", "--lr", lr, "--warmup", str(warmup),
-            "--grow-below", "1", "--seed", "0", "--precision", "bfloat16", "--hidden", "256", "--layers", "6",
+            "--grow-below", "1", "--seed", str(seed), "--precision", "bfloat16", "--hidden", "256", "--layers", "6",
             "--heads", "8", "--ffn", "1024", "--out", out, *extra)
     return Stage("engine.offline.train_dllm", args, out, smoke=_TRAIN_SMOKE)
 
@@ -123,12 +129,16 @@ RECIPES = (
     Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: one train_dllm run",
            (_train_waitline("ar", *AR_MIXTURE),)),
     Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
-           "the built-in dLLM: the AR twin's run, then two masked-diffusion runs from its weights", (
+           "the built-in dLLM: the AR twin's run, then three masked-diffusion runs from its weights", (
                _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN),
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
                                COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
                _train_waitline("mdlm", "--init-from", ADAPTED, "--prefix-share", "0.5", "--common-share",
-                               COMMON_SHARE, "--width-group", "8", steps=REFINE_STEPS, lr="0.0002", warmup=50),
+                               COMMON_SHARE, "--width-group", "8", out=REFINED, steps=REFINE_STEPS, lr="0.0002",
+                               warmup=50),
+               _train_waitline("mdlm", "--init-from", REFINED, "--prefix-share", "0.5", "--common-share",
+                               COMMON_SHARE, "--width-group", "8", "--rainbow-pads", "7", *TARGET_TASK_WEIGHTS,
+                               steps=POLISH_STEPS, lr="0.0002", warmup=50, seed=3),
            )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
