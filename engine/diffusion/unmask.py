@@ -308,13 +308,20 @@ def _commit(canvas: _Canvas, view: StepView, chosen: Tensor, remasked: Tensor, s
     return chosen
 
 
+def _first_eos(canvas: _Canvas, predictor: MaskPredictor) -> int | None:
+    """The generated position of the first committed end of text, if there is one."""
+    if predictor.eos_id is None:
+        return None
+    hits = (canvas.generated == predictor.eos_id).nonzero().flatten()
+    return int(hits[0]) if len(hits) else None
+
+
 def _end_at_eos(canvas: _Canvas, predictor: MaskPredictor, step: int) -> list[int]:
     """After the first committed EOS everything is end of text: fill those masks without a model call."""
-    generated = canvas.generated
-    hits = (generated == predictor.eos_id).nonzero().flatten()
-    if predictor.eos_id is None or not len(hits):
+    generated, first = canvas.generated, _first_eos(canvas, predictor)
+    if first is None:
         return []
-    after = torch.arange(len(generated)) > int(hits[0])
+    after = torch.arange(len(generated)) > first
     filled = (after & (generated == canvas.mask_id)).nonzero().flatten().tolist()
     generated[filled] = predictor.eos_id
     for position in filled:
@@ -325,9 +332,8 @@ def _end_at_eos(canvas: _Canvas, predictor: MaskPredictor, step: int) -> list[in
 def _settled(canvas: _Canvas, predictor: MaskPredictor) -> bool:
     """An end of text is committed and nothing before it is masked: as committed tokens are never revised, the answer
     is final, and later steps would only fill the padding after it."""
-    generated = canvas.generated
-    hits = (generated == predictor.eos_id).nonzero().flatten()
-    return predictor.eos_id is not None and bool(len(hits)) and not bool(canvas.masked()[: int(hits[0])].any())
+    first = _first_eos(canvas, predictor)
+    return first is not None and not bool(canvas.masked()[:first].any())
 
 
 def _step_event(ctx: DecodeContext, canvas: _Canvas, view: StepView, denoised: Denoised, chosen: Tensor,

@@ -181,8 +181,8 @@ class Batches:
         for row, ((prompt, answer), width) in enumerate(zip(pairs, widths, strict=True)):
             ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
             if self.pad_cycle:
-                tail = width - len(prompt) - len(answer)
-                ids[row, width - tail: width] = torch.tensor(self.pad_cycle * (tail // len(self.pad_cycle) + 1))[:tail]
+                end, tail = len(prompt) + len(answer), width - len(prompt) - len(answer)
+                ids[row, end: width] = torch.tensor(self.pad_cycle * (tail // len(self.pad_cycle) + 1))[:tail]
             answer_side[row, len(prompt): width] = True
             own[row, len(prompt): len(prompt) + len(answer)] = True
         return ids, answer_side, own
