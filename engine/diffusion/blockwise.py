@@ -10,7 +10,7 @@ from typing import Iterator
 from engine.context import DecodeContext
 from engine.diffusion.cache import BLOCK_CACHES, block_cache
 from engine.diffusion.unmask import (
-    CANVAS_PARAMS, CommitRule, UnmaskSettings, blocks, canvas_lengths, predictor_for, unmask,
+    CANVAS_PARAMS, CommitRule, blocks, canvas_settings, predictor_for, unmask,
 )
 from engine.events import Event
 from engine.params import Param
@@ -28,9 +28,5 @@ BLOCK_PARAMS = (
 def decode_until_blocks_full(ctx: DecodeContext, rule: CommitRule) -> Iterator[Event]:
     """Blocks left to right, each looped until full: one schedule step per block, the rule ignoring its quota."""
     predictor = predictor_for(ctx.model)
-    gen_length, block_length = canvas_lengths(ctx)
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length, steps=len(blocks(gen_length, block_length)),
-        temperature=ctx.params["temperature"], stop_when_settled=ctx.params["stop_when_settled"],
-    )
+    settings = canvas_settings(ctx, lambda gen_length, block_length: len(blocks(gen_length, block_length)))
     return unmask(ctx, predictor, rule, settings, block_cache(predictor, ctx.params["cache"]))

@@ -405,3 +405,19 @@ def canvas_lengths(ctx: DecodeContext) -> tuple[int, int]:
     gen_length = ctx.params.get("gen_length") or ctx.max_new_tokens
     block_length = ctx.params.get("block_length") or gen_length
     return gen_length, min(block_length, gen_length)
+
+
+def one_step_per_position(gen_length: int, block_length: int) -> int:
+    """LLaDA's default schedule: as many steps as canvas positions."""
+    return gen_length
+
+
+def canvas_settings(ctx: DecodeContext, default_steps: Callable[[int, int], int], **own) -> UnmaskSettings:
+    """UnmaskSettings from the shared parameters (CANVAS_PARAMS, and ``steps`` where a decoder offers it, 0 meaning
+    ``default_steps(gen_length, block_length)``); ``own`` sets the decoder's other fields."""
+    gen_length, block_length = canvas_lengths(ctx)
+    return UnmaskSettings(
+        gen_length=gen_length, block_length=block_length,
+        steps=ctx.params.get("steps") or default_steps(gen_length, block_length),
+        temperature=ctx.params["temperature"], stop_when_settled=ctx.params.get("stop_when_settled", False), **own,
+    )

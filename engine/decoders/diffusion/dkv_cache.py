@@ -20,7 +20,7 @@ from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.cache import DelayedCacheDenoiser, WindowCacheDenoiser
 from engine.diffusion.unmask import (
-    CANVAS_PARAMS, StepView, UnmaskSettings, blocks, canvas_lengths, predictor_for, top_k_positions, top_k_rule,
+    CANVAS_PARAMS, StepView, blocks, canvas_settings, one_step_per_position, predictor_for, top_k_positions, top_k_rule,
     transfer_counts, unmask,
 )
 from engine.events import Event
@@ -55,20 +55,15 @@ class RandomOrder:
 
 def dkv_cache(ctx: DecodeContext) -> Iterator[Event]:
     predictor = predictor_for(ctx.model)
-    gen_length, block_length = canvas_lengths(ctx)
-    steps = ctx.params["steps"] or gen_length
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length, steps=steps, temperature=ctx.params["temperature"],
-        confidence=REMASKING[ctx.params["remasking"]], stop_when_settled=ctx.params["stop_when_settled"],
-    )
+    settings = canvas_settings(ctx, one_step_per_position, confidence=REMASKING[ctx.params["remasking"]])
     reload_every = ctx.params["cache_reloading_step"]
     if ctx.params["variant"] == "decode":
         return unmask(ctx, predictor, top_k_rule, settings, DelayedCacheDenoiser(predictor, reload_every))
     if ctx.params["remasking"] != "random":
         raise ParamError("variant=greedy decodes in a random order fixed up front: set remasking=random "
                          "(or use variant=decode)")
-    order = RandomOrder(torch.rand(gen_length, generator=ctx.generator),
-                        max(1, steps // len(blocks(gen_length, block_length))))
+    order = RandomOrder(torch.rand(settings.gen_length, generator=ctx.generator),
+                        max(1, settings.steps // len(blocks(settings.gen_length, settings.block_length))))
     denoiser = WindowCacheDenoiser(predictor, order.upcoming, reload_every, ctx.params["window_size"])
     return unmask(ctx, predictor, order.rule, settings, denoiser)
 

@@ -18,8 +18,8 @@ from torch import Tensor
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.unmask import (
-    CANVAS_PARAMS, CommitRule, StepView, UnmaskSettings, blocks, canvas_lengths, predictor_for, top_k_positions,
-    unmask,
+    CANVAS_PARAMS, CommitRule, StepView, blocks, canvas_settings, one_step_per_position, predictor_for,
+    top_k_positions, unmask,
 )
 from engine.events import Event
 from engine.params import Param
@@ -34,15 +34,10 @@ SHIFT = {"auto": None, "on": True, "off": False}
 
 def dream(ctx: DecodeContext) -> Iterator[Event]:
     predictor = predictor_for(ctx.model, SHIFT[ctx.params["shift"]])
-    gen_length, block_length = canvas_lengths(ctx)
-    steps = ctx.params["steps"] or gen_length
     alg = ctx.params["alg"]
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length, steps=steps, temperature=ctx.params["temperature"],
-        confidence=ALG_CONFIDENCE[alg], stop_when_settled=ctx.params["stop_when_settled"],
-        # every block ends at its last timestep, so this bound is never what stops the loop
-        max_steps=max(steps, len(blocks(gen_length, block_length))),
-    )
+    settings = canvas_settings(ctx, one_step_per_position, confidence=ALG_CONFIDENCE[alg])
+    # every block ends at its last timestep, so this bound is never what stops the loop
+    settings.max_steps = max(settings.steps, len(blocks(settings.gen_length, settings.block_length)))
     return unmask(ctx, predictor, dream_rule(alg, ctx.params["alg_temp"], ctx.generator), settings)
 
 

@@ -17,7 +17,7 @@ from engine.diffusion.learn2pd import (
     ACCEPT_THRESHOLD, BLOCK_LENGTH, DEFAULT_FILTER_DIR, check_block_length, filter_rule, load_filter,
     one_token_per_step,
 )
-from engine.diffusion.unmask import CANVAS_PARAMS, UnmaskSettings, canvas_lengths, predictor_for, unmask
+from engine.diffusion.unmask import CANVAS_PARAMS, canvas_settings, predictor_for, unmask
 from engine.events import Event
 from engine.params import Param
 
@@ -31,15 +31,9 @@ PARAMS = tuple(BLOCK_PARAM if p.name == "block_length" else p for p in CANVAS_PA
 
 def learn2pd(ctx: DecodeContext) -> Iterator[Event]:
     predictor = predictor_for(ctx.model)
-    gen_length, block_length = canvas_lengths(ctx)
     learnt = load_filter(ctx.params["filter"] or DEFAULT_FILTER_DIR)
-    check_block_length(block_length, learnt.block_length)
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length,
-        steps=ctx.params["steps"] or one_token_per_step(gen_length, block_length),
-        temperature=ctx.params["temperature"], end_at_eos=ctx.params["eot_prediction"],
-        stop_when_settled=ctx.params["stop_when_settled"],
-    )
+    settings = canvas_settings(ctx, one_token_per_step, end_at_eos=ctx.params["eot_prediction"])
+    check_block_length(settings.block_length, learnt.block_length)
     return unmask(ctx, predictor, filter_rule(learnt, ctx.params["accept_threshold"]), settings)
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.unmask import (
-    CANVAS_PARAMS, FullForward, UnmaskSettings, canvas_lengths, predictor_for, top_k_rule, unmask,
+    CANVAS_PARAMS, FullForward, canvas_settings, one_step_per_position, predictor_for, top_k_rule, unmask,
 )
 from engine.events import Event
 from engine.params import Param
@@ -21,12 +21,7 @@ from engine.shared_params import REMASKING, SCHEDULE_PARAMS
 
 def llada(ctx: DecodeContext) -> Iterator[Event]:
     predictor = predictor_for(ctx.model)
-    gen_length, block_length = canvas_lengths(ctx)
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length, steps=ctx.params["steps"] or gen_length,
-        temperature=ctx.params["temperature"], confidence=REMASKING[ctx.params["remasking"]],
-        stop_when_settled=ctx.params["stop_when_settled"],
-    )
+    settings = canvas_settings(ctx, one_step_per_position, confidence=REMASKING[ctx.params["remasking"]])
     return unmask(ctx, predictor, top_k_rule, settings, FullForward(predictor, ctx.params["cfg_scale"]))
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from engine.context import DecodeContext
 from engine.decoders.base import DecoderSpec, register
 from engine.diffusion.unmask import (
-    CANVAS_PARAMS, StepView, UnmaskSettings, blocks, canvas_lengths, predictor_for, top_k_positions, unmask,
+    CANVAS_PARAMS, StepView, blocks, canvas_settings, predictor_for, top_k_positions, unmask,
 )
 from engine.events import Event
 from engine.params import Param
@@ -47,14 +47,11 @@ class MaskPredict:
 
 def mask_predict(ctx: DecodeContext) -> Iterator[Event]:
     predictor = predictor_for(ctx.model)
-    gen_length, block_length = canvas_lengths(ctx)
     iterations = ctx.params["iterations"]
-    settings = UnmaskSettings(
-        gen_length=gen_length, block_length=block_length, temperature=ctx.params["temperature"],
-        steps=iterations * len(blocks(gen_length, block_length)), confidence="probability",
-        max_steps=iterations * len(blocks(gen_length, block_length)),
-    )
-    method = MaskPredict(gen_length)
+    settings = canvas_settings(ctx, lambda gen_length, block_length: iterations * len(blocks(gen_length, block_length)),
+                               confidence="probability")
+    settings.max_steps = settings.steps
+    method = MaskPredict(settings.gen_length)
     return unmask(ctx, predictor, method.commit, settings, revise=method.remask)
 
 
