@@ -34,11 +34,12 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
 def test_the_dllm_recipe_runs_the_ar_twins_own_recipe_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
     assert len(ar) == 1 and not ar[0].inputs(OUT) and "--minutes" not in ar[0].args
-    twin, adapted, refined, polished = mdlm
+    twin, adapted, refined, rainbow, final = mdlm
     assert twin.args[:twin.args.index("--out")] == ar[0].args[:ar[0].args.index("--out")]  # the same run, seeded
     assert twin.args[twin.args.index("--out") + 2:] == ar[0].args[ar[0].args.index("--out") + 2:]
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
-    assert polished.inputs(OUT) == [refined.output_path(OUT)] and polished.output_path(OUT) == OUT
+    assert rainbow.inputs(OUT) == [refined.output_path(OUT)] and final.inputs(OUT) == [rainbow.output_path(OUT)]
+    assert final.output_path(OUT) == OUT
     assert "--width-group" in refined.args and "--width-group" not in adapted.args
 
     def option(stage, name: str) -> str:
@@ -48,9 +49,10 @@ def test_the_dllm_recipe_runs_the_ar_twins_own_recipe_then_adapts_its_weights():
     assert int(option(ar[0], "--steps")) == WAITLINE_STEPS
     for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
         assert len({option(stage, name) for stage in (*ar, *mdlm)}) == 1, name
-    # the last run draws a fresh data stream, weighted towards the target tasks
-    assert option(refined, "--seed") == "0" and option(polished, "--seed") == "3"
-    assert "--task-weight" in polished.args and "--task-weight" not in refined.args
+    # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding
+    assert [option(stage, "--seed") for stage in (refined, rainbow, final)] == ["0", "3", "4"]
+    assert "--task-weight" in final.args and "--task-weight" not in refined.args
+    assert option(rainbow, "--rainbow-pads") == option(final, "--rainbow-pads") == "7"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)
