@@ -5,8 +5,8 @@ A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(
 
 The built-in AR twin is one seeded run from scratch, and the built-in dLLM the same run followed by four seeded
 masked-diffusion runs from its weights (an adaptation, a warm restart on rows padded per group of similar length,
-then two runs with Rainbow Padding weighted towards the target tasks); ``--minutes`` (added by hand) only stops a run resumably, and the same command continues it, so an
-interrupted rebuild ends where an uninterrupted one does.
+then two runs with Rainbow Padding weighted towards the target tasks); ``--minutes`` (added by hand) only stops a
+run resumably, and the same command continues it, so an interrupted rebuild ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ ADAPTED = "{work}/waitline-mdlm-adapted"
 # issue 21, twelfth session); after the adaptation the 15-person and held-out lists were still far below target.
 REFINE_STEPS = 2000
 REFINED = "{work}/waitline-mdlm-refined"
+GROUPED_ROWS = ("--prefix-share", "0.5", "--common-share", COMMON_SHARE, "--width-group", "8")  # this run and later
 # Then Rainbow Padding (one end of text, then a cycle of 7 pad tokens, Kim et al. ICLR 2026), weighted further
 # towards the target tasks, on a fresh data stream (seed 3): decoding most-confident-first, the refined model committed
 # its end-of-text padding first, from the back, and fixed wrong lengths (BENCHMARKS.md, issue 21, fifteenth session).
@@ -91,7 +92,7 @@ POLISH_STEPS = 2000
 RAINBOW = "{work}/waitline-mdlm-rainbow"
 TARGET_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=3", "--task-weight", "sort=4")
 # Then more of the same on another fresh stream (seed 4), reverse and sort weighted up again: decoding strictly left to
-# right, the Rainbow model still lost 6 / 20 / 24 points of copy / reverse / sort to the AR twin (BENCHMARKS.md, issue
+# right, the Rainbow model still lost 5 / 15 / 15 points of copy / reverse / sort to the AR twin (BENCHMARKS.md, issue
 # 21, sixteenth session), so its knowledge of the task, not only its order of commits, fell short.
 FINAL_STEPS = 1800
 FINAL_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=4", "--task-weight", "sort=5")
@@ -139,15 +140,12 @@ RECIPES = (
                _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN),
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
                                COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
-               _train_waitline("mdlm", "--init-from", ADAPTED, "--prefix-share", "0.5", "--common-share",
-                               COMMON_SHARE, "--width-group", "8", out=REFINED, steps=REFINE_STEPS, lr="0.0002",
-                               warmup=50),
-               _train_waitline("mdlm", "--init-from", REFINED, "--prefix-share", "0.5", "--common-share",
-                               COMMON_SHARE, "--width-group", "8", "--rainbow-pads", "7", *TARGET_TASK_WEIGHTS,
-                               out=RAINBOW, steps=POLISH_STEPS, lr="0.0002", warmup=50, seed=3),
-               _train_waitline("mdlm", "--init-from", RAINBOW, "--prefix-share", "0.5", "--common-share",
-                               COMMON_SHARE, "--width-group", "8", "--rainbow-pads", "7", *FINAL_TASK_WEIGHTS,
-                               steps=FINAL_STEPS, lr="0.0002", warmup=50, seed=4),
+               _train_waitline("mdlm", "--init-from", ADAPTED, *GROUPED_ROWS, out=REFINED, steps=REFINE_STEPS,
+                               lr="0.0002", warmup=50),
+               _train_waitline("mdlm", "--init-from", REFINED, *GROUPED_ROWS, "--rainbow-pads", "7",
+                               *TARGET_TASK_WEIGHTS, out=RAINBOW, steps=POLISH_STEPS, lr="0.0002", warmup=50, seed=3),
+               _train_waitline("mdlm", "--init-from", RAINBOW, *GROUPED_ROWS, "--rainbow-pads", "7",
+                               *FINAL_TASK_WEIGHTS, steps=FINAL_STEPS, lr="0.0002", warmup=50, seed=4),
            )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
