@@ -31,12 +31,12 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
     assert len(set(written)) == len(written)
 
 
-def test_the_dllm_recipe_runs_the_ar_twins_own_recipe_then_adapts_its_weights():
+def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    assert len(ar) == 1 and not ar[0].inputs(OUT) and "--minutes" not in ar[0].args
-    twin, adapted, refined, rainbow, final = mdlm
-    assert twin.args[:twin.args.index("--out")] == ar[0].args[:ar[0].args.index("--out")]  # the same run, seeded
-    assert twin.args[twin.args.index("--out") + 2:] == ar[0].args[ar[0].args.index("--out") + 2:]
+    (first, long_lists), (twin, adapted, refined, rainbow, final) = ar, mdlm
+    assert not first.inputs(OUT) and "--minutes" not in first.args
+    assert twin == first  # the dLLM is adapted from the AR twin's first run, not its long-list run
+    assert long_lists.inputs(OUT) == [first.output_path(OUT)] and long_lists.output_path(OUT) == OUT
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
     assert rainbow.inputs(OUT) == [refined.output_path(OUT)] and final.inputs(OUT) == [rainbow.output_path(OUT)]
     assert final.output_path(OUT) == OUT
@@ -45,12 +45,14 @@ def test_the_dllm_recipe_runs_the_ar_twins_own_recipe_then_adapts_its_weights():
     def option(stage, name: str) -> str:
         return stage.args[stage.args.index(name) + 1]
 
-    assert option(ar[0], "--model") == "ar" and {option(stage, "--model") for stage in mdlm[1:]} == {"mdlm"}
-    assert int(option(ar[0], "--steps")) == WAITLINE_STEPS
+    assert {option(stage, "--model") for stage in ar} == {"ar"} and {option(stage, "--model") for stage in mdlm[1:]} \
+        == {"mdlm"}
+    assert int(option(first, "--steps")) == WAITLINE_STEPS
+    assert option(long_lists, "--long-share") == "0.5" and "--long-share" not in first.args
     for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
         assert len({option(stage, name) for stage in (*ar, *mdlm)}) == 1, name
     # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding
-    assert [option(stage, "--seed") for stage in (refined, rainbow, final)] == ["0", "3", "4"]
+    assert [option(stage, "--seed") for stage in (refined, rainbow, final, long_lists)] == ["0", "3", "4", "5"]
     assert "--task-weight" in final.args and "--task-weight" not in refined.args
     assert option(rainbow, "--rainbow-pads") == option(final, "--rainbow-pads") == "7"
 
@@ -82,12 +84,12 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     assert getattr(model.model.config, "is_causal", True) == (name == "waitline-ar")
     log = json.loads((out / "training_log.json").read_text())
     assert log["finished"] and log["steps_done"] == 3
-    assert ("continued_from" in log) == (name == "waitline-mdlm")  # the dLLM starts from the AR twin's weights
+    assert "continued_from" in log  # the dLLM starts from the AR twin's weights, the twin's last run from its first
     assert model.prompt_format is not None and model.prompt_format.name == "parallelbench-waiting-line"
     card = (out / "README.md").read_text()
     assert "`decoding-explorer assets rebuild " + name + "`" in card
-    assert ("from scratch" in card) == (name == "waitline-ar")  # the dLLM's card names the AR run it starts from
-    assert ("people first" in card) == (name == "waitline-ar")  # and its lists start where the AR run's ended
+    assert "from scratch" not in card and "people first" not in card  # each card names the run it continues from
+    assert "people from the start, where the earlier run ended" in card
     assert not (out / WORK).exists() and not out.with_name(out.name + ".work").exists()  # checkpoints removed
     stages = len(get_recipe(name).stages)
     assert lines[0].startswith(f"[1/{stages}] python -m engine.offline.train_dllm --model ar ")

@@ -421,14 +421,18 @@ def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(t
     assert log["finished"] and not (tmp_path / "model.work").exists()
 
 
-def test_the_width_group_is_part_of_the_command_and_the_card(tmp_path):
+@pytest.mark.parametrize(("kind", "flag", "value", "card_text"), [
+    ("mdlm", "--width-group", "2", "to a random width common to each group of 2 rows of similar length"),
+    ("ar", "--long-share", "0.5", "50% of the batches all of the longest"),
+])
+def test_a_data_setting_is_part_of_the_command_and_the_card(tmp_path, kind, flag, value, card_text):
     out = tmp_path / "model"
-    waitline_train.main(["--model", "mdlm", "--steps", "2", "--batch-size", "4", "--warmup", "1", "--hidden", "32",
-                         "--layers", "1", "--heads", "2", "--ffn", "64", "--eval-per-task", "1", "--width-group", "2",
+    waitline_train.main(["--model", kind, "--steps", "2", "--batch-size", "4", "--warmup", "1", "--hidden", "32",
+                         "--layers", "1", "--heads", "2", "--ffn", "64", "--eval-per-task", "1", flag, value,
                          "--out", str(out)])
     log = json.loads((out / "training_log.json").read_text())
-    assert log["command"].endswith("--width-group 2") and log["settings"]["width_group"] == 2
-    assert "to a random width common to each group of 2 rows of similar length" in (out / "README.md").read_text()
+    assert log["command"].endswith(f"{flag} {value}") and str(log["settings"][flag[2:].replace("-", "_")]) == value
+    assert card_text in (out / "README.md").read_text()
 
 
 def test_a_setting_added_since_a_run_began_must_stay_at_its_default():
@@ -525,3 +529,18 @@ def test_rainbow_pads_extend_a_saved_models_vocabulary_and_are_named_in_the_comm
     assert "Rainbow Padding" in (out / "README.md").read_text()
     with pytest.raises(ValueError, match="MDLM only"):
         waitline_train.train(waitline_train.TrainSettings(kind="ar", steps=1, shape=TINY, rainbow_pads=7))
+
+
+def test_the_long_share_draws_whole_batches_of_the_longest_lists_and_leaves_the_stream_alone_at_zero(tokenizer):
+    """--long-share: that share of batches is all of the longest lists allowed (ParallelBench's long file is 15
+    people; a uniform draw of 3-15 gives them one batch in 13); at share 0 the data stream is the one it always was."""
+    def lengths(share: float, seed: int = 4) -> list[int]:
+        batches = waitline_train.Batches(tokenizer, seed=seed, batch_size=2, long_share=share)
+        return [len(batches.examples()[0].people) for _ in range(200)]
+
+    plain, half, whole = lengths(0.0), lengths(0.5), lengths(1.0)
+    assert whole == [15] * 200
+    assert 0.45 < sum(n == 15 for n in half) / 200 < 0.65 and min(half) == 3  # half, plus the uniform draw's share
+    assert sum(n == 15 for n in plain) / 200 < 0.15
+    before = waitline_train.Batches(tokenizer, seed=4, batch_size=2)  # the stream without the setting at all
+    assert plain == [len(before.examples()[0].people) for _ in range(200)]

@@ -96,6 +96,9 @@ class TrainSettings:
     common_share: float = 0.0
     common_from: int = 0
     rainbow_pads: int = 0  # MDLM: one end of text, then a cycle of this many pad tokens; 0 = end of text throughout
+    # Share of batches whose lists are all of the longest length allowed (ParallelBench's long file is 15 people);
+    # the rest draw the length uniformly. The uniform draw gives 15-person lists one batch in 13.
+    long_share: float = 0.0
 
 
 RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
@@ -122,8 +125,9 @@ class Batches:
     """Seeded training batches; all lists of one batch have the same length so that little padding is needed."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int,
-                 task_weights: dict[str, float] = TASK_WEIGHTS, pad_cycle: tuple[int, ...] = ()) -> None:
-        self.tokenizer, self.batch_size, self.pad_cycle = tokenizer, batch_size, pad_cycle
+                 task_weights: dict[str, float] = TASK_WEIGHTS, pad_cycle: tuple[int, ...] = (),
+                 long_share: float = 0.0) -> None:
+        self.tokenizer, self.batch_size, self.pad_cycle, self.long_share = tokenizer, batch_size, pad_cycle, long_share
         self.generator = WaitlineGenerator(seed, invented_rate=INVENTED_NAME_RATE, split="train", icl_share=ICL_SHARE)
         self.rng = random.Random(seed + 1)
         self.operations, self.weights = list(task_weights), list(task_weights.values())
@@ -141,7 +145,11 @@ class Batches:
         self.longest = state["longest"]
 
     def examples(self) -> list[Example]:
-        count = self.generator.rng.randint(self.generator.min_people, self.longest)
+        # no extra draw at share 0, so such streams stay as they were
+        if self.long_share and self.rng.random() < self.long_share:
+            count = self.longest
+        else:
+            count = self.generator.rng.randint(self.generator.min_people, self.longest)
         ops = self.rng.choices(self.operations, self.weights, k=self.batch_size)
         return [self.generator.example(op, count) for op in ops]
 
@@ -378,7 +386,8 @@ def train(
     tokenizer = build_tokenizer()  # one tokenizer for the whole family, whatever the training seed
     pad_cycle = tuple(with_rainbow_pads(tokenizer, settings.rainbow_pads)) if settings.rainbow_pads else ()
     model = _initial_model(settings, tokenizer).train()
-    batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights), pad_cycle)
+    batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights), pad_cycle,
+                      settings.long_share)
     batches.longest = starting_length(settings, batches.generator.max_people)
     noise = torch.Generator().manual_seed(settings.seed + 2)
     model.to(device)  # a lent GPU trains the same recipe; the data and masking streams stay on the CPU
@@ -676,6 +685,11 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
     (out / "README.md").write_text(card)
 
 
+def _long_lists(settings: dict[str, Any]) -> str:
+    share = settings.get("long_share", 0.0)
+    return f" (in the last run {share:.0%} of the batches all of the longest, the rest of any length)" if share else ""
+
+
 def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str,
                shifted: bool = False, block: int = GEN_LENGTH, test_files: dict[str, dict[str, float]] | None = None,
                common: dict[str, float] | None = None) -> str:
@@ -730,8 +744,9 @@ built into Decoding Explorer. Weights stored in float16.
   training split of `engine/offline/names.py` ({len(name_pool('first', 'train'))} first x
   {len(name_pool('last', 'train'))} last names from Faker's locales and the hand lists; the held-out split,
   {len(name_pool('first', 'held_out'))} first x {len(name_pool('last', 'held_out'))} last names, is never trained on;
-  {INVENTED_NAME_RATE:.0%} of names invented from syllables, several tokens each), lists of 3-15 people; operations
-  copy, reverse, sort, shuffle, insert/remove/replace at an index and at random (task weights
+  {INVENTED_NAME_RATE:.0%} of names invented from syllables, several tokens each), lists of 3-15
+  people{_long_lists(settings)}; operations copy, reverse, sort, shuffle, insert/remove/replace at an index and at
+  random (task weights
   {json.dumps(dict(settings['task_weights']))}). Prompt = ParallelBench's instruction in the tokenizer's chat
   format, {ICL_SHARE:.0%} of them after one in-context example (prompt and answer turns); answer = the JSON list,
   then `</s>`.{_mixture(settings)} Held-out accuracy below is measured on lists of held-out names.
@@ -876,6 +891,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rainbow-pads", type=int, default=TrainSettings.rainbow_pads, metavar="K",
                         help="MDLM: pad each answer with one end of text, then a cycle of K distinct pad tokens "
                              "(Rainbow Padding; 0 = end of text throughout, as LLaDA pads)")
+    parser.add_argument("--long-share", type=float, default=TrainSettings.long_share,
+                        help="share of batches of the longest lists allowed (the rest draw the length uniformly)")
     parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
                         help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
     parser.add_argument("--init-from", default="", help="start from this saved model folder (an AR folder for an "
@@ -898,7 +915,8 @@ def main(argv: list[str] | None = None) -> None:
                              task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
                              precision=args.precision, checkpoint_every=args.checkpoint_every,
                              common_share=args.common_share, common_from=args.common_from,
-                             width_group=args.width_group, rainbow_pads=args.rainbow_pads)
+                             width_group=args.width_group, rainbow_pads=args.rainbow_pads,
+                             long_share=args.long_share)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
                                      device=args.device, micro_batch=args.micro_batch)
@@ -928,6 +946,7 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
             + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
             + (f" --width-group {args.width_group}" if args.width_group else "")
             + (f" --rainbow-pads {args.rainbow_pads}" if args.rainbow_pads else "")
+            + (f" --long-share {args.long_share:g}" if args.long_share else "")
             + (f" --common-share {args.common_share:g}" if args.common_share else "")
             + (f" --common-from {args.common_from}" if args.common_share and args.common_from else "")
             + "".join(f" --task-weight {item}" for item in args.task_weight))
