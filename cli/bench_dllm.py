@@ -58,13 +58,15 @@ class Setting:
     decoder: str
     params: dict[str, str]
     model: str
+    line: str  # the parallelism curve it is drawn on
 
 
 def parse_setting(label: str) -> Setting:
     """``fast_dllm:rule=factor:factor=1.0`` -> decoder, parameters and model; ``ParamError`` if it cannot run."""
     decoder, params = parse_label(label)
-    get_decoder(decoder).validate(params)
-    return Setting(label, decoder, params, default_model(decoder))
+    spec = get_decoder(decoder)
+    spec.validate(params)
+    return Setting(label, decoder, params, default_model(decoder), spec.curve_line(params))
 
 
 def dllm(
@@ -130,7 +132,7 @@ def dllm(
                 points.append(BenchPoint(task=task, setting=setting.label, decoder=setting.decoder, model=setting.model,
                                          rows=len(rows), accuracy=result.accuracy,
                                          tokens_per_call=result.tokens_per_call, model_calls=result.model_calls,
-                                         draft_calls=result.draft_calls, seconds=seconds))
+                                         draft_calls=result.draft_calls, seconds=seconds, line=setting.line))
                 recorder.record(points[-1])
                 log(f"[{done}/{cells}] {task} / {setting.label}: accuracy {result.accuracy:.1%}, "
                     f"{result.model_calls} calls, {result.tokens_per_call:.2f} tokens/call ({seconds:.1f} s)")

@@ -445,6 +445,7 @@ class BenchPoint(Record):
     model_calls: int
     draft_calls: int = 0
     seconds: float = 0.0
+    line: str = ""  # the setting without its parallelism parameters (DecoderSpec.curve_line); "" = the decoder
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ class Param:
     choices: tuple[str, ...] | None = None
     limit: str | None = None  # the engine.limits.Limits field that caps this value (it multiplies memory or time)
     loads_files: bool = False  # the value names a model or folder to load: a public app takes allow-listed names only
+    # the value trades accuracy for model calls (a diffusion schedule's steps, a commit threshold): a parallelism
+    # curve draws one line per decoder through such values, the other parameters fixed
+    sets_parallelism: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -22,7 +22,8 @@ PIPELINE_PARAMS = (
 # maps each ``remasking`` choice to the confidence engine/diffusion/unmask.py ranks proposals by.
 REMASKING = {"low_confidence": "probability", "random": "random"}
 SCHEDULE_PARAMS = (
-    Param("steps", "int", 0, "Denoising steps over the whole canvas; 0 = gen_length (one token per step).", 0, 4096),
+    Param("steps", "int", 0, "Denoising steps over the whole canvas; 0 = gen_length (one token per step).", 0, 4096,
+          sets_parallelism=True),
     Param("remasking", "choice", "low_confidence", "Which proposals stay: the most confident, or random ones.",
           choices=tuple(REMASKING)),
 )

@@ -8,6 +8,7 @@ import pytest
 
 from cli.bench_dllm import default_settings, dllm
 from cli.main import main
+from engine.decoders import get_decoder
 from engine.events import BenchPoint
 from engine.models.handle import LoadedModel
 from engine.offline.parallelbench import (
@@ -23,6 +24,7 @@ from engine.parallel_goal import bench_summary, meets_goal
 from engine.params import ParamError
 from storage import TraceStore
 from tests.helpers import hand_trace, tiny_waitline_model
+from ui.figures.common import escape_text
 from ui.figures.parallelism import bench_points, goal_figure, parallelism_figure
 
 CANVAS = 16  # the tiny diffusion model's canvas (its config's diffusion_gen_length)
@@ -195,7 +197,7 @@ def test_bench_skips_what_cannot_run_and_compares_calls_with_one_token_per_step(
 
 def test_the_bench_is_stored_as_a_run_and_drawn_as_accuracy_against_parallelism(tiny_models, tmp_path):
     store = TraceStore(f"sqlite:///{tmp_path / 'bench.db'}")
-    settings = ["llada", "llada:steps=4", "llada:steps=2", "greedy"]
+    settings = ["llada", "llada:steps=4", "llada:steps=2", "greedy", "llada:block_length=1"]
     report = dllm(per_task=2, tasks=["copy", "sort", "shuffle"], settings=settings, models=tiny_models,
                   log=lambda _: None, sinks=[store.sink()], figure=tmp_path / "curve.html")
     trace = store.load(report["run_id"])
@@ -211,9 +213,10 @@ def test_the_bench_is_stored_as_a_run_and_drawn_as_accuracy_against_parallelism(
     figure = parallelism_figure(trace)
     assert [a.text for a in figure.layout.annotations] == ["copy", "sort", "shuffle"]  # scored tasks first
     llada_sort = next(t for t in figure.data if t.name == "llada" and t.xaxis == "x2")
-    expected = sorted((p.tokens_per_call, 100 * p.accuracy) for p in points if p.task == "sort" and p.decoder == "llada")
-    assert list(zip(llada_sort.x, llada_sort.y)) == expected  # one line through its three settings
-    assert [t.name for t in figure.data if t.showlegend] == ["llada", "greedy"]
+    expected = sorted((p.tokens_per_call, 100 * p.accuracy) for p in points if p.task == "sort" and p.line == "llada")
+    assert len(expected) == 3 and list(zip(llada_sort.x, llada_sort.y)) == expected  # one line through its steps
+    # LLaDA in blocks of one token is another method at the same parallelism: a line (a point) of its own
+    assert [t.name for t in figure.data if t.showlegend] == ["llada", "greedy", escape_text("llada:block_length=1")]
     goal = goal_figure(trace)
     marked = {t.text[0]: (t.x[0], t.y[0]) for t in goal.data}
     summary = report["summary"]["llada:steps=4"]
@@ -263,6 +266,18 @@ def test_a_failing_bench_keeps_its_cells_marked_failed(tiny_models, tmp_path):
     trace = store.load(summary.run_id)
     assert trace.status == "failed" and "waitline-ar is not here" in trace.reason
     assert [p.setting for p in bench_points(trace)] == ["llada"]
+
+
+def test_a_curve_joins_the_settings_that_differ_only_in_their_parallelism():
+    assert get_decoder("llada").curve_line({"steps": "8"}) == "llada"
+    assert get_decoder("llada").curve_line({"block_length": "1", "steps": "8"}) == "llada:block_length=1"
+    assert get_decoder("fast_dllm").curve_line({"threshold": "0.7", "cache": "dual"}) == "fast_dllm:cache=dual"
+    assert get_decoder("localleap").curve_line({"threshold": "0.99", "relaxed_threshold": "0.95"}) == "localleap"
+    # a trace recorded before the curves had their own key draws one line per decoder, as it did then
+    old = [BenchPoint(task="copy", setting=label, decoder="llada", model="m", rows=4, accuracy=0.5,
+                      tokens_per_call=tpc, model_calls=calls)
+           for label, tpc, calls in (("llada", 1.0, 9), ("llada:block_length=1", 1.0, 9))]
+    assert [len(t.x) for t in parallelism_figure(hand_trace(old, {}, decoder="bench_dllm")).data] == [2]
 
 
 def test_bench_labels_are_shown_as_text():

@@ -35,6 +35,12 @@ class DecoderSpec:
     def validate(self, given: Mapping[str, Any]) -> dict[str, Any]:
         return validate(self.params, given, f"decoder {self.name!r}")
 
+    def curve_line(self, given: Mapping[str, Any]) -> str:
+        """The setting without its parallelism parameters, as ``name:key=value:...``: a parallelism curve joins
+        the settings that share it (LLaDA's steps make one line; LLaDA in blocks of one token another)."""
+        parallel = {p.name for p in self.params if p.sets_parallelism}
+        return ":".join([self.name, *(f"{key}={value}" for key, value in given.items() if key not in parallel)])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -1,7 +1,8 @@
 """A stored ``bench dllm`` run drawn as ParallelBench draws it: accuracy against parallelism, per task and decoder.
 
 ``parallelism_figure`` puts one panel per task (the scored copy, reverse and sort first), x = tokens per model call
-(the parallelism each setting reached), y = accuracy, one line per decoder through its settings. ``goal_figure``
+(the parallelism each setting reached), y = accuracy, one line per decoder through the settings that differ only in
+its parallelism parameters (LLaDA's steps; LLaDA in blocks of one token is a line of its own). ``goal_figure``
 places every setting by how many times fewer model calls it made than LLaDA at one token per step and how many
 points of accuracy it lost over the scored tasks, with the goal region (>= 3x fewer, <= 2 points lower) shaded.
 """
@@ -38,14 +39,19 @@ def _ordered_tasks(points: list[BenchPoint]) -> list[str]:
                                            if task in SCORED_TASKS else tasks.index(task)))
 
 
+def _line(point: BenchPoint) -> str:
+    """The curve a cell is drawn on; traces recorded before curves had their own key drew one per decoder."""
+    return point.line or point.decoder
+
+
 def _colors(points: list[BenchPoint]) -> dict[str, str]:
-    decoders = list(dict.fromkeys(p.decoder for p in points))
+    lines = list(dict.fromkeys(_line(p) for p in points))
     palette = qualitative.Plotly + qualitative.D3
-    return {decoder: palette[i % len(palette)] for i, decoder in enumerate(decoders)}
+    return {line: palette[i % len(palette)] for i, line in enumerate(lines)}
 
 
 def parallelism_figure(trace: Trace) -> go.Figure:
-    """Accuracy against tokens per model call, a panel per task and a line per decoder through its settings."""
+    """Accuracy against tokens per model call, a panel per task and a line per decoder through its parallelism."""
     points = bench_points(trace)
     if not points:
         return empty_figure(NO_BENCH)
@@ -58,21 +64,21 @@ def parallelism_figure(trace: Trace) -> go.Figure:
     shown: set[str] = set()
     for index, task in enumerate(tasks):
         row, col = divmod(index, columns)
-        by_decoder: dict[str, list[BenchPoint]] = {}
+        by_line: dict[str, list[BenchPoint]] = {}
         for point in points:
             if point.task == task:
-                by_decoder.setdefault(point.decoder, []).append(point)
-        for decoder, line in by_decoder.items():
+                by_line.setdefault(_line(point), []).append(point)
+        for name, line in by_line.items():
             line.sort(key=lambda p: p.tokens_per_call)
             fig.add_trace(go.Scatter(
                 x=[p.tokens_per_call for p in line], y=[100 * p.accuracy for p in line], mode="lines+markers",
-                name=escape_text(decoder), legendgroup=escape_text(decoder), showlegend=decoder not in shown,
-                line={"color": colors[decoder], "width": 2}, marker={"size": 7},
+                name=escape_text(name), legendgroup=escape_text(name), showlegend=name not in shown,
+                line={"color": colors[name], "width": 2}, marker={"size": 7},
                 customdata=[[escape_text(p.setting), p.model_calls, p.rows, escape_text(p.model)] for p in line],
                 hovertemplate=("%{customdata[0]}<br>accuracy %{y:.1f} % over %{customdata[2]} rows<br>"
                                "%{x:.2f} tokens per call (%{customdata[1]} calls), %{customdata[3]}<extra></extra>"),
             ), row=row + 1, col=col + 1)
-            shown.add(decoder)
+            shown.add(name)
     fig.update_xaxes(type="log", title_text="tokens per call")
     fig.update_yaxes(range=[-3, 103], title_text="accuracy %", col=1)
     info = trace.info.params
@@ -91,7 +97,7 @@ def goal_figure(trace: Trace) -> go.Figure:
     if not summary or base is None:
         return empty_figure(f"The goal check needs {BASELINE} (one token per step) and a cell on each scored task "
                             f"({', '.join(SCORED_TASKS)}) present.")
-    decoders = {p.setting: p.decoder for p in points}
+    lines = {p.setting: _line(p) for p in points}
     colors = _colors(points)
     fig = go.Figure()
     widest = max([total["fewer_calls"] for total in summary.values()] + [GOAL_FEWER_CALLS * 2])
@@ -107,7 +113,7 @@ def goal_figure(trace: Trace) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[total["fewer_calls"]], y=[100 * total["accuracy_change"]], mode="markers+text",
             text=[escape_text(label)], textposition=label_side[label], showlegend=False,
-            marker={"size": 10, "color": colors[decoders[label]], "symbol": GOAL_SYMBOLS[standing]},
+            marker={"size": 10, "color": colors[lines[label]], "symbol": GOAL_SYMBOLS[standing]},
             hovertemplate=(f"{escape_text(label)}: {described}<br>%{{x:.2f}}x fewer calls, %{{y:+.1f}} points "
                            f"(mean accuracy {100 * total['accuracy']:.1f} %)<extra></extra>"),
         ))

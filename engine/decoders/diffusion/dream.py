@@ -82,7 +82,8 @@ SPEC = register(
                 "(maskgit_plus, topk_margin, entropy).",
         params=(
             *CANVAS_PARAMS,
-            Param("steps", "int", 0, "Denoising steps over the whole canvas; 0 = gen_length.", 0, 4096),
+            Param("steps", "int", 0, "Denoising steps over the whole canvas; 0 = gen_length.", 0, 4096,
+                  sets_parallelism=True),
             Param("alg", "choice", "entropy", "origin: each mask unmasked with probability 1 - s/t; otherwise the "
                   "confidence ranking (Dream's generation config defaults to origin, its README uses entropy).",
                   choices=ALGORITHMS),

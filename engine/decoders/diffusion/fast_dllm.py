@@ -65,9 +65,9 @@ SPEC = register(
             Param("rule", "choice", "threshold", "threshold: confidence >= threshold; factor: accept the r-th most "
                   "confident while (r + 1)(1 - c) < factor.", choices=RULES),
             Param("threshold", "float", 0.9, "Confidence a proposal needs to be committed (rule=threshold).",
-                  0.0, 1.0),
+                  0.0, 1.0, sets_parallelism=True),
             Param("factor", "float", 1.0, "f of the factor rule; larger commits more per step (rule=factor).",
-                  0.0, 10.0),
+                  0.0, 10.0, sets_parallelism=True),
         ),
         run=fast_dllm,
     )

@@ -46,9 +46,10 @@ SPEC = register(
         params=(
             *PARAMS,
             Param("steps", "int", 0, "Quota schedule steps over the canvas; 0 = one quota token per step "
-                  "(the filter's commits come on top).", 0, 4096),
+                  "(the filter's commits come on top).", 0, 4096, sets_parallelism=True),
             Param("accept_threshold", "float", ACCEPT_THRESHOLD, "Commit a masked position when the filter's "
-                  "probability that its proposal is final exceeds this (1 = quota only, plain LLaDA).", 0.0, 1.0),
+                  "probability that its proposal is final exceeds this (1 = quota only, plain LLaDA).", 0.0, 1.0,
+                  sets_parallelism=True),
             Param("eot_prediction", "bool", True, "End-of-Text Prediction: after a committed end of text, fill "
                   "the rest of the canvas with end of text and stop decoding it."),
             Param("filter", "str", "", f"Folder of a trained filter; empty = the built-in {DEFAULT_FILTER_DIR.name}.",

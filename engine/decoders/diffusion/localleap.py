@@ -51,9 +51,9 @@ SPEC = register(
         params=(
             *BLOCK_PARAMS,
             Param("threshold", "float", 0.9, "Confidence of an anchor; also what a proposal far from every anchor "
-                  "needs.", 0.0, 1.0),
+                  "needs.", 0.0, 1.0, sets_parallelism=True),
             Param("relaxed_threshold", "float", 0.75, "Confidence a proposal needs within radius of an anchor.",
-                  0.0, 1.0),
+                  0.0, 1.0, sets_parallelism=True),
             Param("radius", "int", 4, "How far (in positions) an anchor relaxes the threshold.", 0, 64),
         ),
         run=localleap,

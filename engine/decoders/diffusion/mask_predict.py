@@ -65,7 +65,7 @@ SPEC = register(
             # its committed tokens may change, so an answer is never settled before the last iteration
             *(p for p in CANVAS_PARAMS if p.name != "stop_when_settled"),
             Param("iterations", "int", 10, "Iterations T per block (model calls); iteration t re-masks "
-                  "N (T - t) / T tokens.", 1, 1000),
+                  "N (T - t) / T tokens.", 1, 1000, sets_parallelism=True),
         ),
         run=mask_predict,
     )
