@@ -560,14 +560,16 @@ def test_replay_only_lands_on_the_library(browser, tmp_path):
 
 def test_a_stored_bench_opens_as_its_accuracy_against_parallelism_curve(app, person):
     """``bench dllm`` stores itself as a run: a person finds it by its description in the Library and opens it; the
-    curve (a panel per task, a line per decoder) and the goal check are drawn from the stored cells."""
+    curve (a panel per task, a line per decoder through its parallelism) and the goal check are drawn from the stored
+    cells."""
     from cli.bench_dllm import dllm
     from tests.helpers import tiny_waitline_model
 
     models = {"waitline-mdlm": tiny_waitline_model(False, name="tiny-mdlm", diffusion_gen_length=8),
               "waitline-ar": tiny_waitline_model(True, name="tiny-ar")}
     report = dllm(per_task=1, tasks=["copy", "reverse", "sort", "shuffle"],
-                  settings=["llada", "llada:steps=4", "llada:steps=2", "fast_dllm:threshold=0.5", "greedy"],
+                  settings=["llada", "llada:steps=4", "llada:steps=2", "fast_dllm:threshold=0.5", "greedy",
+                            "llada:block_length=1"],
                   models=models, log=lambda _: None, sinks=[TraceStore(app.db_url).sink()])
     open_tab(person, "Library")
     type_into(person, "filter-text", "bench dllm", enter=True)
@@ -580,7 +582,7 @@ def test_a_stored_bench_opens_as_its_accuracy_against_parallelism_curve(app, per
     person.wait_for_function("(document.querySelector('#replay-primary .js-plotly-plot')?.layout?.title?.text || '')"
                              ".includes('Accuracy against parallelism')", timeout=30_000)
     legend = person.evaluate("[...document.querySelectorAll('#replay-primary .legendtext')].map(e => e.textContent)")
-    assert sorted(legend) == ["fast_dllm", "greedy", "llada"]  # as a person reads them
+    assert sorted(legend) == ["fast_dllm", "greedy", "llada", "llada:block_length=1"]  # as a person reads them
     assert sum(line["name"] == "llada" for line in _plot_data(person, "replay-primary")) == 4  # one per task panel
     person.wait_for_function("(document.querySelector('#replay-timeline .js-plotly-plot')?.layout?.title?.text || '')"
                              ".includes('Goal')")
