@@ -58,15 +58,18 @@ class Setting:
     decoder: str
     params: dict[str, str]
     model: str
-    line: str  # the parallelism curve it is drawn on
+
+    @property
+    def line(self) -> str:
+        """The parallelism curve it is drawn on."""
+        return get_decoder(self.decoder).curve_line(self.params)
 
 
 def parse_setting(label: str) -> Setting:
     """``fast_dllm:rule=factor:factor=1.0`` -> decoder, parameters and model; ``ParamError`` if it cannot run."""
     decoder, params = parse_label(label)
-    spec = get_decoder(decoder)
-    spec.validate(params)
-    return Setting(label, decoder, params, default_model(decoder), spec.curve_line(params))
+    get_decoder(decoder).validate(params)
+    return Setting(label, decoder, params, default_model(decoder))
 
 
 def dllm(

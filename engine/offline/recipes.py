@@ -115,6 +115,7 @@ def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAI
 
 
 AR_TWIN = "{work}/waitline-ar"  # the twin's first run
+AR_FIRST_RUN = _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN)  # both recipes start with it
 
 
 TEMPLATE_DATA = (2500, 0.0)  # (sequences, share the target wrote itself): the set falcon, medusa and ppd trained on
@@ -141,13 +142,13 @@ def _train_head(head: str, *args: str) -> Stage:
 RECIPES = (
     Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: a train_dllm run, then one on long lists",
            (
-               _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN),
+               AR_FIRST_RUN,
                _train_waitline("ar", "--init-from", AR_TWIN, *LONG_LISTS, *FINAL_TASK_WEIGHTS, steps=LONG_STEPS,
                                lr="0.0003", warmup=50, seed=5),
            )),
     Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
-           "the built-in dLLM: the AR twin's run, then four masked-diffusion runs from its weights", (
-               _train_waitline("ar", *AR_MIXTURE, out=AR_TWIN),
+           "the built-in dLLM: the AR twin's first run, then four masked-diffusion runs from its weights", (
+               AR_FIRST_RUN,
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
                                COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
                _train_waitline("mdlm", "--init-from", ADAPTED, *GROUPED_ROWS, out=REFINED, steps=REFINE_STEPS,
