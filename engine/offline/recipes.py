@@ -101,12 +101,7 @@ FINAL_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=4", "
 # batch in 13; so a second run, on a fresh stream (seed 5), draws half its batches of 15 people, weighted as above.
 # The dLLM stays adapted from the first run, the weights it was built from.
 LONG_STEPS = 2000
-LONG_SHARE = ("--long-share", "0.5")
-LONG_LISTS = ("--common-share", COMMON_SHARE, *LONG_SHARE)
-# The dLLM, from the fifth run, copied 6 % and reversed 4 % of those 15-person lists (BENCHMARKS.md, issue 21,
-# sixteenth session); so a sixth run draws half its batches of 15 people too, on a fresh stream (seed 6).
-FINAL = "{work}/waitline-mdlm-final"
-MDLM_LONG_STEPS = 1600
+LONG_LISTS = ("--common-share", COMMON_SHARE, "--long-share", "0.5")
 
 
 def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAITLINE_STEPS, lr: str = "0.001",
@@ -152,7 +147,7 @@ RECIPES = (
                                lr="0.0003", warmup=50, seed=5),
            )),
     Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
-           "the built-in dLLM: the AR twin's first run, then five masked-diffusion runs from its weights", (
+           "the built-in dLLM: the AR twin's first run, then four masked-diffusion runs from its weights", (
                AR_FIRST_RUN,
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
                                COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
@@ -161,9 +156,7 @@ RECIPES = (
                _train_waitline("mdlm", "--init-from", REFINED, *GROUPED_ROWS, "--rainbow-pads", "7",
                                *TARGET_TASK_WEIGHTS, out=RAINBOW, steps=POLISH_STEPS, lr="0.0002", warmup=50, seed=3),
                _train_waitline("mdlm", "--init-from", RAINBOW, *GROUPED_ROWS, "--rainbow-pads", "7",
-                               *FINAL_TASK_WEIGHTS, out=FINAL, steps=FINAL_STEPS, lr="0.0002", warmup=50, seed=4),
-               _train_waitline("mdlm", "--init-from", FINAL, *GROUPED_ROWS, "--rainbow-pads", "7", *LONG_SHARE,
-                               *FINAL_TASK_WEIGHTS, steps=MDLM_LONG_STEPS, lr="0.0003", warmup=50, seed=6),
+                               *FINAL_TASK_WEIGHTS, steps=FINAL_STEPS, lr="0.0002", warmup=50, seed=4),
            )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
