@@ -580,28 +580,29 @@ def answer_mdlm(
 ) -> list[list[int]]:
     """Unmask ``[prompt | <mask> x GEN_LENGTH]`` one position per step: the most confident argmax within the current
     block of ``block`` positions (LLaDA's semi-autoregressive blocks; the whole canvas by default), never revised.
-    Stops once every answer is settled (an end of text with nothing masked before it): later steps only fill the
-    padding after it, which the answer never includes."""
+    A row leaves the batch once its answer is settled (an end of text with nothing masked before it): later steps
+    would only fill the padding after it, which the answer never includes."""
     mask_id, eos = model.config.mask_token_id, tokenizer.eos_token_id
     ids, attention = _left_padded(prompts, tokenizer.pad_token_id)
     canvas = torch.cat([ids, torch.full((len(prompts), GEN_LENGTH), mask_id)], dim=1)
     attention = torch.cat([attention, torch.ones(len(prompts), GEN_LENGTH, dtype=torch.long)], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    rows = torch.arange(len(prompts))
     answer_column = torch.arange(GEN_LENGTH)
     for step in range(GEN_LENGTH):
-        if _settled(canvas[:, ids.shape[1]:], mask_id, eos).all():
+        live = (~_settled(canvas[:, ids.shape[1]:], mask_id, eos)).nonzero().squeeze(-1)
+        if not len(live):
             break
         outside = answer_column // block != step // block
-        logits = model(input_ids=canvas, attention_mask=attention, position_ids=positions).logits.float()
+        rows = canvas[live]
+        logits = model(input_ids=rows, attention_mask=attention[live], position_ids=positions[live]).logits.float()
         if shifts_logits(model):
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., mask_id] = -math.inf
         confidence, proposal = logits.softmax(-1).max(-1)
-        confidence = confidence.masked_fill(canvas != mask_id, -1.0)
+        confidence = confidence.masked_fill(rows != mask_id, -1.0)
         confidence[:, ids.shape[1]:] = confidence[:, ids.shape[1]:].masked_fill(outside, -1.0)
         position = confidence.argmax(-1)
-        canvas[rows, position] = proposal[rows, position]
+        canvas[live, position] = proposal[torch.arange(len(live)), position]
     return [_until_eos(row[ids.shape[1]:].tolist(), tokenizer.eos_token_id) for row in canvas]
 
 
