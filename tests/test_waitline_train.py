@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from engine.models import BUILTIN_NAMES, load_model
 from engine.models.registry import asset_model_dir
 from engine.offline import train_dllm as waitline_train
-from engine.offline.names import FIRST_NAMES, LAST_NAMES, split_of
+from engine.offline.names import FIRST_NAMES, LAST_NAMES, name_pool, split_of
 from engine.offline.parallelbench import read_rows, write_rows
 from engine.offline.waitline_data import (
     OPEN_ENDED,
@@ -425,6 +425,7 @@ def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(t
 @pytest.mark.parametrize(("kind", "flag", "value", "card_text"), [
     ("mdlm", "--width-group", "2", "to a random width common to each group of 2 rows of similar length"),
     ("ar", "--long-share", "0.5", "50% of the batches all of the longest"),
+    ("ar", "--invented-rate", "0.3", "30% of names invented from syllables"),
 ])
 def test_a_data_setting_is_part_of_the_command_and_the_card(tmp_path, kind, flag, value, card_text):
     out = tmp_path / "model"
@@ -545,3 +546,21 @@ def test_the_long_share_draws_whole_batches_of_the_longest_lists_and_leaves_the_
     assert sum(n == 15 for n in plain) / 200 < 0.15
     before = waitline_train.Batches(tokenizer, seed=4, batch_size=2)  # the stream without the setting at all
     assert plain == [len(before.examples()[0].people) for _ in range(200)]
+
+
+def test_the_invented_rate_sets_the_share_of_made_up_names_and_the_card_names_earlier_rates(tokenizer):
+    """--invented-rate: that share of first and last names comes from syllables, not from the training pool."""
+    pool = set(name_pool("first", "train")) | set(name_pool("last", "train"))
+
+    def invented_share(rate: float) -> float:
+        batches = waitline_train.Batches(tokenizer, seed=3, batch_size=8, invented_rate=rate)
+        parts = [part for _ in range(40) for example in batches.examples() for person in example.people
+                 for part in person.split(" ")]
+        return sum(part not in pool for part in parts) / len(parts)
+
+    # a few syllable names happen to be real ones too ("Cara", "Damon")
+    assert invented_share(0.0) == 0.0 and 0.2 < invented_share(0.3) < 0.4 and invented_share(1.0) > 0.95
+    run = {"settings": {"invented_rate": 0.3}}
+    assert waitline_train._invented([run]) == "30%"
+    assert waitline_train._invented([{"settings": {}}, run]) == "30% in the last run (5% before)"
+    assert waitline_train._invented([{"settings": {}}, {"settings": {}}]) == "5%"

@@ -99,6 +99,7 @@ class TrainSettings:
     # Share of batches whose lists are all of the longest length allowed (ParallelBench's long file is 15 people);
     # the rest draw the length uniformly. The uniform draw gives 15-person lists one batch in 13.
     long_share: float = 0.0
+    invented_rate: float = INVENTED_NAME_RATE  # chance that a training first or last name is made up from syllables
 
 
 RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
@@ -126,9 +127,9 @@ class Batches:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int,
                  task_weights: dict[str, float] = TASK_WEIGHTS, pad_cycle: tuple[int, ...] = (),
-                 long_share: float = 0.0) -> None:
+                 long_share: float = 0.0, invented_rate: float = INVENTED_NAME_RATE) -> None:
         self.tokenizer, self.batch_size, self.pad_cycle, self.long_share = tokenizer, batch_size, pad_cycle, long_share
-        self.generator = WaitlineGenerator(seed, invented_rate=INVENTED_NAME_RATE, split="train", icl_share=ICL_SHARE)
+        self.generator = WaitlineGenerator(seed, invented_rate=invented_rate, split="train", icl_share=ICL_SHARE)
         self.rng = random.Random(seed + 1)
         self.operations, self.weights = list(task_weights), list(task_weights.values())
         self.longest = self.generator.max_people
@@ -387,7 +388,7 @@ def train(
     pad_cycle = tuple(with_rainbow_pads(tokenizer, settings.rainbow_pads)) if settings.rainbow_pads else ()
     model = _initial_model(settings, tokenizer).train()
     batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights), pad_cycle,
-                      settings.long_share)
+                      settings.long_share, settings.invented_rate)
     batches.longest = starting_length(settings, batches.generator.max_people)
     noise = torch.Generator().manual_seed(settings.seed + 2)
     model.to(device)  # a lent GPU trains the same recipe; the data and masking streams stay on the CPU
@@ -691,6 +692,13 @@ def _long_lists(settings: dict[str, Any]) -> str:
     return f" (in the last run {share:.0%} of the batches all of the longest, the rest of any length)" if share else ""
 
 
+def _invented(history: list[dict[str, Any]]) -> str:
+    """The invented-name rate of the last run, and of the earlier runs where they differ."""
+    rates = [run["settings"].get("invented_rate", INVENTED_NAME_RATE) for run in history]
+    earlier = sorted(set(rates[:-1]) - {rates[-1]})
+    return f"{rates[-1]:.0%}" + (f" in the last run ({', '.join(f'{r:.0%}' for r in earlier)} before)" if earlier else "")
+
+
 def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str,
                shifted: bool = False, block: int = GEN_LENGTH, test_files: dict[str, dict[str, float]] | None = None,
                common: dict[str, float] | None = None) -> str:
@@ -745,7 +753,7 @@ built into Decoding Explorer. Weights stored in float16.
   training split of `engine/offline/names.py` ({len(name_pool('first', 'train'))} first x
   {len(name_pool('last', 'train'))} last names from Faker's locales and the hand lists; the held-out split,
   {len(name_pool('first', 'held_out'))} first x {len(name_pool('last', 'held_out'))} last names, is never trained on;
-  {INVENTED_NAME_RATE:.0%} of names invented from syllables, several tokens each), lists of 3-15
+  {_invented(history)} of names invented from syllables, several tokens each), lists of 3-15
   people{_long_lists(settings)}; operations copy, reverse, sort, shuffle, insert/remove/replace at an index and at
   random (task weights
   {json.dumps(dict(settings['task_weights']))}). Prompt = ParallelBench's instruction in the tokenizer's chat
@@ -894,6 +902,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(Rainbow Padding; 0 = end of text throughout, as LLaDA pads)")
     parser.add_argument("--long-share", type=float, default=TrainSettings.long_share,
                         help="share of batches of the longest lists allowed (the rest draw the length uniformly)")
+    parser.add_argument("--invented-rate", type=float, default=TrainSettings.invented_rate,
+                        help="chance that a training first or last name is invented from syllables (several tokens)")
     parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
                         help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
     parser.add_argument("--init-from", default="", help="start from this saved model folder (an AR folder for an "
@@ -917,7 +927,7 @@ def main(argv: list[str] | None = None) -> None:
                              precision=args.precision, checkpoint_every=args.checkpoint_every,
                              common_share=args.common_share, common_from=args.common_from,
                              width_group=args.width_group, rainbow_pads=args.rainbow_pads,
-                             long_share=args.long_share)
+                             long_share=args.long_share, invented_rate=args.invented_rate)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
                                      device=args.device, micro_batch=args.micro_batch)
@@ -948,6 +958,7 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
             + (f" --width-group {args.width_group}" if args.width_group else "")
             + (f" --rainbow-pads {args.rainbow_pads}" if args.rainbow_pads else "")
             + (f" --long-share {args.long_share:g}" if args.long_share else "")
+            + (f" --invented-rate {args.invented_rate:g}" if args.invented_rate != INVENTED_NAME_RATE else "")
             + (f" --common-share {args.common_share:g}" if args.common_share else "")
             + (f" --common-from {args.common_from}" if args.common_share and args.common_from else "")
             + "".join(f" --task-weight {item}" for item in args.task_weight))
