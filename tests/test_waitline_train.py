@@ -561,6 +561,6 @@ def test_the_invented_rate_sets_the_share_of_made_up_names_and_the_card_names_ea
     # a few syllable names happen to be real ones too ("Cara", "Damon")
     assert invented_share(0.0) == 0.0 and 0.2 < invented_share(0.3) < 0.4 and invented_share(1.0) > 0.95
     run = {"settings": {"invented_rate": 0.3}}
-    assert waitline_train._invented([run]) == "30%"
-    assert waitline_train._invented([{"settings": {}}, run]) == "30% in the last run (5% before)"
-    assert waitline_train._invented([{"settings": {}}, {"settings": {}}]) == "5%"
+    assert waitline_train._invented([run]) == "30% of names"
+    assert waitline_train._invented([{"settings": {}}, run]) == "30% of names (5% in the earlier runs)"
+    assert waitline_train._invented([{"settings": {}}, {"settings": {}}]) == "5% of names"

@@ -696,7 +696,8 @@ def _invented(history: list[dict[str, Any]]) -> str:
     """The invented-name rate of the last run, and of the earlier runs where they differ."""
     rates = [run["settings"].get("invented_rate", INVENTED_NAME_RATE) for run in history]
     earlier = sorted(set(rates[:-1]) - {rates[-1]})
-    return f"{rates[-1]:.0%}" + (f" in the last run ({', '.join(f'{r:.0%}' for r in earlier)} before)" if earlier else "")
+    return f"{rates[-1]:.0%} of names" + (f" ({', '.join(f'{r:.0%}' for r in earlier)} in the earlier runs)"
+                                          if earlier else "")
 
 
 def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], parameters: int, command: str,
@@ -753,7 +754,7 @@ built into Decoding Explorer. Weights stored in float16.
   training split of `engine/offline/names.py` ({len(name_pool('first', 'train'))} first x
   {len(name_pool('last', 'train'))} last names from Faker's locales and the hand lists; the held-out split,
   {len(name_pool('first', 'held_out'))} first x {len(name_pool('last', 'held_out'))} last names, is never trained on;
-  {_invented(history)} of names invented from syllables, several tokens each), lists of 3-15
+  {_invented(history)} invented from syllables, several tokens each), lists of 3-15
   people{_long_lists(settings)}; operations copy, reverse, sort, shuffle, insert/remove/replace at an index and at
   random (task weights
   {json.dumps(dict(settings['task_weights']))}). Prompt = ParallelBench's instruction in the tokenizer's chat
