@@ -33,11 +33,10 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
 
 def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    (first, long_lists, invented), (twin, adapted, refined, rainbow, final) = ar, mdlm
+    (first, long_lists), (twin, adapted, refined, rainbow, final) = ar, mdlm
     assert not first.inputs(OUT) and "--minutes" not in first.args
     assert twin == first  # the dLLM is adapted from the AR twin's first run, not its long-list run
-    assert long_lists.inputs(OUT) == [first.output_path(OUT)] and invented.inputs(OUT) == [long_lists.output_path(OUT)]
-    assert invented.output_path(OUT) == OUT
+    assert long_lists.inputs(OUT) == [first.output_path(OUT)] and long_lists.output_path(OUT) == OUT
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
     assert rainbow.inputs(OUT) == [refined.output_path(OUT)] and final.inputs(OUT) == [rainbow.output_path(OUT)]
     assert final.output_path(OUT) == OUT
@@ -49,14 +48,11 @@ def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     assert {option(stage, "--model") for stage in ar} == {"ar"} and {option(stage, "--model") for stage in mdlm[1:]} \
         == {"mdlm"}
     assert int(option(first, "--steps")) == WAITLINE_STEPS
-    assert option(long_lists, "--long-share") == option(invented, "--long-share") == "0.5"
-    assert "--long-share" not in first.args and option(invented, "--invented-rate") == "0.3"
-    assert "--invented-rate" not in first.args + long_lists.args
+    assert option(long_lists, "--long-share") == "0.5" and "--long-share" not in first.args
     for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
         assert len({option(stage, name) for stage in (*ar, *mdlm)}) == 1, name
     # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding
-    seeds = [option(stage, "--seed") for stage in (refined, rainbow, final, long_lists, invented)]
-    assert seeds == ["0", "3", "4", "5", "8"]
+    assert [option(stage, "--seed") for stage in (refined, rainbow, final, long_lists)] == ["0", "3", "4", "5"]
     assert "--task-weight" in final.args and "--task-weight" not in refined.args
     assert option(rainbow, "--rainbow-pads") == option(final, "--rainbow-pads") == "7"
 
