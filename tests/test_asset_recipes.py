@@ -33,10 +33,14 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
 
 def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    (first, long_lists), (twin, adapted, refined, rainbow, final) = ar, mdlm
+    (first, long_lists, *from_long, averaged), (twin, adapted, refined, rainbow, final) = ar, mdlm
     assert not first.inputs(OUT) and "--minutes" not in first.args
     assert twin == first  # the dLLM is adapted from the AR twin's first run, not its long-list run
-    assert long_lists.inputs(OUT) == [first.output_path(OUT)] and long_lists.output_path(OUT) == OUT
+    assert long_lists.inputs(OUT) == [first.output_path(OUT)]
+    assert all(run.inputs(OUT) == [long_lists.output_path(OUT)] for run in from_long) and len(from_long) == 3
+    # the shipped twin averages the long-list run and the three runs from it (a model soup)
+    assert averaged.tool == "engine.offline.soup" and averaged.output_path(OUT) == OUT
+    assert averaged.inputs(OUT) == [run.output_path(OUT) for run in (long_lists, *from_long)]
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
     assert rainbow.inputs(OUT) == [refined.output_path(OUT)] and final.inputs(OUT) == [rainbow.output_path(OUT)]
     assert final.output_path(OUT) == OUT
@@ -48,11 +52,14 @@ def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     assert {option(stage, "--model") for stage in ar} == {"ar"} and {option(stage, "--model") for stage in mdlm[1:]} \
         == {"mdlm"}
     assert int(option(first, "--steps")) == WAITLINE_STEPS
-    assert option(long_lists, "--long-share") == "0.5" and "--long-share" not in first.args
+    assert {option(stage, "--long-share") for stage in (long_lists, *from_long)} == {"0.5"}
+    assert "--long-share" not in first.args
     for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
-        assert len({option(stage, name) for stage in (*ar, *mdlm)}) == 1, name
-    # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding
-    assert [option(stage, "--seed") for stage in (refined, rainbow, final, long_lists)] == ["0", "3", "4", "5"]
+        assert len({option(stage, name) for stage in (*ar[:-1], *mdlm)}) == 1, name
+    # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding; so does
+    # every AR run after the first
+    assert [option(stage, "--seed") for stage in (refined, rainbow, final)] == ["0", "3", "4"]
+    assert [option(stage, "--seed") for stage in (long_lists, *from_long)] == ["5", "7", "8", "9"]
     assert "--task-weight" in final.args and "--task-weight" not in refined.args
     assert option(rainbow, "--rainbow-pads") == option(final, "--rainbow-pads") == "7"
 
@@ -83,8 +90,10 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     model = load_model(str(out))
     assert getattr(model.model.config, "is_causal", True) == (name == "waitline-ar")
     log = json.loads((out / "training_log.json").read_text())
-    assert log["finished"] and log["steps_done"] == 3
-    assert "continued_from" in log  # the dLLM starts from the AR twin's weights, the twin's last run from its first
+    runs = log.get("soup_of", [log])  # the AR twin averages four runs' weights
+    assert log["finished"] and all(run["finished"] and run["steps_done"] == 3 for run in runs)
+    assert all("continued_from" in run for run in runs)  # the dLLM starts from the AR twin's weights, the twin's
+    # last runs from its first
     assert model.prompt_format is not None and model.prompt_format.name == "parallelbench-waiting-line"
     card = (out / "README.md").read_text()
     assert "`decoding-explorer assets rebuild " + name + "`" in card
@@ -93,7 +102,9 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     assert not (out / WORK).exists() and not out.with_name(out.name + ".work").exists()  # checkpoints removed
     stages = len(get_recipe(name).stages)
     assert lines[0].startswith(f"[1/{stages}] python -m engine.offline.train_dllm --model ar ")
-    assert len(lines) == stages + 1 and all("--steps 3" in line for line in lines[:-1])
+    trained = [line for line in lines[:-1] if "engine.offline.soup" not in line]
+    assert len(lines) == stages + 1 and len(trained) == stages - ("soup_of" in log)
+    assert all("--steps 3" in line for line in trained)
 
 
 def test_a_few_examples_of_the_learn2pd_recipe_leave_a_filter_that_loads(tmp_path):

@@ -3,7 +3,8 @@
 A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(argv)`` (the same arguments as
 ``python -m <tool>``). Intermediate outputs go to a work folder under the output, removed once the recipe is done.
 
-The built-in AR twin is one seeded run from scratch and a second on long lists; the built-in dLLM is the first run
+The built-in AR twin is one seeded run from scratch, a second on long lists, three more from the second, and the
+average of the last four's weights; the built-in dLLM is the first run
 followed by four seeded masked-diffusion runs from its weights (an adaptation, a warm restart on rows padded per
 group of similar length, then two runs with Rainbow Padding weighted towards the target tasks); ``--minutes`` (added
 by hand) only stops a run resumably, and the same command continues it, so an interrupted rebuild ends where an
@@ -47,9 +48,9 @@ class Stage:
         return Path(_filled(self.output, out))
 
     def inputs(self, out: Path) -> list[Path]:
-        """The folders this stage continues from (``--init-from``)."""
+        """The folders this stage continues from (``--init-from``) or averages (``--from``)."""
         argv = self.argv(out)
-        return [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == "--init-from"]
+        return [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg in ("--init-from", "--from")]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,16 @@ FINAL_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=4", "
 # The dLLM stays adapted from the first run, the weights it was built from.
 LONG_STEPS = 2000
 LONG_LISTS = ("--common-share", COMMON_SHARE, "--long-share", "0.5")
+AR_LONG = "{work}/waitline-ar-long"
+# Runs continued from the long-list run on fresh streams each traded one task for another (seed 7: 15-person sort for
+# reverse; seed 8 with 30 % invented names: reverse on every set; BENCHMARKS.md, issue 21, nineteenth and twentieth
+# sessions), so no single run ships: the shipped twin is the uniform average of their weights and the long-list run's
+# (a model soup, Wortsman et al. 2022), each run's own luck with its stream averaged out (twenty-first session).
+AR_SOUP_RUNS = {  # output folder -> (seed, steps, data options beyond LONG_LISTS' long share and the task weights)
+    "{work}/waitline-ar-seed7": (7, 2000, ("--common-share", COMMON_SHARE)),
+    "{work}/waitline-ar-invented": (8, 1600, ("--invented-rate", "0.3", "--common-share", COMMON_SHARE)),
+    "{work}/waitline-ar-common": (9, 1200, ("--common-share", "0.6")),
+}
 
 
 def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAITLINE_STEPS, lr: str = "0.001",
@@ -140,11 +151,19 @@ def _train_head(head: str, *args: str) -> Stage:
 
 
 RECIPES = (
-    Recipe("waitline-ar", "assets/models/waitline-ar", "the built-in AR twin: a train_dllm run, then one on long lists",
+    Recipe("waitline-ar", "assets/models/waitline-ar",
+           "the built-in AR twin: a train_dllm run, one on long lists, three from it, and the average of the last four",
            (
                AR_FIRST_RUN,
-               _train_waitline("ar", "--init-from", AR_TWIN, *LONG_LISTS, *FINAL_TASK_WEIGHTS, steps=LONG_STEPS,
-                               lr="0.0003", warmup=50, seed=5),
+               _train_waitline("ar", "--init-from", AR_TWIN, *LONG_LISTS, *FINAL_TASK_WEIGHTS, out=AR_LONG,
+                               steps=LONG_STEPS, lr="0.0003", warmup=50, seed=5),
+               *(_train_waitline("ar", "--init-from", AR_LONG, "--long-share", "0.5", *data, *FINAL_TASK_WEIGHTS,
+                                 out=out, steps=steps, lr="0.0003", warmup=50, seed=seed)
+                 for out, (seed, steps, data) in AR_SOUP_RUNS.items()),
+               Stage("engine.offline.soup", ("--model", "ar", *(arg for out in (AR_LONG, *AR_SOUP_RUNS)
+                                                                for arg in ("--from", out)),
+                                             "--out", "{out}", "--eval-per-task", "100", "--threads", "2"),
+                     smoke=("--eval-per-task", "1")),
            )),
     Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
            "the built-in dLLM: the AR twin's first run, then four masked-diffusion runs from its weights", (

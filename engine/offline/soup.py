@@ -116,7 +116,7 @@ Lists of held-out common English names only:
 {files}
 ## The runs averaged
 
-| run | command | steps | seconds | its own held-out copy / reverse / sort (fresh lists) |
+| run | command | steps | seconds | its own card's held-out copy / reverse / sort (fresh lists) |
 |---|---|---|---|---|
 {per_run}
 
