@@ -62,7 +62,7 @@ def test_training_continues_from_a_soup_and_its_card_names_the_average_among_the
     assert "python -m engine.offline.soup --model ar" in card.split("**Earlier runs continued from**")[1]
 
 
-def test_only_runs_of_one_model_from_the_same_first_run_are_averaged(runs, tmp_path, capsys):
+def test_only_runs_of_one_model_from_the_same_first_run_are_averaged(runs, tmp_path):
     start, seed_a, _ = runs
     other = tmp_path / "other"  # from scratch again: the same shape, but not continued from ``start``
     waitline_train.main(["--model", "ar", "--steps", "2", *TINY, "--seed", "3", "--out", str(other)])

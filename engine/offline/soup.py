@@ -46,7 +46,8 @@ def first_command(log: dict[str, Any]) -> str:
     return train_dllm._history(log)[0].get("command", "")
 
 
-def check_compatible(folders: list[Path]) -> None:
+def check_compatible(folders: list[Path]) -> list[dict[str, Any]]:
+    """The runs' logs, once they are known to be averageable."""
     if len(folders) < 2:
         raise SoupError("a soup needs at least two runs (--from twice or more)")
     logs = {folder: run_log(folder) for folder in folders}
@@ -57,6 +58,7 @@ def check_compatible(folders: list[Path]) -> None:
     if len(set(starts.values())) > 1:
         raise SoupError("the runs do not continue from the same first run: "
                         + "; ".join(f"{folder}: {start or '?'}" for folder, start in starts.items()))
+    return list(logs.values())
 
 
 def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
@@ -68,15 +70,16 @@ def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
             for name in states[0]}
 
 
-def soup(folders: list[Path], out: Path) -> None:
-    """Write the averaged model into ``out`` (config and tokenizer from the first run)."""
-    check_compatible(folders)
+def soup(folders: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Write the averaged model into ``out`` (config and tokenizer from the first run); the runs' logs."""
+    logs = check_compatible(folders)
     weights = average_weights(folders)
     out.mkdir(parents=True, exist_ok=True)
     for name in CARRIED:
         if (folders[0] / name).is_file():
             shutil.copy(folders[0] / name, out / name)
     save_file(weights, out / WEIGHTS, metadata={"format": "pt"})
+    return logs
 
 
 def total_seconds(logs: list[dict[str, Any]]) -> float:
@@ -91,8 +94,7 @@ def soup_card(kind: str, folders: list[Path], logs: list[dict[str, Any]], scores
         f"| {index} | `{log.get('command', '?')}` | {log['steps_done']} | {log['seconds']:.0f} | "
         + " / ".join(f"{accuracy:.0%}" for accuracy in log.get("held_out", {}).values()) + " |"
         for index, log in enumerate(logs, 1))
-    files = "".join(f"\n## ParallelBench's own test files: {name} (one token per step)\n\n"
-                    f"{train_dllm._score_table(table)}\n" for name, table in scores["test_files"].items())
+    tables, files = train_dllm.score_sections(scores["held_out"], scores["held_out_common"], scores["test_files"])
     first_card = (folders[0] / "README.md").read_text().replace("\n## ", "\n### ").split("\n", 1)[1]
     return f"""# waitline-{kind}
 
@@ -108,11 +110,7 @@ its own data stream. Weights stored in float16. Data, objective, tokenizer and p
 
 ## Held-out accuracy (fresh lists, one token per step: {"greedy" if kind == "ar" else "most confident first"})
 
-{train_dllm._score_table(scores["held_out"])}
-
-Lists of held-out common English names only:
-
-{train_dllm._score_table(scores["held_out_common"])}
+{tables}
 {files}
 ## The runs averaged
 
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        soup(args.runs, args.out)
+        logs = soup(args.runs, args.out)
     except SoupError as error:
         raise SystemExit(f"error: {error}") from error
     model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
@@ -155,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     scores = train_dllm.card_scores(model, tokenizer, args.model, args.eval_per_task, args.eval_seed,
                                     args.eval_block, tuple(args.parallelbench))
     print(json.dumps(scores), flush=True)
-    logs = [run_log(folder) for folder in args.runs]
     command = (f"python -m engine.offline.soup --model {args.model} "
                + " ".join(f"--from {folder}" for folder in args.runs) + f" --out {args.out}")
     parameters = sum(p.numel() for p in model.parameters())

@@ -735,15 +735,7 @@ def model_card(kind: str, record: dict[str, Any], accuracy: dict[str, float], pa
     within = "the whole canvas" if block >= GEN_LENGTH else f"the current block of {block} (semi-autoregressive)"
     decoding = ("greedy" if kind == "ar" else
                 f"the single most confident masked position of {within} committed per step (argmax)")
-    scores = _score_table(accuracy)
-    if common:
-        scores += ("\n\nLists of held-out common English names only (ParallelBench's kind of names; held out, so "
-                   f"the tokenizer splits each into several tokens):\n\n{_score_table(common)}")
-    files = "".join(f"\n## ParallelBench's own test files: {name} (one token per step)\n\n{_score_table(scores)}\n"
-                    for name, scores in (test_files or {}).items())
-    if test_files:
-        files += ("\nThe test files are furiosa-ai/ParallelBench's `dataset/parallel_bench/data/output/test/<folder>/"
-                  "<task>.jsonl` (not shipped, never trained on); prompts rendered without their in-context example.\n")
+    scores, files = score_sections(accuracy, common, test_files)
     return f"""# waitline-{kind}
 
 A {parameters / 1e6:.2f}M-parameter `LlamaForCausalLM` ({settings['shape']['layers']} layers, hidden
@@ -793,6 +785,22 @@ def _mixture(settings: dict[str, Any]) -> str:
         return ""
     return (f" {'From step ' + str(start) + ' on, ' if start else ''}{share:.0%} of the lists are of the training "
             "split's common English names only (the hand lists: one token each), ParallelBench's kind of lists.")
+
+
+def score_sections(accuracy: dict[str, float], common: dict[str, float] | None = None,
+                   test_files: dict[str, dict[str, float]] | None = None) -> tuple[str, str]:
+    """A card's score tables: the held-out lists' (then the held-out common names', given ``common``), and one
+    section per folder of ParallelBench's own test files."""
+    scores = _score_table(accuracy)
+    if common:
+        scores += ("\n\nLists of held-out common English names only (ParallelBench's kind of names; held out, so "
+                   f"the tokenizer splits each into several tokens):\n\n{_score_table(common)}")
+    files = "".join(f"\n## ParallelBench's own test files: {name} (one token per step)\n\n{_score_table(table)}\n"
+                    for name, table in (test_files or {}).items())
+    if test_files:
+        files += ("\nThe test files are furiosa-ai/ParallelBench's `dataset/parallel_bench/data/output/test/<folder>/"
+                  "<task>.jsonl` (not shipped, never trained on); prompts rendered without their in-context example.\n")
+    return scores, files
 
 
 def _score_table(accuracy: dict[str, float]) -> str:
