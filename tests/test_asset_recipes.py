@@ -33,14 +33,15 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
 
 def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    (first, long_lists, *from_long, averaged), (twin, adapted, refined, rainbow, final) = ar, mdlm
+    (first, long_lists, *from_long, averaged, pieces), (twin, adapted, refined, rainbow, final) = ar, mdlm
     assert not first.inputs(OUT) and "--minutes" not in first.args
     assert twin == first  # the dLLM is adapted from the AR twin's first run, not its long-list run
     assert long_lists.inputs(OUT) == [first.output_path(OUT)]
     assert all(run.inputs(OUT) == [long_lists.output_path(OUT)] for run in from_long) and len(from_long) == 3
-    # the shipped twin averages the long-list run and the three runs from it (a model soup)
-    assert averaged.tool == "engine.offline.soup" and averaged.output_path(OUT) == OUT
+    # the long-list run and the three runs from it are averaged (a model soup); the shipped twin continues from that
+    assert averaged.tool == "engine.offline.soup"
     assert averaged.inputs(OUT) == [run.output_path(OUT) for run in (long_lists, *from_long)]
+    assert pieces.inputs(OUT) == [averaged.output_path(OUT)] and pieces.output_path(OUT) == OUT
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
     assert rainbow.inputs(OUT) == [refined.output_path(OUT)] and final.inputs(OUT) == [rainbow.output_path(OUT)]
     assert final.output_path(OUT) == OUT
@@ -52,14 +53,15 @@ def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     assert {option(stage, "--model") for stage in ar} == {"ar"} and {option(stage, "--model") for stage in mdlm[1:]} \
         == {"mdlm"}
     assert int(option(first, "--steps")) == WAITLINE_STEPS
-    assert {option(stage, "--long-share") for stage in (long_lists, *from_long)} == {"0.5"}
+    assert {option(stage, "--long-share") for stage in (long_lists, *from_long, pieces)} == {"0.5"}
     assert "--long-share" not in first.args
     for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
-        assert len({option(stage, name) for stage in (*ar[:-1], *mdlm)}) == 1, name
+        assert len({option(stage, name) for stage in (*ar, *mdlm) if stage != averaged}) == 1, name
     # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding; so does
     # every AR run after the first
     assert [option(stage, "--seed") for stage in (refined, rainbow, final)] == ["0", "3", "4"]
-    assert [option(stage, "--seed") for stage in (long_lists, *from_long)] == ["5", "7", "8", "9"]
+    assert [option(stage, "--seed") for stage in (long_lists, *from_long, pieces)] == ["5", "7", "8", "9", "10"]
+    assert "--piece-rate" in pieces.args and not any("--piece-rate" in stage.args for stage in (*ar[:-1], *mdlm))
     assert "--task-weight" in final.args and "--task-weight" not in refined.args
     assert option(rainbow, "--rainbow-pads") == option(final, "--rainbow-pads") == "7"
 
@@ -90,20 +92,19 @@ def test_a_few_steps_of_every_dllm_run_leave_a_model_that_loads(tmp_path, name):
     model = load_model(str(out))
     assert getattr(model.model.config, "is_causal", True) == (name == "waitline-ar")
     log = json.loads((out / "training_log.json").read_text())
-    runs = log.get("soup_of", [log])  # the AR twin averages four runs' weights
-    assert log["finished"] and all(run["finished"] and run["steps_done"] == 3 for run in runs)
-    assert all("continued_from" in run for run in runs)  # the dLLM starts from the AR twin's weights, the twin's
-    # last runs from its first
+    assert log["finished"] and log["steps_done"] == 3
+    assert "continued_from" in log  # the dLLM starts from the AR twin's weights, the twin's last run from a soup
     assert model.prompt_format is not None and model.prompt_format.name == "parallelbench-waiting-line"
     card = (out / "README.md").read_text()
     assert "`decoding-explorer assets rebuild " + name + "`" in card
     assert "from scratch" not in card and "people first" not in card  # each card names the run it continues from
     assert "people from the start, where the earlier run ended" in card
     assert not (out / WORK).exists() and not out.with_name(out.name + ".work").exists()  # checkpoints removed
-    stages = len(get_recipe(name).stages)
-    assert lines[0].startswith(f"[1/{stages}] python -m engine.offline.train_dllm --model ar ")
+    stages = get_recipe(name).stages
+    assert lines[0].startswith(f"[1/{len(stages)}] python -m engine.offline.train_dllm --model ar ")
     trained = [line for line in lines[:-1] if "engine.offline.soup" not in line]
-    assert len(lines) == stages + 1 and len(trained) == stages - ("soup_of" in log)
+    soups = sum(stage.tool == "engine.offline.soup" for stage in stages)
+    assert len(lines) == len(stages) + 1 and len(trained) == len(stages) - soups
     assert all("--steps 3" in line for line in trained)
 
 

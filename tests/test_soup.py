@@ -58,8 +58,28 @@ def test_training_continues_from_a_soup_and_its_card_names_the_average_among_the
     soup.main(["--model", "ar", "--from", str(seed_a), "--from", str(seed_b), "--out", str(averaged),
                "--eval-per-task", "1"])
     waitline_train.main(["--model", "ar", "--steps", "1", *TINY, "--init-from", str(averaged), "--out", str(more)])
-    card = (more / "README.md").read_text()
-    assert "python -m engine.offline.soup --model ar" in card.split("**Earlier runs continued from**")[1]
+    earlier = (more / "README.md").read_text().split("**Earlier runs continued from**")[1].split("**Training**")[0]
+    other = json.loads((seed_b / "training_log.json").read_text())["command"]
+    assert f"python -m engine.offline.soup --model ar --from {seed_a} --from {seed_b}" in earlier
+    assert f"the uniform average of the run before it and `{other}` (2 steps" in earlier  # the other run averaged
+
+
+def test_runs_continued_from_a_soup_are_averaged_again_and_the_card_counts_every_run_once(runs, tmp_path):
+    _, seed_a, seed_b = runs
+    first = tmp_path / "soup"
+    soup.main(["--model", "ar", "--from", str(seed_a), "--from", str(seed_b), "--out", str(first),
+               "--eval-per-task", "1"])
+    more = [tmp_path / f"more{seed}" for seed in (5, 6)]
+    for seed, folder in zip((5, 6), more):
+        waitline_train.main(["--model", "ar", "--steps", "1", *TINY, "--init-from", str(first), "--seed", str(seed),
+                             "--out", str(folder)])
+    second = tmp_path / "soup2"
+    soup.main(["--model", "ar", "--from", str(more[0]), "--from", str(more[1]), "--out", str(second),
+               "--eval-per-task", "1"])
+    logs = [json.loads((folder / "training_log.json").read_text()) for folder in (*runs, *more)]
+    expected = sum(log["seconds"] for log in logs)  # the start, both runs of the first soup and both runs after it
+    assert soup.total_seconds(logs[3:]) == pytest.approx(expected, rel=1e-9)
+    assert f"**Training time**: {expected:.0f} s on CPU in all" in (second / "README.md").read_text()
 
 
 def test_only_runs_of_one_model_from_the_same_first_run_are_averaged(runs, tmp_path):

@@ -14,7 +14,7 @@ from engine.offline.names import (
 )
 from engine.offline.parallelbench import task_rows
 from engine.offline.waitline_data import MAX_PEOPLE, MIN_PEOPLE, OPERATIONS, WaitlineGenerator, parse_list
-from engine.offline.waitline_tokenizer import build_tokenizer
+from engine.offline.waitline_tokenizer import build_tokenizer, name_pieces
 
 
 def names_in(example) -> set[str]:
@@ -66,11 +66,35 @@ def test_generated_rows_use_only_their_splits_names_with_every_operation_and_len
     assert 0.5 < sum(name in english for name in firsts) / len(firsts) < 0.8  # half drawn from them, some by chance
 
 
-def test_training_batches_never_show_a_held_out_name():
-    batches = train_dllm.Batches(build_tokenizer(), seed=11, batch_size=64)
+@pytest.mark.parametrize("piece_rate", [0.0, 0.3])
+def test_training_batches_never_show_a_held_out_name(piece_rate):
+    batches = train_dllm.Batches(build_tokenizer(), seed=11, batch_size=64, piece_rate=piece_rate)
     examples = [example for _ in range(30) for example in batches.examples()]
     assert {e.operation for e in examples} == set(OPERATIONS) and any(e.icl for e in examples)
     assert {split_of(name) for name in set().union(*map(names_in, examples))} == {"train"}
+
+
+def tokens_seen(batches: train_dllm.Batches, count: int) -> set[int]:
+    return {token for _ in range(count) for prompt, answer in batches.encoded() for token in prompt + answer}
+
+
+def test_piece_names_train_the_name_pieces_that_bpe_merges_away_in_every_training_name():
+    tokenizer = build_tokenizer()
+    initials, inners = name_pieces(tokenizer)
+    assert "Thom" in initials and "Spen" in initials and "pson" in inners  # "Thompson", "Spencer" are one token
+    assert all(piece[0].isupper() and piece[1:].islower() or len(piece) == 1 for piece in initials)
+    pieces = {tokenizer.convert_tokens_to_ids(token) for token in tokenizer.get_vocab()
+              if tokenizer.convert_tokens_to_string([token]).strip() in set(initials) | set(inners)}
+    unseen = [pieces - tokens_seen(train_dllm.Batches(tokenizer, seed=4, batch_size=32, piece_rate=rate), 40)
+              for rate in (0.0, 0.3)]
+    spen = tokenizer.convert_tokens_to_ids("ĠSpen")
+    assert spen in unseen[0] and spen not in unseen[1]  # a held-out "Spence" is " Spen" + "ce"
+    assert len(unseen[1]) < len(unseen[0]) / 3
+    generator = WaitlineGenerator(1, piece_rate=1.0, pieces=(initials, inners))
+    glued = [generator.piece_name() for _ in range(200)]
+    assert all(any(name.startswith(i) for i in initials) and split_of(name) == "train" for name in glued)
+    with pytest.raises(ValueError, match="piece_rate needs pieces"):
+        WaitlineGenerator(0, piece_rate=0.1)
 
 
 def test_held_out_test_files_use_only_held_out_names():

@@ -83,8 +83,17 @@ def soup(folders: list[Path], out: Path) -> list[dict[str, Any]]:
 
 
 def total_seconds(logs: list[dict[str, Any]]) -> float:
-    """Training time of all the runs, each shared earlier run counted once."""
-    runs = {run.get("command", ""): run["seconds"] for log in logs for run in train_dllm._history(log)}
+    """Training time of all the runs, each shared earlier run counted once (and the runs of an earlier soup)."""
+    runs: dict[str, float] = {}
+
+    def visit(log: dict[str, Any]) -> None:
+        for run in train_dllm._history(log):
+            runs[run.get("command", "")] = run["seconds"]
+            for averaged in run.get("soup_of", []):
+                visit(averaged)
+
+    for log in logs:
+        visit(log)
     return sum(runs.values())
 
 

@@ -48,7 +48,7 @@ from engine.offline.checkpoints import CHECKPOINT, changed_settings, load_checkp
 from engine.offline.names import name_pool
 from engine.offline.parallelbench import read_rows
 from engine.offline.waitline_data import OPERATIONS, Example, WaitlineGenerator, prompt_text, score
-from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer, with_rainbow_pads
+from engine.offline.waitline_tokenizer import MASK, SPECIALS, build_tokenizer, name_pieces, with_rainbow_pads
 from engine.params import ParamError
 
 KINDS = ("mdlm", "ar")
@@ -100,6 +100,7 @@ class TrainSettings:
     # the rest draw the length uniformly. The uniform draw gives 15-person lists one batch in 13.
     long_share: float = 0.0
     invented_rate: float = INVENTED_NAME_RATE  # chance that a training first or last name is made up from syllables
+    piece_rate: float = 0.0  # chance that a training first or last name is glued from the tokenizer's name pieces
 
 
 RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
@@ -127,9 +128,11 @@ class Batches:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, batch_size: int,
                  task_weights: dict[str, float] = TASK_WEIGHTS, pad_cycle: tuple[int, ...] = (),
-                 long_share: float = 0.0, invented_rate: float = INVENTED_NAME_RATE) -> None:
+                 long_share: float = 0.0, invented_rate: float = INVENTED_NAME_RATE, piece_rate: float = 0.0) -> None:
         self.tokenizer, self.batch_size, self.pad_cycle, self.long_share = tokenizer, batch_size, pad_cycle, long_share
-        self.generator = WaitlineGenerator(seed, invented_rate=invented_rate, split="train", icl_share=ICL_SHARE)
+        pieces = name_pieces(tokenizer) if piece_rate else ((), ())
+        self.generator = WaitlineGenerator(seed, invented_rate=invented_rate, split="train", icl_share=ICL_SHARE,
+                                           piece_rate=piece_rate, pieces=pieces)
         self.rng = random.Random(seed + 1)
         self.operations, self.weights = list(task_weights), list(task_weights.values())
         self.longest = self.generator.max_people
@@ -388,7 +391,7 @@ def train(
     pad_cycle = tuple(with_rainbow_pads(tokenizer, settings.rainbow_pads)) if settings.rainbow_pads else ()
     model = _initial_model(settings, tokenizer).train()
     batches = Batches(tokenizer, settings.seed, settings.batch_size, dict(settings.task_weights), pad_cycle,
-                      settings.long_share, settings.invented_rate)
+                      settings.long_share, settings.invented_rate, settings.piece_rate)
     batches.longest = starting_length(settings, batches.generator.max_people)
     noise = torch.Generator().manual_seed(settings.seed + 2)
     model.to(device)  # a lent GPU trains the same recipe; the data and masking streams stay on the CPU
@@ -692,6 +695,12 @@ def _long_lists(settings: dict[str, Any]) -> str:
     return f" (in the last run {share:.0%} of the batches all of the longest, the rest of any length)" if share else ""
 
 
+def _pieces(settings: dict[str, Any]) -> str:
+    rate = settings.get("piece_rate", 0.0)
+    return (f"; in the last run {rate:.0%} glued from the tokenizer's name pieces, drawn uniformly, so that pieces "
+            "BPE merges away inside every training name are trained too" if rate else "")
+
+
 def _invented(history: list[dict[str, Any]]) -> str:
     """The invented-name rate of the last run, and of the earlier runs where they differ."""
     rates = [run["settings"].get("invented_rate", INVENTED_NAME_RATE) for run in history]
@@ -746,7 +755,7 @@ built into Decoding Explorer. Weights stored in float16.
   training split of `engine/offline/names.py` ({len(name_pool('first', 'train'))} first x
   {len(name_pool('last', 'train'))} last names from Faker's locales and the hand lists; the held-out split,
   {len(name_pool('first', 'held_out'))} first x {len(name_pool('last', 'held_out'))} last names, is never trained on;
-  {_invented(history)} invented from syllables, several tokens each), lists of 3-15
+  {_invented(history)} invented from syllables, several tokens each{_pieces(settings)}), lists of 3-15
   people{_long_lists(settings)}; operations copy, reverse, sort, shuffle, insert/remove/replace at an index and at
   random (task weights
   {json.dumps(dict(settings['task_weights']))}). Prompt = ParallelBench's instruction in the tokenizer's chat
@@ -850,7 +859,16 @@ def _rebuilt_as(history: list[dict[str, Any]]) -> str:
 def _earlier_runs(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return "none (trained from scratch)"
-    return "; ".join(f"`{run.get('command', '?')}` ({run['steps_done']} steps, {run['seconds']} s)" for run in runs)
+    return "; ".join(map(_run_entry, runs))
+
+
+def _run_entry(run: dict[str, Any]) -> str:
+    """A run's command and cost; a soup's (``engine.offline.soup``) names the runs it averaged besides the one
+    before it in the chain, which is its first."""
+    if run.get("soup_of"):
+        others = "; ".join(map(_run_entry, run["soup_of"][1:]))
+        return f"`{run.get('command', '?')}` (the uniform average of the run before it and {others})"
+    return f"`{run.get('command', '?')}` ({run['steps_done']} steps, {run['seconds']} s)"
 
 
 def task_weights(items: list[str]) -> dict[str, float]:
@@ -913,6 +931,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of batches of the longest lists allowed (the rest draw the length uniformly)")
     parser.add_argument("--invented-rate", type=float, default=TrainSettings.invented_rate,
                         help="chance that a training first or last name is invented from syllables (several tokens)")
+    parser.add_argument("--piece-rate", type=float, default=TrainSettings.piece_rate,
+                        help="chance that a training first or last name is glued from the tokenizer's name pieces, so "
+                             "pieces that BPE merges away in every training name are trained too")
     parser.add_argument("--eval-block", type=int, default=GEN_LENGTH,
                         help="MDLM held-out score: semi-autoregressive block length (default: the whole canvas)")
     parser.add_argument("--init-from", default="", help="start from this saved model folder (an AR folder for an "
@@ -936,7 +957,8 @@ def main(argv: list[str] | None = None) -> None:
                              precision=args.precision, checkpoint_every=args.checkpoint_every,
                              common_share=args.common_share, common_from=args.common_from,
                              width_group=args.width_group, rainbow_pads=args.rainbow_pads,
-                             long_share=args.long_share, invented_rate=args.invented_rate)
+                             long_share=args.long_share, invented_rate=args.invented_rate,
+                             piece_rate=args.piece_rate)
     work = args.work or args.out.with_name(args.out.name + ".work")
     model, tokenizer, record = train(settings, log=lambda line: print(line, flush=True), work=work, saved=args.out,
                                      device=args.device, micro_batch=args.micro_batch)
@@ -968,6 +990,7 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
             + (f" --rainbow-pads {args.rainbow_pads}" if args.rainbow_pads else "")
             + (f" --long-share {args.long_share:g}" if args.long_share else "")
             + (f" --invented-rate {args.invented_rate:g}" if args.invented_rate != INVENTED_NAME_RATE else "")
+            + (f" --piece-rate {args.piece_rate:g}" if args.piece_rate else "")
             + (f" --common-share {args.common_share:g}" if args.common_share else "")
             + (f" --common-from {args.common_from}" if args.common_share and args.common_from else "")
             + "".join(f" --task-weight {item}" for item in args.task_weight))

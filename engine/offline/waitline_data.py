@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.models.waitline_prompt import OPERATIONS, PREAMBLE, TEMPLATES, format_list, render_prompt
-from engine.offline.names import ENGLISH_LOCALES, KINDS, SPLITS, common_names, name_pool, split_of
+from engine.offline.names import ENGLISH_LOCALES, KINDS, PLAIN_NAME, SPLITS, common_names, name_pool, split_of
 
 # Tasks with many valid answers: scored by validity, and their rows carry the input instead of one answer.
 OPEN_ENDED = ("shuffle", "insert_random", "remove_random", "replace_random")
@@ -111,13 +111,17 @@ class WaitlineGenerator:
     names, each of ``split``) replaces the pool. ``common_share`` is the chance that a list (and its in-context
     example) is made of common English names only, as ParallelBench's lists are: the pool's names mostly take
     several tokens each, and a model that met one-token names only now and then confused them and lost count on
-    ParallelBench's files (BENCHMARKS.md, issue 21, tenth session).
+    ParallelBench's files (BENCHMARKS.md, issue 21, tenth session). ``piece_rate`` is the chance that a first or
+    last name is glued from ``pieces`` (a tokenizer's name-initial and inner pieces, ``waitline_tokenizer.name_pieces``)
+    drawn uniformly: BPE merges a training name's pieces into longer tokens, so a piece seen only inside them never
+    meets the model, yet an unseen name ("Spence": " Spen" + "ce") needs it (BENCHMARKS.md, issue 21, 22nd session).
     """
 
     def __init__(
         self, seed: int, min_people: int = MIN_PEOPLE, max_people: int = MAX_PEOPLE, invented_rate: float = 0.0,
         split: str = "train", icl_share: float = 0.0, english_share: float = ENGLISH_SHARE,
         names: tuple[tuple[str, ...], tuple[str, ...]] | None = None, common_share: float = 0.0,
+        piece_rate: float = 0.0, pieces: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -125,6 +129,9 @@ class WaitlineGenerator:
         self.min_people, self.max_people = min_people, max_people
         self.invented_rate, self.split, self.icl_share = invented_rate, split, icl_share
         self.english_share, self.common_share = english_share, common_share
+        if piece_rate and not all(pieces):
+            raise ValueError("piece_rate needs pieces: name-initial and inner ones")
+        self.piece_rate, self.pieces = piece_rate, pieces
         self.common = {kind: common_names(kind, split) for kind in KINDS}
         if names is None:  # per kind: (English names, all names) of the split
             self.pools = {kind: (name_pool(kind, split, ENGLISH_LOCALES), name_pool(kind, split)) for kind in KINDS}
@@ -139,6 +146,8 @@ class WaitlineGenerator:
     def name(self, kind: str, common: bool = False) -> str:
         if common:
             return self.rng.choice(self.common[kind])
+        if self.piece_rate and self.rng.random() < self.piece_rate:
+            return self.piece_name()
         if self.invented_rate and self.rng.random() < self.invented_rate:
             while True:  # about one draw in eight lands in the held-out split: draw again until it is this split's
                 syllables = self.rng.randint(2, 3)
@@ -147,6 +156,14 @@ class WaitlineGenerator:
                     return name
         english, everyone = self.pools[kind]
         return self.rng.choice(english if self.rng.random() < self.english_share else everyone)
+
+    def piece_name(self) -> str:
+        """A name of this split glued from a uniformly drawn name-initial piece and one or two inner pieces."""
+        initials, inners = self.pieces
+        while True:
+            name = self.rng.choice(initials) + "".join(self.rng.choices(inners, k=self.rng.randint(1, 2)))
+            if PLAIN_NAME.fullmatch(name) and split_of(name) == self.split:
+                return name
 
     def people(self, count: int, common: bool = False) -> list[str]:
         chosen: list[str] = []

@@ -24,6 +24,8 @@ MASK = "<mask>"
 RAINBOW_PAD = "<pad_{}>"
 SPECIALS = (PAD, BOS, EOS, MASK)
 VOCAB_SIZE = 2048
+NAME_INITIAL_PIECE = re.compile(r" ?([A-Z][a-z]*)")  # a name's first token: after the quote, or a space (last name)
+NAME_INNER_PIECE = re.compile(r"[a-z]+")
 PHRASE_MIN_CHARS = 20  # shorter template fragments (":\n", '"') stay ordinary text
 # A user turn is the prompt as trained; an assistant turn is its answer closed by end of text.
 CHAT_TEMPLATE = (
@@ -68,6 +70,14 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
     backend.train_from_iterator(training_corpus(seed), trainer=trainer)
     backend.add_tokens([AddedToken(phrase, special=False, normalized=False) for phrase in instruction_phrases()])
     return wrap_byte_level(backend, SPECIALS, CHAT_TEMPLATE, mask_token=MASK)
+
+
+def name_pieces(tokenizer: PreTrainedTokenizerFast) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The vocabulary's name-initial pieces (a capital and lower-case letters, the space dropped) and inner pieces
+    (lower-case letters), each sorted and distinct: what ``WaitlineGenerator``'s piece names are glued from."""
+    texts = [tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    initials = {m.group(1) for m in map(NAME_INITIAL_PIECE.fullmatch, texts) if m}
+    return tuple(sorted(initials)), tuple(sorted(filter(NAME_INNER_PIECE.fullmatch, texts)))
 
 
 def with_rainbow_pads(tokenizer: PreTrainedTokenizerFast, count: int) -> list[int]:
