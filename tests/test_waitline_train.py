@@ -142,6 +142,34 @@ def test_score_flag_rescores_a_saved_folder_without_training(tokenizer, tmp_path
         waitline_train.main(["--model", "ar", "--steps", "1"])  # training needs --out
 
 
+def test_write_card_puts_a_rescoring_into_the_runs_card_and_log_and_refuses_a_soup(tmp_path, capsys):
+    folder = tmp_path / "run"
+    tiny = ["--batch-size", "2", "--warmup", "1", "--hidden", "32", "--layers", "1", "--heads", "2", "--ffn", "64"]
+    waitline_train.main(["--model", "ar", "--steps", "1", *tiny, "--eval-per-task", "1", "--out", str(folder)])
+    before = json.loads((folder / "training_log.json").read_text())
+    files = tmp_path / "waiting_line"
+    for task in waitline_train.TARGETS:
+        write_rows(files / f"{task}.jsonl", task, 4)
+    capsys.readouterr()
+    waitline_train.main(["--model", "ar", "--score", str(folder), "--eval-per-task", "4", "--parallelbench",
+                         str(files), "--write-card"])
+    printed = json.loads(capsys.readouterr().out)
+    after = json.loads((folder / "training_log.json").read_text())
+    assert {key: after[key] for key in printed} == printed and after["command"] == before["command"]
+    assert after["loss_curve"] == before["loss_curve"] and before["test_files"] == {}
+    card = (folder / "README.md").read_text()
+    assert f"`{before['command']}`" in card
+    assert "## ParallelBench's own test files: `waiting_line` (first 4 rows)" in card  # the rescoring's new file
+    for args, message in (([], "goes with --score"), (["--score", str(tmp_path)], "no training_log.json")):
+        with pytest.raises(SystemExit):
+            waitline_train.main(["--model", "ar", "--write-card", *args])
+        assert message in capsys.readouterr().err
+    (folder / "training_log.json").write_text(json.dumps({**after, "soup_of": [after, after]}))
+    with pytest.raises(SystemExit):
+        waitline_train.main(["--model", "ar", "--score", str(folder), "--write-card"])
+    assert "weight average" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["waitline-mdlm", "waitline-ar"])
 def test_builtin_waitline_models_load_by_name(name):
     assert name in BUILTIN_NAMES

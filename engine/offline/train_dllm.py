@@ -889,6 +889,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="checkpoints (default: OUT.work beside --out; removed when done)")
     parser.add_argument("--score", metavar="FOLDER", help="no training: print a saved model's scores as its card has them "
                                                       "(fresh lists, and --parallelbench folders)")
+    parser.add_argument("--write-card", action="store_true",
+                        help="with --score: put the new scores into the folder's card and training_log.json")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="stop after this long, saving the model so far and a checkpoint that the same command "
@@ -943,9 +945,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.write_card:
+        check_card_rewritable(args.score, parser)
     if args.score:
-        print(json.dumps(score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block,
-                                     tuple(args.parallelbench))))
+        scores = score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block,
+                             tuple(args.parallelbench))
+        print(json.dumps(scores))
+        if args.write_card:
+            folder = Path(args.score)
+            write_card(folder, _previous_record(folder), scores, args.eval_block,
+                       LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
         return
     if args.out is None:
         parser.error("--out is required when training")
@@ -967,15 +976,30 @@ def main(argv: list[str] | None = None) -> None:
     scores = card_scores(reloaded, tokenizer, args.model, args.eval_per_task, args.eval_seed, args.eval_block,
                          tuple(args.parallelbench))
     print(json.dumps(scores), flush=True)
-    command = training_command(args, shape)
-    parameters = sum(p.numel() for p in reloaded.parameters())
-    card = model_card(args.model, record, scores["held_out"], parameters, command, shifts_logits(reloaded),
-                      args.eval_block, scores["test_files"], scores["held_out_common"])
-    (args.out / "README.md").write_text(card)
-    log = {**record, "command": command, **scores}
-    (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
+    write_card(args.out, {**record, "command": training_command(args, shape)}, scores, args.eval_block, reloaded)
     if record["finished"]:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def write_card(folder: Path, record: dict[str, Any], scores: dict[str, Any], block: int,
+               model: LlamaForCausalLM) -> None:
+    """A trained folder's card and ``training_log.json`` from its run record (with its ``command``) and scores."""
+    log = {**record, **scores}
+    card = model_card(record["settings"]["kind"], log, scores["held_out"], sum(p.numel() for p in model.parameters()),
+                      record["command"], shifts_logits(model), block, scores["test_files"], scores["held_out_common"])
+    (folder / "README.md").write_text(card)
+    (folder / "training_log.json").write_text(json.dumps(log, indent=1))
+
+
+def check_card_rewritable(score: str | None, parser: argparse.ArgumentParser) -> None:
+    """``--write-card`` rewrites a train_dllm run's card with new scores; a soup's card is ``engine.offline.soup``'s."""
+    log_path = Path(score or "") / "training_log.json"
+    if not score:
+        parser.error("--write-card goes with --score FOLDER")
+    if not log_path.is_file():
+        parser.error(f"--write-card: {score} has no training_log.json (not a train_dllm output)")
+    if "soup_of" in json.loads(log_path.read_text()):
+        parser.error(f"--write-card: {score} is a weight average; run engine.offline.soup again to rescore its card")
 
 
 def training_command(args: argparse.Namespace, shape: Shape) -> str:
