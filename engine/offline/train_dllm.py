@@ -671,11 +671,11 @@ def card_scores(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kin
 
 
 def score_saved(folder: Path, kind: str, per_operation: int, seed: int = HELD_OUT_SEED, block: int = GEN_LENGTH,
-                test_folders: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """``card_scores`` of a saved model folder, loaded as the app loads it (float32)."""
+                test_folders: tuple[Path, ...] = ()) -> tuple[dict[str, Any], LlamaForCausalLM]:
+    """``card_scores`` of a saved model folder, loaded as the app loads it (float32), and the model scored."""
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-    return card_scores(model, tokenizer, kind, per_operation, seed, block, test_folders)
+    return card_scores(model, tokenizer, kind, per_operation, seed, block, test_folders), model
 
 
 # --- saving ------------------------------------------------------------------------------------------------------
@@ -945,16 +945,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.write_card:
-        check_card_rewritable(args.score, parser)
+    record = rewritable_record(args.score, parser) if args.write_card else None
     if args.score:
-        scores = score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block,
-                             tuple(args.parallelbench))
+        scores, model = score_saved(Path(args.score), args.model, args.eval_per_task, args.eval_seed, args.eval_block,
+                                    tuple(args.parallelbench))
         print(json.dumps(scores))
-        if args.write_card:
-            folder = Path(args.score)
-            write_card(folder, _previous_record(folder), scores, args.eval_block,
-                       LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
+        if record:
+            write_card(Path(args.score), record, scores, args.eval_block, model)
         return
     if args.out is None:
         parser.error("--out is required when training")
@@ -991,15 +988,17 @@ def write_card(folder: Path, record: dict[str, Any], scores: dict[str, Any], blo
     (folder / "training_log.json").write_text(json.dumps(log, indent=1))
 
 
-def check_card_rewritable(score: str | None, parser: argparse.ArgumentParser) -> None:
-    """``--write-card`` rewrites a train_dllm run's card with new scores; a soup's card is ``engine.offline.soup``'s."""
-    log_path = Path(score or "") / "training_log.json"
+def rewritable_record(score: str | None, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The run log whose card ``--write-card`` rewrites with new scores: a train_dllm run's (a soup's card is
+    ``engine.offline.soup``'s)."""
     if not score:
         parser.error("--write-card goes with --score FOLDER")
-    if not log_path.is_file():
+    record = _previous_record(Path(score))
+    if not record:
         parser.error(f"--write-card: {score} has no training_log.json (not a train_dllm output)")
-    if "soup_of" in json.loads(log_path.read_text()):
+    if "soup_of" in record:
         parser.error(f"--write-card: {score} is a weight average; run engine.offline.soup again to rescore its card")
+    return record
 
 
 def training_command(args: argparse.Namespace, shape: Shape) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,21 +150,29 @@ class WaitlineGenerator:
         if self.piece_rate and self.rng.random() < self.piece_rate:
             return self.piece_name()
         if self.invented_rate and self.rng.random() < self.invented_rate:
-            while True:  # about one draw in eight lands in the held-out split: draw again until it is this split's
-                syllables = self.rng.randint(2, 3)
-                name = "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)).capitalize()
-                if split_of(name) == self.split:
-                    return name
+            return self.made_up(self.syllable_name)
         english, everyone = self.pools[kind]
         return self.rng.choice(english if self.rng.random() < self.english_share else everyone)
 
-    def piece_name(self) -> str:
-        """A name of this split glued from a uniformly drawn name-initial piece and one or two inner pieces."""
-        initials, inners = self.pieces
+    def made_up(self, draw: Callable[[], str]) -> str:
+        """A plain name of this split from ``draw``: about one draw in eight lands in the held-out split, so draw
+        again until it does not."""
         while True:
-            name = self.rng.choice(initials) + "".join(self.rng.choices(inners, k=self.rng.randint(1, 2)))
+            name = draw()
             if PLAIN_NAME.fullmatch(name) and split_of(name) == self.split:
                 return name
+
+    def syllable_name(self) -> str:
+        syllables = self.rng.randint(2, 3)
+        return "".join(self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)).capitalize()
+
+    def piece_name(self) -> str:
+        """A name of this split glued from a uniformly drawn name-initial piece and one or two inner pieces."""
+        return self.made_up(self.glued_pieces)
+
+    def glued_pieces(self) -> str:
+        initials, inners = self.pieces
+        return self.rng.choice(initials) + "".join(self.rng.choices(inners, k=self.rng.randint(1, 2)))
 
     def people(self, count: int, common: bool = False) -> list[str]:
         chosen: list[str] = []
