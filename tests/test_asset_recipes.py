@@ -33,7 +33,7 @@ def test_each_stage_continues_from_an_earlier_stage_and_the_last_one_writes_the_
 
 def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     ar, mdlm = get_recipe("waitline-ar").stages, get_recipe("waitline-mdlm").stages
-    (first, long_lists, *from_long, averaged, pieces), (twin, adapted, refined, rainbow, final, glued) = ar, mdlm
+    (first, long_lists, *from_long, averaged, pieces), (twin, adapted, refined, rainbow, final) = ar, mdlm
     assert not first.inputs(OUT) and "--minutes" not in first.args
     assert twin == first  # the dLLM is adapted from the AR twin's first run, not its long-list run
     assert long_lists.inputs(OUT) == [first.output_path(OUT)]
@@ -44,7 +44,7 @@ def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     assert pieces.inputs(OUT) == [averaged.output_path(OUT)] and pieces.output_path(OUT) == OUT
     assert adapted.inputs(OUT) == [twin.output_path(OUT)] and refined.inputs(OUT) == [adapted.output_path(OUT)]
     assert rainbow.inputs(OUT) == [refined.output_path(OUT)] and final.inputs(OUT) == [rainbow.output_path(OUT)]
-    assert glued.inputs(OUT) == [final.output_path(OUT)] and glued.output_path(OUT) == OUT
+    assert final.output_path(OUT) == OUT
     assert "--width-group" in refined.args and "--width-group" not in adapted.args
 
     def option(stage, name: str) -> str:
@@ -57,15 +57,13 @@ def test_the_dllm_recipe_runs_the_ar_twins_first_run_then_adapts_its_weights():
     assert "--long-share" not in first.args
     for name in ("--hidden", "--layers", "--heads", "--ffn", "--batch-size"):
         assert len({option(stage, name) for stage in (*ar, *mdlm) if stage != averaged}) == 1, name
-    # the last three runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding; so does
+    # the last two runs each draw a fresh data stream, weighted towards the target tasks, with Rainbow Padding; so does
     # every AR run after the first
-    assert [option(stage, "--seed") for stage in (refined, rainbow, final, glued)] == ["0", "3", "4", "12"]
+    assert [option(stage, "--seed") for stage in (refined, rainbow, final)] == ["0", "3", "4"]
     assert [option(stage, "--seed") for stage in (long_lists, *from_long, pieces)] == ["5", "7", "8", "9", "10"]
-    # both models' last runs glue names from the tokenizer's pieces, at one rate
-    assert option(pieces, "--piece-rate") == option(glued, "--piece-rate")
-    assert not any("--piece-rate" in stage.args for stage in (*ar[:-1], *mdlm[:-1]))
+    assert "--piece-rate" in pieces.args and not any("--piece-rate" in stage.args for stage in (*ar[:-1], *mdlm))
     assert "--task-weight" in final.args and "--task-weight" not in refined.args
-    assert {option(stage, "--rainbow-pads") for stage in (rainbow, final, glued)} == {"7"}
+    assert option(rainbow, "--rainbow-pads") == option(final, "--rainbow-pads") == "7"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)

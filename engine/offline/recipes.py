@@ -5,9 +5,9 @@ A recipe is a seeded sequence of stages; a stage runs one offline tool's ``main(
 
 The built-in AR twin is one seeded run from scratch, a second on long lists, three more from the second, the
 average of the last four's weights, and a run from that average with names glued from the tokenizer's pieces; the
-built-in dLLM is the first run followed by five seeded masked-diffusion runs from its weights (an adaptation, a warm
-restart on rows padded per group of similar length, then three runs with Rainbow Padding weighted towards the target
-tasks, the last with glued names too); ``--minutes`` (added
+built-in dLLM is the first run
+followed by four seeded masked-diffusion runs from its weights (an adaptation, a warm restart on rows padded per
+group of similar length, then two runs with Rainbow Padding weighted towards the target tasks); ``--minutes`` (added
 by hand) only stops a run resumably, and the same command continues it, so an interrupted rebuild ends where an
 uninterrupted one does.
 """
@@ -99,7 +99,6 @@ TARGET_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=3", 
 # 21, sixteenth session), so its knowledge of the task, not only its order of commits, fell short.
 FINAL_STEPS = 1800
 FINAL_TASK_WEIGHTS = ("--task-weight", "copy=2", "--task-weight", "reverse=4", "--task-weight", "sort=5")
-FINAL = "{work}/waitline-mdlm-final"
 # The AR twin's first run reversed 38 % and sorted 22 % of ParallelBench's 15-person lists (its card), lists it drew one
 # batch in 13; so a second run, on a fresh stream (seed 5), draws half its batches of 15 people, weighted as above.
 # The dLLM stays adapted from the first run, the weights it was built from.
@@ -121,8 +120,6 @@ AR_SOUP = "{work}/waitline-ar-soup"
 # from the soup glues 10 % of the names from the tokenizer's pieces, drawn uniformly (twenty-second session).
 PIECE_RATE = "0.1"
 PIECE_STEPS = 1000
-# The dLLM shares the tokenizer, so the same pieces were never trained in it either: a last run glues names the same
-# way, on a fresh stream (seed 12), from the fifth run (twenty-third session).
 
 
 def _train_waitline(kind: str, *extra: str, out: str = "{out}", steps: int = WAITLINE_STEPS, lr: str = "0.001",
@@ -179,8 +176,7 @@ RECIPES = (
                                *FINAL_TASK_WEIGHTS, steps=PIECE_STEPS, lr="0.0003", warmup=50, seed=10),
            )),
     Recipe("waitline-mdlm", "assets/models/waitline-mdlm",
-           "the built-in dLLM: the AR twin's first run, then five masked-diffusion runs from its weights, the last "
-           "with names glued from the tokenizer's pieces", (
+           "the built-in dLLM: the AR twin's first run, then four masked-diffusion runs from its weights", (
                AR_FIRST_RUN,
                _train_waitline("mdlm", "--init-from", AR_TWIN, "--prefix-share", "0.5", "--common-share",
                                COMMON_SHARE, out=ADAPTED, steps=ADAPT_STEPS, lr="0.0005", warmup=100),
@@ -189,10 +185,7 @@ RECIPES = (
                _train_waitline("mdlm", "--init-from", REFINED, *GROUPED_ROWS, "--rainbow-pads", "7",
                                *TARGET_TASK_WEIGHTS, out=RAINBOW, steps=POLISH_STEPS, lr="0.0002", warmup=50, seed=3),
                _train_waitline("mdlm", "--init-from", RAINBOW, *GROUPED_ROWS, "--rainbow-pads", "7",
-                               *FINAL_TASK_WEIGHTS, out=FINAL, steps=FINAL_STEPS, lr="0.0002", warmup=50, seed=4),
-               _train_waitline("mdlm", "--init-from", FINAL, *GROUPED_ROWS, "--rainbow-pads", "7",
-                               "--piece-rate", PIECE_RATE, *FINAL_TASK_WEIGHTS, steps=PIECE_STEPS, lr="0.0002",
-                               warmup=50, seed=12),
+                               *FINAL_TASK_WEIGHTS, steps=FINAL_STEPS, lr="0.0002", warmup=50, seed=4),
            )),
     Recipe("learn2pd-filter", "assets/models/learn2pd-filter", "Learn2PD's filter for waitline-mdlm", (
         Stage("engine.offline.learn2pd_train",
