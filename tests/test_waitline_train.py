@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,6 +427,14 @@ def test_a_committed_unfinished_model_continues_without_its_checkpoint(tmp_path)
     other = waitline_train.TrainSettings(**{**settings.__dict__, "seed": 9})
     with pytest.raises(ValueError, match="unfinished run with other settings"):
         waitline_train.train(other, log=lambda _: None, saved=tmp_path)
+
+
+def test_a_run_scored_on_no_rows_says_so_on_its_card_rather_than_zero_percent(tokenizer):
+    model = waitline_train.build_model("ar", tokenizer, TINY, seed=0).eval()
+    scores = waitline_train.card_scores(model, tokenizer, "ar", 0, folders=(Path("/nowhere"),))
+    assert scores == {"held_out": {}, "held_out_common": {}, "test_files": {}}
+    tables, files = waitline_train.score_sections(scores["held_out"], scores["held_out_common"], scores["test_files"])
+    assert tables.startswith("Not scored") and "%" not in tables and files == ""
 
 
 def test_the_card_scores_parallelbench_test_files_given_beside_the_fresh_lists(tmp_path, capsys):

@@ -662,7 +662,10 @@ def accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: 
 def card_scores(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, kind: str, per_operation: int,
                 seed: int = HELD_OUT_SEED, block: int = GEN_LENGTH, folders: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Every score a card shows: fresh lists of held-out names (``held_out``), of held-out common names only
-    (``held_out_common``), and the first rows of each folder of ParallelBench's own test files (``test_files``)."""
+    (``held_out_common``), and the first rows of each folder of ParallelBench's own test files (``test_files``);
+    empty tables when ``per_operation`` is 0 (not scored, rather than 0 %)."""
+    if not per_operation:
+        return {"held_out": {}, "held_out_common": {}, "test_files": {}}
     fresh = functools.partial(held_out_accuracy, model, tokenizer, kind, per_operation=per_operation, seed=seed,
                               block=block)
     return {"held_out": fresh(), "held_out_common": fresh(common=True), "test_files": {
@@ -813,6 +816,8 @@ def score_sections(accuracy: dict[str, float], common: dict[str, float] | None =
 
 
 def _score_table(accuracy: dict[str, float]) -> str:
+    if not accuracy:
+        return "Not scored (`--eval-per-task 0`; `--score FOLDER --write-card` scores it)."
     rows = "\n".join(f"| {op} | {acc:.1%} | {TARGETS.get(op, 0):.0%} |" for op, acc in accuracy.items())
     return f"| task | accuracy | target |\n|---|---|---|\n{rows}"
 
