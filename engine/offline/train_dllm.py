@@ -817,7 +817,7 @@ def score_sections(accuracy: dict[str, float], common: dict[str, float] | None =
 
 def _score_table(accuracy: dict[str, float]) -> str:
     if not accuracy:
-        return "Not scored (run with `--eval-per-task 0`)."
+        return "Not scored: it ran with `--eval-per-task 0`."
     rows = "\n".join(f"| {op} | {acc:.1%} | {TARGETS.get(op, 0):.0%} |" for op, acc in accuracy.items())
     return f"| task | accuracy | target |\n|---|---|---|\n{rows}"
 
