@@ -224,6 +224,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="batches timed per setting")
     p.add_argument("--width-group", type=int, default=8, help="rows per shared width")
     p.set_defaults(handler=_bench_mdlm_widths)
+    p = bench.add_parser("mdlm-precision", help="MDLM training steps: the forward pass autocast to bfloat16 against "
+                         "float32, interleaved, one run (decides train_dllm --float32-from on a CPU)")
+    p.add_argument("--steps", type=int, default=8, help="batches timed per setting")
+    p.set_defaults(handler=_bench_mdlm_precision)
     p = bench.add_parser("quantizers", help="torchao, optimum-quanto and hqq on the CPU: quantise time, forward, "
                          "dequantisation error and size, one run")
     _model_args(p)
@@ -614,6 +618,12 @@ def _bench_mdlm_widths(args: argparse.Namespace) -> None:
     from cli import bench_mdlm_widths
 
     bench_mdlm_widths.main(steps=args.steps, width_group=args.width_group)
+
+
+def _bench_mdlm_precision(args: argparse.Namespace) -> None:
+    from cli import bench_mdlm_widths
+
+    bench_mdlm_widths.compare_precisions(steps=args.steps)
 
 
 def _bench_kv(args: argparse.Namespace) -> None:

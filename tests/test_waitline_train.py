@@ -306,6 +306,15 @@ def test_the_width_bench_times_both_paddings_on_the_same_batches(capsys):
     assert ratios["speedup"] > 0 and ratios["columns"] > 0
 
 
+def test_the_precision_bench_times_both_precisions_on_the_same_batches(capsys):
+    from cli import bench_mdlm_widths
+
+    ratios = bench_mdlm_widths.compare_precisions(steps=1, width_group=2, batch_size=4, micro_batch=2)
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if "s/step" in line]
+    assert [line[0] for line in lines] == ["bfloat16", "float32"] and ratios["float32_speedup"] > 0
+    assert lines[0][-1] == lines[1][-1]  # the same canvas columns: the same rows, padded alike
+
+
 def test_clean_prefix_keeps_a_leading_run_of_the_answer_for_the_chosen_share():
     answer_side = torch.zeros(400, 12, dtype=torch.bool)
     answer_side[:, 4:] = True
@@ -498,6 +507,33 @@ def test_a_common_name_mixture_changes_only_the_steps_from_its_start(tmp_path):
     waitline_train.train(settings, log=lambda _: None, work=tmp_path / "again", until=2)
     with pytest.raises(ValueError, match="start the new one at step 2 or later"):
         waitline_train.train(early, log=lambda _: None, work=tmp_path / "again")
+
+
+def test_a_switch_to_float32_changes_only_the_steps_from_it_and_may_be_made_when_a_run_continues(tmp_path):
+    settings = waitline_train.TrainSettings(kind="mdlm", steps=4, batch_size=4, warmup=1, shape=TINY, log_every=1)
+    switched = dataclasses.replace(settings, float32_from=2)
+    curves = [[point[1] for point in waitline_train.train(run, log=lambda _: None)[2]["loss_curve"]]
+              for run in (settings, switched, dataclasses.replace(settings, precision="float32"))]
+    bfloat16, switched_curve, float32 = curves
+    assert switched_curve[:2] == bfloat16[:2] and switched_curve[2:] != bfloat16[2:] and switched_curve != float32
+    waitline_train.train(settings, log=lambda _: None, work=tmp_path, until=2)
+    _, _, resumed = waitline_train.train(switched, log=lambda _: None, work=tmp_path)
+    assert [point[1] for point in resumed["loss_curve"]] == switched_curve
+    waitline_train.train(settings, log=lambda _: None, work=tmp_path / "again", until=2)
+    with pytest.raises(ValueError, match="switch at step 2 or later"):
+        waitline_train.train(dataclasses.replace(settings, float32_from=1), log=lambda _: None,
+                             work=tmp_path / "again")
+
+
+def test_a_switch_to_float32_is_part_of_the_command_and_the_card(tmp_path):
+    out = tmp_path / "model"
+    waitline_train.main(["--model", "ar", "--steps", "2", "--batch-size", "4", "--warmup", "1", "--hidden", "32",
+                         "--layers", "1", "--heads", "2", "--ffn", "64", "--eval-per-task", "0", "--float32-from", "1",
+                         "--out", str(out)])
+    log = json.loads((out / "training_log.json").read_text())
+    assert "--precision bfloat16 --float32-from 1 --hidden 32" in log["command"]
+    assert log["settings"]["float32_from"] == 1
+    assert "forward pass autocast to bfloat16 until step 1, float32 from there on." in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize(("written", "now", "steps_done", "allowed"), [

@@ -90,6 +90,9 @@ class TrainSettings:
     prefix_share: float = 0.0  # MDLM: share of rows whose answer is clean up to a random cut (semi-AR blocks' case)
     width_group: int = 0  # MDLM: rows of similar length per common canvas width (Batches.mdlm); 0 = the whole batch
     precision: str = "bfloat16"  # autocast dtype of the forward pass (float32 = none); weights stay float32
+    # From this step on (0 = never) the forward pass runs in float32 whatever ``precision`` says: a CPU without
+    # bfloat16 arithmetic emulates it, 2.2x slower than float32 (BENCHMARKS.md, issue 21, twenty-sixth session).
+    float32_from: int = 0
     checkpoint_every: int = 100
     # Data mixture schedule: from step ``common_from`` on, this share of the lists is of common English names only
     # (``WaitlineGenerator.common_share``). Steps before it draw exactly the data they drew without it.
@@ -105,6 +108,8 @@ class TrainSettings:
 
 RESUMABLE_CHANGES = ("minutes", "log_every", "checkpoint_every")  # may differ between the runs of one training
 MIXTURE_SCHEDULE = ("common_share", "common_from")  # may change for steps not yet run: check_mixture_schedule
+PRECISION_SCHEDULE = ("float32_from",)  # may change for steps not yet run: check_precision_schedule
+SCHEDULES = MIXTURE_SCHEDULE + PRECISION_SCHEDULE
 PRECISIONS = ("bfloat16", "float32")
 
 
@@ -399,7 +404,7 @@ def train(
     record: dict[str, Any] = {"steps_done": 0, "seconds": 0.0, "loss_curve": [], "settings": asdict(settings),
                               "starting_length": batches.longest}
     checkpoint = work / CHECKPOINT if work else None
-    state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES + MIXTURE_SCHEDULE) if checkpoint else None
+    state = load_checkpoint(checkpoint, asdict(settings), RESUMABLE_CHANGES + SCHEDULES) if checkpoint else None
     previous = _unfinished_record(saved, settings) if saved and not state else None
     written = (state or {}).get("settings") or (previous or {}).get("settings")
     if state:
@@ -417,10 +422,11 @@ def train(
             "with fresh optimizer moments")
     if written:
         check_mixture_schedule(settings, written, record["steps_done"])
+        check_precision_schedule(settings, written, record["steps_done"])
         check_added_settings(settings, written)
     if settings.init_from:
         record["continued_from"] = _previous_record(Path(settings.init_from))
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
+    autocasts = [torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=enabled) for enabled in (False, True)]
     start, window = time.monotonic() - record["seconds"], []
     session = time.monotonic()
     while record["steps_done"] < min(settings.steps, until or settings.steps):
@@ -435,7 +441,7 @@ def train(
             batches, noise, model.config.mask_token_id, settings.prefix_share, shifts_logits(model),
             settings.width_group)
         optimizer.zero_grad(set_to_none=True)
-        window.append(training_step(model, rows, micro_batch, autocast))
+        window.append(training_step(model, rows, micro_batch, autocasts[runs_bfloat16(settings, step)]))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         record["steps_done"], record["seconds"] = step + 1, round(time.monotonic() - start, 1)
@@ -471,12 +477,27 @@ def check_mixture_schedule(settings: TrainSettings, written: dict[str, Any], ste
                          f"mixture of common names; keep it, or start the new one at step {steps_done} or later")
 
 
+def runs_bfloat16(settings: TrainSettings | dict[str, Any], step: int) -> bool:
+    """Whether the forward pass of ``step`` (0-based) autocasts to bfloat16."""
+    values = settings if isinstance(settings, dict) else asdict(settings)
+    start = values.get("float32_from", 0)
+    return values.get("precision", "float32") == "bfloat16" and not (start and step >= start)
+
+
+def check_precision_schedule(settings: TrainSettings, written: dict[str, Any], steps_done: int) -> None:
+    """A run may switch its forward pass to float32 (``float32_from``) only for steps it has not run yet, so the
+    command names the precision of every step."""
+    if any(runs_bfloat16(settings, step) != runs_bfloat16(written, step) for step in range(steps_done)):
+        raise ParamError(f"--precision/--float32-from: the {steps_done} steps done so far ran in another precision; "
+                         f"keep it, or switch at step {steps_done} or later")
+
+
 def check_added_settings(settings: TrainSettings, written: dict[str, Any]) -> None:
     """A setting added since a run began (``changed_settings`` lets it pass) was at its default for the steps done:
     each new setting's default is the behaviour before it. Any other value would make the card's command wrong."""
     defaults = asdict(TrainSettings(kind=settings.kind))
     added = [key for key, value in asdict(settings).items() if key not in written
-             and key not in RESUMABLE_CHANGES + MIXTURE_SCHEDULE and value != defaults[key]]
+             and key not in RESUMABLE_CHANGES + SCHEDULES and value != defaults[key]]
     if added:
         raise ParamError(f"{', '.join(added)}: the run so far was trained before this setting existed, so at its "
                          "default; keep the default, or start a new run")
@@ -493,7 +514,7 @@ def _unfinished_record(folder: Path, settings: TrainSettings) -> dict[str, Any] 
     record = _previous_record(folder)
     if not record or record.get("finished", True) or "stream" not in record:
         return None
-    changed = changed_settings(record["settings"], asdict(settings), RESUMABLE_CHANGES + MIXTURE_SCHEDULE)
+    changed = changed_settings(record["settings"], asdict(settings), RESUMABLE_CHANGES + SCHEDULES)
     if changed:
         raise ParamError(f"{folder} holds an unfinished run with other settings ({', '.join(changed)}); "
                          "use another --out or delete it")
@@ -775,7 +796,7 @@ built into Decoding Explorer. Weights stored in float16.
   lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']}, curriculum:
   {_curriculum_start(history)}, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
-  {record['seconds']:.0f} s on CPU, forward pass autocast to {settings.get('precision', 'float32')}.
+  {record['seconds']:.0f} s on CPU, forward pass autocast to {_precision(settings)}.
 - **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` ({_rebuilt_as(history)}:
   `engine/offline/recipes.py`).
 
@@ -789,6 +810,11 @@ built into Decoding Explorer. Weights stored in float16.
 |---|---|---|
 {curve}
 """
+
+
+def _precision(settings: dict[str, Any]) -> str:
+    precision, start = settings.get("precision", "float32"), settings.get("float32_from", 0)
+    return f"{precision} until step {start}, float32 from there on" if precision != "float32" and start else precision
 
 
 def _mixture(settings: dict[str, Any]) -> str:
@@ -914,6 +940,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to train (default: a GPU when there is one)")
     parser.add_argument("--precision", choices=PRECISIONS, default=TrainSettings.precision,
                         help="autocast dtype of the training forward pass")
+    parser.add_argument("--float32-from", type=int, default=TrainSettings.float32_from, metavar="STEP",
+                        help="from this step on, the forward pass runs in float32 (0 = never): a CPU without bfloat16 "
+                             "arithmetic runs float32 faster; may be set when continuing a run, for steps not yet run")
     parser.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
     parser.add_argument("--eval-per-task", type=int, default=40)
     parser.add_argument("--eval-seed", type=int, default=HELD_OUT_SEED, help="seed of the held-out lists")
@@ -965,7 +994,8 @@ def main(argv: list[str] | None = None) -> None:
                              warmup=args.warmup, seed=args.seed, minutes=args.minutes, grow_below=args.grow_below,
                              init_from=args.init_from, shape=shape, prefix_share=args.prefix_share,
                              task_weights=tuple((TASK_WEIGHTS | task_weights(args.task_weight)).items()),
-                             precision=args.precision, checkpoint_every=args.checkpoint_every,
+                             precision=args.precision, float32_from=args.float32_from,
+                             checkpoint_every=args.checkpoint_every,
                              common_share=args.common_share, common_from=args.common_from,
                              width_group=args.width_group, rainbow_pads=args.rainbow_pads,
                              long_share=args.long_share, invented_rate=args.invented_rate,
@@ -1011,7 +1041,9 @@ def training_command(args: argparse.Namespace, shape: Shape) -> str:
     return (f"python -m engine.offline.train_dllm --model {args.model} --steps {args.steps} "
             f"--batch-size {args.batch_size} --lr {args.lr:g} --warmup {args.warmup} --grow-below {args.grow_below:g} "
             f"--seed {args.seed} --precision {args.precision} "
-            f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} --out {args.out}"
+            + (f"--float32-from {args.float32_from} " if args.float32_from else "")
+            + f"--hidden {shape.hidden} --layers {shape.layers} --heads {shape.heads} --ffn {shape.ffn} "
+            f"--out {args.out}"
             + (f" --init-from {args.init_from}" if args.init_from else "")
             + (f" --prefix-share {args.prefix_share:g}" if args.prefix_share else "")
             + (f" --width-group {args.width_group}" if args.width_group else "")
