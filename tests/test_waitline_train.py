@@ -430,9 +430,13 @@ def test_a_committed_unfinished_model_continues_without_its_checkpoint(tmp_path)
     waitline_train.save(model, tokenizer, tmp_path, "# card")
     (tmp_path / "training_log.json").write_text(json.dumps({**stopped, "command": "c", "held_out": {}}))
     lines = []
-    _, _, record = waitline_train.train(settings, log=lines.append, saved=tmp_path)
+    continued, _, record = waitline_train.train(settings, log=lines.append, saved=tmp_path)
     assert "continuing at step 2/4" in lines[0] and record["finished"]
     assert [p[0] for p in record["loss_curve"]] == [1, 2, 3, 4] and record["restarts_without_optimizer_state"] == 1
+    scores, card = {"held_out": {}, "test_files": {}, "held_out_common": {}}, tmp_path / "card"
+    card.mkdir()
+    waitline_train.write_card(card, {**record, "command": "c"}, scores, waitline_train.GEN_LENGTH, continued)
+    assert "Continued 1 time(s) on a machine without its checkpoint" in (card / "README.md").read_text()
     other = waitline_train.TrainSettings(**{**settings.__dict__, "seed": 9})
     with pytest.raises(ValueError, match="unfinished run with other settings"):
         waitline_train.train(other, log=lambda _: None, saved=tmp_path)

@@ -796,7 +796,7 @@ built into Decoding Explorer. Weights stored in float16.
   lr {settings['lr']} (warm-up {settings['warmup']}, cosine to 10%), seed {settings['seed']}, curriculum:
   {_curriculum_start(history)}, one more person allowed whenever a 50-step window's loss fell below
   {settings.get('grow_below', 0)} (the longest list at each point is in the curve below),
-  {record['seconds']:.0f} s on CPU, forward pass autocast to {_precision(settings)}.
+  {record['seconds']:.0f} s on CPU, forward pass autocast to {_precision(settings)}.{_restarted(restarts)}
 - **Rebuild** the shipped `waitline-{kind}`: `{rebuild_command(f"waitline-{kind}")}` ({_rebuilt_as(history)}:
   `engine/offline/recipes.py`).
 
@@ -810,6 +810,13 @@ built into Decoding Explorer. Weights stored in float16.
 |---|---|---|
 {curve}
 """
+
+
+def _restarted(restarts: int) -> str:
+    if not restarts:
+        return ""
+    return (f" Continued {restarts} time(s) on a machine without its checkpoint, from the saved weights and the data "
+            "streams' position with fresh optimizer moments: close to, not bit for bit, the command's run.")
 
 
 def _precision(settings: dict[str, Any]) -> str:
