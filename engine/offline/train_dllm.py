@@ -91,7 +91,8 @@ class TrainSettings:
     width_group: int = 0  # MDLM: rows of similar length per common canvas width (Batches.mdlm); 0 = the whole batch
     precision: str = "bfloat16"  # autocast dtype of the forward pass (float32 = none); weights stay float32
     # From this step on (0 = never) the forward pass runs in float32 whatever ``precision`` says: a CPU without
-    # bfloat16 arithmetic emulates it, 2.2x slower than float32 (BENCHMARKS.md, issue 21, twenty-sixth session).
+    # bfloat16 arithmetic emulates it, 2.9x slower than float32 (``bench mdlm-precision``; BENCHMARKS.md, issue 21,
+    # twenty-sixth session).
     float32_from: int = 0
     checkpoint_every: int = 100
     # Data mixture schedule: from step ``common_from`` on, this share of the lists is of common English names only
@@ -427,6 +428,7 @@ def train(
     if settings.init_from:
         record["continued_from"] = _previous_record(Path(settings.init_from))
     autocasts = [torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=enabled) for enabled in (False, True)]
+    bfloat16_until = bfloat16_steps(asdict(settings))
     start, window = time.monotonic() - record["seconds"], []
     session = time.monotonic()
     while record["steps_done"] < min(settings.steps, until or settings.steps):
@@ -441,7 +443,7 @@ def train(
             batches, noise, model.config.mask_token_id, settings.prefix_share, shifts_logits(model),
             settings.width_group)
         optimizer.zero_grad(set_to_none=True)
-        window.append(training_step(model, rows, micro_batch, autocasts[runs_bfloat16(settings, step)]))
+        window.append(training_step(model, rows, micro_batch, autocasts[step < bfloat16_until]))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         record["steps_done"], record["seconds"] = step + 1, round(time.monotonic() - start, 1)
@@ -477,17 +479,17 @@ def check_mixture_schedule(settings: TrainSettings, written: dict[str, Any], ste
                          f"mixture of common names; keep it, or start the new one at step {steps_done} or later")
 
 
-def runs_bfloat16(settings: TrainSettings | dict[str, Any], step: int) -> bool:
-    """Whether the forward pass of ``step`` (0-based) autocasts to bfloat16."""
-    values = settings if isinstance(settings, dict) else asdict(settings)
-    start = values.get("float32_from", 0)
-    return values.get("precision", "float32") == "bfloat16" and not (start and step >= start)
+def bfloat16_steps(settings: dict[str, Any]) -> float:
+    """How many first steps autocast their forward pass to bfloat16 (the rest run in float32)."""
+    if settings.get("precision", "float32") != "bfloat16":
+        return 0
+    return settings.get("float32_from", 0) or math.inf
 
 
 def check_precision_schedule(settings: TrainSettings, written: dict[str, Any], steps_done: int) -> None:
     """A run may switch its forward pass to float32 (``float32_from``) only for steps it has not run yet, so the
     command names the precision of every step."""
-    if any(runs_bfloat16(settings, step) != runs_bfloat16(written, step) for step in range(steps_done)):
+    if min(bfloat16_steps(asdict(settings)), steps_done) != min(bfloat16_steps(written), steps_done):
         raise ParamError(f"--precision/--float32-from: the {steps_done} steps done so far ran in another precision; "
                          f"keep it, or switch at step {steps_done} or later")
 
@@ -820,8 +822,8 @@ def _restarted(restarts: int) -> str:
 
 
 def _precision(settings: dict[str, Any]) -> str:
-    precision, start = settings.get("precision", "float32"), settings.get("float32_from", 0)
-    return f"{precision} until step {start}, float32 from there on" if precision != "float32" and start else precision
+    until = bfloat16_steps(settings)
+    return {0: "float32", math.inf: "bfloat16"}.get(until, f"bfloat16 until step {until}, float32 from there on")
 
 
 def _mixture(settings: dict[str, Any]) -> str:
