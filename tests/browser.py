@@ -18,6 +18,7 @@ from tests.workers import cores_per_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
+APP_LOGS: dict[str, Path] = {}  # an app's url -> its server log, quoted when a page shows an error
 
 
 @dataclass
@@ -38,6 +39,7 @@ def start_app(home: Path, *args: str, model: str = "tiny-random-llama"):
     proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--db", db_url, "--port", str(port), *args],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    APP_LOGS[url] = home / "app.log"
     alive = lambda: proc.poll() is None  # noqa: E731
     try:
         port_answers(url, started, alive=alive)  # the starting page at once, then the app
@@ -91,7 +93,16 @@ def wait_text(page, elem_id: str, text: str, timeout: float = 60_000) -> None:
         element = page.locator(f"#{elem_id}").first
         shown = element.inner_text(timeout=5_000) if element.count() else None
         message = f"#{elem_id} never showed {text!r} in {timeout / 1000:.0f} s; it shows {shown!r}"
-        raise AssertionError(message) from None
+        toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
+        raise AssertionError(f"{message}; toasts {toasts!r}{_last_traceback(page.url)}") from None
+
+
+def _last_traceback(page_url: str) -> str:
+    """The app's last traceback, where the page belongs to an app started here: what "Error" on a page was."""
+    log = next((path for url, path in APP_LOGS.items() if page_url.startswith(url)), None)
+    text = log.read_text(errors="replace") if log is not None and log.exists() else ""
+    start = text.rfind("Traceback (most recent call last)")
+    return "" if start < 0 else f"; the app's last traceback:\n{text[start:][-3000:]}"
 
 
 def open_tab(page, name: str) -> None:

@@ -201,6 +201,9 @@ def test_every_run_kind_replays_readably(app, browser, dark):
                                ".every(plot => plot.querySelector('.main-svg')))", arg=[list(REPLAY_VIEWS)])
         page.wait_for_timeout(300)  # Plotly's transitions, then nothing pending
         settled(page, *REPLAY_VIEWS)
+        if decoder == "dyspec":  # one redrawn view passes the wait above: under load the tree may still be drawing
+            page.wait_for_function("/round (\\d+) of \\1\\b/.test(document.querySelector('#replay-primary .gtitle')"
+                                   "?.textContent || '')")
         title = page.locator("#replay-primary .gtitle").first.text_content()
         assert title.strip(), decoder
         if decoder == "dyspec":  # the tree's title and the node table's label count rounds alike, from 1

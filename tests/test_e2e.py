@@ -124,6 +124,37 @@ def test_browser_run_step_library_import_compare(page):
     assert page.outside_requests == [], "the app must work offline: nothing fetched from elsewhere"
 
 
+# Each change of the Run button's disabled state, or of the page under the parameter form, with whether the picked
+# decoder's form is on the page then.
+WATCH_RUN_BUTTON_JS = """([name]) => {
+    window.runButtonLog = [];
+    const run = document.getElementById('run-button');
+    const note = () => window.runButtonLog.push([run.disabled, !!document.getElementById('params-of-' + name)]);
+    new MutationObserver(note).observe(run, {attributes: true, attributeFilter: ['disabled']});
+    new MutationObserver(note).observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+def test_a_decoder_change_holds_run_and_step_until_its_form_is_on_the_page(app_url, browser):
+    """Run and Step are wired to the form's render: a click before the new form arrives would send the old one."""
+    page = open_page(browser, app_url)
+    wait_text(page, "model-status", "is loaded")
+    page.evaluate(WATCH_RUN_BUTTON_JS, ["beam"])
+    pick(page, "decoder", "beam", option="· beam —")
+    page.wait_for_selector("#params-of-beam")
+    page.wait_for_function("!document.getElementById('run-button').disabled"
+                           " && !document.getElementById('step-button').disabled")
+    log = page.evaluate("window.runButtonLog")
+    held = log[next(i for i, (disabled, _) in enumerate(log) if disabled):]  # from the change on
+    assert held[0] == [True, False], log[:5]  # held before the form came
+    assert all(disabled for disabled, form in held if not form), held  # and until it came
+    assert held[-1] == [False, True], held[-5:]
+    page.click("#step-button")
+    wait_text(page, "run-status", "1 model calls")
+    assert page.outside_requests == []
+    page.close()
+
+
 HOSTILE_KINDS = ["top-p-sampling", "beam-search", "dyspec-tree", "diffusion-llada", "gift-saliency", "superposed-drafts"]
 # Elements a hostile string would create if any view rendered it as HTML or Markdown.
 INJECTED = """(host) => [...document.querySelectorAll('img, iframe, script, style, a, [onerror], [onload]')].filter(e =>

@@ -22,6 +22,22 @@ from ui.views import COLOR_CHOICES, HEAVY_OUTPUTS, Views, build_views, light_val
 DEFAULT_DECODER = "top_p"
 DEFAULT_PROMPT = "Explain entropy in one sentence."
 LIGHT_INTERVAL = 0.1  # seconds between text-view updates while a run streams (every step is still recorded)
+# Run and Step are wired inside the parameter form's render: until the browser holds the new decoder's form, a click
+# would send the last decoder's form, or a handler the server has just replaced (Gradio answers that with "Error").
+# So the page's load and a decoder change disable both buttons until the form is on the page (10 s at most, should
+# its render fail).
+HOLD_BUTTONS_UNTIL_FORM_JS = """(name) => {
+    const buttons = ['run-button', 'step-button'].map(id => document.getElementById(id)).filter(Boolean);
+    buttons.forEach(button => { button.disabled = true; });
+    clearInterval(window.heldForForm);  // a quicker second change: only the latest decoder's form counts
+    const started = Date.now();
+    window.heldForForm = setInterval(() => {
+        if (document.getElementById('params-of-' + name) || Date.now() - started > 10000) {
+            clearInterval(window.heldForForm);
+            buttons.forEach(button => { button.disabled = false; });
+        }
+    }, 50);
+}"""
 
 
 @dataclass
@@ -110,6 +126,8 @@ def build_run_tab(app: AppContext) -> RunTab:
         run = app.new_run(request.session_hash, form.model, form.decoder, form.prompt, form.params, form.settings())
         return app.start_live(request.session_hash, run)
 
+    # on the page's load and each decoder change, before the render's own listener (Gradio runs them in this order)
+    gr.on(None, None, decoder, None, js=HOLD_BUTTONS_UNTIL_FORM_JS)
     with form_slot:
         @gr.render(inputs=decoder)
         def parameter_form(name: str) -> None:  # the decoder's parameter form, built from its schema
