@@ -75,6 +75,9 @@ def test_browser_run_step_library_import_compare(page):
     page.click("#step-button")
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('2 model calls')")
     assert page.locator("#live-tokens [data-step]").count() == 2
+    settled(page, "live-primary", "live-timeline")  # the figures drawn, not caught drawing, in the screenshot
+    page.wait_for_selector("#live-primary .main-svg")
+    page.wait_for_selector("#live-timeline .main-svg")
     shot(page, "01-two-steps")
     page.click("#run-button")
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('finished')", timeout=60000)
