@@ -231,6 +231,8 @@ def test_public_mode_as_two_visitors_see_it(public_url, browser):
     type_into(mallory, "run-id", run_id, enter=True)  # typed by hand: "not found", as for a run that never was
     mallory.wait_for_selector("[data-testid=toast-body]")
     assert "no run with id" in mallory.locator("[data-testid=toast-body]").first.inner_text()
+    mallory.wait_for_function("getComputedStyle(document.querySelector('[data-testid=toast-body]')).opacity === '1'")
+    # (faded in: the screenshot shows the message)
     shot(mallory, "public-mallory")
     assert alice.outside_requests == [] and mallory.outside_requests == []
     alice.close()
