@@ -92,9 +92,28 @@ def wait_text(page, elem_id: str, text: str, timeout: float = 60_000) -> None:
     except PlaywrightTimeout:  # say what the page showed instead, so a failure under load can be told from a bug
         element = page.locator(f"#{elem_id}").first
         shown = element.inner_text(timeout=5_000) if element.count() else None
-        message = f"#{elem_id} never showed {text!r} in {timeout / 1000:.0f} s; it shows {shown!r}"
-        toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
-        raise AssertionError(f"{message}; toasts {toasts!r}{_last_traceback(page.url)}") from None
+        raise AssertionError(f"#{elem_id} never showed {text!r} in {timeout / 1000:.0f} s; it shows {shown!r}\n"
+                             f"{page_state(page)}") from None
+
+
+# What a person would see of where the page stands: the status lines, the toasts, the components still waiting for
+# an update (Gradio shows their status tracker: slow, or lost).
+PAGE_STATE_JS = """() => ({
+    status: Object.fromEntries(['run-status', 'library-status', 'model-status'].map(id =>
+        [id, (document.getElementById(id)?.innerText || '').trim().slice(0, 300)])),
+    toasts: [...document.querySelectorAll('[data-testid=toast-body]')].map(t => t.innerText),
+    updating: [...document.querySelectorAll('[data-testid=status-tracker]:not(.hide)')]
+        .map(t => t.closest('[id]')?.id).filter(Boolean),
+})"""
+
+
+def page_state(page) -> str:
+    """The page's status lines, toasts and pending components, and its app's last traceback: why a wait ran out."""
+    try:
+        state = page.evaluate(PAGE_STATE_JS)
+    except Exception as exc:  # a closed or crashed page: say so rather than hide the test's own failure
+        return f"page {page.url}: unreadable ({exc})"
+    return f"page {page.url}: {state!r}{_last_traceback(page.url)}"
 
 
 def _last_traceback(page_url: str) -> str:

@@ -67,3 +67,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         real = item.get_closest_marker("real_model") or {"real_model", "smollm2"} & set(getattr(item, "fixturenames", ()))
         if real or item.path.name in BROWSER_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """A browser test that fails reports where its pages stood (status lines, toasts, pending updates, the app's last
+    traceback): under CI's load a timeout alone cannot tell a slow page from a lost update."""
+    report = yield
+    if report.failed and call.when == "call":
+        from tests.browser import page_state
+
+        pages = [value for value in getattr(item, "funcargs", {}).values() if type(value).__name__ == "Page"]
+        for page in pages:
+            report.sections.append(("page state", page_state(page)))
+    return report

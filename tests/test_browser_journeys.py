@@ -156,7 +156,7 @@ def test_first_load_is_interactive_and_the_library_lists_without_error(app, page
     page.wait_for_function("document.querySelectorAll('#runs-table .virtual-row').length > 3")  # the samples, listed
     assert "Error" not in page.locator("#runs-table").inner_text()
     type_into(page, "filter-text", "capital of France", enter=True)  # the beam sample's prompt
-    page.wait_for_function("document.querySelector('#runs-table').innerText.includes('beam')")
+    wait_text(page, "runs-table", "beam")
     type_into(page, "filter-text", "", enter=True)
     open_tab(page, "Run")
 
@@ -394,7 +394,7 @@ def test_branch_from_a_token_then_compare_with_its_parent(app, person):
 
     open_tab(person, "Library")
     person.click("#refresh-runs")
-    person.wait_for_function(f"document.querySelector('#runs-table').innerText.includes('branch of {parent.run_id[:8]}')")
+    wait_text(person, "runs-table", f"branch of {parent.run_id[:8]}")
     rows = person.locator("#runs-table .virtual-row")
     texts = [rows.nth(i).inner_text() for i in range(rows.count())]
     parent_row = next(i for i, t in enumerate(texts) if parent.run_id[:8] in t.split()[0])
@@ -561,6 +561,49 @@ def test_replay_only_lands_on_the_library(browser, tmp_path):
 
 
 
+def test_a_filter_typed_while_the_first_listing_is_slow_is_what_the_table_shows(browser, tmp_path, monkeypatch):
+    """The page's first listings (unfiltered) are slow here; a person types a filter and presses Enter before they
+    return. The table must end showing the filter's rows, not a slow listing that landed after them (the table's
+    listings share one queue: ui.library_tab.LISTING)."""
+    import threading
+    import time
+
+    from tests.browser import free_port
+    from ui.app import build
+    from ui.samples import WithSamples
+
+    listed, lock, calls = WithSamples.list_runs, threading.Lock(), {"running": 0, "filtered": 0}
+
+    def slow_when_unfiltered(self, **kwargs):
+        with lock:
+            calls["running"] += 1
+        if not kwargs.get("text"):
+            time.sleep(2)
+        rows = listed(self, **kwargs)
+        with lock:
+            calls["running"] -= 1
+            calls["filtered"] += bool(kwargs.get("text"))
+        return rows
+
+    monkeypatch.setattr(WithSamples, "list_runs", slow_when_unfiltered)
+    demo = build(db_url=f"sqlite:///{tmp_path / 'app.db'}", replay_only=True)
+    demo.queue().launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        page = open_page(browser, demo.local_url)
+        type_into(page, "filter-text", "capital of France", enter=True)  # the beam sample's prompt
+        deadline = time.monotonic() + 60
+        while not (calls["filtered"] and not calls["running"]) and time.monotonic() < deadline:
+            page.wait_for_timeout(100)  # until the filter's listing and every one started before it have returned
+        page.wait_for_timeout(1000)
+        settled(page, "runs-table")
+        shown = {row.inner_text().split()[0] for row in page.locator("#runs-table .virtual-row").all()}
+        matching = {run.run_id[:12] for run in listed(WithSamples(TraceStore("sqlite://")), text="capital of France")}
+        assert "beam" in page.locator("#runs-table").inner_text() and shown == matching, shown
+        page.close()
+    finally:
+        demo.close()
+
+
 def test_a_stored_bench_opens_as_its_accuracy_against_parallelism_curve(app, person):
     """``bench dllm`` stores itself as a run: a person finds it by its description in the Library and opens it; the
     curve (a panel per task, a line per decoder through its parallelism) and the goal check are drawn from the stored
@@ -576,7 +619,7 @@ def test_a_stored_bench_opens_as_its_accuracy_against_parallelism_curve(app, per
                   models=models, log=lambda _: None, sinks=[TraceStore(app.db_url).sink()])
     open_tab(person, "Library")
     type_into(person, "filter-text", "bench dllm", enter=True)
-    person.wait_for_function("document.querySelector('#runs-table').innerText.includes('bench_dllm')")
+    wait_text(person, "runs-table", "bench_dllm")
     person.locator("#runs-table .virtual-row").first.click()
     person.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
     assert field(person, "run-id").input_value() == report["run_id"]

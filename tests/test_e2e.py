@@ -71,16 +71,16 @@ def test_browser_run_step_library_import_compare(page):
     pick(page, "decoder", "greedy", option="· greedy —")
     wait_text(page, "model-status", "is loaded")
     page.click("#step-button")
-    page.wait_for_function("document.querySelector('#run-status').innerText.includes('1 model calls')")
+    wait_text(page, "run-status", "1 model calls")
     page.click("#step-button")
-    page.wait_for_function("document.querySelector('#run-status').innerText.includes('2 model calls')")
+    wait_text(page, "run-status", "2 model calls")
     assert page.locator("#live-tokens [data-step]").count() == 2
     settled(page, "live-primary", "live-timeline")  # the figures drawn, not caught drawing, in the screenshot
     page.wait_for_selector("#live-primary .main-svg")
     page.wait_for_selector("#live-timeline .main-svg")
     shot(page, "01-two-steps")
     page.click("#run-button")
-    page.wait_for_function("document.querySelector('#run-status').innerText.includes('finished')", timeout=60000)
+    wait_text(page, "run-status", "finished")
     shot(page, "02-finished")
 
     open_tab(page, "Library")
@@ -102,7 +102,7 @@ def test_browser_run_step_library_import_compare(page):
     if SAMPLE is not None:
         open_section(page, "export-import")
         page.locator("#import-file input[type=file]").set_input_files(str(SAMPLE))
-        page.wait_for_function("document.querySelector('#library-status').innerText.includes('Imported as run')", timeout=30000)
+        wait_text(page, "library-status", "Imported as run")
         shot(page, "04-imported")
 
     open_tab(page, "Compare")
@@ -117,7 +117,7 @@ def test_browser_run_step_library_import_compare(page):
     page.goto(page.url.split("?")[0] + "?__theme=dark")  # the same replay in the dark theme
     open_tab(page, "Library")
     type_into(page, "filter-text", "capital of France", enter=True)  # the beam sample's prompt
-    page.wait_for_function("document.querySelector('#runs-table').innerText.includes('beam')")
+    wait_text(page, "runs-table", "beam")
     page.locator("#runs-table").get_by_text("beam", exact=True).first.click()
     page.wait_for_function("document.querySelector('#run-id textarea, #run-id input').value.length > 8")
     page.click("#open-run")

@@ -21,6 +21,9 @@ from ui.step_tools import build_step_tools, step_outputs, wire_step_tools
 from ui.views import COLOR_CHOICES, HEAVY_OUTPUTS, Views, build_views, light_values, selected_step_values, step_count, view_values
 
 RUN_TABLE_LIMIT = 200
+# Every listing of the table (the page's load, the tab, each filter) queues here, one at a time in order: a filter
+# typed while a slower listing runs is the last to land, so the table shows what the filters say.
+LISTING = "list-runs"
 RUN_ID_CHARS = 12  # the table shows an id prefix (the store resolves prefixes); the whole id is in the run box
 REPLAY_FULL_INTERVAL = 1.0  # seconds between redraws of every figure while Play walks a run
 
@@ -164,7 +167,7 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
 
     for trigger in (tab.select, refresh.click, filter_decoder.input, mine_only.input, filter_text.submit, filter_model.submit,
                     filter_since.submit, filter_until.submit):
-        trigger(list_runs, filters, runs_table)
+        trigger(list_runs, filters, runs_table, concurrency_id=LISTING)
     runs_table.select(pick_row, runs_table, run_id_box)
     opened_outputs = [replay, *views.outputs(), library_status]
     at_step = wire_step_tools(app, tools, views.position, lambda _, trace: trace, replay, [*run_tab.outputs(), app.tabs],
@@ -177,11 +180,13 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
     play_button.click(play, [replay, views.position, color_by, speed], views.outputs())
     pause_button.click(pause, None, None, queue=False)
     delete_button.click(ask_delete, run_id_box, [confirm_row, confirm_text])
-    confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then(list_runs, filters, runs_table)
+    confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then(
+        list_runs, filters, runs_table, concurrency_id=LISTING)
     cancel_button.click(lambda: gr.Row(visible=False), None, confirm_row)
     export_button.click(export_run, run_id_box, export_file).success(lambda: gr.Accordion(open=True), None, export_import)
     import_file.upload(import_run, import_file, [run_id_box, library_status, *filters]).success(
-        list_runs, filters, runs_table).success(open_imported, [run_id_box, color_by], opened_outputs).success(
+        list_runs, filters, runs_table, concurrency_id=LISTING).success(
+        open_imported, [run_id_box, color_by], opened_outputs).success(
         at_step, [replay, views.position], step_outputs(tools))
     return LibraryTab(runs_table, run_id_box, replay, views, library_status, compare_parent, list_runs, filters)
 
