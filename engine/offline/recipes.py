@@ -72,7 +72,9 @@ def _filled(arg: str, out: Path) -> str:
 
 # --- the built-in waiting-line models: one seeded train_dllm run each -------------------------------------------
 
-_TRAIN_SMOKE = ("--steps", "3", "--batch-size", "4", "--eval-per-task", "1", "--checkpoint-every", "2")
+# A few steps, unscored: an MDLM's score unmasks a 192-position canvas one position per step (about a minute a stage
+# on CI's cores, most of the smoke test's ten minutes there); tests/test_waitline_train.py covers the scoring.
+_TRAIN_SMOKE = ("--steps", "3", "--batch-size", "4", "--eval-per-task", "0", "--checkpoint-every", "2")
 WAITLINE_STEPS = 12_000  # resumable: --minutes stops a run, the same command continues it
 # ParallelBench's lists are common English names, one token each in the waitline tokenizer; the AR run drew such
 # lists too rarely to learn them (BENCHMARKS.md, issue 21, tenth session), so from the step it had reached when that
