@@ -354,8 +354,14 @@ def test_marked_passages_show_their_cross_passage_attention(app, person):
 
 
 def test_pause_says_paused_and_stops_within_a_step(app, person):
+    """A run long enough to pause (the tiny random model makes 600 tokens in under a second on an idle CI machine,
+    before a person could press Pause): the shipped 6.7M-parameter waitline-ar, about 140 tokens a second here,
+    never ends a story prompt before its 900 tokens."""
+    pick(person, "model", "waitline-ar")
+    wait_text(person, "model-status", "Prompt format")
     pick(person, "decoder", "greedy", option="· greedy —")
-    type_into(person, "max-new-tokens", "600")
+    type_into(person, "prompt", "Tell me a story")
+    type_into(person, "max-new-tokens", "900")
     person.click("#stop-button")
     person.click("#run-button")
     person.wait_for_function("document.querySelectorAll('#live-tokens [data-step]').length >= 5", timeout=60_000)
