@@ -86,11 +86,12 @@ def build_run_tab(app: AppContext) -> RunTab:
                                         "Model (built-in name, local folder or Hub id)")
                 model_status = gr.HTML(elem_id="model-status")
                 prompt = gr.Textbox(label="Prompt", value=fmt.example if fmt else DEFAULT_PROMPT, lines=3, interactive=True, elem_id="prompt")
-                with gr.Row():
+                with gr.Row():  # two rows: in one, the slider's 1024 showed as "1" and the labels wrapped
                     chat = gr.Checkbox(value=fmt.chat if fmt else True, label="Chat formatting", interactive=True, elem_id="chat")
                     seed = gr.Number(value=0, label="Seed", precision=0, interactive=True, elem_id="seed")
-                    max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens", interactive=True,
+                    max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max new tokens", interactive=True, scale=2,
                                            elem_id="max-new-tokens")
+                with gr.Row():
                     attention = gr.Dropdown(ATTENTION_CHOICES, value="none", label="Attention capture (layers)",
                                             interactive=True, elem_id="attention")
                     ffn = gr.Checkbox(value=False, label="FFN sparsity capture", interactive=True, elem_id="ffn-capture")
