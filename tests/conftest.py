@@ -78,6 +78,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
         from tests.browser import page_state
 
         pages = [value for value in getattr(item, "funcargs", {}).values() if type(value).__name__ == "Page"]
-        for page in pages:
-            report.sections.append(("page state", page_state(page)))
+        for state in map(page_state, pages):
+            if state not in report.longreprtext:  # a wait_text failure quotes it already
+                report.sections.append(("page state", state))
     return report

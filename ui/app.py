@@ -19,7 +19,7 @@ from storage import TraceStore
 from ui.access import Access
 from ui.compare_tab import build_compare_tab
 from ui.context import AppContext, api_list_runs, api_record
-from ui.library_tab import LISTING, build_library_tab
+from ui.library_tab import build_library_tab
 from ui.pool import ModelPool
 from ui.run_tab import build_run_tab
 from ui.samples import WithSamples
@@ -97,7 +97,7 @@ def build(model_name: str = DEFAULT_MODEL, db_url: str | None = None, replay_onl
             run_tab = build_run_tab(app)
             library = build_library_tab(app, run_tab)
             build_compare_tab(app, library)
-        demo.load(library.list_runs, library.filters, library.runs_table, concurrency_id=LISTING)
+        library.relist(demo.load)
         demo.unload(app.forget_session)
     for fn in demo.fns.values():  # the API page documents the two endpoints meant for programs; the page's own
         if fn.api_name not in ("record", "list_runs") and fn.api_visibility == "public":  # stay callable

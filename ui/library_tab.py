@@ -3,6 +3,7 @@ once), export, import, delete with confirmation, and the step tools on the opene
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,8 +37,7 @@ class LibraryTab:
     views: Views
     status: gr.HTML
     compare_parent: gr.Button
-    list_runs: Any  # the listing handler, for the page's first load
-    filters: list[Any]
+    relist: Callable[[Callable], Any]  # lists the runs on an event (the page's first load, too)
 
 
 def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
@@ -165,9 +165,13 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
             raise gr.Error(f"Import refused: {escape_text(user_message(exc))}") from None
         return [run_id, f"Imported as run <code>{escape_text(run_id[:12])}</code>.", "", "", "", "", "", False]
 
+    def relist(event: Callable) -> Any:
+        """List the runs as the filters say on ``event`` (a trigger, or a ``.then``/``.success`` of one)."""
+        return event(list_runs, filters, runs_table, concurrency_id=LISTING)
+
     for trigger in (tab.select, refresh.click, filter_decoder.input, mine_only.input, filter_text.submit, filter_model.submit,
                     filter_since.submit, filter_until.submit):
-        trigger(list_runs, filters, runs_table, concurrency_id=LISTING)
+        relist(trigger)
     runs_table.select(pick_row, runs_table, run_id_box)
     opened_outputs = [replay, *views.outputs(), library_status]
     at_step = wire_step_tools(app, tools, views.position, lambda _, trace: trace, replay, [*run_tab.outputs(), app.tabs],
@@ -180,14 +184,12 @@ def build_library_tab(app: AppContext, run_tab: RunTab) -> LibraryTab:
     play_button.click(play, [replay, views.position, color_by, speed], views.outputs())
     pause_button.click(pause, None, None, queue=False)
     delete_button.click(ask_delete, run_id_box, [confirm_row, confirm_text])
-    confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then(
-        list_runs, filters, runs_table, concurrency_id=LISTING)
+    relist(confirm_button.click(delete_run, run_id_box, [confirm_row, library_status]).then)
     cancel_button.click(lambda: gr.Row(visible=False), None, confirm_row)
     export_button.click(export_run, run_id_box, export_file).success(lambda: gr.Accordion(open=True), None, export_import)
-    import_file.upload(import_run, import_file, [run_id_box, library_status, *filters]).success(
-        list_runs, filters, runs_table, concurrency_id=LISTING).success(
+    relist(import_file.upload(import_run, import_file, [run_id_box, library_status, *filters]).success).success(
         open_imported, [run_id_box, color_by], opened_outputs).success(
         at_step, [replay, views.position], step_outputs(tools))
-    return LibraryTab(runs_table, run_id_box, replay, views, library_status, compare_parent, list_runs, filters)
+    return LibraryTab(runs_table, run_id_box, replay, views, library_status, compare_parent, relist)
 
 
